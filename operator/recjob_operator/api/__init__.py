@@ -1,0 +1,1 @@
+"""Versioned RecJob API types. The current (and only) version is v1alpha1."""

@@ -1,0 +1,177 @@
+"""The RecJob status: what the operator observed and decided. Only the operator writes it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .common import ApiModel, Timestamp
+
+Phase = Literal[
+    "Pending", "Training", "Converting", "RollingOut", "Succeeded", "Failed", "RolledBack"
+]
+#: Phases after which nothing more happens for this generation.
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "RolledBack"})
+
+#: Condition types the operator sets (one entry each in status.conditions).
+CONDITION_TYPES = (
+    "Valid",
+    "Trained",
+    "Converted",
+    "QualityGatePassed",
+    "Deployed",
+    "Promoted",
+    "Ready",
+)
+
+#: Most analysis entries kept in status.rollout.history (the object must stay small).
+MAX_HISTORY = 50
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(min_length=1, max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(default="", max_length=1024)
+    """CamelCase reason for the last transition."""
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: Timestamp | None = None
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class TrainingProgress(ApiModel):
+    """Where training is."""
+
+    step: int = Field(default=0, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = Field(default=None, ge=0.0)
+    loss: float | None = None
+    samples_per_second: float | None = Field(default=None, ge=0.0)
+
+
+class TrainingStatus(ApiModel):
+    """The PyTorchJob (or local processes) of the current generation."""
+
+    job_name: str | None = None
+    state: Literal["Created", "Running", "Restarting", "Succeeded", "Failed"] | None = None
+    world_size: int | None = Field(default=None, ge=1)
+    restarts: int = Field(default=0, ge=0)
+    resumed_from_step: int | None = Field(default=None, ge=0)
+    progress: TrainingProgress | None = None
+    metrics: dict[str, float] | None = None
+    """Held-out quality of the trained model and its baselines (metrics.json)."""
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None
+    message: str | None = None
+
+
+class QualityGateStatus(ApiModel):
+    """The converted model measured against its source."""
+
+    metric: str
+    source_value: float | None = None
+    converted_value: float | None = None
+    teacher_value: float | None = None
+    relative_drop: float | None = None
+    relative_drop_vs_teacher: float | None = None
+    budget: float
+    rank_correlation: float | None = None
+    top_k_overlap: float | None = None
+    passed: bool
+    report_uri: str | None = None
+
+
+class ConversionStatus(ApiModel):
+    """The conversion Job of the current generation."""
+
+    job_name: str | None = None
+    state: Literal["Created", "Running", "Succeeded", "Failed"] | None = None
+    target: str | None = None
+    model_version: int | None = Field(default=None, ge=1)
+    """Version directory published in the model repository."""
+    quality_gate: QualityGateStatus | None = None
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None
+    message: str | None = None
+
+
+class AnalysisRecord(ApiModel):
+    """One metric measurement of one canary analysis."""
+
+    time: Timestamp
+    step: int = Field(ge=0)
+    weight: int = Field(ge=0, le=100)
+    metric: str
+    revision: str | None = None
+    value: float | None = None
+    min: float | None = None
+    max: float | None = None
+    verdict: Literal["pass", "fail", "no-data", "error"]
+    message: str | None = None
+
+
+class RolloutStatus(ApiModel):
+    """Canary progress; the only place rollout progress is kept."""
+
+    state: (
+        Literal["Progressing", "Holding", "AwaitingApproval", "Promoted", "RolledBack"] | None
+    ) = None
+    step: int = Field(default=0, ge=0)
+    """Index into spec.rollout.steps of the current step (0-based)."""
+    canary_weight: int = Field(default=0, ge=0, le=100)
+    stable_revision: str | None = None
+    canary_revision: str | None = None
+    stable_model_version: int | None = Field(default=None, ge=1)
+    canary_model_version: int | None = Field(default=None, ge=1)
+    passed_analyses: int = Field(default=0, ge=0)
+    """Passing analyses at the current step."""
+    failed_checks: int = Field(default=0, ge=0)
+    query_errors: int = Field(default=0, ge=0)
+    """Prometheus errors, counted apart from failed checks."""
+    no_data_since: Timestamp | None = None
+    started_at: Timestamp | None = None
+    last_analysis_time: Timestamp | None = None
+    history: list[AnalysisRecord] = Field(default_factory=list, max_length=MAX_HISTORY)
+    message: str | None = None
+
+
+class QualitySummary(ApiModel):
+    """The headline quality number shown by kubectl get."""
+
+    metric: str
+    value: float
+
+
+class Lineage(ApiModel):
+    """Where the served model came from."""
+
+    data_snapshot: str | None = None
+    """Digest of the prepared training data."""
+    base_model: str | None = None
+    checkpoint_digest: str | None = None
+    model_repository: str | None = None
+    model_version: int | None = Field(default=None, ge=1)
+    inference_service_revision: str | None = None
+    previous_model_version: int | None = Field(default=None, ge=1)
+
+
+class RecJobStatus(ApiModel):
+    """Everything the operator knows about a RecJob."""
+
+    phase: Phase = "Pending"
+    observed_generation: int | None = Field(default=None, ge=0)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    message: str | None = None
+    """Human-readable summary of the current phase (the reason when failed)."""
+    quality: QualitySummary | None = None
+    training: TrainingStatus | None = None
+    conversion: ConversionStatus | None = None
+    rollout: RolloutStatus | None = None
+    lineage: Lineage | None = None
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None

@@ -1,0 +1,541 @@
+"""Invalid RecJobs are each rejected with a message that names the offending field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from recjob_operator.validation import Problem, RecJobInvalid, parse_recjob, validate_document
+from tests.conftest import MINIMAL, REPO, load_yaml
+
+DELETE = object()
+SEARCH = load_yaml(REPO / "examples" / "recjob-search.yaml")
+RECOMMENDATION = load_yaml(REPO / "examples" / "recjob-recommendation.yaml")
+
+
+def mutate(base: dict, changes: dict[str, Any]) -> dict:
+    """A copy of ``base`` with dotted paths set (or deleted with DELETE); ``[i]`` indexes lists."""
+    doc = copy.deepcopy(base)
+    for dotted, value in changes.items():
+        parts = dotted.replace("[", ".[").split(".")
+        node: Any = doc
+        for part in parts[:-1]:
+            node = node[int(part[1:-1])] if part.startswith("[") else node.setdefault(part, {})
+        last = parts[-1]
+        key: Any = int(last[1:-1]) if last.startswith("[") else last
+        if value is DELETE:
+            del node[key]
+        else:
+            node[key] = value
+    return doc
+
+
+S, R, M = SEARCH, RECOMMENDATION, MINIMAL
+
+# (id, base document, changes, expected problem path, fragment of the message)
+CASES: list[tuple[str, dict, dict, str, str]] = [
+    # -- wrong types
+    ("nodes-string", S, {"spec.training.nodes": "two"}, "spec.training.nodes", "integer"),
+    ("nodes-numeric-string", S, {"spec.training.nodes": "2"}, "spec.training.nodes", "integer"),
+    (
+        "lr-string",
+        S,
+        {"spec.training.learningRate": "fast"},
+        "spec.training.learningRate",
+        "number",
+    ),
+    (
+        "manual-approval-string",
+        S,
+        {"spec.rollout.manualApproval": "yes"},
+        "spec.rollout.manualApproval",
+        "boolean",
+    ),
+    ("steps-not-list", S, {"spec.rollout.steps": 50}, "spec.rollout.steps", "list"),
+    ("step-float", S, {"spec.rollout.steps": [10.5, 100]}, "spec.rollout.steps[0]", "integer"),
+    ("columns-not-mapping", S, {"spec.data.columns": "query"}, "spec.data.columns", "got"),
+    ("spec-is-list", S, {"spec": []}, "spec", "got a list"),
+    (
+        "cpu-float",
+        S,
+        {"spec.training.resources.cpu": 1.5},
+        "spec.training.resources.cpu",
+        "as strings",
+    ),
+    (
+        "metric-query-number",
+        S,
+        {"spec.rollout.metrics[0].query": 5},
+        "spec.rollout.metrics[0].query",
+        "string",
+    ),
+    # -- unknown fields
+    ("unknown-spec-field", S, {"spec.trainig": {}}, "spec.trainig", "unknown field"),
+    ("unknown-data-field", S, {"spec.data.labels": "x"}, "spec.data.labels", "expected one of"),
+    (
+        "unknown-deepspeed-field",
+        S,
+        {"spec.training.deepspeed.stage": 2},
+        "spec.training.deepspeed.stage",
+        "zeroStage",
+    ),
+    (
+        "unknown-metric-field",
+        S,
+        {"spec.rollout.metrics[0].threshold": 1},
+        "spec.rollout.metrics[0].threshold",
+        "unknown field",
+    ),
+    (
+        "snake-case-field",
+        S,
+        {"spec.training.micro_batch_size": 4},
+        "spec.training.micro_batch_size",
+        "microBatchSize",
+    ),
+    # -- out of range / bad enum / bad pattern
+    (
+        "zero-stage-4",
+        S,
+        {"spec.training.deepspeed.zeroStage": 4},
+        "spec.training.deepspeed.zeroStage",
+        "less than or equal to 3",
+    ),
+    ("nodes-zero", S, {"spec.training.nodes": 0}, "spec.training.nodes", "greater than"),
+    (
+        "step-over-100",
+        S,
+        {"spec.rollout.steps": [10, 101]},
+        "spec.rollout.steps[1]",
+        "less than or equal to 100",
+    ),
+    ("step-zero", S, {"spec.rollout.steps": [0, 100]}, "spec.rollout.steps[0]", "greater"),
+    ("no-steps", S, {"spec.rollout.steps": []}, "spec.rollout.steps", "at least 1"),
+    (
+        "lr-negative",
+        S,
+        {"spec.training.learningRate": -1e-4},
+        "spec.training.learningRate",
+        "greater than 0",
+    ),
+    (
+        "pruning-amount-1",
+        S,
+        {"spec.compression": {"pruning": {"amount": 1.0}}},
+        "spec.compression.pruning.amount",
+        "less than 1",
+    ),
+    ("bad-task", S, {"spec.data.task": "classification"}, "spec.data.task", "search-ranking"),
+    ("bad-precision", S, {"spec.training.precision": "int8"}, "spec.training.precision", "bf16"),
+    ("bad-target", S, {"spec.export.target": "tflite"}, "spec.export.target", "onnxruntime-int8"),
+    (
+        "bad-deployment-mode",
+        S,
+        {"spec.serving.deploymentMode": "Knative"},
+        "spec.serving.deploymentMode",
+        "Serverless",
+    ),
+    (
+        "bad-interval",
+        S,
+        {"spec.rollout.interval": "5 minutes"},
+        "spec.rollout.interval",
+        "duration",
+    ),
+    (
+        "bad-memory",
+        S,
+        {"spec.training.resources.memory": "8GB"},
+        "spec.training.resources.memory",
+        "quantity",
+    ),
+    (
+        "bad-metric-name",
+        S,
+        {"spec.export.qualityBudget.metric": "ndcg"},
+        "spec.export.qualityBudget.metric",
+        "ndcg|hr",
+    ),
+    (
+        "bad-service-name",
+        S,
+        {"spec.serving.name": "Product_Search"},
+        "spec.serving.name",
+        "DNS label",
+    ),
+    ("name-too-long", S, {"metadata.name": "a" * 41}, "metadata.name", "at most 40"),
+    (
+        "bad-uri",
+        S,
+        {"spec.data.train": "http://example.com/x.csv"},
+        "spec.data.train",
+        "storage URI",
+    ),
+    (
+        "budget-over-1",
+        S,
+        {"spec.export.qualityBudget.maxRelativeDrop": 1.5},
+        "spec.export.qualityBudget.maxRelativeDrop",
+        "less than or equal to 1",
+    ),
+    ("bad-api-version", S, {"apiVersion": "recjob.dev/v1"}, "apiVersion", "recjob.dev/v1alpha1"),
+    ("bad-kind", S, {"kind": "PyTorchJob"}, "kind", "RecJob"),
+    # -- missing required fields
+    ("no-spec", S, {"spec": DELETE}, "spec", "required"),
+    ("no-data", S, {"spec.data": DELETE}, "spec.data", "required"),
+    ("no-task", S, {"spec.data.task": DELETE}, "spec.data.task", "required"),
+    ("no-train", S, {"spec.data.train": DELETE}, "spec.data.train", "required"),
+    ("no-name", S, {"metadata.name": DELETE}, "metadata.name", "required"),
+    (
+        "no-metric-query",
+        S,
+        {"spec.rollout.metrics[0].query": DELETE},
+        "spec.rollout.metrics[0].query",
+        "required",
+    ),
+    (
+        "no-search-columns",
+        M,
+        {"spec.data.columns": DELETE},
+        "spec.data.columns.query",
+        "search-ranking",
+    ),
+    (
+        "no-user-column",
+        R,
+        {"spec.data.format": "csv", "spec.data.columns": {"itemId": "i", "itemText": "t"}},
+        "spec.data.columns.userId",
+        "recommendation",
+    ),
+    ("atomic-without-catalog", R, {"spec.data.catalog": DELETE}, "spec.data.catalog", ".text"),
+    # -- inconsistent cross-field settings
+    (
+        "steps-decrease",
+        S,
+        {"spec.rollout.steps": [50, 25, 100]},
+        "spec.rollout.steps[1]",
+        "increase strictly",
+    ),
+    (
+        "steps-repeat",
+        S,
+        {"spec.rollout.steps": [50, 50, 100]},
+        "spec.rollout.steps[1]",
+        "increase strictly",
+    ),
+    (
+        "steps-not-ending-100",
+        S,
+        {"spec.rollout.steps": [10, 50]},
+        "spec.rollout.steps[1]",
+        "must be 100",
+    ),
+    (
+        "threshold-min-over-max",
+        S,
+        {"spec.rollout.metrics[0].min": 0.5, "spec.rollout.metrics[0].max": 0.1},
+        "spec.rollout.metrics[0].min",
+        "must not exceed max",
+    ),
+    (
+        "threshold-missing",
+        S,
+        {"spec.rollout.metrics[0].max": DELETE},
+        "spec.rollout.metrics[0]",
+        "min and/or max",
+    ),
+    (
+        "query-without-revision",
+        S,
+        {"spec.rollout.metrics[0].query": "up"},
+        "spec.rollout.metrics[0].query",
+        "{{revision}}",
+    ),
+    (
+        "query-unknown-placeholder",
+        S,
+        {"spec.rollout.metrics[0].query": 'x{revision="{{revision}}",pod="{{pod}}"}'},
+        "spec.rollout.metrics[0].query",
+        "unknown placeholder(s) pod",
+    ),
+    (
+        "duplicate-metric-names",
+        S,
+        {"spec.rollout.metrics[1].name": "error-rate"},
+        "spec.rollout.metrics[1].name",
+        "duplicate",
+    ),
+    (
+        "deadline-below-interval",
+        S,
+        {"spec.rollout.noData.deadline": "10s"},
+        "spec.rollout.noData.deadline",
+        "at least the analysis interval",
+    ),
+    (
+        "offload-zero-0",
+        S,
+        {"spec.training.deepspeed": {"zeroStage": 0, "offloadOptimizer": "cpu"}},
+        "spec.training.deepspeed.offloadOptimizer",
+        "zeroStage 1, 2 or 3",
+    ),
+    (
+        "param-offload-zero-2",
+        S,
+        {"spec.training.deepspeed": {"zeroStage": 2, "offloadParameters": "cpu"}},
+        "spec.training.deepspeed.offloadParameters",
+        "zeroStage 3",
+    ),
+    (
+        "nvme-without-path",
+        S,
+        {"spec.training.deepspeed": {"zeroStage": 3, "offloadParameters": "nvme"}},
+        "spec.training.deepspeed.nvmePath",
+        "required",
+    ),
+    (
+        "override-owned-key",
+        S,
+        {"spec.training.deepspeed.configOverrides": {"bf16": {}}},
+        "spec.training.deepspeed.configOverrides.bf16",
+        "precision",
+    ),
+    (
+        "override-zero-stage",
+        S,
+        {"spec.training.deepspeed.configOverrides": {"zero_optimization": {"stage": 3}}},
+        "spec.training.deepspeed.configOverrides.zero_optimization.stage",
+        "zeroStage",
+    ),
+    (
+        "fp16-on-cpu",
+        S,
+        {"spec.training.precision": "fp16"},
+        "spec.training.precision",
+        "needs GPUs",
+    ),
+    (
+        "more-processes-than-gpus",
+        S,
+        {"spec.training.resources.gpu": 1, "spec.training.processesPerNode": 4},
+        "spec.training.processesPerNode",
+        "one process per GPU",
+    ),
+    (
+        "warmup-both",
+        S,
+        {"spec.training.schedule": {"warmupSteps": 10, "warmupRatio": 0.1}},
+        "spec.training.schedule.warmupRatio",
+        "not both",
+    ),
+    (
+        "warmup-past-max-steps",
+        S,
+        {"spec.training.schedule": {"warmupSteps": 300}},
+        "spec.training.schedule.warmupSteps",
+        "below maxSteps",
+    ),
+    (
+        "checkpoint-never",
+        S,
+        {"spec.training.checkpoint.intervalSteps": 1000},
+        "spec.training.checkpoint.intervalSteps",
+        "no checkpoint",
+    ),
+    (
+        "lora-without-settings",
+        S,
+        {"spec.model.fineTuning": {"method": "lora"}},
+        "spec.model.fineTuning.lora",
+        "required when method is lora",
+    ),
+    (
+        "lora-settings-with-full",
+        S,
+        {"spec.model.fineTuning": {"method": "full", "lora": {}}},
+        "spec.model.fineTuning.method",
+        "method: lora",
+    ),
+    (
+        "unknown-base-model",
+        S,
+        {"spec.model.baseModel": "bert-large"},
+        "spec.model.baseModel",
+        "all-MiniLM-L6-v2",
+    ),
+    (
+        "regression-for-recommendation",
+        R,
+        {"spec.model.head.objective": "regression"},
+        "spec.model.head.objective",
+        "graded labels",
+    ),
+    (
+        "atomic-for-search",
+        S,
+        {"spec.data.format": "atomic", "spec.data.catalog": "c.text"},
+        "spec.data.format",
+        "task: recommendation",
+    ),
+    (
+        "by-query-for-recommendation",
+        R,
+        {"spec.data.preprocessing.split.strategy": "by-query", "spec.data.validation": DELETE},
+        "spec.data.preprocessing.split.strategy",
+        "leave-one-out",
+    ),
+    (
+        "leave-one-out-for-search",
+        S,
+        {"spec.data.preprocessing.split.strategy": "leave-one-out"},
+        "spec.data.preprocessing.split.strategy",
+        "by-query",
+    ),
+    (
+        "by-time-without-timestamp",
+        R,
+        {"spec.data.preprocessing.split.strategy": "by-time", "spec.data.validation": DELETE},
+        "spec.data.preprocessing.split.strategy",
+        "timestamp",
+    ),
+    (
+        "predefined-without-validation",
+        S,
+        {"spec.data.preprocessing.split.strategy": "predefined"},
+        "spec.data.validation",
+        "predefined",
+    ),
+    (
+        "validation-uri-with-carving-split",
+        S,
+        {"spec.data.validation": "v.csv"},
+        "spec.data.preprocessing.split.strategy",
+        "predefined",
+    ),
+    (
+        "fractions-too-large",
+        S,
+        {
+            "spec.data.preprocessing.split.validationFraction": 0.45,
+            "spec.data.preprocessing.split.testFraction": 0.45,
+        },
+        "spec.data.preprocessing.split.testFraction",
+        "below 0.9",
+    ),
+    (
+        "rmse-for-recommendation",
+        R,
+        {"spec.export.qualityBudget.metric": "rmse"},
+        "spec.export.qualityBudget.metric",
+        "graded relevance",
+    ),
+    (
+        "hr-early-stopping-for-search",
+        S,
+        {"spec.training.earlyStopping.metric": "hr@10"},
+        "spec.training.earlyStopping.metric",
+        "next-item",
+    ),
+    (
+        "tensorrt-without-gpu",
+        S,
+        {"spec.export.target": "tensorrt-fp16"},
+        "spec.export.resources.gpu",
+        "TensorRT",
+    ),
+    (
+        "teacher-budget-without-compression",
+        S,
+        {"spec.export.qualityBudget.maxRelativeDropVsTeacher": 0.03},
+        "spec.export.qualityBudget.maxRelativeDropVsTeacher",
+        "compression",
+    ),
+    (
+        "empty-compression",
+        S,
+        {"spec.compression": {}},
+        "spec.compression",
+        "distillation and/or pruning",
+    ),
+    (
+        "student-as-big-as-teacher",
+        S,
+        {"spec.compression": {"distillation": {"student": {"numLayers": 6}}}},
+        "spec.compression.distillation.student.numLayers",
+        "smaller than the teacher",
+    ),
+    (
+        "student-hidden-not-multiple-of-heads",
+        S,
+        {"spec.compression": {"distillation": {"student": {"numLayers": 3, "hiddenSize": 100}}}},
+        "spec.compression.distillation.student.hiddenSize",
+        "attention heads",
+    ),
+    (
+        "all-loss-weights-zero",
+        S,
+        {"spec.compression": {"distillation": {"taskWeight": 0, "distillationWeight": 0}}},
+        "spec.compression.distillation.distillationWeight",
+        "all 0",
+    ),
+    (
+        "min-over-max-replicas",
+        S,
+        {"spec.serving.minReplicas": 5, "spec.serving.maxReplicas": 2},
+        "spec.serving.minReplicas",
+        "maxReplicas",
+    ),
+    (
+        "raw-deployment-scale-to-zero",
+        S,
+        {"spec.serving.deploymentMode": "RawDeployment", "spec.serving.minReplicas": 0},
+        "spec.serving.minReplicas",
+        "scale to zero",
+    ),
+]
+
+
+def test_enough_distinct_invalid_cases() -> None:
+    assert len({case[0] for case in CASES}) == len(CASES) >= 40
+
+
+@pytest.mark.parametrize(
+    ("case_id", "base", "changes", "path", "fragment"), CASES, ids=[c[0] for c in CASES]
+)
+def test_invalid_recjob_is_rejected_naming_the_field(case_id, base, changes, path, fragment):
+    document = mutate(base, changes)
+    _, problems = validate_document(document)
+    assert problems, f"{case_id}: accepted"
+    matching = [p for p in problems if p.path == path]
+    assert matching, f"{case_id}: no problem at {path}; got {[str(p) for p in problems]}"
+    assert any(fragment in p.message for p in matching), (
+        f"{case_id}: {fragment!r} not in {[p.message for p in matching]}"
+    )
+    with pytest.raises(RecJobInvalid) as raised:
+        parse_recjob(document)
+    assert path in str(raised.value)
+
+
+def test_every_problem_is_reported_not_just_the_first() -> None:
+    document = mutate(
+        SEARCH,
+        {"spec.training.nodes": 0, "spec.rollout.interval": "soon", "spec.export.target": "tflite"},
+    )
+    _, problems = validate_document(document)
+    assert {p.path for p in problems} >= {
+        "spec.training.nodes",
+        "spec.rollout.interval",
+        "spec.export.target",
+    }
+    document = mutate(SEARCH, {"spec.rollout.steps": [50, 10], "spec.serving.minReplicas": 9})
+    _, problems = validate_document(document)
+    assert {p.path for p in problems} >= {"spec.rollout.steps[1]", "spec.serving.minReplicas"}
+
+
+@pytest.mark.parametrize("document", [None, "RecJob", 42, [1, 2], True])
+def test_non_mapping_documents(document) -> None:
+    job, problems = validate_document(document)
+    assert job is None and problems == [Problem("", problems[0].message)]
+    assert "expected a RecJob object" in problems[0].message

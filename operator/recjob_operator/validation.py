@@ -6,6 +6,7 @@ Validation never raises on bad input; it returns problems.
 
 from __future__ import annotations
 
+import copy
 import re
 import types
 import typing
@@ -84,8 +85,49 @@ def validate_document(document: Any) -> tuple[RecJob | None, list[Problem]]:
     try:
         job = RecJob.model_validate(document)
     except ValidationError as error:
-        return None, [_problem_from_error(e) for e in error.errors()]
+        errors = error.errors()
+        problems = [_problem_from_error(e) for e in errors]
+        return None, problems + _semantic_problems_elsewhere(document, errors)
     return job, semantic_problems(job)
+
+
+def _semantic_problems_elsewhere(document: dict, errors: list[dict[str, Any]]) -> list[Problem]:
+    """Semantic problems in the parts of a document that have no schema error.
+
+    The fields with schema errors are removed (so defaults stand in for them); if the rest
+    then parses, its semantic problems are reported too, except those about removed fields.
+    """
+    repaired = copy.deepcopy(document)
+    removed: list[str] = []
+    for error in errors:
+        loc = list(error.get("loc", ()))
+        while loc and isinstance(loc[-1], int):
+            loc.pop()  # a bad list element: fall back to the whole list's default
+        if error.get("type") == "missing" or not loc or not _delete(repaired, loc):
+            return []
+        removed.append(_path(loc))
+    try:
+        job = RecJob.model_validate(repaired)
+    except ValidationError:
+        return []
+    return [
+        p
+        for p in semantic_problems(job)
+        if not any(p.path == r or p.path.startswith((r + ".", r + "[")) for r in removed)
+    ]
+
+
+def _delete(document: Any, loc: list[Any]) -> bool:
+    node = document
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(node, dict) and loc[-1] in node:
+        del node[loc[-1]]
+        return True
+    return isinstance(node, dict)  # already gone (an earlier error removed it)
 
 
 # --------------------------------------------------------------------------- schema errors

@@ -62,6 +62,13 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
+class _Problems(list[Problem]):
+    """A list of problems with a short way to add one."""
+
+    def add(self, path: str, message: str) -> None:
+        self.append(Problem(path, message))
+
+
 class RecJobInvalid(ValueError):
     """Raised by :func:`parse_recjob` with every problem found."""
 
@@ -249,201 +256,162 @@ def _metric_fits_task(metric: str, task: str) -> str | None:
 def _data_rules(spec: RecJobSpec) -> list[Problem]:
     data, p = spec.data, "spec.data"
     cols = data.columns
-    out: list[Problem] = []
+    out = _Problems()
     if data.format == "atomic":
         if data.task != "recommendation":
-            out.append(
-                Problem(
-                    f"{p}.format",
-                    "the atomic (RecBole) format holds interaction "
-                    "sequences; it needs task: recommendation",
-                )
+            out.add(
+                f"{p}.format",
+                "the atomic (RecBole) format holds interaction "
+                "sequences; it needs task: recommendation",
             )
         if data.catalog is None:
-            out.append(
-                Problem(
-                    f"{p}.catalog",
-                    "the atomic format needs the item texts: set catalog to the .text file",
-                )
+            out.add(
+                f"{p}.catalog",
+                "the atomic format needs the item texts: set catalog to the .text file",
             )
     elif data.task == "search-ranking":
         for name in ("query", "item_text", "label"):
             if getattr(cols, name) is None:
                 alias = type(cols).model_fields[name].alias
-                out.append(
-                    Problem(
-                        f"{p}.columns.{alias}",
-                        "required for task search-ranking (name the column that holds it)",
-                    )
+                out.add(
+                    f"{p}.columns.{alias}",
+                    "required for task search-ranking (name the column that holds it)",
                 )
     else:
         for name in ("user_id", "item_id", "item_text"):
             if getattr(cols, name) is None:
                 alias = type(cols).model_fields[name].alias
                 where = " (in the catalog)" if name == "item_text" and data.catalog else ""
-                out.append(
-                    Problem(
-                        f"{p}.columns.{alias}",
-                        f"required for task recommendation (name the column that holds it{where})",
-                    )
+                out.add(
+                    f"{p}.columns.{alias}",
+                    f"required for task recommendation (name the column that holds it{where})",
                 )
 
     split = data.preprocessing.split
     sp = f"{p}.preprocessing.split"
     strategy = split.strategy
     if strategy == "by-query" and data.task != "search-ranking":
-        out.append(
-            Problem(
-                f"{sp}.strategy",
-                "by-query splits query-item pairs; for task "
-                "recommendation use leave-one-out, by-time or predefined",
-            )
+        out.add(
+            f"{sp}.strategy",
+            "by-query splits query-item pairs; for task "
+            "recommendation use leave-one-out, by-time or predefined",
         )
     if strategy in ("leave-one-out", "by-time") and data.task != "recommendation":
-        out.append(
-            Problem(
-                f"{sp}.strategy",
-                f"{strategy} splits user histories; for task "
-                "search-ranking use by-query or predefined",
-            )
+        out.add(
+            f"{sp}.strategy",
+            f"{strategy} splits user histories; for task search-ranking use by-query or predefined",
         )
     if strategy == "by-time" and cols.timestamp is None:
-        out.append(Problem(f"{sp}.strategy", "by-time needs spec.data.columns.timestamp"))
+        out.add(f"{sp}.strategy", "by-time needs spec.data.columns.timestamp")
     if strategy == "predefined" and data.validation is None:
-        out.append(Problem(f"{p}.validation", "required by split strategy predefined"))
+        out.add(f"{p}.validation", "required by split strategy predefined")
     if data.validation is not None and strategy not in (None, "predefined"):
-        out.append(
-            Problem(
-                f"{sp}.strategy",
-                f"validation data is given, so the split is "
-                f"predefined; remove strategy {strategy!r} or the validation URI",
-            )
+        out.add(
+            f"{sp}.strategy",
+            f"validation data is given, so the split is "
+            f"predefined; remove strategy {strategy!r} or the validation URI",
         )
     if split.validation_fraction + split.test_fraction >= 0.9:
-        out.append(
-            Problem(
-                f"{sp}.testFraction",
-                "validationFraction + testFraction must be "
-                "below 0.9 (something must be left to train on)",
-            )
+        out.add(
+            f"{sp}.testFraction",
+            "validationFraction + testFraction must be "
+            "below 0.9 (something must be left to train on)",
         )
     return out
 
 
 def _model_rules(spec: RecJobSpec) -> list[Problem]:
     model, p = spec.model, "spec.model"
-    out: list[Problem] = []
+    out = _Problems()
     base = model.base_model
     looks_like_uri = "://" in base or base.startswith(("/", "./", "../"))
     if not looks_like_uri and base not in BUNDLED_MODELS:
-        out.append(
-            Problem(
-                f"{p}.baseModel",
-                f"unknown bundled model {base!r}; expected one of "
-                f"{', '.join(BUNDLED_MODELS)} or a URI of a model directory",
-            )
+        out.add(
+            f"{p}.baseModel",
+            f"unknown bundled model {base!r}; expected one of "
+            f"{', '.join(BUNDLED_MODELS)} or a URI of a model directory",
         )
     tuning = model.fine_tuning
     if tuning.method == "lora" and tuning.lora is None:
-        out.append(Problem(f"{p}.fineTuning.lora", "required when method is lora"))
+        out.add(f"{p}.fineTuning.lora", "required when method is lora")
     if tuning.method == "full" and tuning.lora is not None:
-        out.append(
-            Problem(
-                f"{p}.fineTuning.method",
-                "lora settings are given but method is full; set method: lora or remove lora",
-            )
+        out.add(
+            f"{p}.fineTuning.method",
+            "lora settings are given but method is full; set method: lora or remove lora",
         )
     if model.head.objective == "regression" and spec.data.task == "recommendation":
-        out.append(
-            Problem(
-                f"{p}.head.objective",
-                "regression needs graded labels; recommendation uses binary or listwise",
-            )
+        out.add(
+            f"{p}.head.objective",
+            "regression needs graded labels; recommendation uses binary or listwise",
         )
     return out
 
 
 def _training_rules(spec: RecJobSpec) -> list[Problem]:
     t, p = spec.training, "spec.training"
-    out: list[Problem] = []
+    out = _Problems()
     ds = t.deepspeed
     if ds.offload_optimizer != "none" and ds.zero_stage < 1:
-        out.append(
-            Problem(
-                f"{p}.deepspeed.offloadOptimizer",
-                f"optimizer offload needs zeroStage 1, 2 or 3 (got zeroStage {ds.zero_stage})",
-            )
+        out.add(
+            f"{p}.deepspeed.offloadOptimizer",
+            f"optimizer offload needs zeroStage 1, 2 or 3 (got zeroStage {ds.zero_stage})",
         )
     if ds.offload_parameters != "none" and ds.zero_stage != 3:
-        out.append(
-            Problem(
-                f"{p}.deepspeed.offloadParameters",
-                f"parameter offload needs zeroStage 3 (got zeroStage {ds.zero_stage})",
-            )
+        out.add(
+            f"{p}.deepspeed.offloadParameters",
+            f"parameter offload needs zeroStage 3 (got zeroStage {ds.zero_stage})",
         )
     uses_nvme = "nvme" in (ds.offload_optimizer, ds.offload_parameters)
     if uses_nvme and ds.nvme_path is None:
-        out.append(Problem(f"{p}.deepspeed.nvmePath", "required when offloading to nvme"))
+        out.add(f"{p}.deepspeed.nvmePath", "required when offloading to nvme")
     if ds.nvme_path is not None and not uses_nvme:
-        out.append(Problem(f"{p}.deepspeed.nvmePath", "set, but nothing is offloaded to nvme"))
+        out.add(f"{p}.deepspeed.nvmePath", "set, but nothing is offloaded to nvme")
     for key, owner in _OWNED_DEEPSPEED_KEYS.items():
         if ds.config_overrides and key in ds.config_overrides:
-            out.append(
-                Problem(
-                    f"{p}.deepspeed.configOverrides.{key}",
-                    f"owned by the spec; set {owner} instead",
-                )
+            out.add(
+                f"{p}.deepspeed.configOverrides.{key}",
+                f"owned by the spec; set {owner} instead",
             )
     zero = (ds.config_overrides or {}).get("zero_optimization")
     if isinstance(zero, dict) and "stage" in zero:
-        out.append(
-            Problem(
-                f"{p}.deepspeed.configOverrides.zero_optimization.stage",
-                "owned by the spec; set spec.training.deepspeed.zeroStage instead",
-            )
+        out.add(
+            f"{p}.deepspeed.configOverrides.zero_optimization.stage",
+            "owned by the spec; set spec.training.deepspeed.zeroStage instead",
         )
     gpus = t.resources.gpu
     if t.precision == "fp16" and gpus == 0:
-        out.append(
-            Problem(
-                f"{p}.precision",
-                "fp16 mixed precision needs GPUs (resources.gpu >= 1); use bf16 or fp32 on CPU",
-            )
+        out.add(
+            f"{p}.precision",
+            "fp16 mixed precision needs GPUs (resources.gpu >= 1); use bf16 or fp32 on CPU",
         )
     if gpus > 0 and t.processes_per_node > gpus:
-        out.append(
-            Problem(
-                f"{p}.processesPerNode",
-                f"{t.processes_per_node} processes but "
-                f"{gpus} GPU(s) per pod; DeepSpeed runs one process per GPU",
-            )
+        out.add(
+            f"{p}.processesPerNode",
+            f"{t.processes_per_node} processes but "
+            f"{gpus} GPU(s) per pod; DeepSpeed runs one process per GPU",
         )
     if t.nodes * t.processes_per_node < 1:
-        out.append(Problem(f"{p}.nodes", "nodes x processesPerNode must be at least 1"))
+        out.add(f"{p}.nodes", "nodes x processesPerNode must be at least 1")
     sched = t.schedule
     if sched.warmup_steps is not None and sched.warmup_ratio is not None:
-        out.append(Problem(f"{p}.schedule.warmupRatio", "set warmupSteps or warmupRatio, not both"))
+        out.add(f"{p}.schedule.warmupRatio", "set warmupSteps or warmupRatio, not both")
     if t.max_steps is not None:
         if sched.warmup_steps is not None and sched.warmup_steps >= t.max_steps:
-            out.append(
-                Problem(
-                    f"{p}.schedule.warmupSteps",
-                    f"must be below maxSteps ({t.max_steps}), got {sched.warmup_steps}",
-                )
+            out.add(
+                f"{p}.schedule.warmupSteps",
+                f"must be below maxSteps ({t.max_steps}), got {sched.warmup_steps}",
             )
         if t.checkpoint.interval_steps > t.max_steps:
-            out.append(
-                Problem(
-                    f"{p}.checkpoint.intervalSteps",
-                    f"{t.checkpoint.interval_steps} "
-                    f"exceeds maxSteps ({t.max_steps}): no checkpoint would be "
-                    "written, so a restarted pod would start over",
-                )
+            out.add(
+                f"{p}.checkpoint.intervalSteps",
+                f"{t.checkpoint.interval_steps} "
+                f"exceeds maxSteps ({t.max_steps}): no checkpoint would be "
+                "written, so a restarted pod would start over",
             )
     if t.early_stopping is not None:
         reason = _metric_fits_task(t.early_stopping.metric, spec.data.task)
         if reason:
-            out.append(Problem(f"{p}.earlyStopping.metric", reason))
+            out.add(f"{p}.earlyStopping.metric", reason)
     return out
 
 
@@ -453,168 +421,136 @@ def _compression_rules(spec: RecJobSpec) -> list[Problem]:
         return []
     if c.distillation is None and c.pruning is None:
         return [Problem(p, "set distillation and/or pruning, or remove compression")]
-    out: list[Problem] = []
+    out = _Problems()
     teacher = BUNDLED_MODELS.get(spec.model.base_model)
     d = c.distillation
     if d is not None:
         if d.task_weight + d.distillation_weight + d.intermediate_weight <= 0:
-            out.append(
-                Problem(
-                    f"{p}.distillation.distillationWeight",
-                    "taskWeight, distillationWeight and intermediateWeight are all 0",
-                )
+            out.add(
+                f"{p}.distillation.distillationWeight",
+                "taskWeight, distillationWeight and intermediateWeight are all 0",
             )
         if teacher is not None:
             layers, hidden, heads = teacher
             s = d.student
             if s.num_layers >= layers and (s.hidden_size is None or s.hidden_size >= hidden):
-                out.append(
-                    Problem(
-                        f"{p}.distillation.student.numLayers",
-                        f"the student must be "
-                        f"smaller than the teacher ({layers} layers, hidden {hidden})",
-                    )
+                out.add(
+                    f"{p}.distillation.student.numLayers",
+                    f"the student must be "
+                    f"smaller than the teacher ({layers} layers, hidden {hidden})",
                 )
             if s.num_layers > layers:
-                out.append(
-                    Problem(
-                        f"{p}.distillation.student.numLayers",
-                        f"at most the teacher's {layers} layers, got {s.num_layers}",
-                    )
+                out.add(
+                    f"{p}.distillation.student.numLayers",
+                    f"at most the teacher's {layers} layers, got {s.num_layers}",
                 )
             if s.hidden_size is not None and s.hidden_size % heads:
-                out.append(
-                    Problem(
-                        f"{p}.distillation.student.hiddenSize",
-                        f"must be a multiple of the teacher's {heads} attention heads",
-                    )
+                out.add(
+                    f"{p}.distillation.student.hiddenSize",
+                    f"must be a multiple of the teacher's {heads} attention heads",
                 )
             if s.hidden_size is not None and s.hidden_size > hidden:
-                out.append(
-                    Problem(
-                        f"{p}.distillation.student.hiddenSize",
-                        f"at most the teacher's {hidden}, got {s.hidden_size}",
-                    )
+                out.add(
+                    f"{p}.distillation.student.hiddenSize",
+                    f"at most the teacher's {hidden}, got {s.hidden_size}",
                 )
         if d.intermediate_weight > 0 and d.student.hidden_size is not None:
-            out.append(
-                Problem(
-                    f"{p}.distillation.intermediateWeight",
-                    "hidden-state matching "
-                    "needs the teacher's hidden size (leave student.hiddenSize unset)",
-                )
+            out.add(
+                f"{p}.distillation.intermediateWeight",
+                "hidden-state matching "
+                "needs the teacher's hidden size (leave student.hiddenSize unset)",
             )
     return out
 
 
 def _export_rules(spec: RecJobSpec) -> list[Problem]:
     e, p = spec.export, "spec.export"
-    out: list[Problem] = []
+    out = _Problems()
     if e.target.startswith("tensorrt"):
         if e.resources.gpu < 1:
-            out.append(
-                Problem(
-                    f"{p}.resources.gpu",
-                    f"{e.target} builds a TensorRT engine on a GPU: at least 1",
-                )
+            out.add(
+                f"{p}.resources.gpu",
+                f"{e.target} builds a TensorRT engine on a GPU: at least 1",
             )
         if spec.serving.resources.gpu < 1:
-            out.append(
-                Problem("spec.serving.resources.gpu", f"{e.target} plans run on GPUs: at least 1")
-            )
+            out.add("spec.serving.resources.gpu", f"{e.target} plans run on GPUs: at least 1")
     budget = e.quality_budget
     reason = _metric_fits_task(budget.metric, spec.data.task)
     if reason:
-        out.append(Problem(f"{p}.qualityBudget.metric", reason))
+        out.add(f"{p}.qualityBudget.metric", reason)
     if budget.max_relative_drop_vs_teacher is not None:
         if spec.compression is None:
-            out.append(
-                Problem(
-                    f"{p}.qualityBudget.maxRelativeDropVsTeacher",
-                    "only meaningful with spec.compression (there is no separate teacher)",
-                )
+            out.add(
+                f"{p}.qualityBudget.maxRelativeDropVsTeacher",
+                "only meaningful with spec.compression (there is no separate teacher)",
             )
         elif budget.max_relative_drop_vs_teacher < budget.max_relative_drop:
-            out.append(
-                Problem(
-                    f"{p}.qualityBudget.maxRelativeDropVsTeacher",
-                    "cannot be "
-                    "tighter than maxRelativeDrop (the teacher is upstream of the "
-                    "unquantized student)",
-                )
+            out.add(
+                f"{p}.qualityBudget.maxRelativeDropVsTeacher",
+                "cannot be "
+                "tighter than maxRelativeDrop (the teacher is upstream of the "
+                "unquantized student)",
             )
     return out
 
 
 def _serving_rules(spec: RecJobSpec) -> list[Problem]:
     s, p = spec.serving, "spec.serving"
-    out: list[Problem] = []
+    out = _Problems()
     if s.min_replicas > s.max_replicas:
-        out.append(
-            Problem(
-                f"{p}.minReplicas",
-                f"must not exceed maxReplicas ({s.max_replicas}), got {s.min_replicas}",
-            )
+        out.add(
+            f"{p}.minReplicas",
+            f"must not exceed maxReplicas ({s.max_replicas}), got {s.min_replicas}",
         )
     if s.deployment_mode == "RawDeployment" and s.min_replicas < 1:
-        out.append(Problem(f"{p}.minReplicas", "RawDeployment cannot scale to zero: at least 1"))
+        out.add(f"{p}.minReplicas", "RawDeployment cannot scale to zero: at least 1")
     return out
 
 
 def _rollout_rules(spec: RecJobSpec) -> list[Problem]:
     r, p = spec.rollout, "spec.rollout"
-    out: list[Problem] = []
+    out = _Problems()
     for i in range(1, len(r.steps)):
         if r.steps[i] <= r.steps[i - 1]:
-            out.append(
-                Problem(
-                    f"{p}.steps[{i}]",
-                    f"steps must increase strictly: {r.steps[i]} follows {r.steps[i - 1]}",
-                )
+            out.add(
+                f"{p}.steps[{i}]",
+                f"steps must increase strictly: {r.steps[i]} follows {r.steps[i - 1]}",
             )
     if r.steps and r.steps[-1] != 100:
-        out.append(
-            Problem(
-                f"{p}.steps[{len(r.steps) - 1}]",
-                f"the last step must be 100 (promotion), got {r.steps[-1]}",
-            )
+        out.add(
+            f"{p}.steps[{len(r.steps) - 1}]",
+            f"the last step must be 100 (promotion), got {r.steps[-1]}",
         )
     interval = parse_duration(r.interval).total_seconds()
     if interval < 1:
-        out.append(Problem(f"{p}.interval", f"at least 1s, got {r.interval}"))
+        out.add(f"{p}.interval", f"at least 1s, got {r.interval}")
     if parse_duration(r.no_data.deadline).total_seconds() < interval:
-        out.append(
-            Problem(
-                f"{p}.noData.deadline",
-                f"must be at least the analysis interval ({r.interval}), got {r.no_data.deadline}",
-            )
+        out.add(
+            f"{p}.noData.deadline",
+            f"must be at least the analysis interval ({r.interval}), got {r.no_data.deadline}",
         )
     seen: set[str] = set()
     for i, m in enumerate(r.metrics):
         mp = f"{p}.metrics[{i}]"
         if m.name in seen:
-            out.append(Problem(f"{mp}.name", f"duplicate metric name {m.name!r}"))
+            out.add(f"{mp}.name", f"duplicate metric name {m.name!r}")
         seen.add(m.name)
         if m.min is None and m.max is None:
-            out.append(Problem(mp, "set min and/or max (a check without a threshold cannot fail)"))
+            out.add(mp, "set min and/or max (a check without a threshold cannot fail)")
         if m.min is not None and m.max is not None and m.min > m.max:
-            out.append(Problem(f"{mp}.min", f"must not exceed max ({m.max}), got {m.min}"))
+            out.add(f"{mp}.min", f"must not exceed max ({m.max}), got {m.min}")
         names = _PLACEHOLDER_RE.findall(m.query)
         unknown = sorted(set(names) - set(QUERY_PLACEHOLDERS))
         if unknown:
-            out.append(
-                Problem(
-                    f"{mp}.query",
-                    f"unknown placeholder(s) {', '.join(unknown)}; "
-                    f"expected {', '.join('{{' + n + '}}' for n in QUERY_PLACEHOLDERS)}",
-                )
+            out.add(
+                f"{mp}.query",
+                f"unknown placeholder(s) {', '.join(unknown)}; "
+                f"expected {', '.join('{{' + n + '}}' for n in QUERY_PLACEHOLDERS)}",
             )
         if "revision" not in names:
-            out.append(
-                Problem(
-                    f"{mp}.query",
-                    "must contain {{revision}} so the canary and the "
-                    "stable revision are measured apart",
-                )
+            out.add(
+                f"{mp}.query",
+                "must contain {{revision}} so the canary and the "
+                "stable revision are measured apart",
             )
     return out

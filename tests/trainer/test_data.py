@@ -1,0 +1,297 @@
+"""Data preparation: readers, every cleaning rule, leakage-free splits, negative sampling."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recjob_operator.api.v1alpha1.spec import DataSpec, MissingValues, ModelSpec, TextNormalization
+from recjob_trainer.data.cleaning import (
+    CleaningLog,
+    cast_numbers,
+    dedup_pairs,
+    handle_missing,
+    k_core,
+    near_duplicate_groups,
+    normalize_text,
+)
+from recjob_trainer.data.prepare import prepare, read_prepared, write_prepared
+from recjob_trainer.data.readers import DataError, read_table
+from recjob_trainer.data.splits import (
+    by_time,
+    leave_one_out,
+    sample_negatives,
+    sequences,
+    split_by_group,
+)
+from tests.conftest import SHARED
+
+HOMEDEPOT = SHARED / "data" / "homedepot-search" / "queries-dev.csv"
+AMAZON = SHARED / "data" / "amazon-scientific"
+needs_shared = pytest.mark.skipif(not HOMEDEPOT.exists(), reason="../shared/data not present")
+
+SEARCH_COLUMNS = {
+    "query": "search_term",
+    "itemId": "product_uid",
+    "itemText": "product_title",
+    "label": "relevance",
+}
+
+
+def search_spec(train: str, **pre) -> DataSpec:
+    return DataSpec.model_validate(
+        {"task": "search-ranking", "train": train, "columns": SEARCH_COLUMNS, "preprocessing": pre}
+    )
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- readers
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.csv", "search_term,product_title,relevance\nq,t,1\n")
+    with pytest.raises(DataError) as error:
+        prepare(search_spec(path), ModelSpec(), None)
+    assert str(error.value).startswith(f"{path}: column 'product_uid': missing")
+    assert error.value.column == "product_uid"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("", "the file is empty"), ("a,b\n", "header but no rows")]
+)
+def test_empty_files(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, "e.csv", text)
+    with pytest.raises(DataError, match=expected) as error:
+        read_table(path, "csv")
+    assert path in str(error.value)
+
+
+def test_unreadable_uri(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.csv: cannot read"):
+        read_table(str(tmp_path / "nope.csv"), "csv")
+
+
+def test_unparseable_parquet(tmp_path: Path) -> None:
+    path = write(tmp_path, "x.parquet", "not parquet at all")
+    with pytest.raises(DataError, match="cannot parse as parquet"):
+        read_table(path, "parquet")
+
+
+def test_wrong_type_is_quarantined_not_guessed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "w.csv",
+        "search_term,product_uid,product_title,relevance\n"
+        "drill,1,cordless drill,3\nsaw,2,hand saw,high\nsaw,3,saw blade,2\n",
+    )
+    prepared = prepare(
+        search_spec(path, split={"validationFraction": 0.01, "testFraction": 0.01}),
+        ModelSpec(),
+        None,
+    )
+    quarantine = prepared.log.quarantine_frame()
+    assert quarantine.height == 1
+    assert quarantine["reason"][0] == "column 'label' is not a number"
+    assert '"high"' in quarantine["row"][0] and quarantine["source"][0] == path
+    assert sum(f.height for f in prepared.splits.values()) == 2
+
+
+# --------------------------------------------------------------------------- cleaning
+def test_text_normalization() -> None:
+    frame = pl.DataFrame({"t": ["  <b>\uff23ordless</b>   DRILL&amp;Saw \n", "ok"]})
+    out = frame.select(normalize_text("t", TextNormalization()))["t"].to_list()
+    assert out == ["cordless drill saw", "ok"]
+    raw = frame.select(
+        normalize_text(
+            "t",
+            TextNormalization(
+                lowercase=False, strip_html=False, collapse_whitespace=False, unicode_form="none"
+            ),
+        )
+    )
+    assert raw["t"].to_list() == frame["t"].to_list()
+
+
+@pytest.mark.parametrize("policy", ["drop", "fill", "quarantine"])
+def test_missing_value_policies(policy: str) -> None:
+    frame = pl.DataFrame({"q": ["a", None, "c", " "], "x": [1.0, 2.0, None, 4.0]})
+    log = CleaningLog()
+    out = handle_missing(
+        frame,
+        ["q", "x"],
+        MissingValues(policy=policy, fill_text="?", fill_number=-1.0),
+        log,
+        "f.csv",
+    )
+    if policy == "fill":
+        assert out["q"].to_list() == ["a", "?", "c", "?"]
+        assert out["x"].to_list() == [1.0, 2.0, -1.0, 4.0]
+        assert log.quarantine_frame().height == 0
+    else:
+        assert out["q"].to_list() == ["a"]
+        assert log.steps[-1].removed == 3
+        expected = 3 if policy == "quarantine" else 0
+        assert log.quarantine_frame().height == expected
+        if policy == "quarantine":
+            reasons = Counter(log.quarantine_frame()["reason"].to_list())
+            assert reasons == {"missing value in column 'q'": 2, "missing value in column 'x'": 1}
+
+
+def test_cast_numbers_quarantines_only_bad_values() -> None:
+    log = CleaningLog()
+    out = cast_numbers(pl.DataFrame({"v": ["1", " 2.5 ", "x", None]}), "v", log, "f")
+    assert out["v"].to_list() == [1.0, 2.5, None]
+    assert log.quarantine_frame()["reason"].to_list() == ["column 'v' is not a number"]
+
+
+def test_exact_duplicates_average_conflicting_labels() -> None:
+    frame = pl.DataFrame(
+        {
+            "query": ["a", "a", "a", "b"],
+            "item_id": ["1", "1", "2", "1"],
+            "item_text": ["t1", "t1", "t2", "t1"],
+            "label": [1.0, 3.0, 2.0, 2.0],
+        }
+    )
+    log = CleaningLog()
+    out = dedup_pairs(frame, ["query", "item_id"], "label", log)
+    assert out.height == 3 and out.columns == frame.columns
+    assert out.filter((pl.col("query") == "a") & (pl.col("item_id") == "1"))["label"][0] == 2.0
+    assert "1 duplicate group(s) had conflicting labels" in log.steps[0].detail
+
+
+def test_near_duplicates_are_confirmed_by_exact_jaccard() -> None:
+    base = "dewalt 20 volt max cordless drill driver kit with two batteries and charger"
+    texts = [base, base + " black", "makita hammer drill with case", base.replace("two", "2")]
+    roots = near_duplicate_groups(texts, threshold=0.8)
+    assert roots[0] == 0 and roots[1] == 0 and roots[2] == 2
+    assert near_duplicate_groups(texts, threshold=1.0) == [0, 1, 2, 3]
+
+
+def test_k_core_is_iterated_until_stable() -> None:
+    # u3 has 1 interaction -> removed; then item c has 1 left -> removed; then u2 has 1 -> removed
+    frame = pl.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2", "u2", "u3", "u1", "u4", "u4"],
+            "item_id": ["a", "b", "a", "c", "c", "d", "a", "b"],
+        }
+    )
+    log = CleaningLog()
+    out = k_core(frame, "user_id", "item_id", min_user=2, min_item=2, log=log)
+    assert out.group_by("user_id").len().filter(pl.col("len") < 2).height == 0
+    assert out.group_by("item_id").len().filter(pl.col("len") < 2).height == 0
+    assert set(out["user_id"]) == {"u1", "u4"}
+    assert set(out["item_id"]) == {"a", "b"}
+
+
+# --------------------------------------------------------------------------- splits
+def test_split_by_query_never_leaks_and_is_stable() -> None:
+    frame = pl.DataFrame({"query": [f"q{i % 300}" for i in range(3000)], "x": range(3000)})
+    splits = split_by_group(frame, "query", 0.1, 0.2, seed=1)
+    sides = [set(s["query"]) for s in splits.values()]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert sum(s.height for s in splits.values()) == 3000
+    assert 0.1 < splits["test"].height / 3000 < 0.3
+    # a query's side does not depend on which other queries are present
+    half = split_by_group(frame.filter(pl.col("x") < 1500), "query", 0.1, 0.2, seed=1)
+    assert set(half["test"]["query"]) <= set(splits["test"]["query"])
+    other = split_by_group(frame, "query", 0.1, 0.2, seed=2)
+    assert set(other["test"]["query"]) != set(splits["test"]["query"])
+
+
+def test_leave_one_out() -> None:
+    seqs = sequences(
+        pl.DataFrame(
+            {"user_id": ["u"] * 5 + ["v"] * 2, "item_id": ["a", "b", "c", "d", "e", "x", "y"]}
+        ),
+        None,
+    )
+    splits = leave_one_out(seqs, history_length=2)
+    assert splits["test"].rows() == [("u", ["c", "d"], "e")]
+    assert splits["validation"].rows() == [("u", ["b", "c"], "d")]
+    assert ("u", ["a", "b"], "c") in splits["train"].rows()
+    assert ("v", ["x"], "y") in splits["train"].rows()
+    assert all(r[2] not in ("d", "e") or r[0] != "u" for r in splits["train"].rows())
+
+
+def test_by_time_never_sees_the_future() -> None:
+    frame = pl.DataFrame(
+        {
+            "user_id": ["u"] * 10 + ["v"] * 10,
+            "item_id": [f"i{i}" for i in range(20)],
+            "timestamp": [float(t) for t in list(range(10)) + list(range(5, 15))],
+        }
+    )
+    seqs = sequences(frame, "timestamp")
+    splits = by_time(seqs, 50, 0.2, 0.2)
+    time_of = dict(zip(frame["item_id"], frame["timestamp"], strict=True))
+    latest_train = max(time_of[i] for i in splits["train"]["item_id"])
+    for name in ("validation", "test"):
+        for _, history, target in splits[name].rows():
+            assert all(time_of[h] < time_of[target] for h in history)
+            assert time_of[target] > latest_train or name == "validation"
+    assert min(time_of[i] for i in splits["test"]["item_id"]) > latest_train
+
+
+def test_negative_sampling_is_reproducible_and_excludes_history() -> None:
+    catalog = [f"i{i}" for i in range(50)]
+    popularity = {f"i{i}": float(100 if i < 5 else 1) for i in range(50)}
+    args = (["i0", "i1"], [["i2", "i3"], []], catalog, popularity, 5)
+    first, again = sample_negatives(*args, seed=3), sample_negatives(*args, seed=3)
+    assert first == again and first != sample_negatives(*args, seed=4)
+    assert not {"i0", "i2", "i3"} & set(first[0]) and "i1" not in first[1]
+    assert all(len(set(n)) == 5 for n in first)
+    many = sample_negatives(["i49"] * 400, [[]] * 400, catalog, popularity, 5, seed=0)
+    counts = Counter(i for n in many for i in n)
+    assert sum(counts[f"i{i}"] for i in range(5)) > 0.4 * 2000  # popular items dominate
+    uniform = sample_negatives(["i49"] * 400, [[]] * 400, catalog, None, 5, seed=0)
+    counts = Counter(i for n in uniform for i in n)
+    assert sum(counts[f"i{i}"] for i in range(5)) < 0.2 * 2000
+    with pytest.raises(ValueError, match="cannot sample"):
+        sample_negatives(["i0"], [catalog[1:]], catalog, None, 1, seed=0)
+
+
+# --------------------------------------------------------------------------- real data
+@needs_shared
+def test_prepare_home_depot_slice_splits_by_query(tmp_path: Path) -> None:
+    spec = search_spec(str(HOMEDEPOT), maxRows=3000)
+    prepared = prepare(spec, ModelSpec(), None)
+    queries = [set(f["query"]) for f in prepared.splits.values()]
+    assert not (queries[0] & queries[1]) and not (queries[0] & queries[2])
+    assert prepared.splits["train"].height > 2000
+    assert prepared.splits["train"]["query"].str.contains("[A-Z]").sum() == 0  # normalised
+    write_prepared(prepared, tmp_path / "data")
+    again = read_prepared(tmp_path / "data")
+    assert again.digest == prepared.digest and again.digest.startswith("sha256:")
+    assert again.splits["test"].equals(prepared.splits["test"])
+    assert prepare(spec, ModelSpec(), None).digest == prepared.digest
+
+
+@needs_shared
+def test_prepare_amazon_atomic() -> None:
+    spec = DataSpec.model_validate(
+        {
+            "task": "recommendation",
+            "format": "atomic",
+            "train": str(AMAZON / "Scientific.train.inter"),
+            "validation": str(AMAZON / "Scientific.valid.inter"),
+            "test": str(AMAZON / "Scientific.test.inter"),
+            "catalog": str(AMAZON / "Scientific.text"),
+            "preprocessing": {"deduplicate": {"near": True}, "minUserInteractions": 8},
+        }
+    )
+    prepared = prepare(spec, ModelSpec(historyLength=5), None)
+    catalog = set(prepared.catalog["item_id"])
+    assert 4300 < len(catalog) <= 4385
+    for frame in prepared.splits.values():
+        assert frame["history"].list.len().max() <= 5
+        assert set(frame["item_id"]) <= catalog
+    steps = {s["step"]: s for s in prepared.report()["steps"]}
+    assert steps["catalog near duplicates"]["removed"] > 0
+    assert any("users with >= 8" in name and s["removed"] > 0 for name, s in steps.items())

@@ -1,0 +1,1 @@
+"""Data preparation: readers, cleaning, leakage-free splits, negative sampling."""

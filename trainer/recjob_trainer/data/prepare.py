@@ -1,0 +1,367 @@
+"""Data preparation: read, clean, split and write the prepared data of a run.
+
+Search-ranking data becomes (query, item_id, item_text, label) pairs split by query;
+recommendation data becomes (user_id, history, item_id) next-item examples plus a catalog
+(item_id, item_text). The prepared splits, the quarantine and a report with the counts of
+every step are written under ``<run>/data/``; their digest is the data snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from recjob_operator.api.v1alpha1.spec import DataSpec, ModelSpec
+
+from ..storage import atomic_directory, write_json_atomic
+from .cleaning import (
+    CleaningLog,
+    cast_numbers,
+    dedup_pairs,
+    handle_missing,
+    k_core,
+    near_duplicate_groups,
+    normalize_text,
+)
+from .readers import DataError, read_atomic_catalog, read_atomic_inter, read_table, require_columns
+from .splits import by_time, leave_one_out, sequences, split_by_group
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class PreparedData:
+    """The prepared splits of one run."""
+
+    task: str
+    splits: dict[str, pl.DataFrame]
+    catalog: pl.DataFrame | None
+    log: CleaningLog = field(default_factory=CleaningLog)
+    digest: str = ""
+
+    def report(self) -> dict:
+        """Counts per step and per split, the quarantine size and the digest."""
+        return {
+            "task": self.task,
+            "digest": self.digest,
+            "rows": {name: frame.height for name, frame in self.splits.items()},
+            "catalog_items": self.catalog.height if self.catalog is not None else None,
+            "quarantined": self.log.quarantine_frame().height,
+            "steps": self.log.to_dicts(),
+        }
+
+
+def prepare(data: DataSpec, model: ModelSpec, base_dir: str | Path | None) -> PreparedData:
+    """Read, clean and split the RecJob's data (in memory)."""
+    if data.task == "search-ranking":
+        prepared = _prepare_search(data, base_dir)
+    elif data.format == "atomic":
+        prepared = _prepare_atomic(data, model, base_dir)
+    else:
+        prepared = _prepare_interactions(data, model, base_dir)
+    for name, frame in prepared.splits.items():
+        if name == "train" and frame.height == 0:
+            raise DataError(
+                data.train,
+                "no training rows are left after cleaning and splitting "
+                "(see the quarantine and the step counts)",
+            )
+    prepared.digest = _digest(prepared)
+    return prepared
+
+
+def _digest(prepared: PreparedData) -> str:
+    h = hashlib.sha256()
+    frames = [prepared.splits[s] for s in SPLITS]
+    if prepared.catalog is not None:
+        frames.append(prepared.catalog)
+    for frame in frames:
+        h.update(hashlib.sha256(frame.write_ndjson().encode()).digest())
+    return "sha256:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------- search
+def _read_pairs(
+    uri: str, data: DataSpec, base_dir, log: CleaningLog, max_rows: int | None
+) -> pl.DataFrame:
+    cols = data.columns
+    raw = read_table(uri, data.format, base_dir, max_rows)
+    mapping = {"query": cols.query, "itemText": cols.item_text, "label": cols.label}
+    require_columns(raw, uri, mapping)
+    if cols.item_id is not None:
+        require_columns(raw, uri, {"itemId": cols.item_id})
+    frame = raw.select(
+        pl.col(cols.query).cast(pl.String).alias("query"),
+        (
+            pl.col(cols.item_id).cast(pl.String)
+            if cols.item_id
+            else pl.col(cols.item_text).cast(pl.String).hash().cast(pl.String)
+        ).alias("item_id"),
+        pl.col(cols.item_text).cast(pl.String).alias("item_text"),
+        pl.col(cols.label).alias("label"),
+    )
+    log.record(f"read {uri}", frame.height, frame.height)
+    frame = handle_missing(
+        frame, ["query", "item_text", "label"], data.preprocessing.missing_values, log, uri
+    )
+    if frame.schema["label"] == pl.String:
+        frame = cast_numbers(frame, "label", log, uri)
+    else:
+        frame = frame.with_columns(pl.col("label").cast(pl.Float64))
+    opts = data.preprocessing.text_normalization
+    return frame.with_columns(normalize_text("query", opts), normalize_text("item_text", opts))
+
+
+def _prepare_search(data: DataSpec, base_dir) -> PreparedData:
+    log = CleaningLog()
+    pre = data.preprocessing
+    frame = _read_pairs(data.train, data, base_dir, log, pre.max_rows)
+    frame = _dedup_search(frame, data, log)
+    if data.validation is not None:
+        splits = {
+            "train": frame,
+            "validation": _dedup_search(
+                _read_pairs(data.validation, data, base_dir, log, None), data, log
+            ),
+        }
+        splits["test"] = (
+            _dedup_search(_read_pairs(data.test, data, base_dir, log, None), data, log)
+            if data.test
+            else splits["validation"].clear()
+        )
+        _check_disjoint_queries(splits, data)
+    else:
+        split = pre.split
+        splits = split_by_group(
+            frame, "query", split.validation_fraction, split.test_fraction, split.seed
+        )
+        log.record(
+            "split by query",
+            frame.height,
+            sum(s.height for s in splits.values()),
+            ", ".join(f"{k}={v.height}" for k, v in splits.items()),
+        )
+    return PreparedData("search-ranking", splits, None, log)
+
+
+def _dedup_search(frame: pl.DataFrame, data: DataSpec, log: CleaningLog) -> pl.DataFrame:
+    pre = data.preprocessing
+    if pre.deduplicate.exact:
+        frame = dedup_pairs(frame, ["query", "item_id"], "label", log)
+    if pre.deduplicate.near:
+        keep = []
+        for group in frame.partition_by("query", maintain_order=True):
+            roots = near_duplicate_groups(
+                group["item_text"].to_list(), pre.deduplicate.near_threshold
+            )
+            keep.append(group.filter(pl.Series([r == i for i, r in enumerate(roots)])))
+        out = pl.concat(keep) if keep else frame
+        log.record(
+            "near duplicates (per query)",
+            frame.height,
+            out.height,
+            f"Jaccard >= {pre.deduplicate.near_threshold}",
+        )
+        frame = out
+    return frame
+
+
+def _check_disjoint_queries(splits: dict[str, pl.DataFrame], data: DataSpec) -> None:
+    train = set(splits["train"]["query"].to_list())
+    for name in ("validation", "test"):
+        shared = train & set(splits[name]["query"].to_list())
+        if shared:
+            uri = data.validation if name == "validation" else data.test
+            raise DataError(
+                str(uri),
+                f"{len(shared)} quer(ies) also appear in the training "
+                f"data (e.g. {sorted(shared)[0]!r}): held-out data would leak",
+                column=data.columns.query,
+            )
+
+
+# --------------------------------------------------------------------------- recommendation
+def _clean_catalog(
+    catalog: pl.DataFrame, data: DataSpec, source: str, log: CleaningLog
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Normalised catalog without missing texts; near-duplicate items mapped to one id."""
+    pre = data.preprocessing
+    catalog = handle_missing(catalog, ["item_id", "item_text"], pre.missing_values, log, source)
+    catalog = catalog.with_columns(normalize_text("item_text", pre.text_normalization))
+    before = catalog.height
+    catalog = catalog.unique("item_id", keep="first", maintain_order=True)
+    log.record("catalog duplicate ids", before, catalog.height)
+    mapping: dict[str, str] = {}
+    if pre.deduplicate.near:
+        ids = catalog["item_id"].to_list()
+        roots = near_duplicate_groups(
+            catalog["item_text"].to_list(), pre.deduplicate.near_threshold
+        )
+        mapping = {ids[i]: ids[r] for i, r in enumerate(roots) if r != i}
+        catalog = catalog.filter(~pl.col("item_id").is_in(list(mapping)))
+        log.record(
+            "catalog near duplicates",
+            len(ids),
+            catalog.height,
+            f"{len(mapping)} item(s) merged into a near-identical one",
+        )
+    return catalog, mapping
+
+
+def _map_items(frame: pl.DataFrame, mapping: dict[str, str]) -> pl.DataFrame:
+    if not mapping:
+        return frame
+    return frame.with_columns(
+        pl.col("item_id").replace(mapping),
+        pl.col("history").list.eval(pl.element().replace(mapping)),
+    )
+
+
+def _drop_unknown_items(
+    frame: pl.DataFrame, known: set[str], source: str, log: CleaningLog, step: str
+) -> pl.DataFrame:
+    known_list = list(known)
+    bad = frame.filter(~pl.col("item_id").is_in(known_list))
+    log.quarantine(bad, source, "target item is not in the catalog (or has no text)")
+    out = frame.filter(pl.col("item_id").is_in(known_list)).with_columns(
+        pl.col("history").list.eval(pl.element().filter(pl.element().is_in(known_list)))
+    )
+    log.record(step, frame.height, out.height, f"{bad.height} example(s) quarantined")
+    return out
+
+
+def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
+    log = CleaningLog()
+    pre = data.preprocessing
+    assert data.catalog is not None  # guaranteed by validation
+    catalog, mapping = _clean_catalog(
+        read_atomic_catalog(data.catalog, base_dir), data, data.catalog, log
+    )
+    known = set(catalog["item_id"].to_list())
+    splits: dict[str, pl.DataFrame] = {}
+    for name, uri in (("train", data.train), ("validation", data.validation), ("test", data.test)):
+        if uri is None:
+            splits[name] = pl.DataFrame(
+                schema={"user_id": pl.String, "history": pl.List(pl.String), "item_id": pl.String}
+            )
+            continue
+        frame = read_atomic_inter(uri, base_dir)
+        if name == "train" and pre.max_rows:
+            frame = frame.head(pre.max_rows)
+        log.record(f"read {uri}", frame.height, frame.height)
+        frame = _map_items(frame, mapping)
+        frame = _drop_unknown_items(frame, known, uri, log, f"{name}: items in catalog")
+        splits[name] = frame
+    if pre.min_user_interactions > 0:
+        lengths = (
+            pl.concat(
+                [
+                    s.select("user_id", (pl.col("history").list.len() + 1).alias("n"))
+                    for s in splits.values()
+                ]
+            )
+            .group_by("user_id")
+            .agg(pl.col("n").max())
+        )
+        keep = lengths.filter(pl.col("n") >= pre.min_user_interactions)["user_id"]
+        for name, frame in splits.items():
+            out = frame.filter(pl.col("user_id").is_in(keep.to_list()))
+            log.record(
+                f"{name}: users with >= {pre.min_user_interactions} interactions",
+                frame.height,
+                out.height,
+            )
+            splits[name] = out
+    if data.validation is None:
+        raise DataError(
+            data.train, "the atomic format needs the validation .inter file (spec.data.validation)"
+        )
+    splits = {
+        name: frame.with_columns(pl.col("history").list.tail(model.history_length))
+        for name, frame in splits.items()
+    }
+    return PreparedData("recommendation", splits, catalog, log)
+
+
+def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
+    log = CleaningLog()
+    pre, cols = data.preprocessing, data.columns
+    raw = read_table(data.train, data.format, base_dir, pre.max_rows)
+    require_columns(raw, data.train, {"userId": cols.user_id, "itemId": cols.item_id})
+    select = [
+        pl.col(cols.user_id).cast(pl.String).alias("user_id"),
+        pl.col(cols.item_id).cast(pl.String).alias("item_id"),
+    ]
+    if cols.timestamp:
+        require_columns(raw, data.train, {"timestamp": cols.timestamp})
+        select.append(pl.col(cols.timestamp).alias("timestamp"))
+    frame = raw.select(select)
+    log.record(f"read {data.train}", frame.height, frame.height)
+    frame = handle_missing(frame, frame.columns, pre.missing_values, log, data.train)
+    if cols.timestamp:
+        frame = cast_numbers(frame, "timestamp", log, data.train)
+    if data.catalog is not None:
+        raw_catalog = read_table(data.catalog, data.format, base_dir)
+        require_columns(
+            raw_catalog, data.catalog, {"itemId": cols.item_id, "itemText": cols.item_text}
+        )
+        catalog_source = data.catalog
+    else:
+        require_columns(raw, data.train, {"itemText": cols.item_text})
+        raw_catalog, catalog_source = raw, data.train
+    catalog = raw_catalog.select(
+        pl.col(cols.item_id).cast(pl.String).alias("item_id"),
+        pl.col(cols.item_text).cast(pl.String).alias("item_text"),
+    )
+    catalog, mapping = _clean_catalog(catalog, data, catalog_source, log)
+    if pre.deduplicate.exact:
+        before = frame.height
+        frame = frame.unique(maintain_order=True)
+        log.record("exact duplicates", before, frame.height)
+    if mapping:
+        frame = frame.with_columns(pl.col("item_id").replace(mapping))
+    known = catalog["item_id"].to_list()
+    bad = frame.filter(~pl.col("item_id").is_in(known))
+    log.quarantine(bad, data.train, "item is not in the catalog (or has no text)")
+    frame = frame.filter(pl.col("item_id").is_in(known))
+    frame = k_core(
+        frame, "user_id", "item_id", pre.min_user_interactions, pre.min_item_interactions, log
+    )
+    seqs = sequences(frame, "timestamp" if cols.timestamp else None)
+    split = pre.split
+    if split.strategy == "by-time":
+        splits = by_time(seqs, model.history_length, split.validation_fraction, split.test_fraction)
+    else:
+        splits = leave_one_out(seqs, model.history_length)
+    log.record(
+        f"split {split.strategy or 'leave-one-out'}",
+        frame.height,
+        sum(s.height for s in splits.values()),
+        ", ".join(f"{k}={v.height}" for k, v in splits.items()),
+    )
+    return PreparedData("recommendation", splits, catalog, log)
+
+
+# --------------------------------------------------------------------------- on disk
+def write_prepared(prepared: PreparedData, directory: Path) -> None:
+    """Write the prepared data atomically (a reader never sees half of it)."""
+    with atomic_directory(directory) as tmp:
+        for name, frame in prepared.splits.items():
+            frame.write_parquet(tmp / f"{name}.parquet")
+        if prepared.catalog is not None:
+            prepared.catalog.write_parquet(tmp / "catalog.parquet")
+        prepared.log.quarantine_frame().write_parquet(tmp / "quarantine.parquet")
+        write_json_atomic(tmp / "report.json", prepared.report())
+
+
+def read_prepared(directory: Path) -> PreparedData:
+    """Read what :func:`write_prepared` wrote."""
+    report = json.loads((directory / "report.json").read_text())
+    splits = {name: pl.read_parquet(directory / f"{name}.parquet") for name in SPLITS}
+    catalog_path = directory / "catalog.parquet"
+    catalog = pl.read_parquet(catalog_path) if catalog_path.exists() else None
+    return PreparedData(report["task"], splits, catalog, digest=report["digest"])

@@ -339,6 +339,12 @@ def _model_rules(spec: RecJobSpec) -> list[Problem]:
             f"{p}.fineTuning.method",
             "lora settings are given but method is full; set method: lora or remove lora",
         )
+    if model.head.objective == "listwise" and spec.data.task == "search-ranking":
+        out.add(
+            f"{p}.head.objective",
+            "listwise ranks a user's candidates (recommendation); search-ranking uses "
+            "regression (graded labels) or binary (clicks)",
+        )
     if model.head.objective == "regression" and spec.data.task == "recommendation":
         out.add(
             f"{p}.head.objective",

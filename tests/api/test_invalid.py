@@ -373,6 +373,13 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "graded labels",
     ),
     (
+        "listwise-for-search",
+        S,
+        {"spec.model.head.objective": "listwise"},
+        "spec.model.head.objective",
+        "recommendation",
+    ),
+    (
         "atomic-for-search",
         S,
         {"spec.data.format": "atomic", "spec.data.catalog": "c.text"},

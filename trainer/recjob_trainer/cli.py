@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import sys
+import json
+import traceback
+from pathlib import Path
 
 import click
 
@@ -15,16 +17,68 @@ from . import __version__
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
-    required=True,
     help="Trainer config file written by the operator or local mode.",
 )
-def cli(config_path: str) -> None:
-    """Prepare data and fine-tune a ranking model as configured by CONFIG. Not available yet."""
-    click.echo(
-        "recjob-train: training is not available yet (see the trainer issue); nothing was run.",
-        err=True,
-    )
-    sys.exit(3)
+@click.option(
+    "--recjob",
+    "recjob_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Or: a RecJob file (its data/model/training sections are used).",
+)
+@click.option("--output", default=None, help="With --recjob: the run directory.")
+@click.option(
+    "--max-eval-groups",
+    type=int,
+    default=None,
+    help="Evaluate at most this many queries/users per split.",
+)
+@click.option("--prepare-only", is_flag=True, help="Prepare the data and print its report.")
+def cli(
+    config_path: str | None,
+    recjob_path: str | None,
+    output: str | None,
+    max_eval_groups: int | None,
+    prepare_only: bool,
+) -> None:
+    """Prepare data and fine-tune a ranking model with DeepSpeed.
+
+    Run one process per rank (torchrun, the deepspeed launcher or a PyTorchJob); the
+    rendezvous comes from MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and LOCAL_RANK.
+    """
+    from .config import config_from_recjob, load_config
+
+    if recjob_path:
+        from recjob_operator.documents import load_documents
+        from recjob_operator.validation import RecJobInvalid, parse_recjob
+
+        try:
+            job = parse_recjob(load_documents(recjob_path)[0].content)
+        except RecJobInvalid as error:
+            raise click.ClickException(f"{recjob_path}: {error}") from error
+        config = config_from_recjob(
+            job, output or f"runs/{job.metadata.name}", str(Path(recjob_path).resolve().parent)
+        )
+    elif config_path:
+        config = load_config(config_path)
+    else:
+        raise click.UsageError("give --config FILE or --recjob FILE")
+    if max_eval_groups:
+        config.evaluation.max_groups = max_eval_groups
+    if prepare_only:
+        from .data.prepare import prepare
+
+        prepared = prepare(config.data, config.model, config.base_dir)
+        click.echo(json.dumps(prepared.report(), indent=2))
+        return
+    from .train import exit_cleanly, train
+
+    try:
+        train(config)
+    except Exception as error:  # one clear line, then the traceback for the logs
+        click.echo(f"recjob-train: {type(error).__name__}: {error}", err=True)
+        traceback.print_exc()
+        exit_cleanly(1)
+    exit_cleanly(0)
 
 
 def main() -> None:

@@ -1,0 +1,5 @@
+"""`python -m recjob_trainer` is the `recjob-train` command."""
+
+from .cli import main
+
+main()

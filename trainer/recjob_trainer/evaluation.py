@@ -166,51 +166,59 @@ def search_baselines(
 
 
 # --------------------------------------------------------------------------- recommendation
-def _sampled_ranks(
-    scores: np.ndarray, targets: np.ndarray, histories: list[set[int]], n_negatives: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_negatives(
+    frame: pl.DataFrame, catalog_ids: list[str], n_negatives: int, seed: int = 0
+) -> list[list[str]]:
+    """Per row, ``n_negatives`` catalog items drawn uniformly (seeded), never the true item
+    nor one in the user's history: the sampled ranking protocol."""
     rng = np.random.default_rng(seed)
-    n_items = scores.shape[1]
-    ranks, positives, negatives = [], [], []
-    for u, target in enumerate(targets):
-        banned = histories[u] | {int(target)}
-        pool = rng.choice(n_items, size=min(n_items, n_negatives * 2 + len(banned)), replace=False)
-        negs = [i for i in pool.tolist() if i not in banned][:n_negatives]
-        candidate = np.concatenate([[scores[u, target]], scores[u, negs]])
-        ranks.append(m.rank_of_target(candidate, 0))
-        positives.append(scores[u, target])
-        negatives.extend(scores[u, negs].tolist())
-    return np.array(ranks), np.array(positives), np.array(negatives)
+    out = []
+    for target, history in zip(frame["item_id"].to_list(), frame["history"].to_list(), strict=True):
+        banned = set(history) | {target}
+        pool = rng.choice(
+            len(catalog_ids),
+            size=min(len(catalog_ids), n_negatives * 2 + len(banned)),
+            replace=False,
+        )
+        out.append(
+            [catalog_ids[i] for i in pool.tolist() if catalog_ids[i] not in banned][:n_negatives]
+        )
+    return out
 
 
 def recommendation_report(
     scores: np.ndarray,
+    item_ids: list[str],
     frame: pl.DataFrame,
-    item_index: dict[str, int],
+    negatives: list[list[str]],
     ks: list[int],
-    n_negatives: int,
-    seed: int = 0,
+    full: bool,
 ) -> dict:
-    """Full-ranking and sampled metrics from a (users x catalog) score matrix."""
-    targets = np.array([item_index[i] for i in frame["item_id"].to_list()])
-    histories = [{item_index[i] for i in h if i in item_index} for h in frame["history"].to_list()]
-    full = [m.rank_of_target(scores[u], t) for u, t in enumerate(targets)]
-    report = {f"full/{k}": v for k, v in m.target_rank_report(full, ks).items()}
-    ranks, pos, neg = _sampled_ranks(scores, targets, histories, n_negatives, seed)
-    report.update({f"sampled/{k}": v for k, v in m.target_rank_report(ranks, ks).items()})
+    """Metrics from a (users x items) score matrix: full ranking over ``item_ids`` (when
+    ``full``, i.e. they are the whole catalog) and the sampled protocol (true item vs its
+    row's negatives), plus AUC of true items against sampled negatives."""
+    index = {item: n for n, item in enumerate(item_ids)}
+    targets = [index[i] for i in frame["item_id"].to_list()]
+    report: dict[str, float] = {}
+    if full:
+        ranks = [m.rank_of_target(scores[u], t) for u, t in enumerate(targets)]
+        report.update({f"full/{k}": v for k, v in m.target_rank_report(ranks, ks).items()})
+    sampled, pos, neg = [], [], []
+    for u, (target, negs) in enumerate(zip(targets, negatives, strict=True)):
+        candidate = scores[u, [target, *(index[i] for i in negs)]]
+        sampled.append(m.rank_of_target(candidate, 0))
+        pos.append(candidate[0])
+        neg.extend(candidate[1:].tolist())
+    report.update({f"sampled/{k}": v for k, v in m.target_rank_report(sampled, ks).items()})
     report["auc"] = m.auc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
     return report
 
 
 def user_item_scores(
-    model: RankingModel,
-    batcher: Batcher,
-    frame: pl.DataFrame,
-    catalog_ids: list[str],
-    batch_size: int,
+    model: RankingModel, batcher: Batcher, frame: pl.DataFrame, item_ids: list[str], batch_size: int
 ) -> np.ndarray:
-    """Cosine scores of each row's user (history text) against every catalog item."""
-    items = text_vectors(model, batcher, [batcher.texts[i] for i in catalog_ids], batch_size)
+    """Cosine scores of each row's user (history text) against each of ``item_ids``."""
+    items = text_vectors(model, batcher, [batcher.texts[i] for i in item_ids], batch_size)
     users = text_vectors(
         model,
         batcher,
@@ -228,12 +236,20 @@ def evaluate_recommendation(
     batch_size: int,
     n_negatives: int,
     max_groups: int | None = None,
+    full: bool = True,
 ) -> dict:
-    """The model's full-ranking and sampled metrics on (up to ``max_groups`` users of) test."""
+    """The model's metrics on (up to ``max_groups`` users of) ``test``: full ranking over
+    the catalog when ``full``, else only the sampled protocol (encodes just the items it
+    needs, for cheap evaluation during training)."""
     test = test.head(max_groups) if max_groups else test
-    ids = batcher.catalog_ids
-    scores = user_item_scores(model, batcher, test, ids, batch_size)
-    return recommendation_report(scores, test, {i: n for n, i in enumerate(ids)}, ks, n_negatives)
+    negatives = draw_negatives(test, batcher.catalog_ids, n_negatives)
+    items = (
+        batcher.catalog_ids
+        if full
+        else sorted(set(test["item_id"].to_list()) | {i for n in negatives for i in n})
+    )
+    scores = user_item_scores(model, batcher, test, items, batch_size)
+    return recommendation_report(scores, items, test, negatives, ks, full)
 
 
 def recommendation_baselines(
@@ -257,13 +273,15 @@ def recommendation_baselines(
             popularity[index[item]] = count
     # tiny jitter breaks ties between equally popular items deterministically
     pop_scores = np.tile(popularity + np.linspace(0, 1e-6, len(ids)), (test.height, 1))
+    negatives = draw_negatives(test, ids, n_negatives)
     return {
-        "popularity": recommendation_report(pop_scores, test, index, ks, n_negatives),
+        "popularity": recommendation_report(pop_scores, ids, test, negatives, ks, True),
         "zero-shot": recommendation_report(
             user_item_scores(zero_shot, batcher, test, ids, batch_size),
+            ids,
             test,
-            index,
+            negatives,
             ks,
-            n_negatives,
+            True,
         ),
     }

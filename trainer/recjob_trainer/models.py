@@ -84,7 +84,9 @@ class RankingModel(nn.Module):
                 else nn.Identity()
             )
             # log of the cosine temperature, as in CLIP; starts at a scale of 20
-            self.logit_scale = nn.Parameter(torch.tensor(3.0))
+            self.logit_scale = nn.Parameter(
+                torch.tensor([3.0])
+            )  # 1-d: DeepSpeed cannot broadcast 0-d
 
     def embed(
         self,

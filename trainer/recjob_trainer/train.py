@@ -287,8 +287,10 @@ def validation_metric(
                 ev.batch_size,
                 ev.sampled_negatives,
                 groups,
+                full=False,
             )
-            value = report.get(f"full/{metric}", report["full/ndcg@10"])
+            metric = f"sampled/{metric}" if f"sampled/{metric}" in report else "sampled/ndcg@10"
+            value = report[metric]
     finally:
         model.train()
     return metric, float(value)
@@ -535,10 +537,13 @@ def finish(
         with torch.no_grad():
             plain_logits = plain(**probe).float()
         parity = float((plain_logits - ds_logits).abs().max())
+    fingerprints: list = [None] * world
+    dist.all_gather_object(fingerprints, (parameter_digest(engine, config), ds_logits.tolist()))
     barrier()
     dist.destroy_process_group()
     if rank != 0:
         return {}
+    torch.set_num_threads(os.cpu_count() or 1)  # the other ranks are gone
 
     ev = config.evaluation
     ks = sorted({*ev.ks, 10})
@@ -593,6 +598,11 @@ def finish(
         "validation": [e for e in events if e["event"] == "eval"],
         "consolidation_max_abs_diff": parity,
         "steps": step,
+        "ranks": {
+            "parameter_digests": [f[0] for f in fingerprints],
+            "agree": len({f[0] for f in fingerprints}) == 1
+            and all(f[1] == fingerprints[0][1] for f in fingerprints),
+        },
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
     weights = (model_dir / "model.safetensors").read_bytes()
@@ -639,6 +649,26 @@ def finish(
     )
     progress.close()
     return metrics
+
+
+def parameter_digest(engine, config: TrainerConfig) -> str:
+    """sha256 of this rank's view of every (full, gathered) parameter: equal on all ranks
+    when data parallelism kept the replicas in sync."""
+    import contextlib
+
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if config.training.deepspeed.zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    digest = hashlib.sha256()
+    with gather, torch.no_grad():
+        for p in params:
+            digest.update(p.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _probe_batch(batcher: Batcher, prepared: PreparedData) -> dict[str, torch.Tensor]:

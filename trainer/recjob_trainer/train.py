@@ -246,6 +246,11 @@ def save_checkpoint(
     """DeepSpeed checkpoint + completion marker; old complete checkpoints pruned."""
     tag = f"step-{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=state)
+    # each rank's random state (dropout masks), so a resumed run continues bit for bit
+    torch.save(
+        {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        root / tag / f"rng-rank{rank}.pt",
+    )
     barrier()
     if rank == 0:
         write_json_atomic(root / tag / CHECKPOINT_MARKER, {"step": step, "world_size": world})
@@ -369,7 +374,12 @@ def train(config: TrainerConfig) -> dict:
             load_optimizer_states=same_world,
             load_lr_scheduler_states=same_world,
         )
-        state.update(client or {})
+        state.update({k: v for k, v in (client or {}).items() if k in state})  # ours only
+        rng_file = path / f"rng-rank{rank}.pt"
+        if same_world and rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
         state["resumed_from_step"] = step
         progress.event(
             "resumed",

@@ -1,0 +1,292 @@
+"""Real multi-process DeepSpeed training on CPU (gloo), on tiny slices of the real data.
+
+Each test launches `torchrun --nproc_per_node 2 -m recjob_trainer` as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+import yaml
+
+from recjob_trainer.batches import Batcher
+from recjob_trainer.data.prepare import read_prepared
+from recjob_trainer.evaluation import evaluate_search
+from recjob_trainer.models import load_model
+from recjob_trainer.progress import read_events
+from tests.conftest import SHARED
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SHARED / "data").exists(), reason="../shared/data not present"),
+]
+BIN = Path(sys.executable).parent
+HOMEDEPOT = SHARED / "data" / "homedepot-search" / "queries-dev.csv"
+AMAZON = SHARED / "data" / "amazon-scientific"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def search_slice(tmp: Path, queries: int = 40) -> Path:
+    """Every pair of the first ``queries`` queries (so queries have several candidates)."""
+    frame = pl.read_csv(HOMEDEPOT, infer_schema=False)
+    keep = frame["search_term"].unique(maintain_order=True)[:queries]
+    path = tmp / "homedepot.csv"
+    frame.filter(pl.col("search_term").is_in(keep.to_list())).write_csv(path)
+    return path
+
+
+def atomic_slice(tmp: Path, users: int = 30) -> dict[str, str]:
+    """The first ``users`` users of Amazon Scientific and only the items they touched."""
+    out, items = {}, set()
+    for part in ("train", "valid", "test"):
+        lines = (AMAZON / f"Scientific.{part}.inter").read_text().splitlines()
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) < users]
+        for line in kept[1:]:
+            _, history, target = line.split("\t")
+            items |= set(history.split()) | {target}
+        path = tmp / f"tiny.{part}.inter"
+        path.write_text("\n".join(kept) + "\n")
+        out[part] = str(path)
+    codes = {
+        ln.split("\t")[0]
+        for ln in (AMAZON / "Scientific.item2index").read_text().splitlines()
+        if ln.split("\t")[1] in items
+    }
+    index = [
+        ln
+        for ln in (AMAZON / "Scientific.item2index").read_text().splitlines()
+        if ln.split("\t")[0] in codes
+    ]
+    (tmp / "tiny.item2index").write_text("\n".join(index) + "\n")
+    text = (AMAZON / "Scientific.text").read_text().splitlines()
+    (tmp / "tiny.text").write_text(
+        "\n".join([text[0]] + [ln for ln in text[1:] if ln.split("\t")[0] in codes]) + "\n"
+    )
+    out["catalog"] = str(tmp / "tiny.text")
+    return out
+
+
+def search_config(tmp: Path, run: Path, **training) -> Path:
+    doc = {
+        "name": "test",
+        "outputUri": str(run),
+        "logIntervalSteps": 2,
+        "data": {
+            "task": "search-ranking",
+            "train": str(search_slice(tmp)),
+            "columns": {
+                "query": "search_term",
+                "itemId": "product_uid",
+                "itemText": "product_title",
+                "label": "relevance",
+            },
+            "preprocessing": {"split": {"validationFraction": 0.2, "testFraction": 0.2}},
+        },
+        "model": {"maxSequenceLength": 24},
+        "training": {
+            "processesPerNode": 2,
+            "microBatchSize": 4,
+            "learningRate": 1e-4,
+            "evalIntervalSteps": 100,
+            "checkpoint": {"intervalSteps": 2, "keep": 3},
+            **training,
+        },
+        "evaluation": {"batchSize": 32},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def launch(config: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "recjob_trainer",
+            "--config",
+            str(config),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts ranks in new sessions)."""
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+
+
+def train(config: Path, timeout: float = 300) -> str:
+    process = launch(config)
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(run: Path) -> list[float]:
+    return [e["loss"] for e in read_events(run) if e["event"] == "progress"]
+
+
+def test_zero2_bf16_two_processes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(search_config(tmp_path, run, maxSteps=8, deepspeed={"zeroStage": 2}))
+    metrics = json.loads((run / "metrics.json").read_text())
+    card = json.loads((run / "model-card.json").read_text())
+    curve = losses(run)
+    assert len(curve) == 4 and curve[-1] < curve[0], curve
+    assert metrics["ranks"]["agree"] and len(metrics["ranks"]["parameter_digests"]) == 2
+    assert (card["world_size"], card["zero_stage"], card["precision"]) == (2, 2, "bf16")
+    assert card["data_snapshot"].startswith("sha256:") and card["steps"] == 8
+    assert metrics["consolidation_max_abs_diff"] < 0.05  # bf16 engine vs fp32 consolidation
+    for name in ("bm25", "zero-shot", "constant"):
+        assert name in metrics["baselines"]
+    assert (run / "curves.png").stat().st_size > 1000
+    # the saved plain model is the one that was evaluated
+    model, tokenizer = load_model(run / "model")
+    prepared = read_prepared(run / "data")
+    batcher = Batcher(
+        "search-ranking",
+        tokenizer,
+        model.info.max_length,
+        None,
+        model.info.label_min,
+        model.info.label_max,
+    )
+    again = evaluate_search(model, batcher, prepared.splits["test"], [1, 5, 10], 32)
+    assert again["ndcg@10"] == pytest.approx(metrics["model"]["ndcg@10"], abs=1e-6)
+    assert again["rmse"] == pytest.approx(metrics["model"]["rmse"], abs=1e-6)
+
+
+def test_zero3_lora_recommendation_consolidates_exactly(tmp_path: Path) -> None:
+    files, run = atomic_slice(tmp_path), tmp_path / "run"
+    doc = {
+        "name": "rec",
+        "outputUri": str(run),
+        "logIntervalSteps": 2,
+        "data": {
+            "task": "recommendation",
+            "format": "atomic",
+            "train": files["train"],
+            "validation": files["valid"],
+            "test": files["test"],
+            "catalog": files["catalog"],
+            "preprocessing": {"negativeSampling": {"perPositive": 3}},
+        },
+        "model": {
+            "maxSequenceLength": 24,
+            "historyLength": 3,
+            "fineTuning": {"method": "lora", "lora": {"rank": 4}},
+        },
+        "training": {
+            "processesPerNode": 2,
+            "deepspeed": {"zeroStage": 3},
+            "precision": "fp32",
+            "microBatchSize": 4,
+            "maxSteps": 6,
+            "learningRate": 1e-3,
+            "evalIntervalSteps": 6,
+            "checkpoint": {"intervalSteps": 3},
+        },
+        "evaluation": {"sampledNegatives": 20, "batchSize": 64},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    train(config)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["consolidation_max_abs_diff"] < 1e-4  # fp32: the same model
+    assert metrics["ranks"]["agree"]
+    curve = losses(run)
+    assert curve[-1] < curve[0], curve
+    assert {"popularity", "zero-shot"} <= set(metrics["baselines"])
+    assert 0 <= metrics["model"]["full/ndcg@10"] <= 1
+    assert metrics["model"]["full/users"] == 30
+    model, _ = load_model(run / "model")  # LoRA merged: a plain encoder again
+    assert not any("lora" in name for name in model.state_dict())
+
+
+def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path) -> None:
+    steps = dict(maxSteps=10, precision="fp32", deepspeed={"zeroStage": 2})
+    reference = tmp_path / "reference"
+    (tmp_path / "a").mkdir()
+    train(search_config(tmp_path / "a", reference, **steps))
+
+    killed = tmp_path / "killed"
+    (tmp_path / "b").mkdir()
+    config = search_config(tmp_path / "b", killed, **steps)
+    process = launch(config)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        checkpoints = [e["step"] for e in read_events(killed) if e["event"] == "checkpoint"]
+        if checkpoints and checkpoints[-1] >= 4:
+            break
+        time.sleep(0.05)
+    kill_tree(process.pid)  # like a pod dying: torchrun and every rank at once
+    process.communicate()
+    assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
+    # a checkpoint half-written when the pod died must never be picked up
+    half = killed / "checkpoints" / "step-00000009"
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+
+    train(config)
+    events = read_events(killed)
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 4 and resumed[0]["step"] % 2 == 0
+    start = resumed[0]["step"]
+    after = [e for e in events[events.index(resumed[0]) :] if e["event"] == "batch"]
+    assert [e["step"] for e in after] == list(range(start + 1, 11))
+    expected = {e["step"]: e["digest"] for e in read_events(reference) if e["event"] == "batch"}
+    assert all(e["digest"] == expected[e["step"]] for e in after)
+    card = json.loads((killed / "model-card.json").read_text())
+    reference_card = json.loads((reference / "model-card.json").read_text())
+    assert card["resumed_from_step"] == start
+    assert card["checkpoint_digest"] == reference_card["checkpoint_digest"]
+
+
+def test_bad_data_fails_with_a_clear_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("search_term,product_title,relevance\nq,t,1\n")
+    config = search_config(tmp_path, tmp_path / "run", maxSteps=2)
+    doc = yaml.safe_load(config.read_text())
+    doc["data"]["train"] = str(bad)
+    config.write_text(yaml.safe_dump(doc))
+    result = subprocess.run(
+        [str(BIN / "recjob-train"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MASTER_PORT": str(free_port())},
+    )
+    assert result.returncode == 1
+    assert f"{bad}: column 'product_uid': missing" in result.stderr

@@ -84,3 +84,12 @@ def test_calibration() -> None:
     assert report["predicted_rate"] == pytest.approx(0.5)
     assert report["observed_rate"] == 0.5
     assert report["ece"] == pytest.approx(0.1)
+
+
+def test_paired_bootstrap() -> None:
+    better = m.paired_bootstrap([0.9, 0.8, 0.7, 0.95] * 25, [0.5, 0.6, 0.7, 0.5] * 25)
+    assert better["mean_difference"] == pytest.approx(0.2625)
+    assert 0 < better["ci95_low"] <= better["mean_difference"] <= better["ci95_high"]
+    assert better["share_of_resamples_better"] == 1.0
+    noise = m.paired_bootstrap(RNG.random(200), RNG.random(200))
+    assert noise["ci95_low"] < 0 < noise["ci95_high"]

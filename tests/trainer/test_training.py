@@ -188,7 +188,10 @@ def test_zero2_bf16_two_processes(tmp_path: Path) -> None:
     assert again["rmse"] == pytest.approx(metrics["model"]["rmse"], abs=1e-6)
 
 
-def test_zero3_lora_recommendation_consolidates_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("history_encoding", ["text", "item-embeddings"])
+def test_zero3_lora_recommendation_consolidates_exactly(
+    tmp_path: Path, history_encoding: str
+) -> None:
     files, run = atomic_slice(tmp_path), tmp_path / "run"
     doc = {
         "name": "rec",
@@ -206,6 +209,7 @@ def test_zero3_lora_recommendation_consolidates_exactly(tmp_path: Path) -> None:
         "model": {
             "maxSequenceLength": 24,
             "historyLength": 3,
+            "historyEncoding": history_encoding,
             "fineTuning": {"method": "lora", "lora": {"rank": 4}},
         },
         "training": {

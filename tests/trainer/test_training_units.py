@@ -115,11 +115,52 @@ def test_losses() -> None:
 
     from recjob_trainer.models import ModelInfo
 
-    logits = torch.tensor([[5.0, -5.0, -5.0]])
-    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    # two users, one negative each: columns (u0 true, u0 neg, u1 true, u1 neg)
+    logits = torch.tensor([[9.0, -9.0, -9.0, -9.0], [-9.0, -9.0, 9.0, -9.0]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     assert loss_fn(ModelInfo("bi-encoder", "listwise"), logits, labels) < 0.01
     assert loss_fn(ModelInfo("bi-encoder", "listwise"), -logits, labels) > 5
+    assert loss_fn(ModelInfo("bi-encoder", "binary"), logits, labels) < 0.01
+    in_batch_wrong = torch.tensor([[9.0, -9.0, 9.5, -9.0], [-9.0, -9.0, 9.0, -9.0]])
+    assert loss_fn(ModelInfo("bi-encoder", "listwise"), in_batch_wrong, labels) > 0.4
     assert (
         loss_fn(ModelInfo("cross-encoder", "regression"), torch.tensor([0.0]), torch.tensor([0.5]))
         == 0.0
     )
+
+
+def test_item_embedding_histories_pool_the_items_own_vectors() -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from recjob_trainer.batches import Batcher
+    from recjob_trainer.evaluation import text_vectors, user_item_scores
+    from recjob_trainer.models import ModelInfo, base_model_path, build_model
+
+    path = base_model_path("all-MiniLM-L6-v2")
+    catalog = pl.DataFrame(
+        {"item_id": ["a", "b", "c"], "item_text": ["cordless drill", "hand saw", "safety goggles"]}
+    )
+    batcher = Batcher(
+        "recommendation",
+        AutoTokenizer.from_pretrained(path),
+        16,
+        catalog,
+        history_encoding="item-embeddings",
+    )
+    batch = batcher.history_batch([["a", "b"], []])
+    assert batch["history_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert batch["history_input_ids"].shape[0] == 4
+    model = build_model(
+        ModelInfo("bi-encoder", "listwise", history_encoding="item-embeddings"), path
+    ).eval()
+    with torch.no_grad():
+        users = model.user_vectors(batch)
+    vectors = text_vectors(model, batcher, ["hand saw", "cordless drill"], 8)
+    expected = vectors.mean(0) / np.linalg.norm(vectors.mean(0))
+    assert np.allclose(users[0].numpy(), expected, atol=1e-5)
+    frame = pl.DataFrame({"user_id": ["u"], "history": [["a", "b"]], "item_id": ["c"]})
+    scores = user_item_scores(model, batcher, frame, ["c"], 8)
+    goggles = text_vectors(model, batcher, ["safety goggles"], 8)[0]
+    assert scores[0, 0] == pytest.approx(float(expected @ goggles), abs=1e-5)

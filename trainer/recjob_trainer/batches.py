@@ -51,8 +51,10 @@ class Batcher:
         catalog: pl.DataFrame | None = None,
         label_min: float = 0.0,
         label_max: float = 1.0,
+        history_encoding: str = "text",
     ):
         self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
+        self.history_encoding = history_encoding
         self.label_min, self.label_max = label_min, label_max
         self.texts: dict[str, str] = (
             dict(zip(catalog["item_id"], catalog["item_text"], strict=True))
@@ -94,17 +96,33 @@ class Batcher:
         self, rows: pl.DataFrame, negatives: list[list[str]]
     ) -> dict[str, torch.Tensor]:
         """Training batch: each user's history vs [true next item, *negatives]."""
-        users = [history_text(h, self.texts) for h in rows["history"].to_list()]
+        histories = rows["history"].to_list()
+        users = [history_text(h, self.texts) for h in histories]
         items = [
             self.texts[i]
             for target, negs in zip(rows["item_id"].to_list(), negatives, strict=True)
             for i in [target, *negs]
         ]
-        batch = {**self.texts_batch(users, "user_"), **self.texts_batch(items, "item_")}
+        if self.history_encoding == "item-embeddings":
+            batch = {**self.history_batch(histories), **self.texts_batch(items, "item_")}
+        else:
+            batch = {**self.texts_batch(users, "user_"), **self.texts_batch(items, "item_")}
         labels = torch.zeros(len(users), 1 + len(negatives[0]))
         labels[:, 0] = 1.0
         batch["labels"] = labels
         return batch
+
+    def history_batch(self, histories: list[list[str]]) -> dict[str, torch.Tensor]:
+        """Each user's history items (most recent first) as a (B * L) batch of item texts
+        and a (B, L) mask; a user without history gets one placeholder item."""
+        lists = [
+            [self.texts[i] for i in reversed(h) if i in self.texts] or ["(no history)"]
+            for h in histories
+        ]
+        width = max(len(items) for items in lists)
+        flat = [t for items in lists for t in items + [""] * (width - len(items))]
+        mask = torch.tensor([[1.0] * len(items) + [0.0] * (width - len(items)) for items in lists])
+        return {**self.texts_batch(flat, "history_"), "history_mask": mask}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -18,7 +18,23 @@ import torch
 
 from . import metrics as m
 from .batches import Batcher, history_text
-from .models import RankingModel
+from .models import RankingModel, pool_history
+
+#: Key of the per-query / per-user NDCG@10 values in a report (for paired comparisons;
+#: removed before metrics are written).
+PER_UNIT = "_ndcg@10_per_unit"
+
+
+def compare_to_baselines(model: dict, baselines: dict) -> dict[str, dict[str, float]]:
+    """Paired bootstrap of the model's NDCG@10 against each baseline on the same queries
+    or users; strips the per-unit values from every report."""
+    out = {}
+    ours = model.pop(PER_UNIT, None)
+    for name, report in baselines.items():
+        theirs = report.pop(PER_UNIT, None)
+        if ours is not None and theirs is not None and len(ours) == len(theirs):
+            out[name] = m.paired_bootstrap(ours, theirs)
+    return out
 
 
 def _groups(frame: pl.DataFrame, key: str, max_groups: int | None) -> pl.DataFrame:
@@ -76,6 +92,8 @@ def search_report(
         idx = group["_i"].to_numpy()
         groups.append((gains[idx], scores[idx]))
     report = m.ranking_report(groups, ks=ks, relevance_threshold=middle)
+    per_query = [m.ndcg_at_k(g, s, 10) for g, s in groups if (g > middle).any()]
+    report[PER_UNIT] = [v for v in per_query if v is not None]
     relevant = (gains > middle).astype(float)
     report["auc"] = m.auc(relevant, scores)
     if predictions is not None:
@@ -203,6 +221,8 @@ def recommendation_report(
     if full:
         ranks = [m.rank_of_target(scores[u], t) for u, t in enumerate(targets)]
         report.update({f"full/{k}": v for k, v in m.target_rank_report(ranks, ks).items()})
+        r = np.asarray(ranks, dtype=np.float64)
+        report[PER_UNIT] = np.where(r < 10, 1.0 / np.log2(r + 2), 0.0).tolist()
     sampled, pos, neg = [], [], []
     for u, (target, negs) in enumerate(zip(targets, negatives, strict=True)):
         candidate = scores[u, [target, *(index[i] for i in negs)]]
@@ -217,15 +237,28 @@ def recommendation_report(
 def user_item_scores(
     model: RankingModel, batcher: Batcher, frame: pl.DataFrame, item_ids: list[str], batch_size: int
 ) -> np.ndarray:
-    """Cosine scores of each row's user (history text) against each of ``item_ids``."""
-    items = text_vectors(model, batcher, [batcher.texts[i] for i in item_ids], batch_size)
-    users = text_vectors(
-        model,
-        batcher,
-        [history_text(h, batcher.texts) for h in frame["history"].to_list()],
-        batch_size,
+    """Cosine scores of each row's user against each of ``item_ids``: the user is the
+    history text, or the mean of the history items' vectors (item-embeddings)."""
+    histories = frame["history"].to_list()
+    if model.info.history_encoding != "item-embeddings":
+        items = text_vectors(model, batcher, [batcher.texts[i] for i in item_ids], batch_size)
+        users = text_vectors(
+            model, batcher, [history_text(h, batcher.texts) for h in histories], batch_size
+        )
+        return users @ items.T
+    needed = list(
+        dict.fromkeys([*item_ids, *(i for h in histories for i in h if i in batcher.texts)])
     )
-    return users @ items.T
+    vectors = text_vectors(model, batcher, [batcher.texts[i] for i in needed], batch_size)
+    row = {item: n for n, item in enumerate(needed)}
+    width = max(1, max((len(h) for h in histories), default=1))
+    index = np.zeros((len(histories), width), dtype=np.int64)
+    mask = np.zeros((len(histories), width), dtype=np.float32)
+    for u, history in enumerate(histories):
+        known = [row[i] for i in history if i in row]
+        index[u, : len(known)], mask[u, : len(known)] = known, 1.0
+    users = pool_history(torch.from_numpy(vectors[index]), torch.from_numpy(mask)).numpy()
+    return users @ vectors[: len(item_ids)].T
 
 
 def evaluate_recommendation(

@@ -193,3 +193,22 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     for a, b in zip(starts, ends, strict=True):
         ranks[order[a:b]] = (a + b - 1) / 2.0
     return ranks
+
+
+def paired_bootstrap(
+    a: ArrayLike, b: ArrayLike, resamples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Mean of ``a - b`` over paired units (queries, users) with a 95% bootstrap interval
+    and the share of resamples in which ``a`` wins."""
+    x, y = _arr(a), _arr(b)
+    diff = x - y
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {
+        "mean_difference": float(diff.mean()),
+        "ci95_low": float(low),
+        "ci95_high": float(high),
+        "share_of_resamples_better": float((means > 0).mean()),
+        "units": float(len(diff)),
+    }

@@ -54,6 +54,7 @@ class ModelInfo:
     label_min: float = 0.0
     label_max: float = 1.0
     base_model: str = ""
+    history_encoding: str = "text"  # bi-encoder users: text | item-embeddings
     extra: dict = field(default_factory=dict)
 
 
@@ -118,6 +119,15 @@ class RankingModel(nn.Module):
             vec = vec + self.head(self.dropout(vec))
         return nn.functional.normalize(vec, dim=-1)
 
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bi-encoder users: the history text's embedding, or (history encoding
+        item-embeddings) the mean of the history items' embeddings."""
+        if "history_input_ids" not in batch:
+            return self.item_vectors(batch["user_input_ids"], batch["user_attention_mask"])
+        mask = batch["history_mask"]
+        vectors = self.item_vectors(batch["history_input_ids"], batch["history_attention_mask"])
+        return pool_history(vectors.view(*mask.shape, -1), mask)
+
     def scale(self) -> torch.Tensor:
         """Bi-encoder: multiplier turning cosine similarities into logits."""
         return self.logit_scale.exp().clamp(max=100.0)
@@ -128,10 +138,12 @@ class RankingModel(nn.Module):
             return self.score_pairs(
                 batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
             )
-        users = self.item_vectors(batch["user_input_ids"], batch["user_attention_mask"])
+        users = self.user_vectors(batch)
         items = self.item_vectors(batch["item_input_ids"], batch["item_attention_mask"])
-        items = items.view(users.shape[0], -1, users.shape[-1])  # (B, 1 + negatives, H)
-        return torch.einsum("bh,bnh->bn", users, items) * self.scale()
+        # (B, B * (1 + negatives)): every user against every candidate of the batch, so the
+        # other users' items serve as extra (in-batch) negatives; user b's own candidates
+        # are columns b*(1+k) .. b*(1+k)+k, its true item first.
+        return users @ items.T * self.scale()
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> predictions on the label's scale (grade or click probability)."""
@@ -139,6 +151,13 @@ class RankingModel(nn.Module):
         if self.info.objective == "regression":
             return self.info.label_min + p * (self.info.label_max - self.info.label_min)
         return p
+
+
+def pool_history(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unit-length mean of (B, L, H) item vectors over the items ``mask`` (B, L) keeps."""
+    mask = mask.to(vectors.dtype).unsqueeze(-1)
+    pooled = (vectors * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return nn.functional.normalize(pooled, dim=-1)
 
 
 def build_model(info: ModelInfo, encoder_path: str, *, pretrained: bool = True) -> RankingModel:

@@ -28,6 +28,7 @@ from .batches import Batcher, Shard, micro_batches, shard_rows
 from .config import TrainerConfig
 from .data.prepare import PreparedData, prepare, read_prepared, write_prepared
 from .evaluation import (
+    compare_to_baselines,
     evaluate_recommendation,
     evaluate_search,
     recommendation_baselines,
@@ -127,6 +128,7 @@ def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
         label_min=float(labels.min()) if labels is not None else 0.0,
         label_max=float(labels.max()) if labels is not None else 1.0,
         base_model=config.model.base_model,
+        history_encoding=config.model.history_encoding if task == "recommendation" else "text",
     )
 
 
@@ -162,8 +164,13 @@ def loss_fn(info: ModelInfo, logits: torch.Tensor, labels: torch.Tensor) -> torc
     logits, labels = logits.float(), labels.float()
     if info.objective == "regression":
         return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)
-    if info.objective == "listwise":
-        return torch.nn.functional.cross_entropy(logits, labels.argmax(-1))
+    if info.kind == "bi-encoder":
+        users, per_user = labels.shape  # labels: (B, 1 + negatives), true item first
+        if info.objective == "listwise":  # softmax over all candidates of the batch
+            target = torch.arange(users, device=logits.device) * per_user
+            return torch.nn.functional.cross_entropy(logits, target)
+        own = logits.view(users, users, per_user)[torch.arange(users), torch.arange(users)]
+        return torch.nn.functional.binary_cross_entropy_with_logits(own, labels)
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
@@ -330,6 +337,7 @@ def train(config: TrainerConfig) -> dict:
         prepared.catalog,
         info.label_min,
         info.label_max,
+        info.history_encoding,
     )
 
     t = config.training
@@ -548,7 +556,9 @@ def finish(
             plain_logits = plain(**probe).float()
         parity = float((plain_logits - ds_logits).abs().max())
     fingerprints: list = [None] * world
-    dist.all_gather_object(fingerprints, (parameter_digest(engine, config), ds_logits.tolist()))
+    dist.all_gather_object(
+        fingerprints, (parameter_digest(engine, config), ds_logits.tolist(), memory_use(engine))
+    )
     barrier()
     dist.destroy_process_group()
     if rank != 0:
@@ -598,6 +608,7 @@ def finish(
             else {}
         )
         main = "full/ndcg@10"
+    comparisons = compare_to_baselines(result, baselines)
     events = read_events(run_dir)
     metrics = {
         "task": config.data.task,
@@ -605,10 +616,12 @@ def finish(
         "main_metric": main,
         "model": result,
         "baselines": baselines,
+        "ndcg@10_vs_baselines": comparisons,
         "validation": [e for e in events if e["event"] == "eval"],
         "consolidation_max_abs_diff": parity,
         "steps": step,
         "ranks": {
+            "memory": [f[2] for f in fingerprints],
             "parameter_digests": [f[0] for f in fingerprints],
             "agree": len({f[0] for f in fingerprints}) == 1
             and all(f[1] == fingerprints[0][1] for f in fingerprints),
@@ -659,6 +672,27 @@ def finish(
     )
     progress.close()
     return metrics
+
+
+def memory_use(engine) -> dict[str, float]:
+    """This rank's peak resident memory and the bytes its optimizer holds (master weights
+    and Adam moments: what ZeRO partitions across ranks), in MiB."""
+    import resource
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    total = 0
+    for group in inner.param_groups:
+        total += sum(p.numel() * p.element_size() for p in group["params"])
+    for state in inner.state.values():
+        total += sum(
+            v.numel() * v.element_size()
+            for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "optimizer_mib": total / 2**20,
+    }
 
 
 def parameter_digest(engine, config: TrainerConfig) -> str:

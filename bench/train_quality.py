@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import yaml
+from common import run_trainer
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 
 
 def configs(shared: Path, runs: Path, scale: float) -> dict[str, dict]:
@@ -87,40 +81,9 @@ def configs(shared: Path, runs: Path, scale: float) -> dict[str, dict]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(config: dict, workdir: Path) -> dict:
-    """Train one config with torchrun; its metrics.json and wall time."""
-    path = workdir / f"{config['name']}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    started = time.time()
-    log = workdir / f"{config['name']}.log"
-    with log.open("w") as handle:
-        code = subprocess.call(
-            [
-                str(BIN / "torchrun"),
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "-m",
-                "recjob_trainer",
-                "--config",
-                str(path),
-            ],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    if code:
-        raise SystemExit(f"{config['name']} failed (exit {code}); see {log}")
-    metrics = json.loads((Path(config["outputUri"]) / "metrics.json").read_text())
-    card = json.loads((Path(config["outputUri"]) / "model-card.json").read_text())
-    return {"metrics": metrics, "card": card, "wall_seconds": round(time.time() - started, 1)}
+def _mean_speed(events: list[dict]) -> float | None:
+    speeds = [e["samples_per_second"] for e in events if e["event"] == "progress"][1:]
+    return sum(speeds) / len(speeds) if speeds else None
 
 
 def summary(name: str, result: dict) -> dict:
@@ -136,7 +99,8 @@ def summary(name: str, result: dict) -> dict:
         "dataset": name,
         "steps": m["steps"],
         "wall_seconds": result["wall_seconds"],
-        "train_samples_per_second": result.get("samples_per_second"),
+        "train_samples_per_second": _mean_speed(result["events"]),
+        "ndcg@10_vs_baselines": m.get("ndcg@10_vs_baselines"),
         "table": {row: {k: values.get(k) for k in keys} for row, values in rows.items()},
     }
 
@@ -156,7 +120,7 @@ def main() -> None:
     ).items():
         if args.only and name != args.only:
             continue
-        result = run(config, args.runs)
+        result = run_trainer(config, args.runs)
         results[name] = summary(name, result)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=2))

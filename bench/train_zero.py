@@ -16,24 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
-import yaml
+from common import run_trainer
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 PARAMS = 22_713_601  # all-MiniLM-L6-v2 + regression head
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expected_model_state_mib(stage: int, n: int) -> float:
@@ -96,30 +85,8 @@ def main() -> None:
             },
             "evaluation": {"baselines": False, "maxGroups": 20, "batchSize": 64},
         }
-        path = work / f"zero{stage}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        started = time.time()
-        with (work / f"zero{stage}.log").open("w") as log:
-            code = subprocess.call(
-                [
-                    str(BIN / "torchrun"),
-                    "--nproc_per_node",
-                    str(args.processes),
-                    "--master_port",
-                    str(free_port()),
-                    "-m",
-                    "recjob_trainer",
-                    "--config",
-                    str(path),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-        if code:
-            raise SystemExit(f"ZeRO-{stage} failed; see {work / f'zero{stage}.log'}")
-        metrics = json.loads((run / "metrics.json").read_text())
-        events = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
+        result = run_trainer(config, work, args.processes)
+        metrics, events = result["metrics"], result["events"]
         speeds = [e["samples_per_second"] for e in events if e["event"] == "progress"][1:]
         memory = metrics["ranks"]["memory"]
         results.append(
@@ -133,7 +100,7 @@ def main() -> None:
                     stage, args.processes
                 ),
                 "ranks_agree": metrics["ranks"]["agree"],
-                "wall_seconds": round(time.time() - started, 1),
+                "wall_seconds": result["wall_seconds"],
             }
         )
     base = results[0]

@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ from .progress import Progress, plot_curves, read_events
 from .storage import atomic_directory, local_path, write_json_atomic
 
 CHECKPOINT_MARKER = "COMPLETE.json"
+
+
+@dataclass
+class RunContext:
+    """What the end of a run needs to know about it."""
+
+    config: TrainerConfig
+    rank: int
+    world: int
+    run_dir: Path
+    prepared: PreparedData
+    info: ModelInfo
+    tokenizer: Any
+    batcher: Batcher
+    progress: Progress
 
 
 # --------------------------------------------------------------------------- distributed
@@ -475,22 +491,8 @@ def train(config: TrainerConfig) -> dict:
     if last_saved != step:
         save_checkpoint(engine, ckpt_root, step, dict(state), t.checkpoint.keep, rank, world)
     state["wall_time"] = state.get("wall_time", 0.0) + (time.time() - started)
-    return finish(
-        config,
-        engine,
-        model,
-        info,
-        tokenizer,
-        batcher,
-        prepared,
-        run_dir,
-        ckpt_root,
-        step,
-        state,
-        world,
-        rank,
-        progress,
-    )
+    run = RunContext(config, rank, world, run_dir, prepared, info, tokenizer, batcher, progress)
+    return finish(run, engine, step, state)
 
 
 def _early_stop(config: TrainerConfig, state: dict, value: float) -> bool:
@@ -516,23 +518,11 @@ def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, tor
         return {k: v.float() for k, v in engine.module.state_dict().items()}
 
 
-def finish(
-    config,
-    engine,
-    model,
-    info,
-    tokenizer,
-    batcher,
-    prepared,
-    run_dir,
-    ckpt_root,
-    step,
-    state,
-    world,
-    rank,
-    progress,
-) -> dict:
+def finish(run: RunContext, engine, step: int, state: dict) -> dict:
     """Consolidate, check parity with the DeepSpeed model, evaluate and write artifacts."""
+    config, rank, world, run_dir = run.config, run.rank, run.world, run.run_dir
+    prepared, info, tokenizer, batcher = run.prepared, run.info, run.tokenizer, run.batcher
+    progress, ckpt_root = run.progress, run_dir / "checkpoints"
     plain = None
     if rank == 0:
         state_dict = consolidated_state_dict(engine, ckpt_root, step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,9 @@ def free_port() -> int:
 def run_trainer(config: dict, workdir: Path, processes: int = 2) -> dict:
     """Train ``config`` with ``torchrun --nproc_per_node processes``; returns its
     metrics.json, model-card.json, progress events and wall time. Exits on failure."""
+    run = Path(config["outputUri"])
+    if run.exists():  # a fresh run: the trainer would otherwise resume the old one
+        shutil.rmtree(run)
     path = workdir / f"{config['name']}.yaml"
     path.write_text(yaml.safe_dump(config))
     log = workdir / f"{config['name']}.log"
@@ -48,7 +52,6 @@ def run_trainer(config: dict, workdir: Path, processes: int = 2) -> dict:
         )
     if code:
         raise SystemExit(f"{config['name']} failed (exit {code}); see {log}")
-    run = Path(config["outputUri"])
     return {
         "metrics": json.loads((run / "metrics.json").read_text()),
         "card": json.loads((run / "model-card.json").read_text()),

@@ -55,10 +55,6 @@ def main() -> None:
     results = []
     for stage in (0, 1, 2, 3):
         run = work / f"zero{stage}"
-        if run.exists():
-            import shutil
-
-            shutil.rmtree(run)
         config = {
             "name": f"zero{stage}",
             "outputUri": str(run),

@@ -277,6 +277,15 @@ def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path)
     assert card["resumed_from_step"] == start
     assert card["checkpoint_digest"] == reference_card["checkpoint_digest"]
 
+    # the same run directory with another training configuration is refused, not mixed
+    doc = yaml.safe_load(config.read_text())
+    doc["training"]["learningRate"] = 3e-4
+    config.write_text(yaml.safe_dump(doc))
+    process = launch(config)
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode != 0
+    assert "holds checkpoints of a different data/model/training configuration" in out
+
 
 def test_bad_data_fails_with_a_clear_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"

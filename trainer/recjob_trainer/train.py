@@ -263,6 +263,16 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def training_digest(config: TrainerConfig) -> str:
+    """Digest of what determines the training trajectory (data, model, training,
+    compression): a checkpoint is resumed only by the configuration that wrote it."""
+    parts = {k: getattr(config, k) for k in ("data", "model", "training", "compression")}
+    text = json.dumps(
+        {k: v.to_wire() if v is not None else None for k, v in parts.items()}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def save_checkpoint(
     engine, root: Path, step: int, state: dict, keep: int, rank: int, world: int
 ) -> None:
@@ -276,7 +286,10 @@ def save_checkpoint(
     )
     barrier()
     if rank == 0:
-        write_json_atomic(root / tag / CHECKPOINT_MARKER, {"step": step, "world_size": world})
+        write_json_atomic(
+            root / tag / CHECKPOINT_MARKER,
+            {"step": step, "world_size": world, "config": state.get("config_digest")},
+        )
         for _, old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -380,6 +393,7 @@ def train(config: TrainerConfig) -> dict:
     ckpt_root = run_dir / "checkpoints"
     progress = Progress(run_dir, total_steps, enabled=rank == 0)
     state = {
+        "config_digest": training_digest(config),
         "step": 0,
         "best": None,
         "evals_without_improvement": 0,
@@ -389,7 +403,14 @@ def train(config: TrainerConfig) -> dict:
     checkpoints = complete_checkpoints(ckpt_root) if ckpt_root.exists() else []
     if checkpoints:
         step, path = checkpoints[-1]
-        saved_world = json.loads((path / CHECKPOINT_MARKER).read_text())["world_size"]
+        marker = json.loads((path / CHECKPOINT_MARKER).read_text())
+        if marker.get("config") not in (None, state["config_digest"]):
+            raise RuntimeError(
+                f"{run_dir} holds checkpoints of a different data/model/training "
+                "configuration; resuming would mix two runs. Use a new output directory "
+                "(the operator uses one per RecJob generation)."
+            )
+        saved_world = marker["world_size"]
         same_world = saved_world == world
         _, client = engine.load_checkpoint(
             str(ckpt_root),

@@ -287,6 +287,8 @@ def _data_rules(spec: RecJobSpec) -> list[Problem]:
                     f"required for task recommendation (name the column that holds it{where})",
                 )
 
+    if data.preprocessing.positive_events and cols.event_type is None:
+        out.add(f"{p}.preprocessing.positiveEvents", "needs spec.data.columns.eventType")
     split = data.preprocessing.split
     sp = f"{p}.preprocessing.split"
     strategy = split.strategy

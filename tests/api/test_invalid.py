@@ -380,6 +380,13 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "recommendation",
     ),
     (
+        "positive-events-without-event-column",
+        S,
+        {"spec.data.preprocessing.positiveEvents": ["click"]},
+        "spec.data.preprocessing.positiveEvents",
+        "eventType",
+    ),
+    (
         "atomic-for-search",
         S,
         {"spec.data.format": "atomic", "spec.data.catalog": "c.text"},

@@ -295,3 +295,104 @@ def test_prepare_amazon_atomic() -> None:
     steps = {s["step"]: s for s in prepared.report()["steps"]}
     assert steps["catalog near duplicates"]["removed"] > 0
     assert any("users with >= 8" in name and s["removed"] > 0 for name, s in steps.items())
+
+
+# --------------------------------------------------------------------------- impressions
+def test_labelled_impressions_history_holds_only_earlier_clicks() -> None:
+    from recjob_trainer.data.splits import labelled_examples
+
+    frame = pl.DataFrame(
+        {
+            "user_id": ["u"] * 5,
+            "item_id": ["a", "b", "c", "d", "e"],
+            "label": [0.0, 1.0, 0.0, 1.0, 0.0],
+            "timestamp": [1.0, 2.0, 3.0, 4.0, 5.0],
+        }
+    )
+    splits = labelled_examples(frame, "timestamp", 5, "leave-one-out", 0.1, 0.1)
+    rows = [r for s in ("train", "validation", "test") for r in splits[s].rows()]
+    assert ("u", [], "a", 0.0) in rows and ("u", [], "b", 1.0) in rows
+    assert ("u", ["b"], "c", 0.0) in rows and ("u", ["b", "d"], "e", 0.0) in rows
+    assert splits["test"].rows() == [("u", ["b", "d"], "e", 0.0)]
+    assert splits["validation"].rows() == [("u", ["b"], "d", 1.0)]
+
+
+def test_timestamps_numbers_or_iso_dates(tmp_path: Path) -> None:
+    from recjob_trainer.data.cleaning import cast_timestamps
+
+    log = CleaningLog()
+    frame = pl.DataFrame({"t": ["1700000000", "2019-11-24 00:00:34.762830+00:00", "soon"]})
+    out = cast_timestamps(frame, "t", log, "f.csv")
+    assert out["t"].to_list() == [1700000000.0, pytest.approx(1574553634.76283)]
+    assert "neither a number nor a date-time" in log.quarantine_frame()["reason"][0]
+
+
+def test_positive_events_and_multi_column_keys(tmp_path: Path) -> None:
+    logs = write(
+        tmp_path,
+        "events.csv",
+        "u1,u2,item,event,ts\n"
+        + "".join(f"a,x,i{i % 4},{'click' if i % 3 else 'view'},{i}\n" for i in range(12)),
+    )
+    catalog = write(
+        tmp_path,
+        "items.csv",
+        "item,brand,title\n" + "".join(f"i{i},acme,thing {i}\n" for i in range(4)),
+    )
+    spec = DataSpec.model_validate(
+        {
+            "task": "recommendation",
+            "train": logs,
+            "catalog": catalog,
+            "columns": {
+                "userId": "u1,u2",
+                "itemId": "item",
+                "itemText": "brand, title",
+                "timestamp": "ts",
+                "eventType": "event",
+            },
+            "preprocessing": {"positiveEvents": ["click"]},
+        }
+    )
+    prepared = prepare(spec, ModelSpec(), None)
+    steps = {s["step"]: s for s in prepared.report()["steps"]}
+    assert steps["positive events"]["rows_out"] == 8
+    assert prepared.catalog["item_text"][0] == "acme thing 0"
+    assert set(prepared.splits["train"]["user_id"]) == {"a x"}
+
+
+def test_predefined_split_refuses_queries_seen_in_training(tmp_path: Path) -> None:
+    header = "search_term,product_uid,product_title,relevance\n"
+    train = write(tmp_path, "train.csv", header + "drill,1,cordless drill,3\nsaw,2,saw,2\n")
+    valid = write(tmp_path, "valid.csv", header + "Drill ,3,drill bits,2\n")
+    spec = DataSpec.model_validate(
+        {"task": "search-ranking", "train": train, "validation": valid, "columns": SEARCH_COLUMNS}
+    )
+    with pytest.raises(DataError, match="also appear in the training data") as error:
+        prepare(spec, ModelSpec(), None)
+    assert error.value.column == "search_term" and valid in str(error.value)
+
+
+@needs_shared
+def test_open_bandit_impressions() -> None:
+    bandit = SHARED / "data" / "open-bandit"
+    spec = DataSpec.model_validate(
+        {
+            "task": "recommendation",
+            "train": str(bandit / "random_all.csv"),
+            "catalog": str(bandit / "random_all_item_context.csv"),
+            "columns": {
+                "userId": "user_feature_0,user_feature_1,user_feature_2,user_feature_3",
+                "itemId": "item_id",
+                "itemText": "item_feature_1,item_feature_2,item_feature_3",
+                "label": "click",
+                "timestamp": "timestamp",
+            },
+            "preprocessing": {"split": {"strategy": "by-time"}},
+        }
+    )
+    prepared = prepare(spec, ModelSpec(), None)
+    assert sum(f.height for f in prepared.splits.values()) == 10_000
+    assert prepared.catalog.height == 80
+    clicks = sum(f["label"].sum() for f in prepared.splits.values())
+    assert 30 <= clicks <= 80

@@ -303,3 +303,47 @@ def test_bad_data_fails_with_a_clear_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"{bad}: column 'product_uid': missing" in result.stderr
+
+
+def test_labelled_impressions_train_pointwise(tmp_path: Path) -> None:
+    """Open Bandit click logs: every impression is a labelled example (no sampling)."""
+    bandit, run = SHARED / "data" / "open-bandit", tmp_path / "run"
+    doc = {
+        "name": "bandit",
+        "outputUri": str(run),
+        "logIntervalSteps": 2,
+        "data": {
+            "task": "recommendation",
+            "train": str(bandit / "random_all.csv"),
+            "catalog": str(bandit / "random_all_item_context.csv"),
+            "columns": {
+                "userId": "user_feature_0,user_feature_1",
+                "itemId": "item_id",
+                "itemText": "item_feature_1,item_feature_2",
+                "label": "click",
+                "timestamp": "timestamp",
+            },
+            "preprocessing": {"split": {"strategy": "by-time"}, "maxRows": 3000},
+        },
+        "model": {"maxSequenceLength": 24, "historyLength": 3},
+        "training": {
+            "processesPerNode": 2,
+            "precision": "fp32",
+            "deepspeed": {"zeroStage": 1},
+            "microBatchSize": 8,
+            "maxSteps": 4,
+            "evalIntervalSteps": 4,
+            "checkpoint": {"intervalSteps": 4},
+        },
+        "evaluation": {"sampledNegatives": 20},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    train(config)
+    metrics = json.loads((run / "metrics.json").read_text())
+    card = json.loads((run / "model-card.json").read_text())
+    assert card["objective"] == "binary" and metrics["main_metric"] == "auc"
+    model = metrics["model"]
+    assert model["impressions"] == 300 and 0 <= model["auc"] <= 1
+    assert 0 < model["predicted_ctr"] < 1 and model["logloss"] > 0
+    assert {"popularity", "zero-shot"} <= set(metrics["baselines"])

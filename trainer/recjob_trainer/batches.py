@@ -107,9 +107,14 @@ class Batcher:
             batch = {**self.history_batch(histories), **self.texts_batch(items, "item_")}
         else:
             batch = {**self.texts_batch(users, "user_"), **self.texts_batch(items, "item_")}
-        labels = torch.zeros(len(users), 1 + len(negatives[0]))
-        labels[:, 0] = 1.0
-        batch["labels"] = labels
+        if "label" in rows.columns:  # labelled impressions: the click is the label
+            batch["labels"] = torch.tensor(
+                rows["label"].to_numpy() > 0, dtype=torch.float32
+            ).unsqueeze(1)
+        else:
+            labels = torch.zeros(len(users), 1 + len(negatives[0]))
+            labels[:, 0] = 1.0
+            batch["labels"] = labels
         return batch
 
     def history_batch(self, histories: list[list[str]]) -> dict[str, torch.Tensor]:
@@ -150,6 +155,9 @@ def micro_batches(
         if batcher.task == "search-ranking":
             yield index, batcher.search_batch(rows)
         else:
+            if "label" in rows.columns:  # labelled impressions bring their own negatives
+                yield index, batcher.recommendation_batch(rows, [[] for _ in range(rows.height)])
+                continue
             negatives = sample_negatives(
                 rows["item_id"].to_list(),
                 rows["history"].to_list(),

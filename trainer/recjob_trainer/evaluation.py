@@ -211,6 +211,53 @@ def recommendation_report(
     negatives: list[list[str]],
     ks: list[int],
     full: bool,
+    scale: float | None = None,
+) -> dict:
+    """Next-item metrics (see :func:`ranking_part`); for labelled impressions (a ``label``
+    column) also the pointwise AUC of each impression's score — log-loss and calibration
+    too when ``scale`` turns scores into click logits — with the ranking metrics computed
+    on the clicked impressions."""
+    if "label" not in frame.columns:
+        return ranking_part(scores, item_ids, frame, negatives, ks, full)
+    index = {item: n for n, item in enumerate(item_ids)}
+    own = scores[np.arange(frame.height), [index[i] for i in frame["item_id"].to_list()]]
+    clicked = frame["label"].to_numpy() > 0
+    report: dict[str, float] = {}
+    keep = np.flatnonzero(clicked)
+    if keep.size:
+        report.update(
+            ranking_part(
+                scores[keep], item_ids, frame[keep.tolist()], [negatives[k] for k in keep], ks, full
+            )
+        )
+    report.update(
+        {
+            "auc": m.auc(clicked, own),
+            "impressions": float(frame.height),
+            "clicks": float(clicked.sum()),
+        }
+    )
+    if scale is not None:
+        probability = 1.0 / (1.0 + np.exp(-own * scale))
+        calibration = m.calibration(clicked, probability)
+        report.update(
+            {
+                "logloss": m.log_loss(clicked, probability),
+                "calibration_ece": calibration["ece"],
+                "predicted_ctr": calibration["predicted_rate"],
+                "observed_ctr": calibration["observed_rate"],
+            }
+        )
+    return report
+
+
+def ranking_part(
+    scores: np.ndarray,
+    item_ids: list[str],
+    frame: pl.DataFrame,
+    negatives: list[list[str]],
+    ks: list[int],
+    full: bool,
 ) -> dict:
     """Metrics from a (users x items) score matrix: full ranking over ``item_ids`` (when
     ``full``, i.e. they are the whole catalog) and the sampled protocol (true item vs its
@@ -281,8 +328,11 @@ def evaluate_recommendation(
         if full
         else sorted(set(test["item_id"].to_list()) | {i for n in negatives for i in n})
     )
+    if "label" in test.columns:  # impressions: every row's own item must be scored
+        items = list(dict.fromkeys([*items, *test["item_id"].to_list()]))
     scores = user_item_scores(model, batcher, test, items, batch_size)
-    return recommendation_report(scores, items, test, negatives, ks, full)
+    scale = float(model.scale().detach().float().reshape(-1)[0])
+    return recommendation_report(scores, items, test, negatives, ks, full, scale)
 
 
 def recommendation_baselines(
@@ -299,6 +349,8 @@ def recommendation_baselines(
     ids = batcher.catalog_ids
     index = {i: n for n, i in enumerate(ids)}
     train = splits["train"]
+    if "label" in train.columns:  # impressions: popularity is clicks, not exposures
+        train = train.filter(pl.col("label") > 0)
     counts = pl.concat([train["item_id"], train["history"].explode()]).value_counts()
     popularity = np.zeros(len(ids))
     for item, count in counts.iter_rows():

@@ -132,7 +132,9 @@ def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
     if objective == "auto":
         graded = labels is not None and labels.n_unique() > 2
         objective = (
-            ("regression" if graded else "binary") if task == "search-ranking" else "listwise"
+            ("regression" if graded else "binary")
+            if task == "search-ranking"
+            else ("binary" if "label" in prepared.splits["train"].columns else "listwise")
         )
     return ModelInfo(
         kind="cross-encoder" if task == "search-ranking" else "bi-encoder",
@@ -330,7 +332,12 @@ def validation_metric(
                 groups,
                 full=False,
             )
-            metric = f"sampled/{metric}" if f"sampled/{metric}" in report else "sampled/ndcg@10"
+            if "label" in valid.columns:  # labelled impressions: pointwise AUC
+                metric = "auc"
+            elif f"sampled/{metric}" in report:
+                metric = f"sampled/{metric}"
+            else:
+                metric = "sampled/ndcg@10"
             value = report[metric]
     finally:
         model.train()
@@ -618,7 +625,7 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
             if ev.baselines
             else {}
         )
-        main = "full/ndcg@10"
+        main = "auc" if "label" in prepared.splits["test"].columns else "full/ndcg@10"
     comparisons = compare_to_baselines(result, baselines)
     events = read_events(run_dir)
     metrics = {

@@ -250,3 +250,23 @@ def k_core(
         f"users >= {min_user}, items >= {min_item}, {rounds} round(s)",
     )
     return frame
+
+
+def cast_timestamps(
+    frame: pl.DataFrame, column: str, log: CleaningLog, source: str
+) -> pl.DataFrame:
+    """Event times as float seconds: numbers (epoch) or ISO-8601 date-times; values that are
+    neither are quarantined."""
+    if frame.schema[column].is_numeric():
+        return frame.with_columns(pl.col(column).cast(pl.Float64))
+    text = pl.col(column).str.strip_chars()
+    as_number = text.cast(pl.Float64, strict=False)
+    as_time = (
+        text.str.to_datetime(strict=False, time_zone="UTC").dt.epoch("us").cast(pl.Float64) / 1e6
+    )
+    parsed = pl.coalesce(as_number, as_time)
+    bad = frame.filter(pl.col(column).is_not_null() & parsed.is_null())
+    log.quarantine(bad, source, f"column {column!r} is neither a number nor a date-time")
+    out = frame.with_columns(parsed.alias(column)).filter(pl.col(column).is_not_null())
+    log.record(f"timestamps {column}", frame.height, out.height, f"{bad.height} row(s) quarantined")
+    return out

@@ -21,14 +21,22 @@ from ..storage import atomic_directory, write_json_atomic
 from .cleaning import (
     CleaningLog,
     cast_numbers,
+    cast_timestamps,
     dedup_pairs,
     handle_missing,
     k_core,
     near_duplicate_groups,
     normalize_text,
 )
-from .readers import DataError, read_atomic_catalog, read_atomic_inter, read_table, require_columns
-from .splits import by_time, leave_one_out, sequences, split_by_group
+from .readers import (
+    DataError,
+    column,
+    column_name,
+    read_atomic_catalog,
+    read_atomic_inter,
+    read_table,
+)
+from .splits import by_time, labelled_examples, leave_one_out, sequences, split_by_group
 
 SPLITS = ("train", "validation", "test")
 
@@ -90,19 +98,16 @@ def _read_pairs(
 ) -> pl.DataFrame:
     cols = data.columns
     raw = read_table(uri, data.format, base_dir, max_rows)
-    mapping = {"query": cols.query, "itemText": cols.item_text, "label": cols.label}
-    require_columns(raw, uri, mapping)
-    if cols.item_id is not None:
-        require_columns(raw, uri, {"itemId": cols.item_id})
+    text = column(raw, uri, "itemText", cols.item_text)
     frame = raw.select(
-        pl.col(cols.query).cast(pl.String).alias("query"),
+        column(raw, uri, "query", cols.query).alias("query"),
         (
-            pl.col(cols.item_id).cast(pl.String)
+            column(raw, uri, "itemId", cols.item_id)
             if cols.item_id
-            else pl.col(cols.item_text).cast(pl.String).hash().cast(pl.String)
+            else text.hash().cast(pl.String)
         ).alias("item_id"),
-        pl.col(cols.item_text).cast(pl.String).alias("item_text"),
-        pl.col(cols.label).alias("label"),
+        text.alias("item_text"),
+        pl.col(column_name(raw, uri, "label", cols.label)).alias("label"),
     )
     log.record(f"read {uri}", frame.height, frame.height)
     frame = handle_missing(
@@ -288,55 +293,77 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
 
 
 def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
+    """Generic interaction logs (user, item[, time][, event][, click label]) + a catalog."""
     log = CleaningLog()
     pre, cols = data.preprocessing, data.columns
     raw = read_table(data.train, data.format, base_dir, pre.max_rows)
-    require_columns(raw, data.train, {"userId": cols.user_id, "itemId": cols.item_id})
     select = [
-        pl.col(cols.user_id).cast(pl.String).alias("user_id"),
-        pl.col(cols.item_id).cast(pl.String).alias("item_id"),
+        column(raw, data.train, "userId", cols.user_id).alias("user_id"),
+        column(raw, data.train, "itemId", cols.item_id).alias("item_id"),
     ]
-    if cols.timestamp:
-        require_columns(raw, data.train, {"timestamp": cols.timestamp})
-        select.append(pl.col(cols.timestamp).alias("timestamp"))
+    for role, spec, name in (
+        ("timestamp", cols.timestamp, "timestamp"),
+        ("eventType", cols.event_type, "event_type"),
+        ("label", cols.label, "label"),
+    ):
+        if spec:
+            select.append(pl.col(column_name(raw, data.train, role, spec)).alias(name))
     frame = raw.select(select)
     log.record(f"read {data.train}", frame.height, frame.height)
     frame = handle_missing(frame, frame.columns, pre.missing_values, log, data.train)
-    if cols.timestamp:
-        frame = cast_numbers(frame, "timestamp", log, data.train)
-    if data.catalog is not None:
-        raw_catalog = read_table(data.catalog, data.format, base_dir)
-        require_columns(
-            raw_catalog, data.catalog, {"itemId": cols.item_id, "itemText": cols.item_text}
+    if "timestamp" in frame.columns:
+        frame = cast_timestamps(frame, "timestamp", log, data.train)
+    if "label" in frame.columns:
+        frame = cast_numbers(frame, "label", log, data.train)
+    if cols.event_type and pre.positive_events:
+        before = frame.height
+        frame = frame.filter(pl.col("event_type").is_in(pre.positive_events))
+        log.record(
+            "positive events", before, frame.height, f"kept {', '.join(pre.positive_events)}"
         )
-        catalog_source = data.catalog
-    else:
-        require_columns(raw, data.train, {"itemText": cols.item_text})
-        raw_catalog, catalog_source = raw, data.train
+    source = data.catalog or data.train
+    raw_catalog = read_table(data.catalog, data.format, base_dir) if data.catalog else raw
     catalog = raw_catalog.select(
-        pl.col(cols.item_id).cast(pl.String).alias("item_id"),
-        pl.col(cols.item_text).cast(pl.String).alias("item_text"),
+        column(raw_catalog, source, "itemId", cols.item_id).alias("item_id"),
+        column(raw_catalog, source, "itemText", cols.item_text).alias("item_text"),
     )
-    catalog, mapping = _clean_catalog(catalog, data, catalog_source, log)
-    if pre.deduplicate.exact:
+    catalog, mapping = _clean_catalog(catalog, data, source, log)
+    if pre.deduplicate.exact and "label" not in frame.columns:
         before = frame.height
         frame = frame.unique(maintain_order=True)
         log.record("exact duplicates", before, frame.height)
     if mapping:
         frame = frame.with_columns(pl.col("item_id").replace(mapping))
     known = catalog["item_id"].to_list()
-    bad = frame.filter(~pl.col("item_id").is_in(known))
-    log.quarantine(bad, data.train, "item is not in the catalog (or has no text)")
+    log.quarantine(
+        frame.filter(~pl.col("item_id").is_in(known)),
+        data.train,
+        "item is not in the catalog (or has no text)",
+    )
     frame = frame.filter(pl.col("item_id").is_in(known))
     frame = k_core(
         frame, "user_id", "item_id", pre.min_user_interactions, pre.min_item_interactions, log
     )
-    seqs = sequences(frame, "timestamp" if cols.timestamp else None)
     split = pre.split
-    if split.strategy == "by-time":
-        splits = by_time(seqs, model.history_length, split.validation_fraction, split.test_fraction)
+    order = "timestamp" if cols.timestamp else None
+    if "label" in frame.columns:
+        splits = labelled_examples(
+            frame,
+            order,
+            model.history_length,
+            split.strategy,
+            split.validation_fraction,
+            split.test_fraction,
+        )
+    elif split.strategy == "by-time":
+        splits = by_time(
+            sequences(frame, order),
+            model.history_length,
+            split.validation_fraction,
+            split.test_fraction,
+        )
     else:
-        splits = leave_one_out(seqs, model.history_length)
+        splits = leave_one_out(sequences(frame, order), model.history_length)
     log.record(
         f"split {split.strategy or 'leave-one-out'}",
         frame.height,

@@ -124,3 +124,21 @@ def read_atomic_catalog(uri: str, base_dir: str | Path | None = None) -> pl.Data
         return frame.select("item_id", "item_text")
     joined = frame.join(mapping, left_on="item_id", right_on="code", how="inner")
     return joined.select(pl.col("index").alias("item_id"), "item_text")
+
+
+def column(frame: pl.DataFrame, source: str, role: str, spec: str | None) -> pl.Expr:
+    """The text expression for a mapped column; ``spec`` may name several columns separated
+    by commas, whose values are joined with spaces. DataError if one is missing."""
+    if spec is None:
+        raise DataError(source, f"no column is mapped for {role} (spec.data.columns)")
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    for name in names:
+        require_columns(frame, source, {role: name})
+    parts = [pl.col(name).cast(pl.String) for name in names]
+    return parts[0] if len(parts) == 1 else pl.concat_str(parts, separator=" ")
+
+
+def column_name(frame: pl.DataFrame, source: str, role: str, spec: str | None) -> str:
+    """A single mapped column's name, checked to exist in ``frame``."""
+    require_columns(frame, source, {role: spec})
+    return str(spec)

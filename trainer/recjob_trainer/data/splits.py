@@ -130,3 +130,61 @@ def sample_negatives(
                     chosen[d] = None
         out.append(list(chosen)[:per_positive])
     return out
+
+
+LABELLED_SCHEMA = {**EXAMPLE_SCHEMA, "label": pl.Float64}
+
+
+def labelled_examples(
+    impressions: pl.DataFrame,
+    order_by: str | None,
+    history_length: int,
+    strategy: str | None,
+    validation_fraction: float,
+    test_fraction: float,
+) -> dict[str, pl.DataFrame]:
+    """Labelled impressions (user, item, click) -> examples whose history is the user's
+    earlier *clicked* items. Split by time (global cut-offs) or leave-one-out per user
+    (last impression -> test, the one before -> validation)."""
+    frame = impressions.with_row_index("_row")
+    frame = frame.sort(["user_id", order_by, "_row"] if order_by else ["user_id", "_row"])
+    rows, sides = [], []
+    times = frame[order_by].to_list() if order_by else [0.0] * frame.height
+    if strategy == "by-time":
+        t_valid, t_test = np.quantile(
+            np.asarray(times, dtype=np.float64),
+            [1 - validation_fraction - test_fraction, 1 - test_fraction],
+        )
+    users = frame["user_id"].to_list()
+    items, labels = frame["item_id"].to_list(), frame["label"].to_list()
+    start = 0
+    while start < len(users):
+        end = start
+        while end < len(users) and users[end] == users[start]:
+            end += 1
+        clicked: list[str] = []
+        for i in range(start, end):
+            rows.append((users[i], clicked[-history_length:], items[i], float(labels[i])))
+            if strategy == "by-time":
+                sides.append(
+                    "test" if times[i] > t_test else "validation" if times[i] > t_valid else "train"
+                )
+            else:
+                last = end - 1 - i
+                sides.append(
+                    "test"
+                    if last == 0 and end - start >= 3
+                    else "validation"
+                    if last == 1 and end - start >= 3
+                    else "train"
+                )
+            if labels[i] > 0:
+                clicked.append(items[i])
+        start = end
+    out = pl.DataFrame(rows, schema=LABELLED_SCHEMA, orient="row").with_columns(
+        pl.Series("_side", sides)
+    )
+    return {
+        name: out.filter(pl.col("_side") == name).drop("_side")
+        for name in ("train", "validation", "test")
+    }

@@ -31,17 +31,18 @@ class ColumnMapping(ApiModel):
     item_id: str | None = Field(default=None, min_length=1)
     """Item (product) identifier."""
     item_text: str | None = Field(default=None, min_length=1)
-    """Item text: title, and optionally category/brand (search-ranking, catalog)."""
+    """Item text: title, and optionally category/brand (search-ranking, catalog). Several
+    columns may be named, separated by commas; their values are joined with spaces."""
     label: str | None = Field(default=None, min_length=1)
-    """Graded relevance or click label."""
+    """Graded relevance (search-ranking) or click label (recommendation impression logs:
+    then every row is a labelled impression and no negatives are sampled)."""
     user_id: str | None = Field(default=None, min_length=1)
-    """User identifier (recommendation)."""
+    """User identifier (recommendation); several comma-separated columns form one key."""
     timestamp: str | None = Field(default=None, min_length=1)
     """Event time (recommendation; needed by the by-time split)."""
     event_type: str | None = Field(default=None, min_length=1)
-    """Event type such as view / click / purchase (recommendation)."""
-    history: str | None = Field(default=None, min_length=1)
-    """A space-separated list of the user's previous item ids (pre-built sequences)."""
+    """Event type such as view / click / purchase (recommendation); see
+    preprocessing.positiveEvents."""
 
 
 class Deduplication(ApiModel):
@@ -108,6 +109,9 @@ class Preprocessing(ApiModel):
     """k-core filter: drop items with fewer interactions (0 disables)."""
     split: Split = Field(default_factory=Split)
     negative_sampling: NegativeSampling = Field(default_factory=NegativeSampling)
+    positive_events: list[str] | None = Field(default=None, min_length=1)
+    """With columns.eventType: the event types that count as interactions (others are
+    dropped and counted); unset keeps every event."""
     max_rows: int | None = Field(default=None, ge=1)
     """Read at most this many rows of training data (smoke runs)."""
 

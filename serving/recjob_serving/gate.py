@@ -1,0 +1,157 @@
+"""The quality gate: a converted model must keep the source model's ranking quality.
+
+Both models are measured on the same held-out labelled rows with the trainer's metrics;
+fidelity (Spearman correlation of the scores, top-10 overlap per query/user) is reported
+beside. Over budget -> not published; the report is kept either way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recjob_operator.api.v1alpha1.spec import QualityBudget
+from recjob_trainer import metrics as m
+from recjob_trainer.batches import Batcher
+from recjob_trainer.evaluation import (
+    cross_encoder_logits,
+    evaluate_recommendation,
+    evaluate_search,
+    user_item_scores,
+)
+
+LOWER_IS_BETTER = {"rmse", "logloss"}
+
+
+def report_key(metric: str, task: str, labelled: bool) -> str:
+    """Where ``metric`` (a RecJob metric name, or auto) lives in an evaluation report."""
+    if metric == "auto":
+        return "ndcg@10" if task == "search-ranking" else ("auc" if labelled else "full/ndcg@10")
+    if task == "recommendation" and "@" in metric:
+        name, k = metric.split("@")
+        return f"full/{'hr' if name == 'recall' else name}@{k}"
+    if task == "recommendation" and metric == "mrr":
+        return "full/mrr"
+    return metric
+
+
+def relative_drop(source: float, converted: float, metric: str) -> float:
+    """How much worse ``converted`` is, relative to ``source`` (negative: better)."""
+    if source == 0 or math.isnan(source) or math.isnan(converted):
+        return math.inf if converted != source else 0.0
+    change = (converted - source) / abs(source)
+    return change if metric in LOWER_IS_BETTER else -change
+
+
+def _top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    top_a, top_b = set(np.argsort(-a)[:k].tolist()), set(np.argsort(-b)[:k].tolist())
+    return len(top_a & top_b) / max(1, min(k, len(a)))
+
+
+def fidelity(
+    source, converted, batcher: Batcher, test: pl.DataFrame, batch_size: int, max_users: int = 200
+) -> dict[str, float]:
+    """Spearman correlation of source vs converted scores and mean top-10 overlap."""
+    if batcher.task == "search-ranking":
+        a = cross_encoder_logits(source, batcher, test, batch_size)
+        b = cross_encoder_logits(converted, batcher, test, batch_size)
+        frame = test.with_row_index("_i")
+        overlaps = [
+            _top_k_overlap(a[g["_i"].to_numpy()], b[g["_i"].to_numpy()])
+            for g in frame.partition_by("query", maintain_order=True)
+        ]
+        return {"rank_correlation": m.spearman(a, b), "top_k_overlap": float(np.mean(overlaps))}
+    users = test.head(max_users)
+    ids = batcher.catalog_ids
+    a = user_item_scores(source, batcher, users, ids, batch_size)
+    b = user_item_scores(converted, batcher, users, ids, batch_size)
+    return {
+        "rank_correlation": float(
+            np.nanmean([m.spearman(x, y) for x, y in zip(a, b, strict=True)])
+        ),
+        "top_k_overlap": float(np.mean([_top_k_overlap(x, y) for x, y in zip(a, b, strict=True)])),
+    }
+
+
+def evaluate(
+    model,
+    batcher: Batcher,
+    test: pl.DataFrame,
+    batch_size: int,
+    max_groups: int | None,
+    n_negatives: int = 100,
+) -> dict[str, float]:
+    """The trainer's test metrics of any model with the RankingModel interface."""
+    if batcher.task == "search-ranking":
+        return evaluate_search(model, batcher, test, [1, 5, 10], batch_size, max_groups)
+    return evaluate_recommendation(
+        model, batcher, test, [1, 5, 10], batch_size, n_negatives, max_groups
+    )
+
+
+def quality_gate(
+    source,
+    converted,
+    batcher: Batcher,
+    test: pl.DataFrame,
+    budget: QualityBudget,
+    batch_size: int = 64,
+    max_groups: int | None = None,
+    teacher_value: float | None = None,
+) -> dict[str, Any]:
+    """Measure both models on ``test`` and decide; the dict is quality-gate.json."""
+    labelled = "label" in test.columns and batcher.task == "recommendation"
+    key = report_key(budget.metric, batcher.task, labelled)
+    if batcher.task == "search-ranking" and max_groups:
+        keep = test["query"].unique(maintain_order=True)[:max_groups]
+        test = test.filter(pl.col("query").is_in(keep.to_list()))
+    elif max_groups:
+        test = test.head(max_groups)
+    src = evaluate(source, batcher, test, batch_size, None)
+    conv = evaluate(converted, batcher, test, batch_size, None)
+    src.pop("_ndcg@10_per_unit", None)
+    conv.pop("_ndcg@10_per_unit", None)
+    if key not in src:
+        raise ValueError(
+            f"metric {budget.metric!r} is not measured for {batcher.task} "
+            f"(measured: {', '.join(sorted(src))})"
+        )
+    drop = relative_drop(src[key], conv[key], key)
+    fid = fidelity(source, converted, batcher, test, batch_size)
+    reasons = []
+    if drop > budget.max_relative_drop:
+        reasons.append(
+            f"{key} went from {src[key]:.4f} to {conv[key]:.4f}: {drop:.2%} worse (relative), "
+            f"over the budget of {budget.max_relative_drop:.2%}"
+        )
+    if fid["rank_correlation"] < budget.min_rank_correlation:
+        reasons.append(
+            f"rank correlation with the source model is "
+            f"{fid['rank_correlation']:.3f}, below {budget.min_rank_correlation}"
+        )
+    teacher_drop = None
+    if teacher_value is not None and budget.max_relative_drop_vs_teacher is not None:
+        teacher_drop = relative_drop(teacher_value, conv[key], key)
+        if teacher_drop > budget.max_relative_drop_vs_teacher:
+            reasons.append(
+                f"{key} is {teacher_drop:.2%} below the teacher's {teacher_value:.4f},"
+                f" over the budget of {budget.max_relative_drop_vs_teacher:.2%}"
+            )
+    return {
+        "metric": key,
+        "source_value": src[key],
+        "converted_value": conv[key],
+        "relative_drop": drop,
+        "budget": budget.max_relative_drop,
+        "teacher_value": teacher_value,
+        "relative_drop_vs_teacher": teacher_drop,
+        **fid,
+        "passed": not reasons,
+        "reasons": reasons,
+        "rows": test.height,
+        "source": src,
+        "converted": conv,
+    }

@@ -1,0 +1,170 @@
+"""ONNX export parity, int8 quantization and the quality gate on real MiniLM weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import polars as pl
+import pytest
+import torch
+from onnx import numpy_helper
+
+from recjob_operator.api.v1alpha1.spec import QualityBudget
+from recjob_serving.export import export_onnx, quantize_int8, run_onnx
+from recjob_serving.gate import quality_gate, relative_drop, report_key
+from recjob_serving.onnx_model import OnnxRankingModel
+from recjob_trainer.batches import Batcher
+from recjob_trainer.models import ModelInfo, base_model_path, build_model, load_model, save_model
+from tests.conftest import SHARED
+
+HOMEDEPOT = SHARED / "data" / "homedepot-search" / "queries-dev.csv"
+
+
+def saved_model(tmp: Path, kind: str) -> Path:
+    """The pretrained encoder with a fresh head, saved as the trainer saves models."""
+    from transformers import AutoTokenizer
+
+    path = base_model_path("all-MiniLM-L6-v2")
+    info = ModelInfo(
+        kind,
+        "regression" if kind == "cross-encoder" else "listwise",
+        max_length=32,
+        label_min=1.0,
+        label_max=3.0,
+    )
+    torch.manual_seed(0)
+    model = build_model(info, path).eval()
+    directory = tmp / kind
+    save_model(model, model.state_dict(), AutoTokenizer.from_pretrained(path), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cross")
+    model_dir = saved_model(tmp, "cross-encoder")
+    exported = export_onnx(model_dir, tmp / "model.onnx")
+    return model_dir, exported.path
+
+
+@pytest.mark.parametrize("kind", ["cross-encoder", "bi-encoder"])
+def test_export_reproduces_pytorch_with_dynamic_axes(tmp_path: Path, kind: str) -> None:
+    model_dir = saved_model(tmp_path, kind)
+    exported = export_onnx(model_dir, tmp_path / "model.onnx")
+    assert exported.parity_max_abs_diff < 1e-4
+    graph = onnx.load(str(exported.path))
+    dims = [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+    model, tokenizer = load_model(model_dir)
+    texts = ["a", "cordless drill with two batteries", "x", "safety glasses", "pipe"]
+    tokens = tokenizer(texts, texts[::-1], padding=True, return_tensors="pt")
+    batch = {k: v.numpy() for k, v in tokens.items()}
+    got = run_onnx(exported.path, batch)[0]
+    with torch.no_grad():
+        if kind == "cross-encoder":
+            expected = model.predict(model.score_pairs(**tokens)).numpy()
+        else:
+            expected = model.item_vectors(tokens["input_ids"], tokens["attention_mask"]).numpy()
+    assert got.shape[0] == 5 and np.abs(got - expected).max() < 1e-4
+
+
+def test_int8_is_four_times_smaller_and_still_ranks_alike(cross_encoder, tmp_path: Path) -> None:
+    model_dir, fp32 = cross_encoder
+    int8 = quantize_int8(fp32, tmp_path / "model.int8.onnx", num_heads=12, hidden_size=384)
+    assert fp32.stat().st_size / int8.stat().st_size > 3.5
+    _, tokenizer = load_model(model_dir)
+    queries = ["drill", "saw blade", "pvc pipe", "paint roller", "light bulb", "door hinge"]
+    items = [
+        "cordless drill",
+        "circular saw blade",
+        "pvc pipe 1/2 in",
+        "roller cover",
+        "led bulb",
+        "brass hinge",
+    ]
+    pairs = [(q, i) for q in queries for i in items]
+    tokens = tokenizer(
+        [q for q, _ in pairs], [i for _, i in pairs], padding=True, return_tensors="np"
+    )
+    a, b = run_onnx(fp32, dict(tokens))[1], run_onnx(int8, dict(tokens))[1]
+    from recjob_trainer.metrics import spearman
+
+    assert spearman(a, b) > 0.9
+
+
+def test_relative_drop_and_report_keys() -> None:
+    assert relative_drop(0.80, 0.76, "ndcg@10") == pytest.approx(0.05)
+    assert relative_drop(0.50, 0.55, "rmse") == pytest.approx(0.10)
+    assert relative_drop(0.80, 0.84, "ndcg@10") < 0
+    assert report_key("auto", "search-ranking", False) == "ndcg@10"
+    assert report_key("auto", "recommendation", False) == "full/ndcg@10"
+    assert report_key("recall@20", "recommendation", False) == "full/hr@20"
+
+
+@pytest.mark.skipif(not HOMEDEPOT.exists(), reason="../shared/data not present")
+def test_gate_passes_a_faithful_model_and_fails_a_damaged_one(
+    cross_encoder, tmp_path: Path
+) -> None:
+    model_dir, fp32 = cross_encoder
+    model, tokenizer = load_model(model_dir)
+    frame = pl.read_csv(HOMEDEPOT, infer_schema=False).head(400)
+    test = frame.select(
+        pl.col("search_term").alias("query"),
+        pl.col("product_uid").alias("item_id"),
+        pl.col("product_title").alias("item_text"),
+        pl.col("relevance").cast(pl.Float64).alias("label"),
+    )
+    batcher = Batcher("search-ranking", tokenizer, 32, None, 1.0, 3.0)
+    budget = QualityBudget(maxRelativeDrop=0.01)
+    good = quality_gate(model, OnnxRankingModel(fp32, model.info), batcher, test, budget)
+    assert good["passed"] and good["reasons"] == []
+    assert good["relative_drop"] == pytest.approx(0.0, abs=1e-6)
+    assert good["rank_correlation"] > 0.999 and good["top_k_overlap"] == 1.0
+
+    # damaged 1: every encoder weight matrix scrambled -> rankings unrelated to the source
+    rng = np.random.default_rng(0)
+    scrambled = edited(
+        fp32,
+        tmp_path / "scrambled.onnx",
+        lambda name, v: rng.permutation(v) if v.ndim == 2 and v.shape[0] == 384 else v,
+    )
+    bad = quality_gate(
+        model,
+        OnnxRankingModel(scrambled, model.info),
+        batcher,
+        test,
+        QualityBudget(maxRelativeDrop=0.01, minRankCorrelation=0.9),
+    )
+    assert not bad["passed"]
+    assert any("rank correlation with the source model is" in r for r in bad["reasons"])
+    # damaged 2: the head's bias shifted -> same order, but every predicted grade is wrong
+    shifted = edited(
+        fp32,
+        tmp_path / "shifted.onnx",
+        lambda name, v: v + 10.0 if name.endswith("head.bias") else v,
+    )
+    bad = quality_gate(
+        model,
+        OnnxRankingModel(shifted, model.info),
+        batcher,
+        test,
+        QualityBudget(metric="rmse", maxRelativeDrop=0.01),
+    )
+    assert not bad["passed"] and bad["rank_correlation"] > 0.99
+    assert bad["converted_value"] > bad["source_value"]
+    (reason,) = bad["reasons"]
+    assert reason.startswith("rmse went from") and "over the budget of 1.00%" in reason
+
+
+def edited(source: Path, target: Path, change) -> Path:
+    """A copy of an ONNX model with ``change(name, array)`` applied to every initializer."""
+    graph = onnx.load(str(source))
+    for init in graph.graph.initializer:
+        values = numpy_helper.to_array(init)
+        init.CopyFrom(
+            numpy_helper.from_array(change(init.name, values).astype(values.dtype), init.name)
+        )
+    onnx.save(graph, str(target))
+    return target

@@ -168,3 +168,53 @@ def edited(source: Path, target: Path, change) -> Path:
         )
     onnx.save(graph, str(target))
     return target
+
+
+# --------------------------------------------------------------------------- repository
+def test_config_pbtxt_round_trips_and_matches_the_graph(cross_encoder) -> None:
+    from recjob_serving.repository import (
+        check_config,
+        model_config_module,
+        onnx_config,
+        parse_config,
+    )
+
+    _, fp32 = cross_encoder
+    text = onnx_config("search", fp32, max_batch_size=64, instances=2)
+    config = parse_config(text)
+    types = model_config_module().DataType
+    assert config.name == "search" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 64 and config.instance_group[0].count == 2
+    assert [(t.name, types.Name(t.data_type), list(t.dims)) for t in config.input] == [
+        ("input_ids", "TYPE_INT64", [-1]),
+        ("attention_mask", "TYPE_INT64", [-1]),
+        ("token_type_ids", "TYPE_INT64", [-1]),
+    ]
+    assert [t.name for t in config.output] == ["score", "logit"]
+    assert list(config.output[0].reshape.shape) == []
+    check_config(text, fp32)
+    with pytest.raises(ValueError, match="inputs"):
+        check_config(text.replace('"token_type_ids"', '"segment_ids"'), fp32)
+    with pytest.raises(ValueError, match="outputs"):
+        check_config(text.replace("TYPE_FP32", "TYPE_INT64", 1), fp32)
+    from google.protobuf.text_format import ParseError
+
+    with pytest.raises(ParseError):
+        parse_config(text.replace("max_batch_size", "max_batch"))
+
+
+def test_publish_versions_atomically(cross_encoder, tmp_path: Path) -> None:
+    from recjob_serving.repository import publish
+
+    _, fp32 = cross_encoder
+    repo = tmp_path / "repository"
+    assert publish(repo, "search", fp32, {"kind": "cross-encoder"}, 64) == 1
+    assert publish(repo, "search", fp32, {"kind": "cross-encoder"}, 64) == 2
+    assert sorted(p.name for p in (repo / "search").iterdir()) == ["1", "2", "config.pbtxt"]
+    assert (repo / "search" / "2" / "model.onnx").stat().st_size == fp32.stat().st_size
+    with pytest.raises(FileExistsError):
+        publish(repo, "search", fp32, {}, 64, version=2)
+    with pytest.raises(FileNotFoundError):
+        publish(repo, "search", tmp_path / "missing.onnx", {}, 64)
+    # nothing half-written is left behind by the failures
+    assert sorted(p.name for p in (repo / "search").iterdir()) == ["1", "2", "config.pbtxt"]

@@ -43,7 +43,7 @@ def relative_drop(source: float, converted: float, metric: str) -> float:
     if source == 0 or math.isnan(source) or math.isnan(converted):
         return math.inf if converted != source else 0.0
     change = (converted - source) / abs(source)
-    return change if metric in LOWER_IS_BETTER else -change
+    return (change if metric in LOWER_IS_BETTER else -change) + 0.0  # no "-0.00%"
 
 
 def _top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:

@@ -218,3 +218,77 @@ def test_publish_versions_atomically(cross_encoder, tmp_path: Path) -> None:
         publish(repo, "search", tmp_path / "missing.onnx", {}, 64)
     # nothing half-written is left behind by the failures
     assert sorted(p.name for p in (repo / "search").iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+# --------------------------------------------------------------------------- convert CLI
+@pytest.mark.skipif(not HOMEDEPOT.exists(), reason="../shared/data not present")
+def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from recjob_operator.api.v1alpha1.spec import DataSpec, ModelSpec
+    from recjob_trainer.data.prepare import prepare, write_prepared
+
+    model_dir = saved_model(tmp_path, "cross-encoder")
+    frame = pl.read_csv(HOMEDEPOT, infer_schema=False).head(1500)
+    frame.write_csv(tmp_path / "slice.csv")
+    spec = DataSpec.model_validate(
+        {
+            "task": "search-ranking",
+            "train": str(tmp_path / "slice.csv"),
+            "columns": {
+                "query": "search_term",
+                "itemId": "product_uid",
+                "itemText": "product_title",
+                "label": "relevance",
+            },
+        }
+    )
+    write_prepared(prepare(spec, ModelSpec(), None), tmp_path / "data")
+    recjob_serve = str(Path(sys.executable).parent / "recjob-serve")
+
+    def run(name: str, export: dict) -> tuple[subprocess.CompletedProcess, dict]:
+        config = {
+            "modelDir": str(model_dir),
+            "dataDir": str(tmp_path / "data"),
+            "outputDir": str(tmp_path / name),
+            "repository": str(tmp_path / "repo"),
+            "modelName": "search",
+            "export": export,
+            "maxEvalGroups": 40,
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [recjob_serve, "convert", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        report_path = tmp_path / name / "quality-gate.json"
+        return result, json.loads(report_path.read_text()) if report_path.exists() else {}
+
+    ok, report = run("ok", {"target": "onnxruntime-int8"})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "quality gate passed" in ok.stdout and report["published_version"] == 1
+    assert (tmp_path / "repo" / "search" / "1" / "model.onnx").exists()
+    assert report["model_bytes"]["fp32"] / report["model_bytes"]["converted"] > 3.5
+
+    strict, report = run(
+        "strict",
+        {
+            "target": "onnxruntime-int8",
+            "qualityBudget": {"maxRelativeDrop": 0.0, "minRankCorrelation": 1.0},
+        },
+    )
+    assert strict.returncode == 2
+    assert "quality gate FAILED, nothing published" in strict.stderr
+    assert "rank correlation with the source model is" in strict.stderr
+    assert report["passed"] is False and report["published_version"] is None
+    assert sorted(p.name for p in (tmp_path / "repo" / "search").iterdir()) == ["1", "config.pbtxt"]
+
+    trt, _ = run("trt", {"target": "tensorrt-fp16"})
+    assert trt.returncode == 3 and "TensorRT engine build is not implemented" in trt.stderr

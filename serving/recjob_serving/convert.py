@@ -1,0 +1,129 @@
+"""`recjob-serve convert`: trained model -> ONNX -> export target -> quality gate ->
+Triton model repository version. Nothing is published when the gate fails; the report
+(``quality-gate.json``) is written either way."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import Field
+
+from recjob_operator.api.v1alpha1.common import ApiModel
+from recjob_operator.api.v1alpha1.spec import ExportSpec
+from recjob_trainer.batches import Batcher
+from recjob_trainer.data.prepare import read_prepared
+from recjob_trainer.models import load_model
+from recjob_trainer.storage import local_path, write_json_atomic
+
+from .export import export_onnx, quantize_int8
+from .gate import quality_gate
+from .onnx_model import OnnxRankingModel
+from .repository import publish
+
+
+class ConvertConfig(ApiModel):
+    """What one conversion needs (written by the operator / local mode)."""
+
+    model_dir: str = Field(min_length=1)
+    """The trainer's ``model/`` folder."""
+    data_dir: str = Field(min_length=1)
+    """The trainer's prepared ``data/`` folder (its test split feeds the quality gate)."""
+    output_dir: str = Field(min_length=1)
+    """Where the ONNX files and quality-gate.json are written."""
+    repository: str = Field(min_length=1)
+    """Triton model repository root."""
+    model_name: str = Field(min_length=1, pattern=r"^[a-zA-Z0-9_.-]+$")
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    max_eval_groups: int | None = Field(default=None, ge=1)
+    """Gate on at most this many test queries / users."""
+    teacher_value: float | None = None
+    """With compression: the teacher's value of the gate metric."""
+
+
+class TargetUnavailable(RuntimeError):
+    """The export target cannot be built in this environment."""
+
+
+def load_convert_config(path: str | Path) -> ConvertConfig:
+    """Read a conversion config (YAML or JSON)."""
+    return ConvertConfig.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+
+
+def convert(config: ConvertConfig) -> dict:
+    """Run the conversion; returns the quality-gate report (``published_version`` set when
+    the model passed and was published)."""
+    started = time.time()
+    out = local_path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = config.export.target
+    if target.startswith("tensorrt"):
+        raise TargetUnavailable(
+            f"export target {target}: the TensorRT engine build is not "
+            "implemented yet; use onnxruntime-int8 or onnxruntime-fp32"
+        )
+    model_dir = local_path(config.model_dir)
+    source, tokenizer = load_model(model_dir)
+    exported = export_onnx(model_dir, out / "model.fp32.onnx", opset=config.export.opset)
+    converted_path = exported.path
+    if target == "onnxruntime-int8":
+        encoder = source.encoder.config
+        converted_path = quantize_int8(
+            exported.path, out / "model.int8.onnx", encoder.num_attention_heads, encoder.hidden_size
+        )
+    prepared = read_prepared(local_path(config.data_dir))
+    info = source.info
+    batcher = Batcher(
+        prepared.task,
+        tokenizer,
+        info.max_length,
+        prepared.catalog,
+        info.label_min,
+        info.label_max,
+        info.history_encoding,
+    )
+    converted = OnnxRankingModel(converted_path, info, exported.scale)
+    report = quality_gate(
+        source,
+        converted,
+        batcher,
+        prepared.splits["test"],
+        config.export.quality_budget,
+        max_groups=config.max_eval_groups,
+        teacher_value=config.teacher_value,
+    )
+    report.update(
+        {
+            "target": target,
+            "onnx_parity_max_abs_diff": exported.parity_max_abs_diff,
+            "model_bytes": {
+                "fp32": exported.path.stat().st_size,
+                "converted": converted_path.stat().st_size,
+            },
+            "published_version": None,
+        }
+    )
+    if report["passed"]:
+        metadata = {
+            "kind": info.kind,
+            "objective": info.objective,
+            "max_length": info.max_length,
+            "scale": exported.scale,
+            "label_min": info.label_min,
+            "label_max": info.label_max,
+            "target": target,
+            "quality_gate": {
+                k: report[k] for k in ("metric", "source_value", "converted_value", "relative_drop")
+            },
+        }
+        report["published_version"] = publish(
+            local_path(config.repository),
+            config.model_name,
+            converted_path,
+            metadata,
+            config.export.max_batch_size,
+        )
+    report["seconds"] = round(time.time() - started, 1)
+    write_json_atomic(out / "quality-gate.json", report)
+    return report

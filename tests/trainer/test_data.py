@@ -77,6 +77,11 @@ def test_unreadable_uri(tmp_path: Path) -> None:
         read_table(str(tmp_path / "nope.csv"), "csv")
 
 
+def test_object_store_without_its_filesystem_package() -> None:
+    with pytest.raises(DataError, match=r"s3://bucket/logs\.csv: cannot read .*s3fs"):
+        read_table("s3://bucket/logs.csv", "csv")
+
+
 def test_unparseable_parquet(tmp_path: Path) -> None:
     path = write(tmp_path, "x.parquet", "not parquet at all")
     with pytest.raises(DataError, match="cannot parse as parquet"):

@@ -68,6 +68,8 @@ def open_uri(uri: str, mode: str = "rb", base_dir: str | Path | None = None) -> 
         raise StorageError(f"{uri}: no such file ({url})") from error
     except (PermissionError, IsADirectoryError) as error:
         raise StorageError(f"{uri}: cannot open ({error})") from error
+    except (ImportError, ValueError) as error:  # e.g. s3:// without s3fs installed
+        raise StorageError(f"{uri}: no filesystem for this URI here ({error})") from error
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

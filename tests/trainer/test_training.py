@@ -360,7 +360,7 @@ def test_pytorchjob_pod_environment(tmp_path: Path) -> None:
         processesPerNode=1,
         nodes=2,
         precision="fp32",
-        deepspeed={"zeroStage": 1},
+        deepspeed={"zeroStage": 0},  # plain data parallel (DDP)
     )
     port = str(free_port())
     pods = []

@@ -536,14 +536,18 @@ def _early_stop(config: TrainerConfig, state: dict, value: float) -> bool:
 
 
 def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, torch.Tensor]:
-    """A plain fp32 state_dict from the newest DeepSpeed checkpoint (all ZeRO stages)."""
+    """A plain fp32 state_dict of the trained model.
+
+    Stage 0 in fp32 keeps no ZeRO partitions: every rank's module is the whole fp32 model.
+    Otherwise (ZeRO 1-3, or bf16/fp16 master weights) the fp32 weights are gathered from
+    the DeepSpeed checkpoint's partitions."""
+    if engine.zero_optimization_stage() == 0 and not (
+        engine.bfloat16_enabled() or engine.fp16_enabled()
+    ):
+        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=f"step-{step:08d}")
-    except (ValueError, FileNotFoundError, KeyError):
-        # stage 0 in fp32 keeps no ZeRO partitions: the module itself is the full model
-        return {k: v.float() for k, v in engine.module.state_dict().items()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=f"step-{step:08d}")
 
 
 def finish(run: RunContext, engine, step: int, state: dict) -> dict:

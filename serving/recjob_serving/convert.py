@@ -74,15 +74,7 @@ def convert(config: ConvertConfig) -> dict:
         )
     prepared = read_prepared(local_path(config.data_dir))
     info = source.info
-    batcher = Batcher(
-        prepared.task,
-        tokenizer,
-        info.max_length,
-        prepared.catalog,
-        info.label_min,
-        info.label_max,
-        info.history_encoding,
-    )
+    batcher = Batcher.for_model(prepared.task, tokenizer, info, prepared.catalog)
     converted = OnnxRankingModel(converted_path, info, exported.scale)
     report = quality_gate(
         source,

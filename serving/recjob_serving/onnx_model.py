@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recjob_trainer.models import ModelInfo
+from recjob_trainer.models import ModelInfo, predictions
 
 from .export import session
 
@@ -66,7 +66,4 @@ class OnnxRankingModel:
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> predictions on the label's scale (as the source model)."""
-        p = torch.sigmoid(logits)
-        if self.info.objective == "regression":
-            return self.info.label_min + p * (self.info.label_max - self.info.label_min)
-        return p
+        return predictions(self.info, logits)

@@ -63,6 +63,19 @@ class Batcher:
         )
         self.catalog_ids = list(self.texts)
 
+    @classmethod
+    def for_model(cls, task: str, tokenizer, info, catalog: pl.DataFrame | None) -> Batcher:
+        """The batcher a model (its ModelInfo: length, label range, history encoding) needs."""
+        return cls(
+            task,
+            tokenizer,
+            info.max_length,
+            catalog,
+            info.label_min,
+            info.label_max,
+            info.history_encoding,
+        )
+
     def _tokens(self, left: list[str], right: list[str] | None = None) -> dict:
         return dict(
             self.tokenizer(

@@ -147,10 +147,15 @@ class RankingModel(nn.Module):
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> predictions on the label's scale (grade or click probability)."""
-        p = torch.sigmoid(logits)
-        if self.info.objective == "regression":
-            return self.info.label_min + p * (self.info.label_max - self.info.label_min)
-        return p
+        return predictions(self.info, logits)
+
+
+def predictions(info: ModelInfo, logits: torch.Tensor) -> torch.Tensor:
+    """A model's logits on its label's scale: a grade (regression) or a probability."""
+    p = torch.sigmoid(logits)
+    if info.objective == "regression":
+        return info.label_min + p * (info.label_max - info.label_min)
+    return p
 
 
 def pool_history(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

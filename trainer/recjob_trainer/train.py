@@ -366,15 +366,7 @@ def train(config: TrainerConfig) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
     model = apply_lora(build_model(info, encoder_path), config)
-    batcher = Batcher(
-        config.data.task,
-        tokenizer,
-        info.max_length,
-        prepared.catalog,
-        info.label_min,
-        info.label_max,
-        info.history_encoding,
-    )
+    batcher = Batcher.for_model(config.data.task, tokenizer, info, prepared.catalog)
 
     t = config.training
     micro_per_epoch = shard.rows.height // t.micro_batch_size

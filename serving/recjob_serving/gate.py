@@ -12,18 +12,22 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from recjob_operator.api.v1alpha1.spec import QualityBudget
 from recjob_trainer import metrics as m
 from recjob_trainer.batches import Batcher
 from recjob_trainer.evaluation import (
+    PER_UNIT,
     cross_encoder_logits,
-    evaluate_recommendation,
-    evaluate_search,
+    draw_negatives,
+    recommendation_report,
+    search_report,
     user_item_scores,
 )
 
 LOWER_IS_BETTER = {"rmse", "logloss"}
+KS = [1, 5, 10]
 
 
 def report_key(metric: str, task: str, labelled: bool) -> str:
@@ -51,45 +55,44 @@ def _top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return len(top_a & top_b) / max(1, min(k, len(a)))
 
 
-def fidelity(
-    source, converted, batcher: Batcher, test: pl.DataFrame, batch_size: int, max_users: int = 200
-) -> dict[str, float]:
-    """Spearman correlation of source vs converted scores and mean top-10 overlap."""
+def scores(model, batcher: Batcher, test: pl.DataFrame, batch_size: int) -> np.ndarray:
+    """Every score the gate needs from one model, computed once: a logit per (query,
+    item) row (search), or a users x catalog cosine matrix (recommendation)."""
     if batcher.task == "search-ranking":
-        a = cross_encoder_logits(source, batcher, test, batch_size)
-        b = cross_encoder_logits(converted, batcher, test, batch_size)
+        return cross_encoder_logits(model, batcher, test, batch_size)
+    return user_item_scores(model, batcher, test, batcher.catalog_ids, batch_size)
+
+
+def metrics_of(
+    model, score: np.ndarray, batcher: Batcher, test: pl.DataFrame, negatives: list[list[str]]
+) -> dict[str, float]:
+    """The trainer's test metrics from a model's scores (see :func:`scores`)."""
+    if batcher.task == "search-ranking":
+        report = search_report(test, score, model.predict(torch.from_numpy(score)).numpy(), KS)
+    else:
+        scale = float(model.scale().detach().float().reshape(-1)[0])
+        report = recommendation_report(score, batcher.catalog_ids, test, negatives, KS, True, scale)
+    report.pop(PER_UNIT, None)
+    return report
+
+
+def fidelity(
+    a: np.ndarray, b: np.ndarray, batcher: Batcher, test: pl.DataFrame, max_users: int = 200
+) -> dict[str, float]:
+    """Spearman correlation of source vs converted scores and mean top-10 overlap (per
+    query for search, per user over the catalog for recommendation)."""
+    if batcher.task == "search-ranking":
         frame = test.with_row_index("_i")
         overlaps = [
             _top_k_overlap(a[g["_i"].to_numpy()], b[g["_i"].to_numpy()])
             for g in frame.partition_by("query", maintain_order=True)
         ]
         return {"rank_correlation": m.spearman(a, b), "top_k_overlap": float(np.mean(overlaps))}
-    users = test.head(max_users)
-    ids = batcher.catalog_ids
-    a = user_item_scores(source, batcher, users, ids, batch_size)
-    b = user_item_scores(converted, batcher, users, ids, batch_size)
+    pairs = list(zip(a[:max_users], b[:max_users], strict=True))
     return {
-        "rank_correlation": float(
-            np.nanmean([m.spearman(x, y) for x, y in zip(a, b, strict=True)])
-        ),
-        "top_k_overlap": float(np.mean([_top_k_overlap(x, y) for x, y in zip(a, b, strict=True)])),
+        "rank_correlation": float(np.nanmean([m.spearman(x, y) for x, y in pairs])),
+        "top_k_overlap": float(np.mean([_top_k_overlap(x, y) for x, y in pairs])),
     }
-
-
-def evaluate(
-    model,
-    batcher: Batcher,
-    test: pl.DataFrame,
-    batch_size: int,
-    max_groups: int | None,
-    n_negatives: int = 100,
-) -> dict[str, float]:
-    """The trainer's test metrics of any model with the RankingModel interface."""
-    if batcher.task == "search-ranking":
-        return evaluate_search(model, batcher, test, [1, 5, 10], batch_size, max_groups)
-    return evaluate_recommendation(
-        model, batcher, test, [1, 5, 10], batch_size, n_negatives, max_groups
-    )
 
 
 def quality_gate(
@@ -101,6 +104,7 @@ def quality_gate(
     batch_size: int = 64,
     max_groups: int | None = None,
     teacher_value: float | None = None,
+    n_negatives: int = 100,
 ) -> dict[str, Any]:
     """Measure both models on ``test`` and decide; the dict is quality-gate.json."""
     labelled = "label" in test.columns and batcher.task == "recommendation"
@@ -110,17 +114,22 @@ def quality_gate(
         test = test.filter(pl.col("query").is_in(keep.to_list()))
     elif max_groups:
         test = test.head(max_groups)
-    src = evaluate(source, batcher, test, batch_size, None)
-    conv = evaluate(converted, batcher, test, batch_size, None)
-    src.pop("_ndcg@10_per_unit", None)
-    conv.pop("_ndcg@10_per_unit", None)
+    negatives = (
+        draw_negatives(test, batcher.catalog_ids, n_negatives)
+        if batcher.task == "recommendation"
+        else []
+    )
+    a = scores(source, batcher, test, batch_size)
+    b = scores(converted, batcher, test, batch_size)
+    src = metrics_of(source, a, batcher, test, negatives)
+    conv = metrics_of(converted, b, batcher, test, negatives)
     if key not in src:
         raise ValueError(
             f"metric {budget.metric!r} is not measured for {batcher.task} "
             f"(measured: {', '.join(sorted(src))})"
         )
     drop = relative_drop(src[key], conv[key], key)
-    fid = fidelity(source, converted, batcher, test, batch_size)
+    fid = fidelity(a, b, batcher, test)
     reasons = []
     if drop > budget.max_relative_drop:
         reasons.append(

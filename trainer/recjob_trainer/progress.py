@@ -73,7 +73,7 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(run_dir: Path, events: list[dict], target: Path) -> None:
+def plot_curves(events: list[dict], target: Path) -> None:
     """Training loss and validation metric against the step, as a PNG."""
     import matplotlib
 

@@ -676,7 +676,7 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
         "main_metric": {"name": main, "value": result.get(main)},
     }
     write_json_atomic(run_dir / "model-card.json", card)
-    plot_curves(run_dir, events, run_dir / "curves.png")
+    plot_curves(events, run_dir / "curves.png")
     progress.event(
         "done",
         step=step,

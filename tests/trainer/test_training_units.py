@@ -164,3 +164,28 @@ def test_item_embedding_histories_pool_the_items_own_vectors() -> None:
     scores = user_item_scores(model, batcher, frame, ["c"], 8)
     goggles = text_vectors(model, batcher, ["safety goggles"], 8)[0]
     assert scores[0, 0] == pytest.approx(float(expected @ goggles), abs=1e-5)
+
+
+def test_early_stopping_counts_evaluations_without_improvement() -> None:
+    import socket
+
+    import torch.distributed as dist
+
+    from recjob_trainer.train import _early_stop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        c = config(earlyStopping={"metric": "ndcg@10", "patience": 2, "minDelta": 0.01})
+        state = {"best": None, "evals_without_improvement": 0}
+        decisions = [_early_stop(c, state, v) for v in (0.50, 0.55, 0.555, 0.56, 0.60, 0.59, 0.605)]
+        # 0.555 and 0.56 are within minDelta of 0.55 -> patience 2 runs out at 0.56
+        assert decisions == [False, False, False, True, False, False, True]
+        assert state["best"] == 0.60
+        no_rule = config()
+        state = {"best": None, "evals_without_improvement": 0}
+        assert not any(_early_stop(no_rule, state, v) for v in (0.5, 0.4, 0.3, 0.2))
+    finally:
+        dist.destroy_process_group()

@@ -387,3 +387,35 @@ def test_pytorchjob_pod_environment(tmp_path: Path) -> None:
     card = json.loads((run / "model-card.json").read_text())
     assert card["world_size"] == 2 and card["steps"] == 2
     assert json.loads((run / "metrics.json").read_text())["ranks"]["agree"]
+
+
+def test_recjob_file_prepare_only_and_invalid_recjob(tmp_path: Path) -> None:
+    from tests.conftest import REPO
+
+    result = subprocess.run(
+        [
+            str(BIN / "recjob-train"),
+            "--recjob",
+            str(REPO / "examples" / "recjob-search.yaml"),
+            "--prepare-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["task"] == "search-ranking" and report["rows"]["train"] > 40_000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (REPO / "examples" / "recjob-search.yaml")
+        .read_text()
+        .replace("zeroStage: 2", "zeroStage: 7")
+    )
+    result = subprocess.run(
+        [str(BIN / "recjob-train"), "--recjob", str(bad), "--prepare-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "spec.training.deepspeed.zeroStage" in result.stderr

@@ -55,9 +55,8 @@ def cli(
             job = parse_recjob(load_documents(recjob_path)[0].content)
         except RecJobInvalid as error:
             raise click.ClickException(f"{recjob_path}: {error}") from error
-        config = config_from_recjob(
-            job, output or f"runs/{job.metadata.name}", str(Path(recjob_path).resolve().parent)
-        )
+        run_dir = Path(output or f"runs/{job.metadata.name}").resolve()  # relative to cwd
+        config = config_from_recjob(job, str(run_dir), str(Path(recjob_path).resolve().parent))
     elif config_path:
         config = load_config(config_path)
     else:

@@ -29,7 +29,8 @@ def convert(config_path: str) -> None:
     """Export, quantize and gate a trained model into a Triton model repository.
 
     Exits 0 when published, 2 when the quality gate refused the model (nothing published;
-    quality-gate.json says why), 3 when the export target cannot be built here.
+    quality-gate.json says why), 3 when the export target cannot be built here (TensorRT
+    engine builds need a GPU node; the QDQ model is still gated and the command reported).
     """
     from .convert import TargetUnavailable, load_convert_config
     from .convert import convert as run_convert

@@ -290,5 +290,72 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
     assert report["passed"] is False and report["published_version"] is None
     assert sorted(p.name for p in (tmp_path / "repo" / "search").iterdir()) == ["1", "config.pbtxt"]
 
-    trt, _ = run("trt", {"target": "tensorrt-fp16"})
-    assert trt.returncode == 3 and "TensorRT engine build is not implemented" in trt.stderr
+    trt, report = run(
+        "trt",
+        {
+            "target": "tensorrt-int8",
+            "calibrationSamples": 64,
+            "qualityBudget": {"maxRelativeDrop": 0.5},
+        },
+    )
+    assert trt.returncode == 3, trt.stderr[-2000:]
+    assert "passed the quality gate in ONNX Runtime" in trt.stderr and "trtexec" in trt.stderr
+    assert report["measured_model"].startswith("the QDQ int8 ONNX model")
+    assert report["engine_build"]["status"] == "unavailable here"
+    assert "--int8" in report["engine_build"]["command"]
+    assert (tmp_path / "trt" / "model.qdq.onnx").exists()
+    assert sorted(p.name for p in (tmp_path / "repo" / "search").iterdir()) == [
+        "1",
+        "config.pbtxt",
+    ]  # nothing published without an engine
+
+
+def test_trtexec_command_is_exact(tmp_path: Path) -> None:
+    from recjob_serving.tensorrt import EngineBuildUnavailable, build_engine, trtexec_command
+
+    command = trtexec_command(
+        tmp_path / "m.qdq.onnx",
+        tmp_path / "m.plan",
+        "int8",
+        ["input_ids", "attention_mask"],
+        max_batch=64,
+        max_length=128,
+    )
+    assert command == [
+        "trtexec",
+        f"--onnx={tmp_path / 'm.qdq.onnx'}",
+        f"--saveEngine={tmp_path / 'm.plan'}",
+        "--minShapes=input_ids:1x1,attention_mask:1x1",
+        "--optShapes=input_ids:32x128,attention_mask:32x128",
+        "--maxShapes=input_ids:64x128,attention_mask:64x128",
+        "--skipInference",
+        "--int8",
+        "--fp16",
+    ]
+    fp16 = trtexec_command(tmp_path / "m.onnx", tmp_path / "m.plan", "fp16", ["x"], 8, 16)
+    assert fp16[-1] == "--fp16" and "--int8" not in fp16
+    with pytest.raises(ValueError, match="int8 or fp16"):
+        trtexec_command(tmp_path / "m.onnx", tmp_path / "m.plan", "int4", ["x"], 8, 16)
+    with pytest.raises(EngineBuildUnavailable, match="GPU node"):
+        build_engine(command)
+
+
+@pytest.mark.skipif(not HOMEDEPOT.exists(), reason="../shared/data not present")
+def test_qdq_calibration_batches_share_one_shape(cross_encoder) -> None:
+    from recjob_serving.tensorrt import calibration_batches
+
+    model_dir, _ = cross_encoder
+    model, tokenizer = load_model(model_dir)
+    frame = (
+        pl.read_csv(HOMEDEPOT, infer_schema=False)
+        .head(100)
+        .select(pl.col("search_term").alias("query"), pl.col("product_title").alias("item_text"))
+    )
+    batches = calibration_batches(
+        Batcher.for_model("search-ranking", tokenizer, model.info, None),
+        frame,
+        samples=40,
+        batch_size=16,
+    )
+    assert len(batches) == 2  # the partial third batch is dropped
+    assert {b["input_ids"].shape for b in batches} == {(16, 32)}

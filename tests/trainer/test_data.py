@@ -276,6 +276,17 @@ def test_prepare_home_depot_slice_splits_by_query(tmp_path: Path) -> None:
     assert again.digest == prepared.digest and again.digest.startswith("sha256:")
     assert again.splits["test"].equals(prepared.splits["test"])
     assert prepare(spec, ModelSpec(), None).digest == prepared.digest
+    # a training rank reads the held-out splits and the train summary, not the train split
+    held_out = read_prepared(tmp_path / "data", ("validation", "test"))
+    assert set(held_out.splits) == {"validation", "test"}
+    train = prepared.splits["train"]
+    assert held_out.train_summary == {
+        "rows": train.height,
+        "labelled": True,
+        "label_min": train["label"].min(),
+        "label_max": train["label"].max(),
+        "label_distinct": train["label"].n_unique(),
+    }
 
 
 @needs_shared

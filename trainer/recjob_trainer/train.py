@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .batches import Batcher, Shard, micro_batches, shard_rows
 from .config import TrainerConfig
-from .data.prepare import PreparedData, prepare, read_prepared, write_prepared
+from .data.prepare import SPLITS, PreparedData, prepare, read_prepared, write_prepared
 from .evaluation import (
     compare_to_baselines,
     evaluate_recommendation,
@@ -108,7 +108,8 @@ def prepared_data(config: TrainerConfig, run_dir: Path, rank: int) -> PreparedDa
     error = broadcast(error)
     if error:
         raise RuntimeError(f"data preparation failed: {error}")
-    return read_prepared(data_dir)
+    # only rank 0 reads the whole training split (to write the shards, and for baselines)
+    return read_prepared(data_dir, SPLITS if rank == 0 else ("validation", "test"))
 
 
 def rank_shard(prepared: PreparedData, run_dir: Path, rank: int, world: int) -> Shard:
@@ -127,14 +128,15 @@ def rank_shard(prepared: PreparedData, run_dir: Path, rank: int, world: int) -> 
 def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
     """Architecture and objective for the task."""
     head, task = config.model.head, config.data.task
-    labels = prepared.splits["train"]["label"] if task == "search-ranking" else None
+    train = prepared.train_summary  # every rank has it; only rank 0 reads the train split
+    search = task == "search-ranking"
     objective = head.objective
     if objective == "auto":
-        graded = labels is not None and labels.n_unique() > 2
+        graded = search and train.get("label_distinct", 0) > 2
         objective = (
             ("regression" if graded else "binary")
-            if task == "search-ranking"
-            else ("binary" if "label" in prepared.splits["train"].columns else "listwise")
+            if search
+            else ("binary" if train["labelled"] else "listwise")
         )
     return ModelInfo(
         kind="cross-encoder" if task == "search-ranking" else "bi-encoder",
@@ -143,8 +145,8 @@ def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
         head_hidden=head.hidden_size,
         dropout=head.dropout,
         max_length=config.model.max_sequence_length,
-        label_min=float(labels.min()) if labels is not None else 0.0,
-        label_max=float(labels.max()) if labels is not None else 1.0,
+        label_min=train["label_min"] if search else 0.0,
+        label_max=train["label_max"] if search else 1.0,
         base_model=config.model.base_model,
         history_encoding=config.model.history_encoding if task == "recommendation" else "text",
     )
@@ -440,19 +442,14 @@ def train(config: TrainerConfig) -> dict:
         zero_stage=t.deepspeed.zero_stage,
         precision=t.precision,
         steps_per_epoch=steps_per_epoch,
-        train_rows=prepared.splits["train"].height,
+        train_rows=prepared.train_summary["rows"],
     )
     step = state["step"]
     last_saved = step if checkpoints else None
     window_loss, window_samples, window_start = 0.0, 0, time.time()
     stop = False
-    popularity = None
-    if (
-        config.data.task == "recommendation"
-        and config.data.preprocessing.negative_sampling.strategy == "popularity"
-    ):
-        popularity = prepared.splits["train"]["item_id"].value_counts().rows()
-        popularity = {k: float(v) for k, v in popularity}
+    uses_popularity = config.data.preprocessing.negative_sampling.strategy == "popularity"
+    popularity = prepared.popularity if uses_popularity else None
     negatives = config.data.preprocessing.negative_sampling.per_positive
     engine.train()
     while step < total_steps and not stop:
@@ -730,7 +727,9 @@ def parameter_digest(engine, config: TrainerConfig) -> str:
 
 
 def _probe_batch(batcher: Batcher, prepared: PreparedData) -> dict[str, torch.Tensor]:
-    rows = prepared.splits["train"].head(4)
+    # held-out rows: every rank has them (only rank 0 reads the training split)
+    valid = prepared.splits["validation"]
+    rows = (valid if valid.height else prepared.splits["test"]).head(4)
     if batcher.task == "search-ranking":
         batch = batcher.search_batch(rows)
     else:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .api.v1alpha1 import RecJob, parse_duration
-from .api.v1alpha1.common import DNS_LABEL_PATTERN, DURATION_PATTERN, URI_PATTERN
+from .api.v1alpha1.common import DNS_LABEL_PATTERN, DURATION_PATTERN, URI_PATTERN, URL_PATTERN
 from .api.v1alpha1.recjob import NAME_PATTERN
 from .api.v1alpha1.spec import METRIC_PATTERN, RecJobSpec
 
@@ -46,7 +46,7 @@ _PATTERN_WORDS = {
     NAME_PATTERN: "a DNS label: lowercase letters, digits and '-', starting with a letter",
     URI_PATTERN: "a storage URI (file://, pvc://CLAIM/path, s3://, gs://) or a path",
     METRIC_PATTERN: "a metric: auc, logloss, rmse, mrr, auto, or ndcg|hr|recall|precision@K",
-    r"^https?://\S+$": "an http(s) URL",
+    URL_PATTERN: "an http(s) URL",
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "a DNS label: lowercase letters, digits and '-'",
 }
 

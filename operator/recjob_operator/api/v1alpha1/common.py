@@ -146,7 +146,11 @@ DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 #: A DNS-1035 label (lowercase letters, digits and '-', starting with a letter).
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
 
-URI_PATTERN = r"^((file|pvc|s3|gs)://\S+|/\S*|\.{0,2}/?[^:\s]+)$"
+#: No spaces or control characters. Explicit ranges, not \s / \S: Python, Rust (pydantic)
+#: and Go (the API server) disagree on what \s matches (e.g. U+001F).
+NO_SPACE = r"[^\x00-\x20\x7f]"
+URI_PATTERN = rf"^((file|pvc|s3|gs)://{NO_SPACE}+|/{NO_SPACE}*|\.{{0,2}}/?[^:\x00-\x20\x7f]+)$"
+URL_PATTERN = rf"^https?://{NO_SPACE}+$"
 
 #: Where data or artifacts live: ``file://``, ``pvc://CLAIM/path``, ``s3://bucket/key``,
 #: ``gs://``, or a plain path (relative paths resolve against the RecJob file in local mode).

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .common import ApiModel, DnsLabel, Duration, Quantity, StorageUri
+from .common import URL_PATTERN, ApiModel, DnsLabel, Duration, Quantity, StorageUri
 
 Task = Literal["search-ranking", "recommendation"]
 DataFormat = Literal["csv", "parquet", "jsonl", "atomic"]
@@ -420,7 +420,7 @@ class RolloutSpec(ApiModel):
     manual_approval: bool = False
     """Pause before the last step until the RecJob carries the annotation
     recjob.dev/approve-generation=<its generation>."""
-    prometheus_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    prometheus_url: str | None = Field(default=None, pattern=URL_PATTERN)
     """Prometheus to query; default: the operator's setting."""
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
-
-_NOT_YET = "not available yet (see the serving issue); nothing was run."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,18 +59,104 @@ def convert(config_path: str) -> None:
 
 @cli.command()
 @click.argument("repository", type=click.Path(file_okay=False))
-def serve(repository: str) -> None:
-    """Serve a Triton model repository over the Open Inference Protocol v2."""
-    click.echo(f"recjob-serve serve: {_NOT_YET}", err=True)
-    sys.exit(3)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--http-port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--grpc-port", default=8081, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--model-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Serve this version of every model (default: each model's newest).",
+)
+@click.option("--grace-period", default=10, show_default=True, help="Seconds to drain on stop.")
+def serve(
+    repository: str,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    model_version: int | None,
+    grace_period: int,
+) -> None:
+    """Serve a Triton model repository over the Open Inference Protocol v2 (HTTP + gRPC)."""
+    sys.argv = sys.argv[:1]  # kserve parses the process's arguments when imported
+    from .server import RepositoryError
+    from .server import serve as run_server
+
+    try:
+        run_server(
+            Path(repository),
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            version=model_version,
+            grace_period=grace_period,
+        )
+    except RepositoryError as error:
+        click.echo(f"recjob-serve serve: {error}", err=True)
+        sys.exit(2)
 
 
 @cli.command()
 @click.argument("url")
-def bench(url: str) -> None:
-    """Load-test an Open Inference Protocol endpoint with tritonclient."""
-    click.echo(f"recjob-serve bench: {_NOT_YET}", err=True)
-    sys.exit(3)
+@click.option("--model", required=True, help="Model name (e.g. product-search-text).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.option("--requests", type=click.IntRange(min=1), default=None, help="Stop after N.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(0.1, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds to run (when --requests is not given).",
+)
+@click.option("--sequence-length", type=click.IntRange(1, 512), default=32, show_default=True)
+@click.option(
+    "--texts",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="JSON lines whose keys are the model's BYTES inputs (default: built-in pairs).",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+def bench(
+    url: str,
+    model: str,
+    protocol: str,
+    concurrency: int,
+    batch_size: int,
+    requests: int | None,
+    duration: float,
+    sequence_length: int,
+    texts: str | None,
+    output: str | None,
+) -> None:
+    """Load-test an Open Inference Protocol endpoint (host:port) with tritonclient and
+    print throughput and p50/p90/p99 latency as JSON."""
+    from .loadgen import LoadSpec, load_texts, run_load
+
+    spec = LoadSpec(
+        url=url,
+        model=model,
+        protocol=protocol,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        requests=requests,
+        duration_s=duration,
+        sequence_length=sequence_length,
+    )
+    if texts:
+        spec.texts = load_texts(Path(texts))
+    try:
+        report = run_load(spec)
+    except Exception as error:  # any failure is reported
+        click.echo(f"recjob-serve bench: {type(error).__name__}: {error}", err=True)
+        sys.exit(2)
+    text = json.dumps(report, indent=2)
+    if output:
+        Path(output).write_text(text + "\n")
+    click.echo(text)
+    if report["errors"]:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from recjob_trainer.storage import local_path, write_json_atomic
 from .export import export_onnx, quantize_int8
 from .gate import quality_gate
 from .onnx_model import OnnxRankingModel
-from .repository import publish
+from .repository import publish, publish_text_models
 from .tensorrt import (
     EngineBuildUnavailable,
     build_engine,
@@ -154,6 +154,15 @@ def convert(config: ConvertConfig) -> dict:
             converted_path,
             metadata,
             config.export.max_batch_size,
+        )
+        publish_text_models(
+            local_path(config.repository),
+            config.model_name,
+            model_dir / "tokenizer",
+            info.kind,
+            info.max_length,
+            config.export.max_batch_size,
+            report["published_version"],
         )
     report["seconds"] = round(time.time() - started, 1)
     write_json_atomic(out / "quality-gate.json", report)

@@ -8,6 +8,10 @@ Layout::
     <repository>/<model>/config.pbtxt
     <repository>/<model>/<version>/model.onnx      (or model.plan for TensorRT)
     <repository>/<model>/<version>/recjob.json     (kind, max length, scale, gate result)
+    <repository>/<model>-tokenizer/config.pbtxt    (Python backend: raw text -> token ids)
+    <repository>/<model>-tokenizer/<version>/{model.py,tokenizer/}
+    <repository>/<model>-text/config.pbtxt         (ensemble: tokenizer, then model)
+    <repository>/<model>-text/<version>/           (empty, as Triton wants)
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -118,6 +123,35 @@ def next_version(model_root: Path) -> int:
     return max(versions, default=0) + 1
 
 
+def published_versions(model_root: Path) -> list[int]:
+    """The complete versions of a model, oldest first (staging folders are not versions)."""
+    return sorted(int(p.name) for p in model_root.glob("*") if p.is_dir() and p.name.isdigit())
+
+
+def _publish_version(model_root: Path, version: int, files: dict[str, Path], config: str) -> None:
+    """Stage ``files`` (name in the version folder -> source file or folder) and the config
+    under temporary names, then rename them into place."""
+    model_root.mkdir(parents=True, exist_ok=True)
+    final = model_root / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} is already published")
+    staging = model_root / f".{version}.{uuid.uuid4().hex}.partial"
+    config_tmp = model_root / f".config.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        for name, source in files.items():
+            if source.is_dir():
+                shutil.copytree(source, staging / name)
+            else:
+                shutil.copyfile(source, staging / name)
+        config_tmp.write_text(config)
+        os.replace(staging, final)
+        os.replace(config_tmp, model_root / "config.pbtxt")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        config_tmp.unlink(missing_ok=True)
+
+
 def publish(
     repository: Path,
     name: str,
@@ -128,7 +162,6 @@ def publish(
 ) -> int:
     """Publish ``model_path`` as a new version of model ``name``; returns the version."""
     model_root = repository / name
-    model_root.mkdir(parents=True, exist_ok=True)
     version = version or next_version(model_root)
     suffix = ".plan" if model_path.suffix == ".plan" else ".onnx"
     config = onnx_config(
@@ -139,18 +172,99 @@ def publish(
     )
     if suffix == ".onnx":
         check_config(config, model_path)
-    staging = model_root / f".{version}.{uuid.uuid4().hex}.partial"
-    config_tmp = model_root / f".config.{uuid.uuid4().hex}.tmp"
-    staging.mkdir()
-    try:
-        shutil.copyfile(model_path, staging / f"model{suffix}")
-        (staging / "recjob.json").write_text(json.dumps(metadata, indent=2, default=float))
-        config_tmp.write_text(config)
-        if (model_root / str(version)).exists():
-            raise FileExistsError(f"{model_root / str(version)} is already published")
-        os.replace(staging, model_root / str(version))
-        os.replace(config_tmp, model_root / "config.pbtxt")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        config_tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        card = Path(tmp) / "recjob.json"
+        card.write_text(json.dumps(metadata, indent=2, default=float))
+        _publish_version(
+            model_root, version, {f"model{suffix}": model_path, "recjob.json": card}, config
+        )
     return version
+
+
+#: The Python-backend tokenizer model copied into repositories.
+TOKENIZER_BACKEND = Path(__file__).parent / "backends" / "tokenizer_model.py"
+#: Raw-text inputs of the tokenizer and ensemble models, by model kind.
+TEXT_INPUTS = {"cross-encoder": ["query", "item"], "bi-encoder": ["text"]}
+#: Token-id tensors each model kind takes.
+TOKEN_TENSORS = {
+    "cross-encoder": ["input_ids", "attention_mask", "token_type_ids"],
+    "bi-encoder": ["input_ids", "attention_mask"],
+}
+
+
+def tokenizer_config(name: str, kind: str, max_length: int, max_batch_size: int) -> str:
+    """config.pbtxt of the Python-backend tokenizer model (raw text -> token ids)."""
+    inputs = ",\n".join(_tensor_lines(t, "TYPE_STRING", [1], False) for t in TEXT_INPUTS[kind])
+    outputs = ",\n".join(_tensor_lines(t, "TYPE_INT64", [-1], False) for t in TOKEN_TENSORS[kind])
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+        f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
+        f'parameters: {{\n  key: "kind"\n  value: {{ string_value: "{kind}" }}\n}}\n'
+        f'parameters: {{\n  key: "max_length"\n  value: {{ string_value: "{max_length}" }}\n}}\n'
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    )
+
+
+def ensemble_config(
+    name: str, tokenizer: str, model: str, kind: str, model_config: str, max_batch_size: int
+) -> str:
+    """config.pbtxt of the ensemble that clients send raw text to: tokenizer, then model.
+    Its outputs are the model's (read from ``model_config``)."""
+    parsed = parse_config(model_config)
+    types = model_config_module().DataType
+    inputs = ",\n".join(_tensor_lines(t, "TYPE_STRING", [1], False) for t in TEXT_INPUTS[kind])
+    outputs = ",\n".join(
+        _tensor_lines(o.name, types.Name(o.data_type), list(o.dims), False) for o in parsed.output
+    )
+
+    def mapping(kind_of_map: str, names: list[str]) -> str:
+        return "".join(f'      {kind_of_map} {{ key: "{n}" value: "{n}" }}\n' for n in names)
+
+    steps = (
+        f'    {{\n      model_name: "{tokenizer}"\n      model_version: -1\n'
+        + mapping("input_map", TEXT_INPUTS[kind])
+        + mapping("output_map", TOKEN_TENSORS[kind])
+        + f'    }},\n    {{\n      model_name: "{model}"\n      model_version: -1\n'
+        + mapping("input_map", TOKEN_TENSORS[kind])
+        + mapping("output_map", [o.name for o in parsed.output])
+        + "    }"
+    )
+    return (
+        f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
+        f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
+        f"ensemble_scheduling {{\n  step [\n{steps}\n  ]\n}}\n"
+    )
+
+
+def text_model_names(name: str) -> tuple[str, str]:
+    """(tokenizer model, raw-text ensemble) names for model ``name``."""
+    return f"{name}-tokenizer", f"{name}-text"
+
+
+def publish_text_models(
+    repository: Path,
+    name: str,
+    tokenizer_dir: Path,
+    kind: str,
+    max_length: int,
+    max_batch_size: int,
+    version: int,
+) -> None:
+    """Publish the tokenizer model and the raw-text ensemble for version ``version`` of
+    model ``name`` (published first, so the ensemble never points at a missing step)."""
+    tokenizer_name, ensemble_name = text_model_names(name)
+    _publish_version(
+        repository / tokenizer_name,
+        version,
+        {"model.py": TOKENIZER_BACKEND, "tokenizer": tokenizer_dir},
+        tokenizer_config(tokenizer_name, kind, max_length, max_batch_size),
+    )
+    model_config = (repository / name / "config.pbtxt").read_text()
+    config = ensemble_config(
+        ensemble_name, tokenizer_name, name, kind, model_config, max_batch_size
+    )
+    parse_config(config)
+    (repository / ensemble_name / str(version)).mkdir(parents=True, exist_ok=True)
+    tmp = repository / ensemble_name / f".config.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(config)
+    os.replace(tmp, repository / ensemble_name / "config.pbtxt")

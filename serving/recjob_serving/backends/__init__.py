@@ -1,0 +1,1 @@
+"""Files written into Triton model repositories (Python-backend models)."""

@@ -1,0 +1,80 @@
+"""KServe's ModelServer, listening where it is told (KServe 0.21 always binds 0.0.0.0).
+
+Only the single-process path of ``ModelServer.start`` is used; the REST server's uvicorn
+config gets the host, and the gRPC server binds ``host:port`` instead of ``[::]:port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from grpc import aio
+from kserve import ModelServer
+from kserve.logging import logger
+from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.rest.server import RESTServer
+
+
+class LoopbackGRPCServer(GRPCServer):
+    """KServe's gRPC server bound to one host."""
+
+    def __init__(self, host: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._host = host
+
+    async def start(self, max_workers: int) -> None:
+        """As GRPCServer.start, but listening on ``host:port``."""
+        from concurrent import futures
+
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        address = f"{self._host}:{self._port}"
+        if self._server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address} (gRPC)")
+        logger.info("Starting gRPC server on %s", address)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class LoopbackModelServer(ModelServer):
+    """ModelServer whose REST and gRPC servers listen on ``host`` only."""
+
+    def __init__(self, host: str = "127.0.0.1", **kwargs):
+        super().__init__(workers=1, **kwargs)
+        self.host = host
+
+    def start(self, models: list) -> None:
+        """Register the models and serve REST (+ gRPC) until stopped."""
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = RESTServer(
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        self._rest_server.config.host = self.host
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = LoopbackGRPCServer(
+                self.host,
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs={},
+                grace_period=self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())

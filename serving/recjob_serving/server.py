@@ -1,0 +1,416 @@
+"""``recjob-serve serve``: a KServe ``ModelServer`` for a Triton model repository on CPU.
+
+Every model in the repository is served at one version (the newest, or the one asked
+for), as Triton's default version policy does:
+
+- ``onnxruntime_onnx`` models run in ONNX Runtime (off the event loop, in an executor);
+- Python-backend models (the tokenizer) run their own ``model.py`` (see ``python_backend``);
+- ensembles run their steps in order, mapping tensors as their config says.
+
+Requests speak the Open Inference Protocol v2 over HTTP and gRPC (KServe's data plane, so
+the binary tensor extension and tritonclient work). Every input is checked against the
+model's ``config.pbtxt`` before it reaches a model: bad input gets a 400 naming the tensor
+and what was expected, an unknown model a 404, never a 500. Metrics, labelled by model
+and version, are on ``/metrics``. Servers listen on 127.0.0.1 unless told otherwise and
+stop gracefully on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import kserve
+import numpy as np
+import onnx
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from prometheus_client import Counter, Histogram
+
+from .export import session
+from .python_backend import PythonBackendModel, TritonError
+from .repository import model_config_module, parse_config, published_versions
+
+log = logging.getLogger("recjob_serving.server")
+
+REQUESTS = Counter(
+    "recjob_inference_requests_total", "Inference requests received", ["model", "version"]
+)
+ERRORS = Counter(
+    "recjob_inference_errors_total",
+    "Inference requests that failed (kind: invalid_input -> 400, internal -> 500)",
+    ["model", "version", "kind"],
+)
+LATENCY = Histogram(
+    "recjob_inference_request_duration_seconds",
+    "Time to answer a successful inference request (validation, model, encoding)",
+    ["model", "version"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+ROWS = Counter("recjob_inference_rows_total", "Rows (batch entries) scored", ["model", "version"])
+
+#: Triton config data types -> Open Inference Protocol datatypes.
+OIP_TYPES = {
+    "TYPE_INT64": "INT64",
+    "TYPE_INT32": "INT32",
+    "TYPE_FP32": "FP32",
+    "TYPE_FP16": "FP16",
+    "TYPE_STRING": "BYTES",
+    "TYPE_BOOL": "BOOL",
+}
+#: Refuse requests that would make the server allocate more than this many elements.
+MAX_ELEMENTS = 1 << 22
+
+
+class RepositoryError(ValueError):
+    """The model repository cannot be served (names the model and the problem)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as the model's config declares it (without the batch axis)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+    def shape(self) -> list[int]:
+        """The client-facing shape, batch axis first."""
+        return [-1, *self.dims]
+
+
+def tensor_specs(values) -> list[TensorSpec]:
+    """TensorSpecs of a config's ``input`` or ``output`` list."""
+    types = model_config_module().DataType
+    return [
+        TensorSpec(v.name, OIP_TYPES[types.Name(v.data_type)], tuple(int(d) for d in v.dims))
+        for v in values
+    ]
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"'{spec.name}' ({spec.datatype}, shape {spec.shape()})"
+
+
+def decode_inputs(
+    payload: object, specs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int
+) -> dict[str, np.ndarray]:
+    """Check a request against the model's declared tensors and decode it to numpy.
+
+    Raises ``InvalidInput`` (HTTP 400 / gRPC INVALID_ARGUMENT) naming the tensor and what
+    was expected: unknown, missing or repeated inputs, wrong datatype, wrong rank or fixed
+    dimension, empty or oversized batch, inconsistent batch sizes, data that does not fill
+    the shape, and requested outputs the model does not have.
+    """
+    if not isinstance(payload, InferRequest):
+        raise InvalidInput(
+            "this server speaks the Open Inference Protocol v2: "
+            "POST /v2/models/<model>/infer with a JSON 'inputs' list (or use gRPC)"
+        )
+    by_name = {spec.name: spec for spec in specs}
+    seen: dict[str, np.ndarray] = {}
+    batch_sizes: dict[str, int] = {}
+    for tensor in payload.inputs:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            expected = ", ".join(_describe(s) for s in specs)
+            raise InvalidInput(f"unknown input '{tensor.name}'; this model takes {expected}")
+        if tensor.name in seen:
+            raise InvalidInput(f"input '{tensor.name}' is given more than once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input '{tensor.name}' has datatype {tensor.datatype}; expected {spec.datatype}"
+            )
+        shape = list(tensor.shape)
+        if len(shape) != 1 + len(spec.dims) or any(not isinstance(d, int) or d < 0 for d in shape):
+            raise InvalidInput(
+                f"input '{tensor.name}' has shape {shape}; expected {spec.shape()} "
+                "(batch first, non-negative sizes)"
+            )
+        for axis, (got, want) in enumerate(zip(shape[1:], spec.dims, strict=True), start=1):
+            if want >= 0 and got != want:
+                raise InvalidInput(
+                    f"input '{tensor.name}' has size {got} on axis {axis}; expected {want}"
+                )
+        if shape[0] == 0 or int(np.prod(shape)) == 0:
+            raise InvalidInput(f"input '{tensor.name}' is empty (shape {shape})")
+        if shape[0] > max_batch_size:
+            raise InvalidInput(
+                f"input '{tensor.name}' has batch size {shape[0]}, over this model's "
+                f"max_batch_size {max_batch_size}"
+            )
+        if int(np.prod(shape)) > MAX_ELEMENTS:
+            raise InvalidInput(
+                f"input '{tensor.name}' has {int(np.prod(shape))} elements, over the "
+                f"limit of {MAX_ELEMENTS}"
+            )
+        try:
+            array = tensor.as_numpy()
+        except Exception as error:
+            raise InvalidInput(
+                f"input '{tensor.name}': its data does not fill shape {shape} as "
+                f"{spec.datatype} ({type(error).__name__}: {error})"
+            ) from None
+        seen[tensor.name] = array
+        batch_sizes[tensor.name] = shape[0]
+    missing = [spec for spec in specs if spec.name not in seen]
+    if missing:
+        raise InvalidInput("missing input " + ", ".join(_describe(s) for s in missing))
+    if len(set(batch_sizes.values())) > 1:
+        raise InvalidInput(f"inputs disagree on the batch size: {batch_sizes}")
+    known_outputs = {spec.name for spec in outputs}
+    for requested in payload.request_outputs or []:
+        if requested.name not in known_outputs:
+            raise InvalidInput(
+                f"unknown output '{requested.name}'; this model returns "
+                + ", ".join(sorted(known_outputs))
+            )
+    return seen
+
+
+class RepositoryModel(kserve.Model):
+    """One version of one model of the repository, served through KServe's data plane."""
+
+    def __init__(self, model_dir: Path, version: int, config) -> None:
+        super().__init__(config.name)
+        self.model_dir, self.version, self.config = model_dir, version, config
+        self.inputs = tensor_specs(config.input)
+        self.outputs = tensor_specs(config.output)
+        self.max_batch_size = max(int(config.max_batch_size), 1)
+        self._labels = {"model": config.name, "version": str(version)}
+        for kind in ("invalid_input", "internal"):  # so the series exist before a failure
+            ERRORS.labels(**self._labels, kind=kind)
+        REQUESTS.labels(**self._labels)
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        """Declared inputs (model metadata)."""
+        return [{"name": s.name, "datatype": s.datatype, "shape": s.shape()} for s in self.inputs]
+
+    def get_output_types(self) -> list[dict]:
+        """Declared outputs (model metadata)."""
+        return [{"name": s.name, "datatype": s.datatype, "shape": s.shape()} for s in self.outputs]
+
+    def check(self, tensors: dict[str, np.ndarray]) -> None:
+        """Model-specific checks of decoded inputs (``InvalidInput`` on failure)."""
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compute every output (shapes as the model produces them)."""
+        raise NotImplementedError
+
+    def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checked run, outputs reshaped to the declared client-facing shapes."""
+        self.check(tensors)
+        results = self.run(tensors)
+        batch = next(iter(tensors.values())).shape[0]
+        shaped = {}
+        for spec in self.outputs:
+            value = np.asarray(results[spec.name])
+            if value.ndim != 1 + len(spec.dims):  # e.g. a [batch] score declared as [1]
+                value = value.reshape(batch, *spec.dims)
+            shaped[spec.name] = value
+        return shaped
+
+    async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
+        """Validate, run the model in an executor, count and time the request."""
+        started = time.perf_counter()
+        REQUESTS.labels(**self._labels).inc()
+        try:
+            tensors = decode_inputs(payload, self.inputs, self.outputs, self.max_batch_size)
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(None, self.infer, tensors)
+        except InvalidInput:
+            ERRORS.labels(**self._labels, kind="invalid_input").inc()
+            raise
+        except Exception:
+            ERRORS.labels(**self._labels, kind="internal").inc()
+            raise
+        by_type = {s.name: s.datatype for s in self.outputs}
+        outputs = []
+        for name, value in results.items():
+            output = InferOutput(name, list(value.shape), by_type[name])
+            # data must be set this way: KServe's gRPC encoder tests list data for truth
+            output.set_data_from_numpy(value, binary_data=payload.use_binary_outputs)
+            outputs.append(output)
+        response = InferResponse(
+            response_id=payload.id or "",
+            model_name=self.name,
+            model_version=str(self.version),
+            infer_outputs=outputs,
+            from_grpc=payload.from_grpc,
+            use_binary_outputs=payload.use_binary_outputs,
+            requested_outputs=payload.request_outputs,
+        )
+        ROWS.labels(**self._labels).inc(next(iter(results.values())).shape[0])
+        LATENCY.labels(**self._labels).observe(time.perf_counter() - started)
+        return response
+
+
+def _embedding_rows(graph: onnx.GraphProto, input_name: str) -> int | None:
+    """Rows of the embedding table an input indexes (vocabulary size), if it has one."""
+    tables = {i.name: list(i.dims) for i in graph.initializer}
+    for node in graph.node:
+        if input_name in node.input:
+            for other in node.input:
+                if other in tables and len(tables[other]) == 2:
+                    return int(tables[other][0])
+    return None
+
+
+class OnnxModel(RepositoryModel):
+    """An ``onnxruntime_onnx`` model version (token ids in, scores or embeddings out)."""
+
+    def __init__(self, model_dir: Path, version: int, config) -> None:
+        super().__init__(model_dir, version, config)
+        path = model_dir / str(version) / "model.onnx"
+        self.session = session(path)
+        card = model_dir / str(version) / "recjob.json"
+        self.card = json.loads(card.read_text()) if card.exists() else {}
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.value_limits = {
+            spec.name: _embedding_rows(graph, spec.name)
+            for spec in self.inputs
+            if spec.datatype in ("INT64", "INT32")
+        }
+        if "attention_mask" in self.value_limits:
+            self.value_limits["attention_mask"] = 2
+
+    def check(self, tensors: dict[str, np.ndarray]) -> None:
+        """Token ids inside the vocabulary, masks of 0/1, one sequence length, and no
+        longer than the model was trained for."""
+        lengths = {name: value.shape[1] for name, value in tensors.items() if value.ndim == 2}
+        if len(set(lengths.values())) > 1:
+            raise InvalidInput(f"inputs disagree on the sequence length: {lengths}")
+        max_length = self.card.get("max_length")
+        if max_length and lengths and max(lengths.values()) > max_length:
+            raise InvalidInput(
+                f"sequence length {max(lengths.values())} is over this model's max length "
+                f"{max_length} (truncate when tokenizing)"
+            )
+        for name, limit in self.value_limits.items():
+            value = tensors[name]
+            if limit is not None and (value.min() < 0 or value.max() >= limit):
+                raise InvalidInput(
+                    f"input '{name}' has values in [{value.min()}, {value.max()}]; "
+                    f"expected 0 <= value < {limit}"
+                )
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One ONNX Runtime call."""
+        names = [o.name for o in self.session.get_outputs()]
+        feed = {k: v.astype(np.int64) if v.dtype.kind == "i" else v for k, v in tensors.items()}
+        return dict(zip(names, self.session.run(names, feed), strict=True))
+
+
+class PythonModel(RepositoryModel):
+    """A Python-backend model version (the tokenizer)."""
+
+    def __init__(self, model_dir: Path, version: int, config) -> None:
+        super().__init__(model_dir, version, config)
+        self.backend = PythonBackendModel(model_dir, version, config)
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's own ``execute``; its per-request error becomes a 400."""
+        try:
+            return self.backend.execute(tensors)
+        except TritonError as error:
+            raise InvalidInput(f"{self.name}: {error.message()}") from None
+
+
+class EnsembleModel(RepositoryModel):
+    """An ensemble: each step's inputs taken from the tensors so far, outputs added."""
+
+    def __init__(self, model_dir: Path, version: int, config, models: dict) -> None:
+        super().__init__(model_dir, version, config)
+        self.steps = []
+        for step in config.ensemble_scheduling.step:
+            if step.model_name not in models:
+                raise RepositoryError(
+                    f"ensemble '{config.name}' uses model '{step.model_name}', which is not "
+                    "in the repository"
+                )
+            self.steps.append(
+                (models[step.model_name], dict(step.input_map), dict(step.output_map))
+            )
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the steps in order (each step's own checks apply)."""
+        values = dict(tensors)
+        for model, input_map, output_map in self.steps:
+            outputs = model.infer({inner: values[outer] for inner, outer in input_map.items()})
+            values.update({outer: outputs[inner] for inner, outer in output_map.items()})
+        return values
+
+
+def _version_to_serve(model_dir: Path, version: int | None) -> int:
+    versions = published_versions(model_dir)
+    if not versions:
+        raise RepositoryError(f"model '{model_dir.name}' has no published version")
+    if version is None:
+        return versions[-1]
+    if version not in versions:
+        raise RepositoryError(
+            f"model '{model_dir.name}' has no version {version} (published: {versions})"
+        )
+    return version
+
+
+def load_repository(repository: Path, version: int | None = None) -> list[RepositoryModel]:
+    """Load every model of a Triton repository at ``version`` (default: each model's
+    newest). TensorRT plans are skipped with a warning (they need Triton on a GPU node)."""
+    if not repository.is_dir():
+        raise RepositoryError(f"model repository {repository} does not exist")
+    configs = {}
+    for config_path in sorted(repository.glob("*/config.pbtxt")):
+        config = parse_config(config_path.read_text())
+        if config.name != config_path.parent.name:
+            raise RepositoryError(
+                f"{config_path}: name '{config.name}' differs from its folder "
+                f"'{config_path.parent.name}'"
+            )
+        configs[config.name] = config
+    models: dict[str, RepositoryModel] = {}
+    ensembles = []
+    for name, config in configs.items():
+        model_dir = repository / name
+        if config.platform == "ensemble":
+            ensembles.append((model_dir, config))
+        elif config.platform == "onnxruntime_onnx":
+            models[name] = OnnxModel(model_dir, _version_to_serve(model_dir, version), config)
+        elif config.backend == "python":
+            models[name] = PythonModel(model_dir, _version_to_serve(model_dir, version), config)
+        else:
+            log.warning(
+                "skipping model %s: %s needs Triton (a GPU node)",
+                name,
+                config.platform or config.backend,
+            )
+    for model_dir, config in ensembles:
+        ensemble_version = _version_to_serve(model_dir, version)
+        models[config.name] = EnsembleModel(model_dir, ensemble_version, config, models)
+    if not models:
+        raise RepositoryError(f"model repository {repository} has no model this server can run")
+    return list(models.values())
+
+
+def serve(
+    repository: Path,
+    host: str = "127.0.0.1",
+    http_port: int = 8080,
+    grpc_port: int = 8081,
+    version: int | None = None,
+    grace_period: int = 10,
+) -> None:
+    """Serve ``repository`` until SIGTERM/SIGINT (blocking)."""
+    from .loopback import LoopbackModelServer
+
+    models = load_repository(repository, version)
+    for model in models:
+        log.info("serving %s version %s", model.name, model.version)
+    LoopbackModelServer(
+        host=host, http_port=http_port, grpc_port=grpc_port, grace_period=grace_period
+    ).start(models)

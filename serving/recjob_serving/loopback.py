@@ -1,7 +1,10 @@
-"""KServe's ModelServer, listening where it is told (KServe 0.21 always binds 0.0.0.0).
+"""KServe's ModelServer, listening where it is told and answering bad requests with 400.
 
-Only the single-process path of ``ModelServer.start`` is used; the REST server's uvicorn
-config gets the host, and the gRPC server binds ``host:port`` instead of ``[::]:port``.
+KServe 0.21 always binds 0.0.0.0: here only the single-process path of
+``ModelServer.start`` is used, the REST server's uvicorn config gets the host, and the gRPC
+server binds ``host:port`` instead of ``[::]:port``. KServe's REST decoder also lets some
+malformed requests escape as 500s (a binary body whose JSON lacks ``inputs``, binary
+BYTES that are not UTF-8, data that does not fill its shape): those become 400s.
 """
 
 from __future__ import annotations
@@ -10,13 +13,30 @@ import asyncio
 
 from grpc import aio
 from kserve import ModelServer
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound
 from kserve.logging import logger
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
+
+
+class ClientErrorDataPlane(DataPlane):
+    """KServe's data plane whose request decoding reports failures as the client's (400)."""
+
+    def decode(self, body, headers, protocol_version=None, model_name=None):
+        """As DataPlane.decode; any decoding failure becomes ``InvalidInput``."""
+        try:
+            if protocol_version is None:
+                return super().decode(body, headers, model_name=model_name)
+            return super().decode(body, headers, protocol_version, model_name)
+        except (InvalidInput, ModelNotFound):
+            raise
+        except (InferenceError, KeyError, ValueError, TypeError, IndexError) as error:
+            raise InvalidInput(f"malformed request: {type(error).__name__}: {error}") from None
 
 
 class LoopbackGRPCServer(GRPCServer):
@@ -50,6 +70,7 @@ class LoopbackModelServer(ModelServer):
     def __init__(self, host: str = "127.0.0.1", **kwargs):
         super().__init__(workers=1, **kwargs)
         self.host = host
+        self.dataplane = ClientErrorDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list) -> None:
         """Register the models and serve REST (+ gRPC) until stopped."""

@@ -275,6 +275,8 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "quality gate passed" in ok.stdout and report["published_version"] == 1
     assert (tmp_path / "repo" / "search" / "1" / "model.onnx").exists()
+    assert (tmp_path / "repo" / "search-tokenizer" / "1" / "model.py").exists()
+    assert (tmp_path / "repo" / "search-text" / "config.pbtxt").exists()
     assert report["model_bytes"]["fp32"] / report["model_bytes"]["converted"] > 3.5
 
     strict, report = run(
@@ -289,6 +291,9 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
     assert "rank correlation with the source model is" in strict.stderr
     assert report["passed"] is False and report["published_version"] is None
     assert sorted(p.name for p in (tmp_path / "repo" / "search").iterdir()) == ["1", "config.pbtxt"]
+    assert [p.name for p in (tmp_path / "repo" / "search-tokenizer").iterdir() if p.is_dir()] == [
+        "1"
+    ]
 
     trt, report = run(
         "trt",

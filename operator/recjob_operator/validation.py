@@ -25,7 +25,7 @@ from .api.v1alpha1.spec import METRIC_PATTERN, RecJobSpec
 BUNDLED_MODELS: dict[str, tuple[int, int, int]] = {"all-MiniLM-L6-v2": (6, 384, 12)}
 
 #: Placeholders a canary PromQL template may use.
-QUERY_PLACEHOLDERS = ("revision", "namespace", "service", "interval")
+QUERY_PLACEHOLDERS = ("revision", "stable", "namespace", "service", "interval")
 _PLACEHOLDER_RE = re.compile(r"{{\s*([A-Za-z_][A-Za-z0-9_]*)\s*}}")
 
 #: DeepSpeed config keys that the spec owns; configOverrides may not set them.

@@ -46,7 +46,7 @@ ERRORS = Counter(
     ["model", "version", "kind"],
 )
 LATENCY = Histogram(
-    "recjob_inference_request_duration_seconds",
+    "recjob_inference_latency_seconds",
     "Time to answer a successful inference request (validation, model, encoding)",
     ["model", "version"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),

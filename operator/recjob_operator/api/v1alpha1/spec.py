@@ -358,8 +358,9 @@ class ServingSpec(ApiModel):
 class MetricCheck(ApiModel):
     """One canary check: a PromQL query and the range its value must stay in.
 
-    The query is a template; ``{{revision}}`` becomes the revision under analysis
-    (canary or stable), ``{{namespace}}``, ``{{service}}`` and ``{{interval}}`` are
+    The query is a template; ``{{revision}}`` becomes the canary revision under analysis,
+    ``{{stable}}`` the stable revision (to compare the canary with it, e.g. a ratio of
+    click-through rates), ``{{namespace}}``, ``{{service}}`` and ``{{interval}}`` are
     filled in too. Missing data never counts as a pass."""
 
     name: DnsLabel

@@ -132,7 +132,10 @@ class RolloutStatus(ApiModel):
     """Prometheus errors, counted apart from failed checks."""
     no_data_since: Timestamp | None = None
     started_at: Timestamp | None = None
+    step_started_at: Timestamp | None = None
+    """When the current weight was set (analyses start one interval later)."""
     last_analysis_time: Timestamp | None = None
+    next_analysis_time: Timestamp | None = None
     history: list[AnalysisRecord] = Field(default_factory=list, max_length=MAX_HISTORY)
     message: str | None = None
 

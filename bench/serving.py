@@ -1,0 +1,311 @@
+"""Serving speed and quality: PyTorch eager fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8.
+
+    .venv/bin/python bench/serving.py [--shared ../shared] [--steps 200]
+                                      [--model-run runs/bench/serving-model]
+
+One run, one machine. A Home Depot cross-encoder is fine-tuned briefly (2 processes,
+``--steps``; or an existing trainer run is reused with ``--model-run``), then converted
+twice with ``recjob-serve convert`` (onnxruntime-fp32 and onnxruntime-int8, each gated on
+the same held-out queries). Then:
+
+- in-process: every backend scores the same token batches (batch 1 and 32, real
+  held-out query/title pairs, and fixed-shape ids of length 32): rows/s, p50/p99 per call;
+- served: ``recjob-serve serve`` on 127.0.0.1 answers ``recjob-serve bench`` (gRPC,
+  tritonclient) for the fp32 and int8 token models and the int8 raw-text ensemble;
+- quality: NDCG@10 / RMSE of the PyTorch model, the fp32 and the int8 ONNX models on the
+  held-out queries (from the two quality gates), model sizes.
+
+Targets (issue 4): served int8 rows/s >= 3x in-process PyTorch eager fp32 at batch 32
+(eager is measured in-process, without any server overhead, so the ratio is conservative),
+int8 NDCG@10 within 1% relative of fp32, served p50 at batch 1 <= 1.3x the in-process
+int8 call. Writes bench/results/serving.json and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from common import BIN, free_port, run_trainer
+
+HERE = Path(__file__).resolve().parent
+SEQUENCE_LENGTH = 32
+
+
+def train_config(shared: Path, run: Path, steps: int) -> dict:
+    """A short Home Depot fine-tune (what the served model is)."""
+    return {
+        "name": "serving-model",
+        "outputUri": str(run),
+        "logIntervalSteps": 20,
+        "data": {
+            "task": "search-ranking",
+            "train": str(shared / "data" / "homedepot-search" / "queries-dev.csv"),
+            "columns": {
+                "query": "search_term",
+                "itemId": "product_uid",
+                "itemText": "product_title",
+                "label": "relevance",
+            },
+            "preprocessing": {"split": {"strategy": "by-query", "seed": 7}},
+        },
+        "model": {"maxSequenceLength": 48, "head": {"objective": "regression"}},
+        "training": {
+            "processesPerNode": 2,
+            "deepspeed": {"zeroStage": 2},
+            "precision": "bf16",
+            "microBatchSize": 16,
+            "learningRate": 5e-5,
+            "maxSteps": steps,
+            "evalIntervalSteps": steps,
+            "checkpoint": {"intervalSteps": steps},
+        },
+        "evaluation": {"batchSize": 64, "maxGroups": 300, "baselines": False},
+    }
+
+
+def convert(run: Path, work: Path, target: str, name: str, groups: int) -> dict:
+    """`recjob-serve convert` into work/repository; returns quality-gate.json."""
+    config = {
+        "modelDir": str(run / "model"),
+        "dataDir": str(run / "data"),
+        "outputDir": str(work / name),
+        "repository": str(work / "repository"),
+        "modelName": name,
+        # a loose budget so the benchmark always gets a model to time; the drop is reported
+        "export": {"target": target, "qualityBudget": {"maxRelativeDrop": 0.05}},
+        "maxEvalGroups": groups,
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([str(BIN / "recjob-serve"), "convert", "--config", str(path)], check=True)
+    return json.loads((work / name / "quality-gate.json").read_text())
+
+
+def timed_calls(call, batches: list, repeats: int) -> dict:
+    """rows/s and per-call p50/p99 (ms) of ``call`` over ``batches`` x ``repeats``."""
+    for batch in batches[:3]:  # warm-up
+        call(batch)
+    times, rows = [], 0
+    for _ in range(repeats):
+        for batch in batches:
+            started = time.perf_counter()
+            call(batch)
+            times.append(time.perf_counter() - started)
+            rows += len(batch["input_ids"])
+    ms = np.asarray(times) * 1000
+    return {
+        "rows_per_s": rows / float(np.sum(times)),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "calls": len(times),
+    }
+
+
+def token_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[dict]:
+    """Real pairs, tokenized as the trainer does (padded to each batch's longest)."""
+    out = []
+    for start in range(0, len(pairs) - batch_size + 1, batch_size):
+        queries, items = zip(*pairs[start : start + batch_size], strict=True)
+        tokens = tokenizer(
+            list(queries), list(items), padding=True, truncation=True, max_length=48,
+            return_tensors="np",
+        )  # fmt: skip
+        out.append({k: tokens[k].astype(np.int64) for k in tokens})
+    return out
+
+
+def fixed_batches(batch_size: int, count: int) -> list[dict]:
+    """Token ids of length 32, as `recjob-serve bench` sends to token models."""
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "input_ids": rng.integers(1000, 5000, (batch_size, SEQUENCE_LENGTH), dtype=np.int64),
+            "attention_mask": np.ones((batch_size, SEQUENCE_LENGTH), dtype=np.int64),
+            "token_type_ids": np.zeros((batch_size, SEQUENCE_LENGTH), dtype=np.int64),
+        }
+        for _ in range(count)
+    ]
+
+
+def in_process(run: Path, repository: Path, pairs: list[tuple[str, str]]) -> dict:
+    """Each backend on the same batches, in this process."""
+    import torch
+
+    from recjob_serving.export import session
+    from recjob_trainer.models import load_model
+
+    model, tokenizer = load_model(run / "model")
+
+    def eager(batch: dict) -> None:
+        with torch.no_grad():
+            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+            model.predict(model.score_pairs(**tensors))
+
+    def ort_call(path: Path):
+        sess = session(path)
+        return lambda batch: sess.run(["score"], batch)
+
+    backends = {
+        "pytorch-eager-fp32": eager,
+        "onnxruntime-fp32": ort_call(repository / "search-fp32" / "1" / "model.onnx"),
+        "onnxruntime-int8": ort_call(repository / "search-int8" / "1" / "model.onnx"),
+    }
+    results: dict = {}
+    for name, call in backends.items():
+        results[name] = {}
+        for batch_size, repeats in ((1, 3), (32, 2)):
+            results[name][f"real_text_batch_{batch_size}"] = timed_calls(
+                call, token_batches(tokenizer, pairs, batch_size)[:64], repeats
+            )
+            results[name][f"length_32_batch_{batch_size}"] = timed_calls(
+                call, fixed_batches(batch_size, 16), 4 if batch_size == 1 else 2
+            )
+        print(name, json.dumps(results[name], indent=None)[:300])
+    return results
+
+
+def served(repository: Path, work: Path, pairs: list[tuple[str, str]]) -> dict:
+    """`recjob-serve bench` (gRPC) against `recjob-serve serve`."""
+    http, grpc = free_port(), free_port()
+    log = (work / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "recjob-serve"), "serve", str(repository), "--http-port", str(http),
+         "--grpc-port", str(grpc)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    texts = work / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"query": q, "item": i}) + "\n" for q, i in pairs))
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(
+            ["curl", "-sf", f"http://127.0.0.1:{http}/v2/health/ready"], capture_output=True
+        ).returncode:
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit(f"server did not start; see {work / 'server.log'}")
+            time.sleep(0.5)
+        runs = {
+            "int8_batch_1": ("search-int8", 1, 1, 300),
+            "fp32_batch_1": ("search-fp32", 1, 1, 300),
+            "int8_batch_32": ("search-int8", 32, 2, 60),
+            "fp32_batch_32": ("search-fp32", 32, 2, 30),
+            "int8_text_batch_32": ("search-int8-text", 32, 2, 60),
+            "int8_text_batch_1": ("search-int8-text", 1, 1, 300),
+        }
+        results = {}
+        for key, (model, batch, concurrency, requests) in runs.items():
+            out = work / f"load-{key}.json"
+            subprocess.run(
+                [str(BIN / "recjob-serve"), "bench", f"127.0.0.1:{grpc}", "--protocol", "grpc",
+                 "--model", model, "--batch-size", str(batch), "--concurrency",
+                 str(concurrency), "--requests", str(requests), "--sequence-length",
+                 str(SEQUENCE_LENGTH), "--texts", str(texts), "-o", str(out)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            report = json.loads(out.read_text())
+            results[key] = {
+                "rows_per_s": report["rows_per_s"],
+                "p50_ms": report["latency_ms"]["p50"],
+                "p99_ms": report["latency_ms"]["p99"],
+                "requests": report["succeeded"],
+                "concurrency": concurrency,
+            }
+            print("served", key, results[key])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
+    parser.add_argument("--runs", type=Path, default=HERE.parent / "runs" / "bench")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--model-run", type=Path, default=None, help="reuse a trainer run")
+    parser.add_argument("--gate-groups", type=int, default=400)
+    args = parser.parse_args()
+    work = (args.runs / "serving").resolve()
+    if work.exists():
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    run = args.model_run
+    training = None
+    if run is None:
+        run = args.runs.resolve() / "serving-model"
+        result = run_trainer(train_config(args.shared.resolve(), run, args.steps), work)
+        training = {"steps": args.steps, "wall_seconds": result["wall_seconds"]}
+    gates = {
+        target: convert(run, work, target, f"search-{target.split('-')[1]}", args.gate_groups)
+        for target in ("onnxruntime-fp32", "onnxruntime-int8")
+    }
+    import polars as pl
+
+    test = pl.read_parquet(run / "data" / "test.parquet")
+    pairs = list(zip(test["query"].to_list(), test["item_text"].to_list(), strict=True))[:2048]
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    local = in_process(run, work / "repository", pairs)
+    remote = served(work / "repository", work, pairs)
+    fp32_gate, int8_gate = gates["onnxruntime-fp32"], gates["onnxruntime-int8"]
+    quality = {
+        "metric": int8_gate["metric"],
+        "pytorch_fp32": int8_gate["source_value"],
+        "onnxruntime_fp32": fp32_gate["converted_value"],
+        "onnxruntime_int8": int8_gate["converted_value"],
+        "int8_vs_fp32_relative_drop": (fp32_gate["converted_value"] - int8_gate["converted_value"])
+        / fp32_gate["converted_value"],
+        "int8_rank_correlation": int8_gate["rank_correlation"],
+        "rmse": {
+            "pytorch_fp32": int8_gate["source"].get("rmse"),
+            "onnxruntime_fp32": fp32_gate["converted"].get("rmse"),
+            "onnxruntime_int8": int8_gate["converted"].get("rmse"),
+        },
+        "rows": int8_gate["rows"],
+        "gate_reports": gates,
+    }
+    eager_32 = local["pytorch-eager-fp32"]["length_32_batch_32"]["rows_per_s"]
+    ratios = {
+        "served_int8_vs_inprocess_eager_batch_32": remote["int8_batch_32"]["rows_per_s"] / eager_32,
+        "inprocess_int8_vs_eager_batch_32": local["onnxruntime-int8"]["length_32_batch_32"][
+            "rows_per_s"
+        ]
+        / eager_32,
+        "served_p50_vs_inprocess_int8_batch_1": remote["int8_batch_1"]["p50_ms"]
+        / local["onnxruntime-int8"]["length_32_batch_1"]["p50_ms"],
+        "int8_ndcg_relative_drop_vs_fp32": quality["int8_vs_fp32_relative_drop"],
+    }
+    sizes = {
+        "pytorch_safetensors": (run / "model" / "model.safetensors").stat().st_size,
+        "onnx_fp32": (work / "repository" / "search-fp32" / "1" / "model.onnx").stat().st_size,
+        "onnx_int8": (work / "repository" / "search-int8" / "1" / "model.onnx").stat().st_size,
+    }
+    results = {
+        "machine": {"cpus": os.cpu_count()},
+        "training": training,
+        "quality": quality,
+        "in_process": local,
+        "served": remote,
+        "model_bytes": sizes,
+        "ratios": ratios,
+        "targets": {
+            "served_int8_vs_inprocess_eager_batch_32": ">= 3",
+            "int8_ndcg_relative_drop_vs_fp32": "<= 0.01",
+            "served_p50_vs_inprocess_int8_batch_1": "<= 1.3",
+        },
+    }
+    out = HERE / "results" / "serving.json"
+    out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(json.dumps({"quality": {k: v for k, v in quality.items() if k != "gate_reports"},
+                      "ratios": ratios, "model_bytes": sizes}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The operator's reconcile core and canary analysis, shared by both backends."""

@@ -1,0 +1,336 @@
+"""The pure reconcile core: phases, idempotency, canary analysis, rollback, generations."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from recjob_operator.controller.analysis import Reading, render_query
+from recjob_operator.controller.reconcile import (
+    ChildObservation,
+    CleanupGeneration,
+    CreateConversion,
+    CreateTraining,
+    DeployStable,
+    EmitEvent,
+    Observed,
+    Promote,
+    RollBack,
+    ServingObservation,
+    SetCanary,
+    analysis_due,
+    reconcile,
+)
+from recjob_operator.validation import parse_recjob
+from tests.conftest import MINIMAL
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+METRICS = {
+    "model": {"ndcg@10": 0.91, "rmse": 0.47},
+    "main_metric": "ndcg@10",
+    "card": {"base_model": "all-MiniLM-L6-v2", "data_snapshot": "sha256:aa"},
+}
+GATE_OK = {
+    "metric": "ndcg@10",
+    "source_value": 0.91,
+    "converted_value": 0.905,
+    "relative_drop": 0.0055,
+    "budget": 0.01,
+    "rank_correlation": 0.99,
+    "passed": True,
+    "reasons": [],
+    "published_version": 2,
+}
+
+
+def make(rollout: dict | None = None, generation: int = 1, status=None):
+    document = copy.deepcopy(MINIMAL)
+    document["metadata"]["generation"] = generation
+    document["spec"]["rollout"] = {
+        "steps": [20, 50, 100],
+        "interval": "30s",
+        "failureLimit": 2,
+        "noData": {"action": "hold", "deadline": "2m"},
+        "metrics": [
+            {"name": "error-rate", "query": 'errors{revision="{{revision}}"}', "max": 0.01},
+            {
+                "name": "ctr-vs-stable",
+                "query": 'ctr{revision="{{revision}}"} / ctr{revision="{{stable}}"}',
+                "min": 0.95,
+            },
+        ],
+        **(rollout or {}),
+    }
+    job = parse_recjob(document)
+    if status is not None:
+        job.status = status
+    return job
+
+
+def step(job, observed: Observed, now: datetime, readings=None):
+    """Reconcile and feed the status back, as a backend does."""
+    decision = reconcile(job, observed, readings, now)
+    job.status = decision.status
+    return decision
+
+
+def kinds(decision) -> list[type]:
+    return [type(a) for a in decision.actions if not isinstance(a, EmitEvent)]
+
+
+def trained(name: str = "minimal-g1-train") -> ChildObservation:
+    return ChildObservation(name, "Succeeded", result=METRICS)
+
+
+def converted(gate: dict = GATE_OK, state: str = "Succeeded") -> ChildObservation:
+    return ChildObservation("minimal-g1-convert", state, result=gate)
+
+
+def to_rollout(job, stable: int | None = 1) -> Observed:
+    """Drive a fresh job to RollingOut against a service whose stable version is ``stable``."""
+    step(job, Observed(), T0)
+    step(job, Observed(training=trained()), T0)
+    serving = (
+        ServingObservation(stable_version=stable, ready=True, stable_revision=f"svc-v{stable}")
+        if stable
+        else None
+    )
+    observed = Observed(training=trained(), conversion=converted(), serving=serving)
+    step(job, observed, T0)
+    return observed
+
+
+def test_pending_creates_training_once_by_deterministic_name() -> None:
+    job = make()
+    first = step(job, Observed(), T0)
+    assert first.actions[0] == CreateTraining("minimal-g1-train")
+    assert job.status.phase == "Training" and job.status.observed_generation == 1
+    # the child is not visible yet: asking again is safe (create-if-absent by name)
+    again = reconcile(job, Observed(), None, T0 + timedelta(seconds=5))
+    assert kinds(again) == [CreateTraining]
+    # once it exists nothing more is created
+    running = ChildObservation(
+        "minimal-g1-train", "Running", progress={"step": 40, "total_steps": 100, "loss": 0.3}
+    )
+    seen = step(job, Observed(training=running), T0 + timedelta(seconds=10))
+    assert kinds(seen) == [] and job.status.training.progress.step == 40
+    assert "step 40" in job.status.message and seen.requeue_after == 5.0
+
+
+def test_training_success_starts_conversion_and_records_quality() -> None:
+    job = make()
+    step(job, Observed(), T0)
+    decision = step(job, Observed(training=trained()), T0)
+    assert kinds(decision) == [CreateConversion]
+    assert decision.actions[-1] != CreateConversion("x")
+    assert job.status.phase == "Converting"
+    assert job.status.quality.metric == "ndcg@10" and job.status.quality.value == 0.91
+    assert job.status.lineage.base_model == "all-MiniLM-L6-v2"
+    trained_condition = next(c for c in job.status.conditions if c.type == "Trained")
+    assert trained_condition.status == "True"
+
+
+def test_training_failure_fails_with_its_reason() -> None:
+    job = make()
+    step(job, Observed(), T0)
+    failed = ChildObservation("minimal-g1-train", "Failed", message="OOMKilled on worker-1")
+    decision = step(job, Observed(training=failed), T0)
+    assert job.status.phase == "Failed" and "OOMKilled on worker-1" in job.status.message
+    warnings = [a for a in decision.actions if isinstance(a, EmitEvent) and a.type == "Warning"]
+    assert warnings and warnings[0].reason == "TrainingFailed"
+    assert reconcile(job, Observed(training=failed), None, T0).actions == []  # terminal
+
+
+def test_quality_gate_failure_never_deploys() -> None:
+    job = make()
+    step(job, Observed(), T0)
+    step(job, Observed(training=trained()), T0)
+    bad = dict(GATE_OK, passed=False, published_version=None, reasons=["ndcg@10 dropped 4%"])
+    decision = step(job, Observed(training=trained(), conversion=converted(bad, "Failed")), T0)
+    assert job.status.phase == "Failed"
+    assert (
+        "quality gate failed" in job.status.message and "ndcg@10 dropped 4%" in job.status.message
+    )
+    assert not any(isinstance(a, DeployStable | SetCanary) for a in decision.actions)
+    gate = next(c for c in job.status.conditions if c.type == "QualityGatePassed")
+    assert gate.status == "False" and job.status.conversion.quality_gate.passed is False
+
+
+def test_first_model_goes_straight_to_100_percent() -> None:
+    job = make()
+    observed = to_rollout(job, stable=None)
+    assert job.status.phase == "RollingOut"
+    decision = reconcile(job, observed, None, T0)
+    assert kinds(decision) == [DeployStable]
+    serving = ServingObservation(stable_version=2, ready=True, stable_revision="minimal-v2")
+    done = step(job, Observed(serving=serving), T0 + timedelta(seconds=5))
+    assert job.status.phase == "Succeeded" and job.status.lineage.model_version == 2
+    assert kinds(done) == []
+    ready = next(c for c in job.status.conditions if c.type == "Ready")
+    assert ready.status == "True"
+
+
+def healthy(**override) -> list[Reading]:
+    values = {"error-rate": 0.0, "ctr-vs-stable": 1.04, **override}
+    return [Reading(k, v) for k, v in values.items()]
+
+
+def canary_serving(weight: int, version: int = 2) -> ServingObservation:
+    return ServingObservation(
+        stable_version=1,
+        canary_version=version,
+        canary_weight=weight,
+        ready=True,
+        stable_revision="svc-v1",
+        canary_revision=f"minimal-v{version}",
+    )
+
+
+def test_good_canary_advances_each_step_and_is_promoted() -> None:
+    job = make()
+    to_rollout(job)
+    rollout = job.status.rollout
+    assert rollout.canary_weight == 20 and rollout.stable_model_version == 1
+    now = T0
+    assert not analysis_due(job, now + timedelta(seconds=10))
+    weights = []
+    for weight in (20, 50, 100):
+        now += timedelta(seconds=30)
+        assert analysis_due(job, now)
+        decision = step(job, Observed(serving=canary_serving(weight)), now, healthy())
+        weights.append([a for a in decision.actions if isinstance(a, SetCanary | Promote)])
+    assert weights[0] == [SetCanary(2, 50)] and weights[1] == [SetCanary(2, 100)]
+    assert weights[2] == [Promote(2)]
+    assert job.status.phase == "Succeeded" and job.status.rollout.state == "Promoted"
+    assert [r.verdict for r in job.status.rollout.history] == ["pass"] * 6
+    assert (
+        job.status.lineage.model_version == 2 and job.status.lineage.previous_model_version is None
+    )
+
+
+def test_bad_canary_is_rolled_back_at_the_failure_limit() -> None:
+    job = make()
+    to_rollout(job)
+    now = T0 + timedelta(seconds=30)
+    first = step(job, Observed(serving=canary_serving(20)), now, healthy(**{"ctr-vs-stable": 0.7}))
+    assert job.status.phase == "RollingOut" and job.status.rollout.failed_checks == 1
+    assert not any(isinstance(a, RollBack) for a in first.actions)
+    now += timedelta(seconds=30)
+    second = step(job, Observed(serving=canary_serving(20)), now, healthy(**{"ctr-vs-stable": 0.7}))
+    rollback = next(a for a in second.actions if isinstance(a, RollBack))
+    assert (rollback.canary_version, rollback.stable_version) == (2, 1)
+    assert job.status.phase == "RolledBack"
+    assert "ctr-vs-stable = 0.7 (wanted >= 0.95): fail" in job.status.message
+    record = job.status.rollout.history[-1]
+    assert record.metric == "ctr-vs-stable" and record.value == 0.7 and record.min == 0.95
+
+
+def test_no_data_holds_then_rolls_back_at_the_deadline() -> None:
+    job = make()
+    to_rollout(job)
+    now = T0
+    for _ in range(6):  # 30 s .. 180 s without data; the hold clock starts at 30 s
+        now += timedelta(seconds=30)
+        decision = step(job, Observed(serving=canary_serving(20)), now, [])
+        if job.status.phase != "RollingOut":
+            break
+        assert job.status.rollout.state == "Holding"
+        assert job.status.rollout.canary_weight == 20  # held, never advanced
+    assert job.status.phase == "RolledBack"
+    assert any(isinstance(a, RollBack) for a in decision.actions)
+    assert "no conclusive analysis for 120s" in job.status.message
+    assert {r.verdict for r in job.status.rollout.history} == {"no-data"}
+
+
+def test_no_data_can_count_as_failure() -> None:
+    job = make({"noData": {"action": "fail", "deadline": "2m"}})
+    to_rollout(job)
+    step(job, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=30), [])
+    assert job.status.rollout.failed_checks == 1
+
+
+def test_query_errors_are_counted_apart_and_hold() -> None:
+    job = make()
+    to_rollout(job)
+    readings = [
+        Reading("error-rate", error="connection refused"),
+        Reading("ctr-vs-stable", error="connection refused"),
+    ]
+    step(job, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=30), readings)
+    rollout = job.status.rollout
+    assert rollout.query_errors == 2 and rollout.failed_checks == 0
+    assert rollout.state == "Holding" and job.status.phase == "RollingOut"
+    # Prometheus is back: analysis passes and the hold clock resets
+    step(job, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=60), healthy())
+    assert job.status.rollout.no_data_since is None and job.status.rollout.canary_weight == 50
+
+
+def test_manual_approval_pauses_before_the_last_step() -> None:
+    job = make({"manualApproval": True})
+    to_rollout(job)
+    now = T0
+    for weight in (20, 50):
+        now += timedelta(seconds=30)
+        step(job, Observed(serving=canary_serving(weight)), now, healthy())
+    assert job.status.rollout.state == "AwaitingApproval" and job.status.rollout.canary_weight == 50
+    assert not analysis_due(job, now + timedelta(minutes=5))
+    waiting = step(job, Observed(serving=canary_serving(50)), now + timedelta(minutes=5))
+    assert job.status.rollout.state == "AwaitingApproval" and kinds(waiting) == []
+    approved = step(
+        job,
+        Observed(serving=canary_serving(50), approved_generation=1),
+        now + timedelta(minutes=6),
+    )
+    assert SetCanary(2, 100) in approved.actions
+
+
+def test_restart_mid_canary_restores_the_weight_without_duplicates() -> None:
+    job = make()
+    to_rollout(job)
+    step(job, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=30), healthy())
+    assert job.status.rollout.canary_weight == 50
+    # a restarted operator reads the stored status; the service still shows 20%
+    restored = make(status=job.status.model_copy(deep=True))
+    decision = reconcile(
+        restored, Observed(serving=canary_serving(20)), None, T0 + timedelta(seconds=40)
+    )
+    assert kinds(decision) == [SetCanary] and decision.actions[0] == SetCanary(2, 50)
+    assert not any(isinstance(a, CreateTraining | CreateConversion) for a in decision.actions)
+
+
+def test_new_generation_supersedes_an_inflight_canary() -> None:
+    job = make()
+    to_rollout(job)
+    newer = make(generation=2, status=job.status.model_copy(deep=True))
+    decision = step(newer, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=10))
+    assert CleanupGeneration(1) in decision.actions
+    rollback = next(a for a in decision.actions if isinstance(a, RollBack))
+    assert rollback.canary_version == 2 and rollback.stable_version == 1
+    assert "superseded by generation 2" in rollback.reason
+    assert CreateTraining("minimal-g2-train") in decision.actions
+    assert newer.status.observed_generation == 2 and newer.status.phase == "Training"
+
+
+def test_history_is_capped() -> None:
+    job = make({"analysesPerStep": 100, "noData": {"action": "hold", "deadline": "10h"}})
+    to_rollout(job)
+    now = T0
+    for _ in range(40):
+        now += timedelta(seconds=30)
+        step(job, Observed(serving=canary_serving(20)), now, healthy())
+    assert len(job.status.rollout.history) == 50
+    assert job.status.rollout.history[-1].time == now
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ('x{revision="{{revision}}"}', 'x{revision="c"}'),
+        ("a{r='{{ stable }}'}[{{interval}}]", "a{r='s'}[30s]"),
+    ],
+)
+def test_render_query(template: str, expected: str) -> None:
+    values = {"revision": "c", "stable": "s", "interval": "30s"}
+    assert render_query(template, values) == expected

@@ -85,16 +85,102 @@ def crd(output: str | None) -> None:
         click.echo(text, nl=False)
 
 
+def _load_one(file: str) -> RecJob:
+    """The single valid RecJob in ``file`` (exit 1 listing every problem otherwise)."""
+    documents = load_documents(file)
+    if len(documents) != 1:
+        click.echo(f"{file}: expected one RecJob document, found {len(documents)}", err=True)
+        sys.exit(1)
+    (doc,) = documents
+    problems = list(doc.problems)
+    job = None
+    if not problems:
+        job, problems = validate_document(doc.content)
+    if problems or job is None:
+        click.echo(f"{doc.label}: {len(problems)} problem(s)", err=True)
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+    return job
+
+
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--workdir", type=click.Path(file_okay=False), default=None)
-def run(file: str, workdir: str | None) -> None:
-    """Run a RecJob on this machine (local mode). Not available yet."""
-    click.echo(
-        "recjob run: local mode is not available yet (see the local-mode issue); nothing was run.",
-        err=True,
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default="runs/local",
+    show_default=True,
+    help="Where artifacts, status and reports are kept (resumable).",
+)
+@click.option("--prometheus", default=None, help="Read canary metrics from this Prometheus.")
+@click.option(
+    "--eval-groups",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Held-out queries/users the trainer and the quality gate evaluate.",
+)
+@click.option("--replay-rate", type=click.FloatRange(0.1, 1000), default=8.0, show_default=True)
+@click.option("--no-report", is_flag=True, help="Skip the HTML report.")
+def run(
+    file: str,
+    workdir: str,
+    prometheus: str | None,
+    eval_groups: int,
+    replay_rate: float,
+    no_report: bool,
+) -> None:
+    """Run the RecJob in FILE on this machine (local mode): training, conversion, two live
+    servers and a metric-gated canary.
+
+    Exits 0 when the model was promoted, 1 when the RecJob failed, 3 when the canary was
+    rolled back, 130 when interrupted (run it again to continue).
+    """
+    from .local.backend import LocalOptions
+    from .local.run import EXIT_CODES, Interrupted
+    from .local.run import run as run_local
+    from .local.view import LiveView
+
+    job = _load_one(file)
+    options = LocalOptions(
+        eval_groups=eval_groups, replay_rate=replay_rate, prometheus_url=prometheus
     )
-    sys.exit(3)
+    try:
+        with LiveView() as view:
+            job = run_local(job, Path(file), Path(workdir), options, view=view)
+    except Interrupted as signal_name:
+        click.echo(f"recjob run: stopped by {signal_name}; run it again to continue", err=True)
+        sys.exit(130)
+    status = job.status
+    assert status is not None
+    if not no_report:
+        from .local.report import write_report
+
+        report = write_report(job, Path(workdir))
+        click.echo(f"report: {report}")
+    click.echo(f"{job.metadata.name}: {status.phase}: {status.message}")
+    sys.exit(EXIT_CODES.get(status.phase, 1))
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--workdir", type=click.Path(file_okay=False), default="runs/local", show_default=True
+)
+def status(name: str, workdir: str) -> None:
+    """Print a local RecJob with its status (as `kubectl get recjob NAME -o yaml`)."""
+    from .local.run import status_path
+
+    path = status_path(Path(workdir), name)
+    if not path.exists():
+        known = sorted(p.parent.name for p in Path(workdir).glob("*/status.yaml"))
+        click.echo(
+            f"no RecJob {name!r} in {workdir}" + (f" (known: {', '.join(known)})" if known else ""),
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(path.read_text(), nl=False)
 
 
 def main() -> None:

@@ -18,8 +18,10 @@ stop gracefully on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +183,14 @@ class RepositoryModel(kserve.Model):
         self.inputs = tensor_specs(config.input)
         self.outputs = tensor_specs(config.output)
         self.max_batch_size = max(int(config.max_batch_size), 1)
+        # as Triton's instance_group: at most `count` executions of this model at once
+        # (more would only oversubscribe the cores ONNX Runtime already uses)
+        instances = sum(int(group.count) for group in config.instance_group) or 1
+        self._slots = (
+            contextlib.nullcontext()
+            if config.platform == "ensemble"
+            else threading.BoundedSemaphore(instances)
+        )
         self._labels = {"model": config.name, "version": str(version)}
         for kind in ("invalid_input", "internal"):  # so the series exist before a failure
             ERRORS.labels(**self._labels, kind=kind)
@@ -205,7 +215,8 @@ class RepositoryModel(kserve.Model):
     def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Checked run, outputs reshaped to the declared client-facing shapes."""
         self.check(tensors)
-        results = self.run(tensors)
+        with self._slots:
+            results = self.run(tensors)
         batch = next(iter(tensors.values())).shape[0]
         shaped = {}
         for spec in self.outputs:

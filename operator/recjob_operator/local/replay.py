@@ -1,0 +1,180 @@
+"""Local mode's live traffic: held-out queries / users replayed through the router, and
+what the user really chose reported back as clicks.
+
+    python -m recjob_operator.local.replay --router URL --model NAME --data DIR --task T
+
+Recommendation: each impression is a held-out user (history as text) and 20 candidates
+(the item the user really chose next + 19 random catalog items); the served embeddings
+rank them; a click is the chosen item in the top ``k``, the gain its NDCG@k. Search: each
+impression is a held-out query and its judged products; a click is the best-judged
+product in the top ``k``, the gain the ranking's NDCG@k. Requests go to the raw-text
+ensemble through the router, which tells which revision answered; feedback goes to the
+router's ``/feedback`` for that revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import polars as pl
+
+from recjob_trainer.batches import history_text
+
+CANDIDATES = 20
+
+
+def ndcg_at_k(gains_in_served_order: list[float], k: int) -> float:
+    """NDCG@k of a served ranking (gains in the order served)."""
+
+    def dcg(values: list[float]) -> float:
+        return sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(values[:k]))
+
+    ideal = dcg(sorted(gains_in_served_order, reverse=True))
+    return dcg(gains_in_served_order) / ideal if ideal > 0 else 0.0
+
+
+def impressions(data: Path, task: str, seed: int) -> list[dict]:
+    """The impressions to replay: texts to send and the gain of each candidate."""
+    rng = random.Random(seed)
+    test = pl.read_parquet(data / "test.parquet")
+    out = []
+    if task == "recommendation":
+        catalog = pl.read_parquet(data / "catalog.parquet")
+        texts = dict(zip(catalog["item_id"], catalog["item_text"], strict=True))
+        ids = list(texts)
+        for history, item in zip(test["history"].to_list(), test["item_id"].to_list(), strict=True):
+            if item not in texts:
+                continue
+            negatives = [i for i in rng.sample(ids, CANDIDATES) if i != item][: CANDIDATES - 1]
+            candidates = [item, *negatives]
+            rng.shuffle(candidates)
+            out.append(
+                {
+                    "user": history_text(history, texts),
+                    "items": [texts[i] for i in candidates],
+                    "gains": [1.0 if i == item else 0.0 for i in candidates],
+                }
+            )
+    else:
+        for (query,), group in test.group_by(["query"], maintain_order=True):
+            if group.height < 2:
+                continue
+            labels = group["label"].to_numpy().astype(float)
+            low = float(labels.min())
+            out.append(
+                {
+                    "query": query,
+                    "items": group["item_text"].to_list(),
+                    "gains": (labels - low).tolist(),
+                }
+            )
+    rng.shuffle(out)
+    return out
+
+
+def request_body(impression: dict) -> dict:
+    """The Open Inference Protocol request for one impression (raw text, JSON)."""
+    if "user" in impression:
+        texts = [impression["user"], *impression["items"]]
+        return {
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [len(texts), 1], "data": texts}
+            ]
+        }
+    n = len(impression["items"])
+    return {
+        "inputs": [
+            {"name": "query", "datatype": "BYTES", "shape": [n, 1],
+             "data": [impression["query"]] * n},
+            {"name": "item", "datatype": "BYTES", "shape": [n, 1], "data": impression["items"]},
+        ]
+    }  # fmt: skip
+
+
+def served_order(impression: dict, response: dict) -> list[int]:
+    """Candidate indices in the order the model ranks them."""
+    outputs = {o["name"]: o for o in response["outputs"]}
+    if "embedding" in outputs:
+        shape = outputs["embedding"]["shape"]
+        vectors = np.asarray(outputs["embedding"]["data"], dtype=np.float32).reshape(shape)
+        scores = vectors[1:] @ vectors[0]
+    else:
+        scores = np.asarray(outputs["score"]["data"], dtype=np.float32).reshape(-1)
+    return list(np.argsort(-scores, kind="stable"))
+
+
+async def replay(args: argparse.Namespace) -> None:
+    """Send impressions at ``rate`` per second until stopped (cycling through the data)."""
+    pool = impressions(args.data, args.task, args.seed)
+    if not pool:
+        raise SystemExit(f"no impressions in {args.data}")
+    infer = f"{args.router}/v2/models/{args.model}/infer"
+    sent = ok = failed = 0
+    window = asyncio.Semaphore(args.concurrency)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def one(impression: dict) -> None:
+            nonlocal ok, failed
+            async with window:
+                try:
+                    async with session.post(infer, json=request_body(impression)) as response:
+                        revision = response.headers.get("x-recjob-revision")
+                        if response.status != 200 or revision is None:
+                            failed += 1
+                            return
+                        body = await response.json()
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    failed += 1
+                    return
+                order = served_order(impression, body)
+                gains = [impression["gains"][i] for i in order]
+                best = max(impression["gains"])
+                clicked = best > 0 and best in gains[: args.k]
+                feedback = {"revision": revision, "clicked": clicked,
+                            "gain": ndcg_at_k(gains, args.k)}  # fmt: skip
+                try:
+                    async with session.post(f"{args.router}/feedback", json=feedback):
+                        ok += 1
+                except aiohttp.ClientError:
+                    failed += 1
+
+        started = time.monotonic()
+        last_report = started
+        tasks: set[asyncio.Task] = set()
+        while True:
+            impression = pool[sent % len(pool)]
+            task = asyncio.create_task(one(impression))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent += 1
+            target = started + sent / args.rate
+            await asyncio.sleep(max(0.0, target - time.monotonic()))
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                print(json.dumps({"sent": sent, "ok": ok, "failed": failed}), flush=True)
+
+
+def main() -> None:
+    """Replay until SIGTERM."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--router", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--task", choices=["search-ranking", "recommendation"], required=True)
+    parser.add_argument("--rate", type=float, default=8.0, help="impressions per second")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    asyncio.run(replay(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Local mode's weighted router: what KServe's canaryTrafficPercent does in a cluster.
+
+    python -m recjob_operator.local.router ROUTES.json --port N
+
+Open Inference Protocol requests to ``/v2/...`` are sent to the stable or the canary server
+by the current canary weight (re-read from ROUTES.json whenever it changes) and answered
+with the server's response plus an ``x-recjob-revision`` header. ``POST /feedback``
+records what the user did with a served ranking. ``/metrics`` has, per revision:
+``recjob_inference_requests_total``, ``recjob_inference_errors_total`` (5xx and
+unreachable server), ``recjob_inference_latency_seconds`` (histogram, through the
+router), ``recjob_feedback_impressions_total``, ``recjob_feedback_clicks_total`` and
+``recjob_feedback_gain_total`` (e.g. NDCG@k of the served ranking).
+
+ROUTES.json: ``{"stable": {"url": ..., "revision": ...}, "canary": {...} | null,
+"weight": 0-100}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+REQUESTS = Counter("recjob_inference_requests_total", "Requests routed", ["revision"])
+ERRORS = Counter(
+    "recjob_inference_errors_total", "Requests that failed (5xx or unreachable)", ["revision"]
+)
+LATENCY = Histogram(
+    "recjob_inference_latency_seconds",
+    "Request latency through the router",
+    ["revision"],
+    buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+IMPRESSIONS = Counter(
+    "recjob_feedback_impressions_total", "Rankings shown (with feedback)", ["revision"]
+)
+CLICKS = Counter("recjob_feedback_clicks_total", "Rankings the user clicked", ["revision"])
+GAIN = Counter("recjob_feedback_gain_total", "Sum of ranking gain (e.g. NDCG@k)", ["revision"])
+
+
+class Routes:
+    """The routing table, reloaded when its file changes."""
+
+    def __init__(self, path: Path, seed: int = 0):
+        self.path = path
+        self._mtime = 0.0
+        self.table: dict = {"stable": None, "canary": None, "weight": 0}
+        self.rng = random.Random(seed)
+
+    def current(self) -> dict:
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            return self.table
+        if mtime != self._mtime:
+            try:
+                self.table = json.loads(self.path.read_text())
+                self._mtime = mtime
+                for side in ("stable", "canary"):
+                    if self.table.get(side):
+                        revision = self.table[side]["revision"]
+                        for metric in (REQUESTS, ERRORS, IMPRESSIONS, CLICKS, GAIN):
+                            metric.labels(revision=revision)  # series exist from the start
+            except (OSError, ValueError):
+                pass  # a half-written file: keep the last table (writers replace atomically)
+        return self.table
+
+    def choose(self) -> dict | None:
+        table = self.current()
+        canary, weight = table.get("canary"), int(table.get("weight") or 0)
+        if canary and self.rng.random() * 100 < weight:
+            return canary
+        return table.get("stable") or canary
+
+
+def make_app(routes: Routes) -> web.Application:
+    """The router's aiohttp application."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+
+    async def startup(app: web.Application) -> None:
+        app["session"] = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30),
+            connector=aiohttp.TCPConnector(limit=64),
+        )
+
+    async def cleanup(app: web.Application) -> None:
+        await app["session"].close()
+
+    async def forward(request: web.Request) -> web.Response:
+        target = routes.choose()
+        if target is None:
+            return web.json_response({"error": "no model is deployed yet"}, status=503)
+        revision = target["revision"]
+        body = await request.read()
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("content-type", "inference-header-content-length")
+        }
+        started = time.perf_counter()
+        REQUESTS.labels(revision=revision).inc()
+        try:
+            async with app["session"].request(
+                request.method, target["url"] + request.path_qs, data=body, headers=headers
+            ) as upstream:
+                payload = await upstream.read()
+                status = upstream.status
+                out_headers = {
+                    k: v
+                    for k, v in upstream.headers.items()
+                    if k.lower() in ("content-type", "inference-header-content-length")
+                }
+        except (aiohttp.ClientError, TimeoutError) as error:
+            ERRORS.labels(revision=revision).inc()
+            return web.json_response(
+                {"error": f"revision {revision} unreachable: {error}"},
+                status=502,
+                headers={"x-recjob-revision": revision},
+            )
+        if status >= 500:
+            ERRORS.labels(revision=revision).inc()
+        else:
+            LATENCY.labels(revision=revision).observe(time.perf_counter() - started)
+        return web.Response(
+            body=payload, status=status, headers={**out_headers, "x-recjob-revision": revision}
+        )
+
+    async def feedback(request: web.Request) -> web.Response:
+        try:
+            event = await request.json()
+            revision = str(event["revision"])
+            clicked = bool(event.get("clicked", False))
+            gain = float(event.get("gain", 0.0))
+        except (ValueError, KeyError, TypeError) as error:
+            return web.json_response(
+                {"error": f"feedback needs revision, clicked, gain: {error}"}, status=400
+            )
+        IMPRESSIONS.labels(revision=revision).inc()
+        if clicked:
+            CLICKS.labels(revision=revision).inc()
+        GAIN.labels(revision=revision).inc(gain)
+        return web.json_response({"ok": True})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def routes_view(_: web.Request) -> web.Response:
+        return web.json_response(routes.current())
+
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    app.router.add_post("/feedback", feedback)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/routes", routes_view)
+    app.router.add_route("*", "/v2/{tail:.*}", forward)
+    app.router.add_route("*", "/v2", forward)
+    return app
+
+
+def main() -> None:
+    """Run the router on 127.0.0.1 until SIGTERM."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("routes", type=Path)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    web.run_app(
+        make_app(Routes(args.routes, args.seed)),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -172,8 +173,9 @@ class LocalBackend:
             for process in processes:
                 process.stop()
             process, code = failed[0]
-            reason = _last_error(process.log_tail(40)) or f"exit status {code}"
-            if restarts < recjob.spec.training.max_restarts:
+            log = process.log_tail(200)
+            reason = _last_error(log) or f"exit status {code}"
+            if restarts < recjob.spec.training.max_restarts and not _permanent_error(log):
                 write_atomic(self._restarts_file(recjob), str(restarts + 1))
                 self._launch_training(recjob)
                 return ChildObservation(
@@ -554,8 +556,22 @@ def _training_progress(run: Path) -> dict | None:
     return {k: v for k, v in progress.items() if v is not None} or None
 
 
+#: How RecJob's own CLIs report an error they refuse to retry (bad data or config).
+_CLEAN_ERROR = re.compile(r"^recjob-(train|serve)[a-z ]*: ")
+
+
+def _permanent_error(log: str) -> str | None:
+    """The trainer's / converter's own error line, if it wrote one: such errors (bad data,
+    bad config) fail the same way again, so they are not restarted."""
+    lines = [line.strip() for line in log.splitlines() if _CLEAN_ERROR.match(line.strip())]
+    return lines[-1][:500] if lines else None
+
+
 def _last_error(log: str) -> str:
     """The most telling line of a failed process's log."""
+    clean = _permanent_error(log)
+    if clean:
+        return clean
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     for line in reversed(lines):
         if any(word in line for word in ("Error", "error:", "Exception", "FAILED", "refused")):

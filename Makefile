@@ -8,9 +8,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CRD := manifests/crd/bases/recjob.dev_recjobs.yaml
-DEMO ?= examples/recjob-search.yaml
 
-.PHONY: help install test lint format manifests demo clean
+.PHONY: help install prometheus test lint format manifests demo clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,7 +24,14 @@ $(STAMP): pyproject.toml constraints.txt
 		-c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP) ## Lint, then run the whole test suite
+# Prometheus (Debian's package) for the canary analysis of local mode and the tests.
+prometheus: ## Install Prometheus from Debian's packages if it is missing
+	@command -v prometheus >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
+test: $(STAMP) prometheus ## Lint, then run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -41,8 +47,8 @@ manifests: $(STAMP) ## Regenerate the CRD from the API types
 	$(BIN)/recjob crd -o $(CRD)
 	@echo "wrote $(CRD)"
 
-demo: $(STAMP) ## Run a RecJob end to end on this machine (local mode)
-	$(BIN)/recjob run $(DEMO)
+demo: $(STAMP) prometheus ## Baseline, promoted canary and rolled-back canary, end to end locally
+	$(BIN)/python examples/demo/demo.py --workdir runs/demo
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -90,7 +90,12 @@ def _timeline_chart(path: Path, recjob: RecJob) -> bool:
     seconds = [(r.time - start).total_seconds() for r in rollout.history]
     weight_points = [(s, r.weight) for s, r in zip(seconds, rollout.history, strict=True)]
     times = [0.0] + [s for s, _ in weight_points]
-    axes[0].step(times, [spec.steps[0]] + [w for _, w in weight_points], where="post")
+    weights = [spec.steps[0]] + [w for _, w in weight_points]
+    end = recjob.status.completion_time
+    if end is not None and rollout.state in ("RolledBack", "Promoted"):
+        times.append((end - start).total_seconds())
+        weights.append(0 if rollout.state == "RolledBack" else 100)
+    axes[0].step(times, weights, where="post")
     axes[0].set_ylabel("canary %")
     axes[0].set_ylim(0, 105)
     for ax, name in zip(axes[1:], metrics, strict=True):

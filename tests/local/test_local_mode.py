@@ -1,0 +1,248 @@
+"""`recjob run` end to end on a small slice of Amazon Scientific: real 2-process training,
+real conversion and gate, real servers behind the router, replayed traffic, a real
+Prometheus, the reconcile core deciding. Promote, roll back, and kill/resume mid-canary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recjob_operator.prometheus import prometheus_binary
+from tests.conftest import SHARED
+
+AMAZON = SHARED / "data" / "amazon-scientific"
+BIN = Path(sys.executable).parent
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not AMAZON.exists(), reason="../shared/data not present"),
+    pytest.mark.skipif(prometheus_binary() is None, reason="prometheus not installed"),
+]
+
+
+def tiny_dataset(target: Path, users: int = 150) -> None:
+    """The first ``users`` users of each split and only the items they touch."""
+    target.mkdir(parents=True, exist_ok=True)
+    items: set[str] = set()
+    for split in ("train", "valid", "test"):
+        lines = (AMAZON / f"Scientific.{split}.inter").read_text().splitlines()
+        kept = [lines[0]] + [line for line in lines[1:] if int(line.split("\t", 1)[0]) < users]
+        for line in kept[1:]:
+            _, history, item = line.split("\t")
+            items.update(history.split())
+            items.add(item)
+        (target / f"Scientific.{split}.inter").write_text("\n".join(kept) + "\n")
+    index_lines = (AMAZON / "Scientific.item2index").read_text().splitlines()
+    (target / "Scientific.item2index").write_text("\n".join(index_lines) + "\n")
+    asins = {line.split("\t")[0] for line in index_lines if line.split("\t")[-1].strip() in items}
+    text = (AMAZON / "Scientific.text").read_text().splitlines()
+    kept_text = [text[0]] + [line for line in text[1:] if line.split("\t", 1)[0] in asins]
+    (target / "Scientific.text").write_text("\n".join(kept_text) + "\n")
+
+
+def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s") -> dict:
+    return {
+        "apiVersion": "recjob.dev/v1alpha1",
+        "kind": "RecJob",
+        "metadata": {"name": name},
+        "spec": {
+            "data": {
+                "task": "recommendation",
+                "format": "atomic",
+                "train": str(data / "Scientific.train.inter"),
+                "validation": str(data / "Scientific.valid.inter"),
+                "test": str(data / "Scientific.test.inter"),
+                "catalog": str(data / "Scientific.text"),
+                "preprocessing": {"negativeSampling": {"strategy": "uniform", "perPositive": 1}},
+            },
+            "model": {"maxSequenceLength": 24, "historyLength": 3},
+            "training": {
+                "processesPerNode": 2,
+                "microBatchSize": 8,
+                "maxSteps": 3,
+                "evalIntervalSteps": 3,
+                "checkpoint": {"intervalSteps": 3},
+            },
+            "export": {"target": "onnxruntime-int8", "qualityBudget": {"maxRelativeDrop": 0.5}},
+            "serving": {"name": "tiny"},
+            "rollout": {
+                "steps": [50, 100],
+                "interval": interval,
+                "failureLimit": 1,
+                "noData": {"action": "hold", "deadline": "60s"},
+                "metrics": [
+                    {
+                        "name": "error-rate",
+                        "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}"}'
+                        "[{{interval}}])) / sum(rate(recjob_inference_requests_total"
+                        '{revision="{{revision}}"}[{{interval}}]))',
+                        "max": 0.01,
+                    },
+                    {
+                        "name": "ctr-vs-stable",
+                        "query": '(sum(rate(recjob_feedback_clicks_total{revision="{{revision}}"}'
+                        "[1m])) + 1) / (sum(rate(recjob_feedback_clicks_total"
+                        '{revision="{{stable}}"}[1m])) + 1)',
+                        "min": ctr_min,
+                    },
+                ],
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("local")
+    tiny_dataset(root / "data")
+    return root
+
+
+def write(root: Path, name: str, ctr_min: float, interval: str = "4s") -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recjob(root / "data", name, ctr_min, interval)))
+    return path
+
+
+def recjob_run(root: Path, file: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "recjob"), "run", str(file), "--workdir", str(root / "work"),
+         "--eval-groups", "20", "--replay-rate", "20", *extra],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def status(root: Path, name: str) -> dict:
+    return yaml.safe_load((root / "work" / name / "status.yaml").read_text())
+
+
+def listening_ports(root: Path) -> list[int]:
+    """Ports recorded by the service's processes that still accept connections."""
+    ports = []
+    for record in (root / "work" / "services" / "tiny" / "run").glob("*.json"):
+        if record.name == "routes.json":
+            continue
+        meta = json.loads(record.read_text()).get("meta", {})
+        for port in (meta.get("port"), meta.get("http_port"), meta.get("grpc_port")):
+            if port:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        ports.append(port)
+    return ports
+
+
+def test_first_model_then_promote_then_roll_back(workspace: Path) -> None:
+    first = recjob_run(workspace, write(workspace, "first", 0.0))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert status(workspace, "first")["status"]["phase"] == "Succeeded"
+    assert listening_ports(workspace) == []
+
+    good = recjob_run(workspace, write(workspace, "good", 0.0))
+    assert good.returncode == 0, good.stderr[-3000:]
+    done = status(workspace, "good")["status"]
+    assert done["phase"] == "Succeeded" and done["lineage"]["modelVersion"] == 2
+    history = done["rollout"]["history"]
+    assert [h["weight"] for h in history if h["metric"] == "error-rate"] == [50, 100]
+    assert all(h["verdict"] == "pass" for h in history)
+    state = json.loads((workspace / "work/services/tiny/state.json").read_text())
+    assert state["stable_version"] == 2
+    report = workspace / "work" / "good" / "g1" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["live_by_revision"]["tiny-v2"]["impressions"] > 0
+    assert summary["live_by_revision"]["tiny-v1"]["impressions"] > 0
+    assert "canary-timeline.png" in summary["charts"]
+    assert (report / "report.html").exists()
+
+    # a canary whose business metric cannot reach its threshold is rolled back
+    bad = recjob_run(workspace, write(workspace, "bad", 1000.0))
+    assert bad.returncode == 3, bad.stderr[-3000:]
+    rolled = status(workspace, "bad")["status"]
+    assert rolled["phase"] == "RolledBack"
+    assert "ctr-vs-stable" in rolled["message"] and "wanted >= 1000" in rolled["message"]
+    state = json.loads((workspace / "work/services/tiny/state.json").read_text())
+    assert state["stable_version"] == 2  # the promoted model keeps serving
+    assert listening_ports(workspace) == []
+    shown = subprocess.run(
+        [str(BIN / "recjob"), "status", "bad", "--workdir", str(workspace / "work")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert yaml.safe_load(shown.stdout)["status"]["phase"] == "RolledBack"
+
+
+def test_killed_mid_canary_resumes_without_duplicates(workspace: Path) -> None:
+    if not (workspace / "work/services/tiny/state.json").exists():
+        first = recjob_run(workspace, write(workspace, "first", 0.0))
+        assert first.returncode == 0, first.stderr[-3000:]
+    file = write(workspace, "resumed", 0.0, interval="8s")
+    command = [str(BIN / "recjob"), "run", str(file), "--workdir", str(workspace / "work"),
+               "--eval-groups", "20", "--replay-rate", "20"]  # fmt: skip
+    log = (workspace / "resumed-1.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    path = workspace / "work" / "resumed" / "status.yaml"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        current = yaml.safe_load(path.read_text()) if path.exists() else None
+        rollout = (current or {}).get("status", {}).get("rollout") or {}
+        if rollout.get("canaryWeight") == 50 and rollout.get("state") == "Progressing":
+            break
+        assert process.poll() is None, (workspace / "resumed-1.log").read_text()[-3000:]
+        time.sleep(0.5)
+    else:
+        pytest.fail("the canary never started")
+    run_dir = workspace / "work" / "services" / "tiny" / "run"
+    generation = workspace / "work" / "resumed" / "g1"
+    before = {
+        p.name: json.loads(p.read_text())["pid"]
+        for p in [*run_dir.glob("server-v*.json"), generation / "train-node0.json",
+                  generation / "convert.json"]
+    }  # fmt: skip
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: children keep running
+    process.wait()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = status(workspace, "resumed")["status"]
+    assert final["phase"] == "Succeeded"
+    after = {
+        p.name: json.loads(p.read_text())["pid"]
+        for p in [*run_dir.glob("server-v*.json"), generation / "train-node0.json",
+                  generation / "convert.json"]
+    }  # fmt: skip
+    assert after["train-node0.json"] == before["train-node0.json"]  # not retrained
+    assert after["convert.json"] == before["convert.json"]  # not reconverted
+    new_version = final["lineage"]["modelVersion"]
+    assert after[f"server-v{new_version}.json"] == before[f"server-v{new_version}.json"]  # adopted
+    events = [
+        json.loads(line)["reason"]
+        for line in (workspace / "work" / "resumed" / "events.jsonl").read_text().splitlines()
+    ]
+    assert events.count("TrainingCreated") == 1 and events.count("ConversionCreated") == 1
+    assert events.count("Promoted") == 1
+    assert listening_ports(workspace) == []
+
+
+def test_interrupt_stops_every_child(workspace: Path) -> None:
+    file = write(workspace, "interrupted", 0.0)
+    process = subprocess.Popen(
+        [str(BIN / "recjob"), "run", str(file), "--workdir", str(workspace / "work")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    record = workspace / "work" / "interrupted" / "g1" / "train-node0.json"
+    deadline = time.time() + 120
+    while not record.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert record.exists()
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "run it again to continue" in err
+    pid = json.loads(record.read_text())["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the trainer's whole process group is gone

@@ -5,7 +5,6 @@ Prometheus, the reconcile core deciding. Promote, roll back, and kill/resume mid
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recjob_operator.local.processes import group_members
 from recjob_operator.prometheus import prometheus_binary
 from tests.conftest import SHARED
 
@@ -150,8 +150,10 @@ def test_first_model_then_promote_then_roll_back(workspace: Path) -> None:
     done = status(workspace, "good")["status"]
     assert done["phase"] == "Succeeded" and done["lineage"]["modelVersion"] == 2
     history = done["rollout"]["history"]
-    assert [h["weight"] for h in history if h["metric"] == "error-rate"] == [50, 100]
-    assert all(h["verdict"] == "pass" for h in history)
+    weights = [h["weight"] for h in history if h["metric"] == "error-rate"]
+    assert weights == sorted(weights) and set(weights) == {50, 100}  # may hold on no data
+    assert {h["verdict"] for h in history} <= {"pass", "no-data"}
+    assert history[-1]["verdict"] == "pass"
     state = json.loads((workspace / "work/services/tiny/state.json").read_text())
     assert state["stable_version"] == 2
     report = workspace / "work" / "good" / "g1" / "report"
@@ -186,12 +188,11 @@ def test_killed_mid_canary_resumes_without_duplicates(workspace: Path) -> None:
                "--eval-groups", "20", "--replay-rate", "20"]  # fmt: skip
     log = (workspace / "resumed-1.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    path = workspace / "work" / "resumed" / "status.yaml"
+    routes = workspace / "work" / "services" / "tiny" / "run" / "routes.json"
     deadline = time.time() + 400
-    while time.time() < deadline:
-        current = yaml.safe_load(path.read_text()) if path.exists() else None
-        rollout = (current or {}).get("status", {}).get("rollout") or {}
-        if rollout.get("canaryWeight") == 50 and rollout.get("state") == "Progressing":
+    while time.time() < deadline:  # the router sends 50% to the new canary
+        table = json.loads(routes.read_text()) if routes.exists() else {}
+        if table.get("weight") == 50 and table.get("canary"):
             break
         assert process.poll() is None, (workspace / "resumed-1.log").read_text()[-3000:]
         time.sleep(0.5)
@@ -244,5 +245,4 @@ def test_interrupt_stops_every_child(workspace: Path) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "run it again to continue" in err
     pid = json.loads(record.read_text())["pid"]
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # the trainer's whole process group is gone
+    assert group_members(pid) == []  # the trainer's whole process group is gone

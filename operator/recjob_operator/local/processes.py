@@ -29,6 +29,19 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 @dataclass
 class ManagedProcess:
     """One named child process, its files under ``directory``."""
@@ -116,20 +129,26 @@ class ManagedProcess:
         return -9
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+        """SIGTERM the whole process group, SIGKILL what is left after ``timeout``, and
+        return once no process of the group is running."""
         info = self.info()
-        if info is None or not self.alive():
+        if info is None:
             return
         pid = info["pid"]
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        if info.get("start_time") is None or not (self.alive() or group_members(pid)):
             return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
         deadline = time.time() + timeout
-        while time.time() < deadline and self.alive():
+        while time.time() < deadline and group_members(pid):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+        deadline = time.time() + 5
+        while time.time() < deadline and group_members(pid):
+            time.sleep(0.05)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
 

@@ -47,7 +47,7 @@ def live_business_metrics(metrics_text: str) -> dict[str, dict]:
         "recjob_feedback_gain": "gain",
     }
     for family in text_string_to_metric_families(metrics_text):
-        key = names.get(family.name)
+        key = names.get(family.name.removesuffix("_total"))
         if key is None:
             continue
         for sample in family.samples:

@@ -43,6 +43,7 @@ IMPRESSIONS = Counter(
 )
 CLICKS = Counter("recjob_feedback_clicks_total", "Rankings the user clicked", ["revision"])
 GAIN = Counter("recjob_feedback_gain_total", "Sum of ranking gain (e.g. NDCG@k)", ["revision"])
+SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
 class Routes:
@@ -85,13 +86,13 @@ def make_app(routes: Routes) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
 
     async def startup(app: web.Application) -> None:
-        app["session"] = aiohttp.ClientSession(
+        app[SESSION] = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30),
             connector=aiohttp.TCPConnector(limit=64),
         )
 
     async def cleanup(app: web.Application) -> None:
-        await app["session"].close()
+        await app[SESSION].close()
 
     async def forward(request: web.Request) -> web.Response:
         target = routes.choose()
@@ -107,7 +108,7 @@ def make_app(routes: Routes) -> web.Application:
         started = time.perf_counter()
         REQUESTS.labels(revision=revision).inc()
         try:
-            async with app["session"].request(
+            async with app[SESSION].request(
                 request.method, target["url"] + request.path_qs, data=body, headers=headers
             ) as upstream:
                 payload = await upstream.read()

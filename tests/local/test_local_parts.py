@@ -1,0 +1,188 @@
+"""Local mode's parts on their own: router weights and metrics, replay maths, report
+statistics, Prometheus readings, generations from spec changes, managed processes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from recjob_operator.api.v1alpha1.spec import MetricCheck
+from recjob_operator.local.processes import ManagedProcess, group_members
+from recjob_operator.local.replay import ndcg_at_k, served_order
+from recjob_operator.local.report import live_business_metrics, wilson
+from recjob_operator.local.router import Routes, make_app
+from recjob_operator.local.run import restore, save
+from recjob_operator.prometheus import PrometheusSource
+from recjob_operator.validation import parse_recjob
+from tests.conftest import MINIMAL
+
+
+def test_ndcg_at_k_and_served_order() -> None:
+    assert ndcg_at_k([1.0, 0.0, 0.0], 5) == 1.0
+    assert ndcg_at_k([0.0, 0.0, 1.0], 5) == pytest.approx(0.5)
+    assert ndcg_at_k([0.0] * 6 + [1.0], 5) == 0.0
+    response = {"outputs": [{"name": "score", "shape": [3, 1], "data": [0.1, 0.9, 0.5]}]}
+    assert served_order({"items": ["a", "b", "c"]}, response) == [1, 2, 0]
+    embeddings = {"outputs": [{"name": "embedding", "shape": [3, 2],
+                               "data": [1, 0, 0, 1, 1, 0]}]}  # fmt: skip
+    assert served_order({"user": "u", "items": ["x", "y"]}, embeddings) == [1, 0]
+
+
+def test_wilson_interval_and_live_metrics_parse() -> None:
+    low, high = wilson(50, 100)
+    assert low < 0.5 < high and high - low == pytest.approx(0.19, abs=0.01)
+    text = (
+        'recjob_feedback_impressions_total{revision="svc-v1"} 100.0\n'
+        'recjob_feedback_clicks_total{revision="svc-v1"} 40.0\n'
+        'recjob_feedback_gain_total{revision="svc-v1"} 30.0\n'
+        'recjob_inference_requests_total{revision="svc-v1"} 101.0\n'
+        'recjob_feedback_impressions_total{revision="svc-v2"} 0.0\n'
+    )
+    live = live_business_metrics(text)
+    assert live["svc-v1"]["ctr"] == 0.4 and live["svc-v1"]["mean_gain"] == 0.3
+    assert live["svc-v1"]["requests"] == 101.0 and live["svc-v2"]["ctr"] is None
+
+
+def test_router_splits_by_weight_and_counts_per_revision(tmp_path: Path) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def scenario() -> None:
+        async def upstream_app(name: str, status: int) -> TestServer:
+            app = web.Application()
+
+            async def infer(request: web.Request) -> web.Response:
+                return web.json_response({"model": name}, status=status)
+
+            app.router.add_post("/v2/models/m/infer", infer)
+            server = TestServer(app, host="127.0.0.1")
+            await server.start_server()
+            return server
+
+        stable, canary = await upstream_app("stable", 200), await upstream_app("canary", 500)
+        routes = tmp_path / "routes.json"
+        routes.write_text(json.dumps({
+            "stable": {"url": str(stable.make_url("")).rstrip("/"), "revision": "s-v1"},
+            "canary": {"url": str(canary.make_url("")).rstrip("/"), "revision": "s-v2"},
+            "weight": 25,
+        }))  # fmt: skip
+        client = TestClient(TestServer(make_app(Routes(routes, seed=1))))
+        await client.start_server()
+        seen = {"s-v1": 0, "s-v2": 0}
+        for _ in range(400):
+            response = await client.post("/v2/models/m/infer", json={"inputs": []})
+            seen[response.headers["x-recjob-revision"]] += 1
+            expected = 200 if response.headers["x-recjob-revision"] == "s-v1" else 500
+            assert response.status == expected
+        assert 60 < seen["s-v2"] < 140  # ~25%
+        bad = await client.post("/feedback", json={"clicked": True})
+        assert bad.status == 400
+        ok = await client.post("/feedback", json={"revision": "s-v1", "clicked": True, "gain": 1})
+        assert ok.status == 200
+        metrics = await (await client.get("/metrics")).text()
+        live = live_business_metrics(metrics)
+        assert live["s-v2"]["errors"] == live["s-v2"]["requests"] == seen["s-v2"]
+        assert live["s-v1"]["errors"] == 0 and live["s-v1"]["clicks"] == 1
+        routes.write_text(json.dumps({"stable": None, "canary": None, "weight": 0}))
+        time.sleep(0.01)
+        empty = await client.post("/v2/models/m/infer", json={"inputs": []})
+        assert empty.status == 503
+        await client.close()
+        await stable.close()
+        await canary.close()
+
+    asyncio.run(scenario())
+
+
+class _FakePrometheus(BaseHTTPRequestHandler):
+    answers: dict = {}
+
+    def do_GET(self) -> None:
+        from urllib.parse import parse_qs, urlparse
+
+        query = parse_qs(urlparse(self.path).query)["query"][0]
+        status, body = self.answers[query]
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_prometheus_readings_value_no_data_and_errors() -> None:
+    def vector(*values):
+        return {"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {}, "value": [0, str(v)]} for v in values]}}  # fmt: skip
+
+    _FakePrometheus.answers = {
+        'ok{revision="c"}': (200, vector(0.25)),
+        'empty{revision="c"}': (200, vector()),
+        'nan{revision="c"}': (200, vector("NaN")),
+        'many{revision="c"}': (200, vector(1, 2)),
+        'bad{revision="c"}': (
+            400,
+            {"status": "error", "errorType": "bad_data", "error": "parse error"},
+        ),
+    }
+    server = HTTPServer(("127.0.0.1", 0), _FakePrometheus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = PrometheusSource(f"http://127.0.0.1:{server.server_port}")
+        checks = [
+            MetricCheck(name=name, query=name + '{revision="{{revision}}"}', max=1.0)
+            for name in ("ok", "empty", "nan", "many", "bad")
+        ]
+        readings = {r.metric: r for r in source.read(checks, {"revision": "c"})}
+        assert readings["ok"].value == 0.25 and readings["ok"].error is None
+        assert readings["empty"].value is None and readings["empty"].error is None
+        assert readings["nan"].value is None and readings["nan"].error is None
+        assert "aggregate it to one number" in readings["many"].error
+        assert "bad_data: parse error" in readings["bad"].error
+    finally:
+        server.shutdown()
+    down = PrometheusSource("http://127.0.0.1:9", timeout=0.5)
+    (reading,) = down.read(checks[:1], {"revision": "c"})
+    assert reading.error and "unreachable" in reading.error
+
+
+def test_a_changed_spec_is_a_new_generation(tmp_path: Path) -> None:
+    job = restore(parse_recjob(copy.deepcopy(MINIMAL)), tmp_path)
+    assert job.generation == 1
+    (tmp_path / "minimal").mkdir()
+    save(job, tmp_path)
+    assert restore(parse_recjob(copy.deepcopy(MINIMAL)), tmp_path).generation == 1
+    changed = copy.deepcopy(MINIMAL)
+    changed["spec"]["training"] = {"learningRate": 1e-4}
+    assert restore(parse_recjob(changed), tmp_path).generation == 2
+
+
+def test_managed_process_survives_its_parent_record_and_stops_its_group(tmp_path: Path) -> None:
+    process = ManagedProcess(tmp_path, "sleeper")
+    process.start(["bash", "-c", "sleep 60 & sleep 60"])
+    assert process.alive() and process.exit_code() is None
+    again = ManagedProcess(tmp_path, "sleeper")  # what a restarted run finds
+    assert again.alive() and again.info()["pid"] == process.info()["pid"]
+    pid = process.info()["pid"]
+    deadline = time.time() + 10
+    while len(group_members(pid)) < 3 and time.time() < deadline:  # wrapper, bash, 2 sleeps
+        time.sleep(0.05)
+    assert len(group_members(pid)) >= 3
+    again.stop(timeout=5)
+    assert group_members(pid) == [] and not again.alive()
+    done = ManagedProcess(tmp_path, "quick")
+    done.start(["bash", "-c", "exit 7"])
+    deadline = time.time() + 10
+    while done.exit_code() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert done.exit_code() == 7

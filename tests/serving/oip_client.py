@@ -61,8 +61,10 @@ def main() -> None:
             ("missing-model", tokens),
             (
                 "search-text",
-                [tensor("query", np.array([[b"\xff\xfe"]], np.object_), "BYTES"),
-                 tensor("item", np.array([[b"x"]], np.object_), "BYTES")],
+                [
+                    tensor("query", np.array([[b"\xff\xfe"]], np.object_), "BYTES"),
+                    tensor("item", np.array([[b"x"]], np.object_), "BYTES"),
+                ],
             ),
         ]
         for model, inputs in cases:

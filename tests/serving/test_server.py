@@ -117,7 +117,8 @@ def in_process_scores(model_dir: Path, onnx_path: Path) -> tuple[list[float], di
         list(queries), list(items), padding=True, truncation=True, max_length=32,
         return_tensors="np",
     )  # fmt: skip
-    batch = {k: tokens[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    batch = {k: tokens[k].astype(np.int64) for k in names}
     return run_onnx(onnx_path, batch)[0].reshape(-1).tolist(), batch
 
 
@@ -367,9 +368,7 @@ def test_listens_on_loopback_only_and_stops_cleanly(repository, tmp_path: Path) 
     process = psutil.Process(running.process.pid)
     connections = getattr(process, "net_connections", None) or process.connections
     listening = {
-        c.laddr.port: c.laddr.ip
-        for c in connections(kind="inet")
-        if c.status == psutil.CONN_LISTEN
+        c.laddr.port: c.laddr.ip for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN
     }
     assert set(listening) == {running.http, running.grpc}
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in listening.values()), listening

@@ -76,6 +76,12 @@ def main() -> int:
             summary = json.loads(summary_path.read_text())
             for revision, values in sorted(summary.get("live_by_revision", {}).items()):
                 print(ctr_line(revision, values))
+            test = summary.get("canary_vs_stable_ctr") or {}
+            if test.get("difference") is not None:
+                print(
+                    f"  canary - stable CTR@5: {test['difference']:+.3f} "
+                    f"(z = {test['z']:.2f}, p = {test['p_value']:.3g})"
+                )
     minutes = (time.time() - started) / 60
     print(f"\nDemo finished in {minutes:.1f} min. Reports:")
     for report in reports:

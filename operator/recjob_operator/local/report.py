@@ -36,6 +36,17 @@ def wilson(successes: float, trials: float, z: float = 1.96) -> tuple[float, flo
     return (centre - half, centre + half)
 
 
+def two_proportion_test(clicks_a: float, n_a: float, clicks_b: float, n_b: float) -> dict:
+    """Difference of two click-through rates (b - a) with a two-sided z-test p-value."""
+    if n_a <= 0 or n_b <= 0:
+        return {"difference": None, "z": None, "p_value": None}
+    p_a, p_b = clicks_a / n_a, clicks_b / n_b
+    pooled = (clicks_a + clicks_b) / (n_a + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    z = (p_b - p_a) / se if se > 0 else 0.0
+    return {"difference": p_b - p_a, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+
+
 def live_business_metrics(metrics_text: str) -> dict[str, dict]:
     """Per revision: requests, errors, impressions, clicks, CTR (+ interval), mean gain."""
     out: dict[str, dict] = {}
@@ -165,6 +176,18 @@ def write_report(recjob: RecJob, workdir: Path) -> Path:
         charts.append(("Canary timeline", "canary-timeline.png"))
     live_path = generation / "live-metrics.prom"
     live = live_business_metrics(live_path.read_text()) if live_path.exists() else {}
+    rollout = status.rollout
+    comparison = None
+    if rollout and rollout.stable_revision in live and rollout.canary_revision in live:
+        a, b = live[rollout.stable_revision], live[rollout.canary_revision]
+        comparison = {
+            "stable": rollout.stable_revision,
+            "canary": rollout.canary_revision,
+            **two_proportion_test(
+                a.get("clicks", 0.0), a.get("impressions", 0.0),
+                b.get("clicks", 0.0), b.get("impressions", 0.0),
+            ),
+        }  # fmt: skip
     summary = {
         "name": recjob.metadata.name,
         "generation": recjob.generation,
@@ -192,6 +215,7 @@ def write_report(recjob: RecJob, workdir: Path) -> Path:
         if status.rollout
         else None,
         "live_by_revision": live,
+        "canary_vs_stable_ctr": comparison,
         "charts": [c[1] for c in charts],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -226,10 +250,22 @@ td,th{{padding:2px 8px;text-align:left}} img{{max-width:100%}}</style></head><bo
 <h2>Live traffic by revision</h2>
 <table><tr><th>revision</th><th>impressions</th><th>clicks</th><th>CTR@k</th><th>95% CI</th>
 <th>mean NDCG@k</th><th>requests</th><th>errors</th></tr>{rows}</table>
+{_comparison_html(comparison)}
 {images}{history}
 <p>Raw numbers: summary.json</p></body></html>"""
     (out / "report.html").write_text(page)
     return out / "report.html"
+
+
+def _comparison_html(comparison: dict | None) -> str:
+    if not comparison or comparison.get("difference") is None:
+        return ""
+    return (
+        f"<p>Canary {html.escape(comparison['canary'])} vs stable "
+        f"{html.escape(comparison['stable'])}: CTR difference "
+        f"{comparison['difference']:+.4f} (two-proportion z = {comparison['z']:.2f}, "
+        f"p = {comparison['p_value']:.3g})</p>"
+    )
 
 
 def _fmt(value: float | None) -> str:

@@ -76,6 +76,7 @@ class LiveView:
 
     def __exit__(self, *exc) -> None:
         self.live.__exit__(*exc)
+        self.console.print()
 
     def __call__(self, recjob: RecJob, backend, decision) -> None:
         for event in backend.events[self._printed :]:

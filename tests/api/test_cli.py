@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from recjob_operator.cli import cli
 from recjob_operator.crd import render_crd_yaml
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import EXAMPLES, REPO, load_yaml
 
 BIN = Path(sys.executable).parent
 
@@ -87,9 +88,23 @@ def test_crd_command_prints_and_writes_the_crd(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_run_is_honest_until_local_mode_exists() -> None:
-    code, _, err = run_cli("run", str(EXAMPLES[0]))
-    assert code != 0 and "not available yet" in err
+def test_run_refuses_an_invalid_recjob_before_starting_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    document = load_yaml(EXAMPLES[0])
+    document["spec"]["rollout"]["steps"] = [50, 10]
+    bad.write_text(yaml.safe_dump(document))
+    code, _, err = run_cli("run", str(bad), "--workdir", str(tmp_path / "work"))
+    assert code == 1 and "spec.rollout.steps[1]" in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_status_names_the_known_recjobs(tmp_path: Path) -> None:
+    (tmp_path / "work" / "known").mkdir(parents=True)
+    (tmp_path / "work" / "known" / "status.yaml").write_text("kind: RecJob\n")
+    code, _, err = run_cli("status", "other", "--workdir", str(tmp_path / "work"))
+    assert code == 1 and "no RecJob 'other'" in err and "known: known" in err
+    code, out, _ = run_cli("status", "known", "--workdir", str(tmp_path / "work"))
+    assert code == 0 and out == "kind: RecJob\n"
 
 
 @pytest.mark.parametrize("script", ["recjob", "recjob-train", "recjob-serve"])

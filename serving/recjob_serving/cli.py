@@ -25,7 +25,14 @@ def cli() -> None:
     required=True,
     help="Conversion config (written by the operator / local mode).",
 )
-def convert(config_path: str) -> None:
+@click.option(
+    "--termination-log",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write a short JSON summary of the quality gate here (a Kubernetes "
+    "container's terminationMessagePath, read back by the operator).",
+)
+def convert(config_path: str, termination_log: str | None) -> None:
     """Export, quantize and gate a trained model into a Triton model repository.
 
     Exits 0 when published, 2 when the quality gate refused the model (nothing published;
@@ -40,7 +47,11 @@ def convert(config_path: str) -> None:
         report = run_convert(config)
     except TargetUnavailable as error:
         click.echo(f"recjob-serve convert: {error}", err=True)
+        if termination_log:
+            write_termination_log(termination_log, {"passed": None, "error": str(error)})
         sys.exit(3)
+    if termination_log:
+        write_termination_log(termination_log, report)
     line = (
         f"{report['metric']}: source {report['source_value']:.4f}, converted "
         f"{report['converted_value']:.4f} ({report['relative_drop']:+.2%} relative drop, "
@@ -55,6 +66,28 @@ def convert(config_path: str) -> None:
         f"quality gate passed: {line}; published {config.model_name} version "
         f"{report['published_version']} in {config.repository}"
     )
+
+
+#: Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_LIMIT = 4096
+_SUMMARY_KEYS = (
+    "passed", "metric", "source_value", "converted_value", "relative_drop", "budget",
+    "teacher_value", "relative_drop_vs_teacher", "rank_correlation", "top_k_overlap",
+    "published_version", "target", "error",
+)  # fmt: skip
+
+
+def write_termination_log(path: str, report: dict) -> None:
+    """The gate's verdict in at most 4096 bytes (reasons shortened to fit)."""
+    summary = {k: report[k] for k in _SUMMARY_KEYS if k in report}
+    reasons = [str(r) for r in report.get("reasons") or []]
+    while True:
+        text = json.dumps({**summary, "reasons": reasons}, default=float)
+        if len(text.encode()) <= TERMINATION_LIMIT or not reasons:
+            break
+        longest = max(range(len(reasons)), key=lambda i: len(reasons[i]))
+        reasons[longest] = reasons[longest][: len(reasons[longest]) // 2] + "..."
+    Path(path).write_text(text[:TERMINATION_LIMIT])
 
 
 @cli.command()

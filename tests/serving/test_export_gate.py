@@ -263,7 +263,14 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         result = subprocess.run(
-            [recjob_serve, "convert", "--config", str(path)],
+            [
+                recjob_serve,
+                "convert",
+                "--config",
+                str(path),
+                "--termination-log",
+                str(tmp_path / f"{name}.term"),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -290,6 +297,10 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
     assert "quality gate FAILED, nothing published" in strict.stderr
     assert "rank correlation with the source model is" in strict.stderr
     assert report["passed"] is False and report["published_version"] is None
+    summary = json.loads((tmp_path / "strict.term").read_text())  # what the operator reads
+    assert summary["passed"] is False and summary["metric"] == report["metric"]
+    assert summary["reasons"] == report["reasons"]
+    assert len((tmp_path / "strict.term").read_bytes()) <= 4096
     assert sorted(p.name for p in (tmp_path / "repo" / "search").iterdir()) == ["1", "config.pbtxt"]
     assert [p.name for p in (tmp_path / "repo" / "search-tokenizer").iterdir() if p.is_dir()] == [
         "1"

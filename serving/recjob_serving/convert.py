@@ -20,7 +20,7 @@ from recjob_trainer.storage import local_path, write_json_atomic
 from .export import export_onnx, quantize_int8
 from .gate import quality_gate
 from .onnx_model import OnnxRankingModel
-from .repository import publish, publish_text_models
+from .repository import publish, publish_text_models, text_model_names, write_snapshot
 from .tensorrt import (
     EngineBuildUnavailable,
     build_engine,
@@ -47,6 +47,9 @@ class ConvertConfig(ApiModel):
     """Gate on at most this many test queries / users."""
     teacher_value: float | None = None
     """With compression: the teacher's value of the gate metric."""
+    snapshots: bool = False
+    """Also write ``<repository>-snapshots/v<N>`` with only the new version (what an
+    InferenceService revision serves in a cluster)."""
 
 
 #: What the quality gate measures for each target (on CPU, in ONNX Runtime).
@@ -164,6 +167,13 @@ def convert(config: ConvertConfig) -> dict:
             config.export.max_batch_size,
             report["published_version"],
         )
+        if config.snapshots:
+            snapshot = write_snapshot(
+                local_path(config.repository),
+                [config.model_name, *text_model_names(config.model_name)],
+                report["published_version"],
+            )
+            report["snapshot"] = str(snapshot)
     report["seconds"] = round(time.time() - started, 1)
     write_json_atomic(out / "quality-gate.json", report)
     return report

@@ -268,3 +268,27 @@ def publish_text_models(
     tmp = repository / ensemble_name / f".config.{uuid.uuid4().hex}.tmp"
     tmp.write_text(config)
     os.replace(tmp, repository / ensemble_name / "config.pbtxt")
+
+
+def snapshot_path(repository: Path, version: int) -> Path:
+    """Where the single-version snapshot of ``version`` goes: ``<repository>-snapshots/vN``."""
+    return repository.parent / f"{repository.name}-snapshots" / f"v{version}"
+
+
+def write_snapshot(repository: Path, names: list[str], version: int) -> Path:
+    """A self-contained repository with only ``version`` of the models ``names`` (what one
+    InferenceService revision serves). Written atomically; returns its path."""
+    target = snapshot_path(repository, version)
+    if target.exists():
+        return target
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
+    staging.mkdir(parents=True)
+    try:
+        for name in names:
+            (staging / name).mkdir()
+            shutil.copyfile(repository / name / "config.pbtxt", staging / name / "config.pbtxt")
+            shutil.copytree(repository / name / str(version), staging / name / str(version))
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -252,6 +252,7 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
 
     def run(name: str, export: dict) -> tuple[subprocess.CompletedProcess, dict]:
         config = {
+            "snapshots": True,
             "modelDir": str(model_dir),
             "dataDir": str(tmp_path / "data"),
             "outputDir": str(tmp_path / name),
@@ -284,6 +285,14 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
     assert (tmp_path / "repo" / "search" / "1" / "model.onnx").exists()
     assert (tmp_path / "repo" / "search-tokenizer" / "1" / "model.py").exists()
     assert (tmp_path / "repo" / "search-text" / "config.pbtxt").exists()
+    snapshot = tmp_path / "repo-snapshots" / "v1"  # only version 1, every model
+    assert report["snapshot"] == str(snapshot)
+    assert sorted(p.name for p in snapshot.iterdir()) == [
+        "search",
+        "search-text",
+        "search-tokenizer",
+    ]
+    assert sorted(p.name for p in (snapshot / "search").iterdir()) == ["1", "config.pbtxt"]
     assert report["model_bytes"]["fp32"] / report["model_bytes"]["converted"] > 3.5
 
     strict, report = run(

@@ -230,6 +230,7 @@ def conversion_config_map(recjob: RecJob) -> dict:
         "repository": repository_uri(recjob),
         "modelName": recjob.service_name,
         "export": recjob.spec.export.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "snapshots": True,  # snapshot_uri(): what each InferenceService revision serves
     }
     return {
         "apiVersion": "v1",

@@ -1,0 +1,1 @@
+"""Test infrastructure the project owns (a fake Kubernetes API server)."""

@@ -83,6 +83,8 @@ class LoggedRequest:
     namespace: str | None
     name: str | None
     status: int = 0
+    client: str = "operator"
+    """"test" for requests from httpx (the tests playing other controllers)."""
 
 
 def _status(code: int, reason: str, message: str) -> web.Response:
@@ -212,6 +214,8 @@ def make_app(store: Store) -> web.Application:
         entry = LoggedRequest(
             verb, resource.group, resource.plural, info.get("sub"), info.get("namespace"),
             info.get("name"),
+            client="test" if request.headers.get("User-Agent", "").startswith("python-httpx")
+            else "operator",
         )  # fmt: skip
         store.log.append(entry)
         return entry
@@ -479,10 +483,19 @@ class FakeApiServer:
         return future.result(10)
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        """Close every connection (open watches included) and stop the thread."""
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def kubeconfig(self, path) -> None:
         """Write a kubeconfig pointing at this server (no auth)."""

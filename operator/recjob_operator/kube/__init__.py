@@ -1,0 +1,1 @@
+"""The Kubernetes backend of the operator (kopf handlers and API access)."""

@@ -1,0 +1,393 @@
+"""The real operator (kopf, in a subprocess) against the project's fake API server. The
+tests play the Kubeflow, Job and KServe controllers by patching child status."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from recjob_operator.testing.fakeapi import DEFAULT_RESOURCES, FakeApiServer
+from tests.conftest import MINIMAL, REPO
+
+pytestmark = pytest.mark.slow
+NS = "shop"
+BIN = Path(sys.executable).parent
+MERGE = {"Content-Type": "application/merge-patch+json"}
+RECJOBS = f"/apis/recjob.dev/v1alpha1/namespaces/{NS}/recjobs"
+PYTORCHJOBS = f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
+JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+ISVCS = f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices"
+PODS = f"/api/v1/namespaces/{NS}/pods"
+GATE_OK = {"passed": True, "metric": "ndcg@10", "source_value": 0.91, "converted_value": 0.905,
+           "relative_drop": 0.0055, "budget": 0.01, "rank_correlation": 0.99,
+           "published_version": 1, "reasons": []}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Fake API server + the operator (kopf run) watching namespace shop."""
+    tmp = tmp_path_factory.mktemp("kopf")
+    server = FakeApiServer().start()
+    namespaces = next(r for r in DEFAULT_RESOURCES if r.plural == "namespaces")
+    server.call(server.store.seed, namespaces, {"metadata": {"name": NS}})
+    kubeconfig = tmp / "kubeconfig"
+    server.kubeconfig(kubeconfig)
+    log = (tmp / "operator.log").open("w")
+    operator = subprocess.Popen(
+        [str(BIN / "kopf"), "run", "--standalone", "--namespace", NS, "-m",
+         "recjob_operator.kube.handlers"],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig), "RECJOB_MAX_SLEEP_SECONDS": "0.3"},
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield server, client, tmp / "operator.log"
+    operator.terminate()
+    operator.wait(30)
+    server.stop()
+
+
+def wait_for(client: httpx.Client, path: str, predicate=lambda o: True, timeout: float = 30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        response = client.get(path)
+        if response.status_code == 200 and predicate(response.json()):
+            return response.json()
+        time.sleep(0.1)
+    raise TimeoutError(f"{path}: {client.get(path).text[:2000]}")
+
+
+def create_recjob(client: httpx.Client, name: str, **spec) -> dict:
+    document = copy.deepcopy(MINIMAL)
+    document["metadata"] = {"name": name, "namespace": NS}
+    document["spec"].update(spec)
+    response = client.post(RECJOBS, json=document)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def finish_pod(client: httpx.Client, name: str, labels: dict, message: dict) -> None:
+    """A finished pod whose container left ``message`` as its termination message."""
+    client.post(PODS, json={"apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": name, "labels": labels},
+                            "spec": {"containers": [{"name": "c", "image": "x"}]}})  # fmt: skip
+    client.patch(f"{PODS}/{name}/status", headers=MERGE, json={"status": {
+        "containerStatuses": [{"name": "c", "image": "x", "imageID": "", "ready": False,
+                               "restartCount": 0, "state": {"terminated": {
+                                   "exitCode": 0, "message": json.dumps(message)}}}]}})  # fmt: skip
+
+
+def condition(kind: str, message: str = "") -> dict:
+    return {"type": kind, "status": "True", "message": message,
+            "lastTransitionTime": "2026-11-29T12:00:00Z"}  # fmt: skip
+
+
+def phase(name: str, *phases: str):
+    return lambda o: (o.get("status") or {}).get("phase") in phases
+
+
+def test_happy_path_to_succeeded(cluster) -> None:
+    server, client, _ = cluster
+    created = create_recjob(client, "happy")
+    job = wait_for(client, f"{PYTORCHJOBS}/happy-g1-train")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    assert (
+        client.get(f"/api/v1/namespaces/{NS}/configmaps/happy-g1-train-config").status_code == 200
+    )
+    wait_for(client, f"{RECJOBS}/happy", phase("happy", "Training"))
+    client.patch(f"{PYTORCHJOBS}/happy-g1-train/status", headers=MERGE, json={"status": {
+        "conditions": [condition("Created"), condition("Running")]}})  # fmt: skip
+    finish_pod(client, "happy-master-0", {"training.kubeflow.org/job-name": "happy-g1-train",
+               "training.kubeflow.org/replica-type": "master"},
+               {"main_metric": "ndcg@10", "model": {"ndcg@10": 0.91}})  # fmt: skip
+    client.patch(f"{PYTORCHJOBS}/happy-g1-train/status", headers=MERGE, json={"status": {
+        "conditions": [condition("Created"), condition("Succeeded")]}})  # fmt: skip
+    wait_for(client, f"{JOBS}/happy-g1-convert")
+    recjob = wait_for(client, f"{RECJOBS}/happy", phase("happy", "Converting"))
+    assert recjob["status"]["quality"] == {"metric": "ndcg@10", "value": 0.91}
+    finish_pod(client, "happy-convert-x", {"job-name": "happy-g1-convert"}, GATE_OK)
+    client.patch(f"{JOBS}/happy-g1-convert/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    isvc = wait_for(client, f"{ISVCS}/happy")
+    assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "1"
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    ready = {
+        "conditions": [condition("Ready")],
+        "components": {"predictor": {"latestReadyRevision": "happy-predictor-00001"}},
+    }
+    client.patch(f"{ISVCS}/happy/status", headers=MERGE, json={"status": ready})
+    done = wait_for(client, f"{RECJOBS}/happy", phase("happy", "Succeeded"))
+    status = done["status"]
+    assert status["lineage"]["modelVersion"] == 1
+    assert status["conversion"]["qualityGate"]["passed"] is True
+    events = sorted(client.get(f"/api/v1/namespaces/{NS}/events").json()["items"],
+                    key=lambda e: int(e["metadata"]["resourceVersion"]))  # fmt: skip
+    reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "happy"]
+    assert reasons[:3] == ["TrainingCreated", "TrainingSucceeded", "ConversionCreated"]
+    assert "Promoted" in reasons
+    creates = [r for r in server.store.log if r.verb == "create" and r.resource == "pytorchjobs"
+               and r.client == "operator" and r.status == 201]  # fmt: skip
+    assert len(creates) == 1  # level-triggered, but created once
+
+
+def test_failed_training_fails_with_its_reason(cluster) -> None:
+    _, client, _ = cluster
+    create_recjob(client, "oom")
+    wait_for(client, f"{PYTORCHJOBS}/oom-g1-train")
+    client.patch(f"{PYTORCHJOBS}/oom-g1-train/status", headers=MERGE, json={"status": {
+        "conditions": [condition("Failed", "master-0 OOMKilled")]}})  # fmt: skip
+    failed = wait_for(client, f"{RECJOBS}/oom", phase("oom", "Failed"))
+    assert "master-0 OOMKilled" in failed["status"]["message"]
+    assert client.get(f"{JOBS}/oom-g1-convert").status_code == 404
+
+
+def test_quality_gate_failure_is_never_deployed(cluster) -> None:
+    _, client, _ = cluster
+    create_recjob(client, "gated", serving={"name": "gated-svc"})
+    wait_for(client, f"{PYTORCHJOBS}/gated-g1-train")
+    client.patch(f"{PYTORCHJOBS}/gated-g1-train/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    wait_for(client, f"{JOBS}/gated-g1-convert")
+    bad = dict(GATE_OK, passed=False, published_version=None, reasons=["ndcg@10 fell 4%"])
+    finish_pod(client, "gated-convert-x", {"job-name": "gated-g1-convert"}, bad)
+    client.patch(f"{JOBS}/gated-g1-convert/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Failed", "exit code 2")]}})  # fmt: skip
+    failed = wait_for(client, f"{RECJOBS}/gated", phase("gated", "Failed"))
+    assert "quality gate failed" in failed["status"]["message"]
+    assert "ndcg@10 fell 4%" in failed["status"]["message"]
+    assert client.get(f"{ISVCS}/gated-svc").status_code == 404
+
+
+def test_invalid_recjob_gets_failed_with_the_problems(cluster) -> None:
+    _, client, _ = cluster
+    create_recjob(client, "invalid", rollout={"steps": [50, 10]})
+    failed = wait_for(client, f"{RECJOBS}/invalid", phase("invalid", "Failed"))
+    assert "spec.rollout.steps[1]" in failed["status"]["message"]
+    assert client.get(f"{PYTORCHJOBS}/invalid-g1-train").status_code == 404
+
+
+def test_spec_change_mid_training_supersedes_the_generation(cluster) -> None:
+    _, client, _ = cluster
+    create_recjob(client, "edited")
+    wait_for(client, f"{PYTORCHJOBS}/edited-g1-train")
+    client.patch(f"{RECJOBS}/edited", headers=MERGE,
+                 json={"spec": {"training": {"learningRate": 1e-4}}})  # fmt: skip
+    wait_for(client, f"{PYTORCHJOBS}/edited-g2-train")
+    deadline = time.time() + 10
+    while client.get(f"{PYTORCHJOBS}/edited-g1-train").status_code != 404:
+        assert time.time() < deadline, "generation 1 training was not cleaned up"
+        time.sleep(0.1)
+    status = wait_for(client, f"{RECJOBS}/edited", lambda o: (o.get("status") or {}).get(
+        "observedGeneration") == 2)["status"]  # fmt: skip
+    assert status["phase"] == "Training"
+
+
+class RevisionExporter:
+    """Plays the serving revisions' metrics: requests and errors per revision, served on
+    127.0.0.1 for a real Prometheus to scrape."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("recjob_inference_requests_total", "requests", ["revision"],
+                                registry=self.registry)  # fmt: skip
+        self.errors = Counter("recjob_inference_errors_total", "errors", ["revision"],
+                              registry=self.registry)  # fmt: skip
+        self.error_share: dict[str, float] = {}
+        self.server, self.thread = start_http_server(0, "127.0.0.1", registry=self.registry)
+        self.port = self.server.server_port
+        self.running = True
+        threading.Thread(target=self._traffic, daemon=True).start()
+
+    def _traffic(self) -> None:
+        while self.running:
+            for revision, share in list(self.error_share.items()):
+                self.requests.labels(revision=revision).inc(10)
+                self.errors.labels(revision=revision).inc(10 * share)
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.running = False
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory):
+    from recjob_operator.prometheus import (
+        prometheus_binary,
+        prometheus_command,
+        prometheus_config,
+        wait_ready,
+    )
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    exporter = RevisionExporter()
+    config = tmp / "prometheus.yml"
+    config.write_text(prometheus_config([f"127.0.0.1:{exporter.port}"], 0.5))
+    port = free_port()
+    process = subprocess.Popen(prometheus_command(config, tmp / "data", port),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    yield url, exporter, process
+    exporter.stop()
+    process.terminate()
+    process.wait(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ERROR_RATE = {
+    "name": "error-rate",
+    "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}"}[5s]))'
+    ' / sum(rate(recjob_inference_requests_total{revision="{{revision}}"}[5s]))',
+    "max": 0.05,
+}
+
+
+def deploy_first(client: httpx.Client, name: str, service: str) -> None:
+    """Drive RecJob ``name`` to Succeeded as the first model of ``service``."""
+    create_recjob(client, name, serving={"name": service})
+    wait_for(client, f"{PYTORCHJOBS}/{name}-g1-train")
+    client.patch(f"{PYTORCHJOBS}/{name}-g1-train/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    wait_for(client, f"{JOBS}/{name}-g1-convert")
+    finish_pod(client, f"{name}-convert-x", {"job-name": f"{name}-g1-convert"}, GATE_OK)
+    client.patch(f"{JOBS}/{name}-g1-convert/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    wait_for(client, f"{ISVCS}/{service}")
+    ready = {
+        "conditions": [condition("Ready")],
+        "components": {"predictor": {"latestReadyRevision": f"{service}-00001"}},
+    }
+    client.patch(f"{ISVCS}/{service}/status", headers=MERGE, json={"status": ready})
+    wait_for(client, f"{RECJOBS}/{name}", phase(name, "Succeeded"))
+
+
+def start_canary(client: httpx.Client, name: str, service: str, url: str, version: int,
+                 **rollout) -> None:  # fmt: skip
+    """RecJob ``name`` trained and converted to ``version``; KServe shows the canary."""
+    rollout = {"steps": [50, 100], "interval": "2s", "failureLimit": 2, "metrics": [ERROR_RATE],
+               "prometheusUrl": url, **rollout}  # fmt: skip
+    create_recjob(client, name, serving={"name": service}, rollout=rollout)
+    wait_for(client, f"{PYTORCHJOBS}/{name}-g1-train")
+    client.patch(f"{PYTORCHJOBS}/{name}-g1-train/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    wait_for(client, f"{JOBS}/{name}-g1-convert")
+    gate = dict(GATE_OK, published_version=version)
+    finish_pod(client, f"{name}-convert-x", {"job-name": f"{name}-g1-convert"}, gate)
+    client.patch(f"{JOBS}/{name}-g1-convert/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    wait_for(client, f"{ISVCS}/{service}", lambda o: o["spec"]["predictor"].get(
+        "canaryTrafficPercent") == 50)  # fmt: skip
+    traffic = {
+        "latestCreatedRevision": f"{service}-0000{version}",
+        "previousRolledoutRevision": f"{service}-00001",
+    }
+    client.patch(f"{ISVCS}/{service}/status", headers=MERGE, json={"status": {
+        "conditions": [condition("Ready")], "components": {"predictor": traffic}}})  # fmt: skip
+
+
+def test_good_canary_is_promoted(cluster, prometheus) -> None:
+    _, client, _ = cluster
+    url, exporter, _ = prometheus
+    deploy_first(client, "stable", "svc-a")
+    exporter.error_share.update({"svc-a-00001": 0.0, "svc-a-00002": 0.0})
+    start_canary(client, "better", "svc-a", url, version=2)
+    done = wait_for(client, f"{RECJOBS}/better", phase("better", "Succeeded", "RolledBack"),
+                    timeout=60)  # fmt: skip
+    assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
+    history = done["status"]["rollout"]["history"]
+    assert {h["weight"] for h in history} == {50, 100}
+    assert history[-1]["verdict"] == "pass" and history[-1]["revision"] == "svc-a-00002"
+    isvc = client.get(f"{ISVCS}/svc-a").json()
+    assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "2"
+    assert isvc["spec"]["predictor"].get("canaryTrafficPercent") is None
+
+
+def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) -> None:
+    _, client, _ = cluster
+    url, exporter, _ = prometheus
+    deploy_first(client, "base", "svc-b")
+    exporter.error_share.update({"svc-b-00003": 0.5})
+    start_canary(client, "broken", "svc-b", url, version=3)
+    done = wait_for(client, f"{RECJOBS}/broken", phase("broken", "Succeeded", "RolledBack"),
+                    timeout=60)  # fmt: skip
+    assert done["status"]["phase"] == "RolledBack"
+    assert "error-rate = 0.5 (wanted <= 0.05): fail" in done["status"]["message"]
+    assert done["status"]["rollout"]["failedChecks"] == 2
+    isvc = client.get(f"{ISVCS}/svc-b").json()
+    assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "1"
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v1")
+
+
+def test_no_data_holds_then_rolls_back_at_the_deadline(cluster, prometheus) -> None:
+    _, client, _ = cluster
+    url, _, _ = prometheus
+    deploy_first(client, "quiet-base", "svc-c")
+    start_canary(client, "quiet", "svc-c", url, version=4,
+                 noData={"action": "hold", "deadline": "4s"})  # fmt: skip
+    done = wait_for(client, f"{RECJOBS}/quiet", phase("quiet", "Succeeded", "RolledBack"),
+                    timeout=60)  # fmt: skip
+    assert done["status"]["phase"] == "RolledBack"
+    assert "no conclusive analysis" in done["status"]["message"]
+    assert {h["verdict"] for h in done["status"]["rollout"]["history"]} == {"no-data"}
+
+
+def test_prometheus_down_is_counted_apart_and_holds(cluster) -> None:
+    _, client, _ = cluster
+    deploy_first(client, "dark-base", "svc-d")
+    start_canary(client, "dark", "svc-d", f"http://127.0.0.1:{free_port()}", version=5,
+                 noData={"action": "hold", "deadline": "6s"})  # fmt: skip
+    done = wait_for(client, f"{RECJOBS}/dark", phase("dark", "Succeeded", "RolledBack"),
+                    timeout=60)  # fmt: skip
+    rollout = done["status"]["rollout"]
+    assert done["status"]["phase"] == "RolledBack" and rollout["failedChecks"] == 0
+    assert rollout["queryErrors"] >= 2
+    assert {h["verdict"] for h in rollout["history"]} == {"error"}
+
+
+def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
+    server, _, _ = cluster
+    role = yaml.safe_load((REPO / "manifests" / "rbac" / "role.yaml").read_text())
+    rules = role["rules"]
+
+    def allowed(request) -> bool:
+        resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
+        return any(
+            request.group in rule["apiGroups"] and resource in rule["resources"]
+            and request.verb in rule["verbs"]
+            for rule in rules
+        )  # fmt: skip
+
+    operator_requests = [r for r in server.store.log if r.client == "operator"]
+    assert operator_requests, "no request was attributed to the operator"
+    denied = {(r.verb, r.group, r.resource, r.subresource) for r in operator_requests
+              if not allowed(r)}  # fmt: skip
+    assert not denied, f"requests the ClusterRole does not allow: {sorted(denied)}"
+    used = {(r.group, r.resource + (f"/{r.subresource}" if r.subresource else ""), r.verb)
+            for r in operator_requests}  # fmt: skip
+    unused = [
+        (group, resource, verb)
+        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]
+        for verb in rule["verbs"] if (group, resource, verb) not in used
+    ]  # fmt: skip
+    assert not unused, f"rules no request needed: {unused}"

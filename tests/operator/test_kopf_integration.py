@@ -33,6 +33,34 @@ GATE_OK = {"passed": True, "metric": "ndcg@10", "source_value": 0.91, "converted
            "published_version": 1, "reasons": []}  # fmt: skip
 
 
+class Operator:
+    """`kopf run` of the operator, restartable."""
+
+    def __init__(self, kubeconfig: Path, log: Path):
+        self.kubeconfig, self.log = kubeconfig, log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "kopf"), "run", "--standalone", "--namespace", NS, "-m",
+             "recjob_operator.kube.handlers"],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                 "RECJOB_MAX_SLEEP_SECONDS": "0.3"},
+            stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Fake API server + the operator (kopf run) watching namespace shop."""
@@ -42,17 +70,11 @@ def cluster(tmp_path_factory):
     server.call(server.store.seed, namespaces, {"metadata": {"name": NS}})
     kubeconfig = tmp / "kubeconfig"
     server.kubeconfig(kubeconfig)
-    log = (tmp / "operator.log").open("w")
-    operator = subprocess.Popen(
-        [str(BIN / "kopf"), "run", "--standalone", "--namespace", NS, "-m",
-         "recjob_operator.kube.handlers"],
-        env={**os.environ, "KUBECONFIG": str(kubeconfig), "RECJOB_MAX_SLEEP_SECONDS": "0.3"},
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-    )  # fmt: skip
+    operator = Operator(kubeconfig, tmp / "operator.log")
+    operator.start()
     with httpx.Client(base_url=server.url, timeout=10) as client:
-        yield server, client, tmp / "operator.log"
-    operator.terminate()
-    operator.wait(30)
+        yield server, client, operator
+    operator.stop()
     server.stop()
 
 
@@ -365,7 +387,78 @@ def test_prometheus_down_is_counted_apart_and_holds(cluster) -> None:
     assert {h["verdict"] for h in rollout["history"]} == {"error"}
 
 
+def test_status_conflicts_are_retried(cluster) -> None:
+    server, client, _ = cluster
+    server.store.conflicts[("recjobs", "status")] = 2
+    create_recjob(client, "contested")
+    wait_for(client, f"{RECJOBS}/contested", phase("contested", "Training"))
+    writes = [r.status for r in server.store.log if r.resource == "recjobs"
+              and r.subresource == "status" and r.name == "contested"]  # fmt: skip
+    assert writes[:3] == [409, 409, 200]
+
+
+def test_operator_killed_at_each_phase_resumes_without_duplicates(cluster) -> None:
+    server, client, operator = cluster
+
+    def restart() -> None:
+        operator.kill()
+        operator.start()
+
+    create_recjob(client, "phoenix", serving={"name": "svc-p"})
+    wait_for(client, f"{PYTORCHJOBS}/phoenix-g1-train")
+    restart()  # Training
+    client.patch(f"{PYTORCHJOBS}/phoenix-g1-train/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    wait_for(client, f"{JOBS}/phoenix-g1-convert")
+    restart()  # Converting
+    finish_pod(client, "phoenix-convert-x", {"job-name": "phoenix-g1-convert"}, GATE_OK)
+    client.patch(f"{JOBS}/phoenix-g1-convert/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    wait_for(client, f"{ISVCS}/svc-p")
+    restart()  # RollingOut
+    ready = {
+        "conditions": [condition("Ready")],
+        "components": {"predictor": {"latestReadyRevision": "svc-p-00001"}},
+    }
+    client.patch(f"{ISVCS}/svc-p/status", headers=MERGE, json={"status": ready})
+    wait_for(client, f"{RECJOBS}/phoenix", phase("phoenix", "Succeeded"), timeout=60)
+    # each child was created once; later attempts (if any) met 409 AlreadyExists
+    for resource, name in (("pytorchjobs", "phoenix-g1-train"), ("jobs", "phoenix-g1-convert"),
+                           ("configmaps", "phoenix-g1-train-config")):  # fmt: skip
+        statuses = [
+            r.status for r in server.store.log
+            if r.verb == "create" and r.client == "operator" and r.resource == resource
+            and r.created == name
+        ]  # fmt: skip
+        assert statuses.count(201) == 1 and set(statuses) <= {201, 409}, (resource, statuses)
+    for path in (f"{PYTORCHJOBS}/phoenix-g1-train", f"{JOBS}/phoenix-g1-convert", f"{ISVCS}/svc-p"):
+        assert client.get(path).status_code == 200
+    events = [e["reason"] for e in client.get(f"/api/v1/namespaces/{NS}/events").json()["items"]
+              if e["involvedObject"]["name"] == "phoenix"]  # fmt: skip
+    assert events.count("TrainingCreated") == 1 and events.count("ConversionCreated") == 1
+
+
+def test_recjob_deleted_mid_rollout_rolls_back_and_goes(cluster, prometheus) -> None:
+    _, client, _ = cluster
+    url, exporter, _ = prometheus
+    deploy_first(client, "keep", "svc-e")
+    exporter.error_share.update({"svc-e-00006": 0.0})
+    start_canary(client, "doomed", "svc-e", url, version=6, analysesPerStep=100,
+                 noData={"action": "hold", "deadline": "10m"})  # fmt: skip
+    wait_for(client, f"{RECJOBS}/doomed", lambda o: (o.get("status") or {}).get(
+        "rollout", {}).get("canaryWeight") == 50)  # fmt: skip
+    client.delete(f"{RECJOBS}/doomed")
+    deadline = time.time() + 30
+    while client.get(f"{RECJOBS}/doomed").status_code != 404:
+        assert time.time() < deadline, "the finalizer was never released"
+        time.sleep(0.1)
+    isvc = client.get(f"{ISVCS}/svc-e").json()
+    assert isvc["spec"]["predictor"].get("canaryTrafficPercent") is None
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v1")
+
+
 def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
+    """Runs last: checks every request the scenarios above made (run the whole module)."""
     server, _, _ = cluster
     role = yaml.safe_load((REPO / "manifests" / "rbac" / "role.yaml").read_text())
     rules = role["rules"]

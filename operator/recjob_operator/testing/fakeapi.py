@@ -85,6 +85,8 @@ class LoggedRequest:
     status: int = 0
     client: str = "operator"
     """"test" for requests from httpx (the tests playing other controllers)."""
+    created: str | None = None
+    """For creates: the name in the body."""
 
 
 def _status(code: int, reason: str, message: str) -> web.Response:
@@ -270,6 +272,7 @@ def make_app(store: Store) -> web.Application:
             entry = record(request, "create", resource)
             obj = await request.json()
             meta = obj.setdefault("metadata", {})
+            entry.created = meta.get("name")
             if resource.namespaced:
                 meta["namespace"] = namespace
             if "name" not in meta and "generateName" in meta:

@@ -41,11 +41,13 @@ class Operator:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        self.metrics_port = free_port()
         self.process = subprocess.Popen(
             [str(BIN / "kopf"), "run", "--standalone", "--namespace", NS, "-m",
              "recjob_operator.kube.handlers"],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig),
-                 "RECJOB_MAX_SLEEP_SECONDS": "0.3"},
+                 "RECJOB_MAX_SLEEP_SECONDS": "0.3", "RECJOB_METRICS_PORT": str(self.metrics_port),
+                 "RECJOB_METRICS_ADDRESS": "127.0.0.1"},
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
 
@@ -118,7 +120,7 @@ def phase(name: str, *phases: str):
 
 
 def test_happy_path_to_succeeded(cluster) -> None:
-    server, client, _ = cluster
+    server, client, operator = cluster
     created = create_recjob(client, "happy")
     job = wait_for(client, f"{PYTORCHJOBS}/happy-g1-train")
     assert job["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
@@ -155,6 +157,10 @@ def test_happy_path_to_succeeded(cluster) -> None:
                     key=lambda e: int(e["metadata"]["resourceVersion"]))  # fmt: skip
     reasons = [e["reason"] for e in events if e["involvedObject"]["name"] == "happy"]
     assert reasons[:3] == ["TrainingCreated", "TrainingSucceeded", "ConversionCreated"]
+    exposed = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
+    assert 'recjob_phase{namespace="shop",phase="Succeeded",recjob="happy"} 1.0' in exposed
+    assert 'recjob_phase{namespace="shop",phase="Training",recjob="happy"} 0.0' in exposed
+    assert "recjob_reconcile_duration_seconds_count" in exposed
     assert "Promoted" in reasons
     creates = [r for r in server.store.log if r.verb == "create" and r.resource == "pytorchjobs"
                and r.client == "operator" and r.status == 201]  # fmt: skip
@@ -346,7 +352,7 @@ def test_good_canary_is_promoted(cluster, prometheus) -> None:
 
 
 def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) -> None:
-    _, client, _ = cluster
+    _, client, operator = cluster
     url, exporter, _ = prometheus
     deploy_first(client, "base", "svc-b")
     exporter.error_share.update({"svc-b-00003": 0.5})
@@ -359,6 +365,13 @@ def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) 
     isvc = client.get(f"{ISVCS}/svc-b").json()
     assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "1"
     assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v1")
+    exposed = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
+    assert 'recjob_rollbacks_total{namespace="shop",recjob="broken"} 1.0' in exposed
+    assert ('recjob_analysis_threshold{bound="max",metric="error-rate",namespace="shop",'
+            'recjob="broken"} 0.05') in exposed  # fmt: skip
+    assert (
+        'recjob_analysis_value{metric="error-rate",namespace="shop",recjob="broken"} 0.5' in exposed
+    )
 
 
 def test_no_data_holds_then_rolls_back_at_the_deadline(cluster, prometheus) -> None:

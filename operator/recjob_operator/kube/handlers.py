@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import UTC, datetime
 
 import kopf
@@ -22,6 +23,7 @@ from kubernetes import client, config
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..controller.reconcile import RollBack, analysis_due, reconcile, set_condition
 from ..validation import validate_document
+from . import metrics
 from .backend import KubeBackend
 
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
@@ -57,6 +59,11 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
         prefix="recjob.dev", key="last-handled-configuration"
     )
     settings.posting.enabled = False  # our events come from the core, with reasons
+    port = int(os.environ.get("RECJOB_METRICS_PORT", "8000"))
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, os.environ.get("RECJOB_METRICS_ADDRESS", "0.0.0.0"))
 
 
 def _invalid_status(body: dict, problems: list) -> RecJobStatus:
@@ -94,21 +101,36 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **_) 
         ):
             await stopped.wait(MAX_SLEEP)
             continue
-        now = datetime.now(UTC)
-        observed = await asyncio.to_thread(kube.observe, recjob)
-        readings = (
-            await asyncio.to_thread(kube.read_metrics, recjob)
-            if analysis_due(recjob, now)
-            else None
-        )
-        decision = reconcile(recjob, observed, readings, now)
-        await asyncio.to_thread(kube.apply, recjob, decision.actions)
-        if decision.status != recjob.status:
-            await asyncio.to_thread(kube.write_status, recjob, decision.status)
+        started = time.perf_counter()
+        try:
+            decision = await _reconcile_once(kube, recjob)
+        except Exception:
+            metrics.RECONCILE_ERRORS.labels(
+                recjob.metadata.namespace or "default", recjob.metadata.name
+            ).inc()
+            logger.exception("reconcile failed; retrying")
+            await stopped.wait(MAX_SLEEP)
+            continue
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         for event in decision.actions:
             if getattr(event, "reason", None) and hasattr(event, "message"):
                 logger.info(f"[{event.reason}] {event.message}")
         await stopped.wait(min(decision.requeue_after or MAX_SLEEP, MAX_SLEEP))
+
+
+async def _reconcile_once(kube: KubeBackend, recjob):
+    """Observe, analyse when due, reconcile, act, write the status; record metrics."""
+    now = datetime.now(UTC)
+    observed = await asyncio.to_thread(kube.observe, recjob)
+    due = analysis_due(recjob, now)
+    readings = await asyncio.to_thread(kube.read_metrics, recjob) if due else None
+    decision = reconcile(recjob, observed, readings, now)
+    await asyncio.to_thread(kube.apply, recjob, decision.actions)
+    if decision.status != recjob.status:
+        await asyncio.to_thread(kube.write_status, recjob, decision.status)
+    metrics.record(recjob, decision.status, decision.actions, readings is not None)
+    return decision
 
 
 async def _write_invalid(kube: KubeBackend, body: kopf.Body, status: RecJobStatus) -> None:
@@ -136,6 +158,7 @@ async def finalize(body: kopf.Body, logger, **_) -> None:
         k: v for k, v in dict(body["metadata"]).items()
         if k in ("name", "namespace", "generation", "uid", "resourceVersion")
     }  # fmt: skip
+    metrics.forget(body["metadata"].get("namespace") or "default", body["metadata"]["name"])
     recjob, _ = validate_document(document)
     if recjob is None:
         return

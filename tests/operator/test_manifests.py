@@ -1,0 +1,138 @@
+"""The shipped manifests: kustomize builds, core objects valid, restricted security,
+alerts and dashboard about metrics that exist, the Argo CD health check in Lua."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+MANIFESTS = REPO / "manifests"
+KUBECTL = shutil.which("kubectl")
+
+
+def build(overlay: str) -> list[dict]:
+    if KUBECTL is None:
+        pytest.skip("kubectl (kustomize) is not installed")
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(MANIFESTS / overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def exposed_metric_names() -> set[str]:
+    """Metric names the operator, the router and the model server define."""
+    names = set()
+    for path in (
+        REPO / "operator/recjob_operator/kube/metrics.py",
+        REPO / "operator/recjob_operator/local/router.py",
+        REPO / "serving/recjob_serving/server.py",
+    ):
+        names |= set(re.findall(r'"(recjob_[a-z_]+)"', path.read_text()))
+    return names
+
+
+def referenced_metrics(expr: str) -> set[str]:
+    names = set(re.findall(r"\b(recjob_[a-z_]+)", expr))
+    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
+
+
+@pytest.mark.parametrize("overlay", ["default", "overlays/namespaced", "overlays/cluster-wide"])
+def test_overlays_build_and_core_objects_validate(overlay: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    objects = build(overlay)
+    kinds = {o["kind"] for o in objects}
+    assert {"CustomResourceDefinition", "Deployment", "ClusterRole", "ServiceAccount"} <= kinds
+    for obj in objects:
+        if obj["kind"] in ("ServiceMonitor", "PrometheusRule"):
+            continue  # Prometheus Operator CRDs: checked below
+        kubernetes_validate.validate(obj, "1.32", strict=True)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    if overlay == "overlays/namespaced":
+        assert "--namespace=shop" in command and "--all-namespaces" not in command
+    else:
+        assert "--all-namespaces" in command
+
+
+def test_operator_deployment_is_restricted() -> None:
+    deployment = next(o for o in build("default") if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["serviceAccountName"] == "recjob-operator"
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["command"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert "recjob_operator.kube.handlers" in container["command"]
+
+
+def test_alerts_and_dashboard_use_metrics_that_exist() -> None:
+    exposed = exposed_metric_names()
+    rule = yaml.safe_load((MANIFESTS / "monitoring" / "prometheusrule.yaml").read_text())
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"RecJobStuckInPhase", "RecJobRolledBack", "RecJobAnalysisErrors"} <= set(alerts)
+    for alert in alerts.values():
+        used = referenced_metrics(alert["expr"])
+        assert used and used <= exposed, (alert["alert"], used - exposed)
+    dashboard = json.loads((MANIFESTS / "monitoring" / "recjob-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        used = referenced_metrics(expr)
+        assert used and used <= exposed, (expr, used - exposed)
+
+
+@pytest.mark.parametrize(
+    ("obj", "health"),
+    [
+        ({"metadata": {"generation": 1}}, "Progressing"),
+        ({"metadata": {"generation": 2},
+          "status": {"phase": "Succeeded", "observedGeneration": 1}}, "Progressing"),
+        ({"metadata": {"generation": 1},
+          "status": {"phase": "Training", "observedGeneration": 1}}, "Progressing"),
+        ({"metadata": {"generation": 1},
+          "status": {"phase": "Succeeded", "observedGeneration": 1}}, "Healthy"),
+        ({"metadata": {"generation": 1},
+          "status": {"phase": "RolledBack", "observedGeneration": 1, "message": "x"}}, "Degraded"),
+        ({"metadata": {"generation": 1}, "status": {"phase": "Failed"}}, "Degraded"),
+        ({"metadata": {"generation": 1}, "status": {"phase": "RollingOut",
+          "rollout": {"state": "AwaitingApproval"}}}, "Suspended"),
+    ],
+)  # fmt: skip
+def test_argocd_health_check(obj: dict, health: str) -> None:
+    lupa = pytest.importorskip("lupa")
+    script = (MANIFESTS / "argocd" / "recjob-health.lua").read_text()
+    runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
+
+    def to_lua(value):
+        if isinstance(value, dict):
+            return runtime.table_from({k: to_lua(v) for k, v in value.items()})
+        return value
+
+    runtime.globals().obj = to_lua(obj)
+    result = runtime.execute(script)
+    assert result["status"] == health
+    assert result["message"]
+    patch = yaml.safe_load((MANIFESTS / "argocd" / "argocd-cm-patch.yaml").read_text())
+    assert patch["data"]["resource.customizations.health.recjob.dev_RecJob"] == script
+
+
+@pytest.mark.parametrize("component", ["operator", "trainer", "serving"])
+def test_dockerfiles_run_as_non_root_and_pin_the_lock(component: str) -> None:
+    text = (REPO / component / "Dockerfile").read_text()
+    assert re.search(r"^USER \d+", text, re.MULTILINE)
+    assert "-c constraints.txt" in text
+    if component != "operator":
+        assert "torch==2.13.0" in text

@@ -387,17 +387,36 @@ def test_no_data_holds_then_rolls_back_at_the_deadline(cluster, prometheus) -> N
     assert {h["verdict"] for h in done["status"]["rollout"]["history"]} == {"no-data"}
 
 
-def test_prometheus_down_is_counted_apart_and_holds(cluster) -> None:
+def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_path) -> None:
+    from recjob_operator.prometheus import prometheus_command, prometheus_config, wait_ready
+
     _, client, _ = cluster
+    _, exporter, _ = prometheus
+    config = tmp_path / "prometheus.yml"  # a Prometheus of its own, to stop mid-analysis
+    config.write_text(prometheus_config([f"127.0.0.1:{exporter.port}"], 0.5))
+    port = free_port()
+    own = subprocess.Popen(prometheus_command(config, tmp_path / "data", port),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    time.sleep(6)  # a few scrapes, so the 5s rate windows have data
     deploy_first(client, "dark-base", "svc-d")
-    start_canary(client, "dark", "svc-d", f"http://127.0.0.1:{free_port()}", version=5,
+    exporter.error_share.update({"svc-d-00005": 0.0})
+    start_canary(client, "dark", "svc-d", url, version=5, analysesPerStep=100,
                  noData={"action": "hold", "deadline": "6s"})  # fmt: skip
+    wait_for(client, f"{RECJOBS}/dark", lambda o: any(
+        h["verdict"] == "pass" for h in ((o.get("status") or {}).get("rollout") or {}).get(
+            "history", [])), timeout=60)  # fmt: skip
+    own.kill()
+    own.wait(10)
     done = wait_for(client, f"{RECJOBS}/dark", phase("dark", "Succeeded", "RolledBack"),
                     timeout=60)  # fmt: skip
     rollout = done["status"]["rollout"]
     assert done["status"]["phase"] == "RolledBack" and rollout["failedChecks"] == 0
     assert rollout["queryErrors"] >= 2
-    assert {h["verdict"] for h in rollout["history"]} == {"error"}
+    verdicts = [h["verdict"] for h in rollout["history"]]
+    assert verdicts[0] == "pass" and verdicts[-1] == "error" and "fail" not in verdicts
+    assert "unreachable" in rollout["history"][-1]["message"]
 
 
 def test_status_conflicts_are_retried(cluster) -> None:

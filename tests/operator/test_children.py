@@ -87,6 +87,8 @@ def test_pytorch_job_shape() -> None:
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
     container = replicas["Master"]["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["RECJOB_TERMINATION_LOG"] == container["terminationMessagePath"]
     assert container["command"] == ["recjob-train", "--config", "/etc/recjob/trainer.yaml"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}

@@ -189,3 +189,23 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
         assert not any(_early_stop(no_rule, state, v) for v in (0.5, 0.4, 0.3, 0.2))
     finally:
         dist.destroy_process_group()
+
+
+def test_termination_message_fits_and_keeps_the_main_metric(tmp_path, monkeypatch) -> None:
+    import json as _json
+
+    from recjob_trainer.train import TERMINATION_LOG_ENV, write_termination_message
+
+    target = tmp_path / "termination-log"
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(target))
+    model = {f"metric-{i:03d}@10": 0.123456789 for i in range(300)}
+    model["ndcg@10"] = 0.91
+    card = {"base_model": "all-MiniLM-L6-v2", "checkpoint_digest": "sha256:ab",
+            "data_snapshot": "sha256:cd", "steps": 3}  # fmt: skip
+    write_termination_message({"main_metric": "ndcg@10", "model": model}, card)
+    text = target.read_text()
+    summary = _json.loads(text)
+    assert len(text.encode()) <= 4096
+    assert summary["model"]["ndcg@10"] == 0.91 and summary["main_metric"] == "ndcg@10"
+    assert summary["card"] == {k: card[k] for k in ("base_model", "checkpoint_digest",
+                                                    "data_snapshot")}  # fmt: skip

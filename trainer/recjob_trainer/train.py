@@ -673,6 +673,7 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
         "main_metric": {"name": main, "value": result.get(main)},
     }
     write_json_atomic(run_dir / "model-card.json", card)
+    write_termination_message(metrics, card)
     plot_curves(events, run_dir / "curves.png")
     progress.event(
         "done",
@@ -683,6 +684,29 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
     )
     progress.close()
     return metrics
+
+
+#: Where a PyTorchJob's master container leaves its summary for the operator.
+TERMINATION_LOG_ENV = "RECJOB_TERMINATION_LOG"
+
+
+def write_termination_message(metrics: dict, card: dict) -> None:
+    """With $RECJOB_TERMINATION_LOG set (the PyTorchJob's container), leave the held-out
+    metrics and the lineage there, within Kubernetes' 4096-byte limit."""
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if not path:
+        return
+    model = {k: v for k, v in metrics["model"].items() if isinstance(v, int | float)}
+    summary = {
+        "main_metric": metrics["main_metric"],
+        "model": model,
+        "card": {k: card[k] for k in ("base_model", "checkpoint_digest", "data_snapshot")},
+    }
+    text = json.dumps(summary, default=float)
+    while len(text.encode()) > 4096 and len(summary["model"]) > 1:
+        summary["model"].pop(next(k for k in summary["model"] if k != metrics["main_metric"]))
+        text = json.dumps(summary, default=float)
+    Path(path).write_text(text)
 
 
 def memory_use(engine) -> dict[str, float]:

@@ -165,7 +165,11 @@ def pytorch_job(recjob: RecJob) -> dict:
             {"name": "RECJOB_PVC_ROOT", "value": PVC_ROOT},
             {"name": "OMP_NUM_THREADS", "value": "1"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
+            # the master leaves metrics.json's headline here for the operator to read
+            {"name": "RECJOB_TERMINATION_LOG", "value": TERMINATION_LOG},
         ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
         "resources": _resources(training.resources),
         "volumeMounts": [
             {"name": "recjob-config", "mountPath": CONFIG_MOUNT, "readOnly": True},

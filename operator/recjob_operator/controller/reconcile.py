@@ -34,7 +34,7 @@ from ..api.v1alpha1.status import (
     TrainingProgress,
     TrainingStatus,
 )
-from .analysis import Reading, analyse, describe, seconds_between
+from .analysis import Reading, analyse, describe, query_values, seconds_between
 
 #: How often to look again at a running child (the backend may watch instead).
 POLL_SECONDS = 5.0
@@ -634,6 +634,18 @@ def analysis_due(recjob: RecJob, now: datetime) -> bool:
     if rollout.canary_model_version is None or rollout.state not in ("Progressing", "Holding"):
         return False
     return rollout.next_analysis_time is None or now >= rollout.next_analysis_time
+
+
+def analysis_query_values(recjob: RecJob, namespace: str = "default") -> dict[str, str]:
+    """Placeholder values of the RecJob's canary queries for its current analysis."""
+    rollout = recjob.status.rollout if recjob.status else None
+    return query_values(
+        rollout.canary_revision or "" if rollout else "",
+        rollout.stable_revision if rollout else None,
+        recjob.metadata.namespace or namespace,
+        recjob.service_name,
+        parse_duration(recjob.spec.rollout.interval).total_seconds(),
+    )
 
 
 def reconcile(

@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from ..api.v1alpha1.common import APPROVE_ANNOTATION, GROUP
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import RecJobStatus
-from ..controller.analysis import Reading, query_values
+from ..controller.analysis import Reading
 from ..controller.children import (
     conversion_config_map,
     conversion_job,
@@ -41,6 +41,7 @@ from ..controller.reconcile import (
     RollBack,
     ServingObservation,
     SetCanary,
+    analysis_query_values,
     conversion_name,
     training_name,
 )
@@ -170,16 +171,7 @@ class KubeBackend:
                 Reading(m.name, error="no Prometheus configured (spec.rollout.prometheusUrl)")
                 for m in recjob.spec.rollout.metrics
             ]
-        from ..api.v1alpha1.common import parse_duration
-
-        rollout = status.rollout
-        values = query_values(
-            rollout.canary_revision or "",
-            rollout.stable_revision,
-            recjob.metadata.namespace or "default",
-            recjob.service_name,
-            parse_duration(recjob.spec.rollout.interval).total_seconds(),
-        )
+        values = analysis_query_values(recjob)
         return PrometheusSource(url).read(recjob.spec.rollout.metrics, values)
 
     # ------------------------------------------------------------------ act

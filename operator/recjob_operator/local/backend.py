@@ -35,9 +35,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from ..api.v1alpha1.common import APPROVE_ANNOTATION, parse_duration
+from ..api.v1alpha1.common import APPROVE_ANNOTATION
 from ..api.v1alpha1.recjob import RecJob
-from ..controller.analysis import Reading, query_values
+from ..controller.analysis import Reading
 from ..controller.reconcile import (
     ChildObservation,
     CleanupGeneration,
@@ -50,6 +50,7 @@ from ..controller.reconcile import (
     RollBack,
     ServingObservation,
     SetCanary,
+    analysis_query_values,
     revision_name,
 )
 from ..prometheus import PrometheusSource, prometheus_command, prometheus_config, wait_ready
@@ -238,16 +239,7 @@ class LocalBackend:
 
     def read_metrics(self, recjob: RecJob) -> list[Reading]:
         """Every canary check, read for the current canary and stable revisions."""
-        status = recjob.status
-        assert status is not None and status.rollout is not None
-        rollout = status.rollout
-        values = query_values(
-            rollout.canary_revision or "",
-            rollout.stable_revision,
-            recjob.metadata.namespace or "local",
-            recjob.service_name,
-            parse_duration(recjob.spec.rollout.interval).total_seconds(),
-        )
+        values = analysis_query_values(recjob, namespace="local")
         return self.metric_source(recjob).read(recjob.spec.rollout.metrics, values)
 
     # ------------------------------------------------------------------ act

@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 
-def tiny_dataset(target: Path, users: int = 150) -> None:
+def tiny_dataset(target: Path, users: int = 60) -> None:
     """The first ``users`` users of each split and only the items they touch."""
     target.mkdir(parents=True, exist_ok=True)
     items: set[str] = set()
@@ -71,7 +71,8 @@ def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s") -> dict:
                 "evalIntervalSteps": 3,
                 "checkpoint": {"intervalSteps": 3},
             },
-            "export": {"target": "onnxruntime-int8", "qualityBudget": {"maxRelativeDrop": 0.5}},
+            # fp32: these tests are about local mode; int8 is covered by the serving tests
+            "export": {"target": "onnxruntime-fp32", "qualityBudget": {"maxRelativeDrop": 0.5}},
             "serving": {"name": "tiny"},
             "rollout": {
                 "steps": [50, 100],
@@ -115,7 +116,7 @@ def write(root: Path, name: str, ctr_min: float, interval: str = "4s") -> Path:
 def recjob_run(root: Path, file: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "recjob"), "run", str(file), "--workdir", str(root / "work"),
-         "--eval-groups", "20", "--replay-rate", "20", *extra],
+         "--eval-groups", "10", "--replay-rate", "20", *extra],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
@@ -139,7 +140,7 @@ def listening_ports(root: Path) -> list[int]:
     return ports
 
 
-def test_first_model_then_promote_then_roll_back(workspace: Path) -> None:
+def test_first_model_then_a_promoted_canary(workspace: Path) -> None:
     first = recjob_run(workspace, write(workspace, "first", 0.0))
     assert first.returncode == 0, first.stderr[-3000:]
     assert status(workspace, "first")["status"]["phase"] == "Succeeded"
@@ -162,30 +163,19 @@ def test_first_model_then_promote_then_roll_back(workspace: Path) -> None:
     assert summary["live_by_revision"]["tiny-v1"]["impressions"] > 0
     assert "canary-timeline.png" in summary["charts"]
     assert (report / "report.html").exists()
-
-    # a canary whose business metric cannot reach its threshold is rolled back
-    bad = recjob_run(workspace, write(workspace, "bad", 1000.0))
-    assert bad.returncode == 3, bad.stderr[-3000:]
-    rolled = status(workspace, "bad")["status"]
-    assert rolled["phase"] == "RolledBack"
-    assert "ctr-vs-stable" in rolled["message"] and "wanted >= 1000" in rolled["message"]
-    state = json.loads((workspace / "work/services/tiny/state.json").read_text())
-    assert state["stable_version"] == 2  # the promoted model keeps serving
     assert listening_ports(workspace) == []
-    shown = subprocess.run(
-        [str(BIN / "recjob"), "status", "bad", "--workdir", str(workspace / "work")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert yaml.safe_load(shown.stdout)["status"]["phase"] == "RolledBack"
 
 
-def test_killed_mid_canary_resumes_without_duplicates(workspace: Path) -> None:
+def test_killed_mid_canary_resumes_and_rolls_back_without_duplicates(workspace: Path) -> None:
+    """A canary whose business metric cannot reach its threshold; `recjob run` is killed
+    mid-canary and started again: it adopts what runs and the analysis rolls it back."""
     if not (workspace / "work/services/tiny/state.json").exists():
         first = recjob_run(workspace, write(workspace, "first", 0.0))
         assert first.returncode == 0, first.stderr[-3000:]
-    file = write(workspace, "resumed", 0.0, interval="8s")
+    stable = json.loads((workspace / "work/services/tiny/state.json").read_text())
+    file = write(workspace, "resumed", 1000.0, interval="6s")
     command = [str(BIN / "recjob"), "run", str(file), "--workdir", str(workspace / "work"),
-               "--eval-groups", "20", "--replay-rate", "20"]  # fmt: skip
+               "--eval-groups", "10", "--replay-rate", "20"]  # fmt: skip
     log = (workspace / "resumed-1.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     routes = workspace / "work" / "services" / "tiny" / "run" / "routes.json"
@@ -208,9 +198,12 @@ def test_killed_mid_canary_resumes_without_duplicates(workspace: Path) -> None:
     process.send_signal(signal.SIGKILL)  # no chance to clean up: children keep running
     process.wait()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 3, again.stderr[-3000:]
     final = status(workspace, "resumed")["status"]
-    assert final["phase"] == "Succeeded"
+    assert final["phase"] == "RolledBack"
+    assert "ctr-vs-stable" in final["message"] and "wanted >= 1000" in final["message"]
+    state = json.loads((workspace / "work/services/tiny/state.json").read_text())
+    assert state["stable_version"] == stable["stable_version"]  # the stable model stays
     after = {
         p.name: json.loads(p.read_text())["pid"]
         for p in [*run_dir.glob("server-v*.json"), generation / "train-node0.json",
@@ -218,15 +211,20 @@ def test_killed_mid_canary_resumes_without_duplicates(workspace: Path) -> None:
     }  # fmt: skip
     assert after["train-node0.json"] == before["train-node0.json"]  # not retrained
     assert after["convert.json"] == before["convert.json"]  # not reconverted
-    new_version = final["lineage"]["modelVersion"]
-    assert after[f"server-v{new_version}.json"] == before[f"server-v{new_version}.json"]  # adopted
+    canary = final["conversion"]["modelVersion"]
+    assert after[f"server-v{canary}.json"] == before[f"server-v{canary}.json"]  # adopted
     events = [
         json.loads(line)["reason"]
         for line in (workspace / "work" / "resumed" / "events.jsonl").read_text().splitlines()
     ]
     assert events.count("TrainingCreated") == 1 and events.count("ConversionCreated") == 1
-    assert events.count("Promoted") == 1
+    assert events.count("RolledBack") == 1 and "Promoted" not in events
     assert listening_ports(workspace) == []
+    shown = subprocess.run(
+        [str(BIN / "recjob"), "status", "resumed", "--workdir", str(workspace / "work")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert yaml.safe_load(shown.stdout)["status"]["phase"] == "RolledBack"
 
 
 def test_interrupt_stops_every_child(workspace: Path) -> None:

@@ -122,6 +122,9 @@ def _load_one(file: str) -> RecJob:
     help="Held-out queries/users the trainer and the quality gate evaluate.",
 )
 @click.option("--replay-rate", type=click.FloatRange(0.1, 1000), default=8.0, show_default=True)
+@click.option(
+    "--no-baselines", is_flag=True, help="Do not evaluate BM25/popularity/zero-shot baselines."
+)
 @click.option("--no-report", is_flag=True, help="Skip the HTML report.")
 def run(
     file: str,
@@ -129,6 +132,7 @@ def run(
     prometheus: str | None,
     eval_groups: int,
     replay_rate: float,
+    no_baselines: bool,
     no_report: bool,
 ) -> None:
     """Run the RecJob in FILE on this machine (local mode): training, conversion, two live
@@ -144,7 +148,10 @@ def run(
 
     job = _load_one(file)
     options = LocalOptions(
-        eval_groups=eval_groups, replay_rate=replay_rate, prometheus_url=prometheus
+        eval_groups=eval_groups,
+        replay_rate=replay_rate,
+        prometheus_url=prometheus,
+        baselines=not no_baselines,
     )
     try:
         with LiveView() as view:

@@ -48,7 +48,7 @@ def tiny_dataset(target: Path, users: int = 60) -> None:
     (target / "Scientific.text").write_text("\n".join(kept_text) + "\n")
 
 
-def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s") -> dict:
+def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s", processes: int = 1) -> dict:
     return {
         "apiVersion": "recjob.dev/v1alpha1",
         "kind": "RecJob",
@@ -65,7 +65,7 @@ def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s") -> dict:
             },
             "model": {"maxSequenceLength": 24, "historyLength": 3},
             "training": {
-                "processesPerNode": 2,
+                "processesPerNode": processes,
                 "microBatchSize": 8,
                 "maxSteps": 3,
                 "evalIntervalSteps": 3,
@@ -107,16 +107,16 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def write(root: Path, name: str, ctr_min: float, interval: str = "4s") -> Path:
+def write(root: Path, name: str, ctr_min: float, interval: str = "4s", processes: int = 1) -> Path:
     path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recjob(root / "data", name, ctr_min, interval)))
+    path.write_text(yaml.safe_dump(recjob(root / "data", name, ctr_min, interval, processes)))
     return path
 
 
 def recjob_run(root: Path, file: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "recjob"), "run", str(file), "--workdir", str(root / "work"),
-         "--eval-groups", "10", "--replay-rate", "20", *extra],
+         "--eval-groups", "10", "--replay-rate", "20", "--no-baselines", *extra],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
@@ -146,7 +146,7 @@ def test_first_model_then_a_promoted_canary(workspace: Path) -> None:
     assert status(workspace, "first")["status"]["phase"] == "Succeeded"
     assert listening_ports(workspace) == []
 
-    good = recjob_run(workspace, write(workspace, "good", 0.0))
+    good = recjob_run(workspace, write(workspace, "good", 0.0, processes=2))  # 2 trainers
     assert good.returncode == 0, good.stderr[-3000:]
     done = status(workspace, "good")["status"]
     assert done["phase"] == "Succeeded" and done["lineage"]["modelVersion"] == 2
@@ -157,6 +157,9 @@ def test_first_model_then_a_promoted_canary(workspace: Path) -> None:
     assert history[-1]["verdict"] == "pass"
     state = json.loads((workspace / "work/services/tiny/state.json").read_text())
     assert state["stable_version"] == 2
+    progress = (workspace / "work" / "good" / "g1" / "train" / "progress.jsonl").read_text()
+    start = next(json.loads(x) for x in progress.splitlines() if '"start"' in x)
+    assert start["world_size"] == 2  # processesPerNode: 2 -> two trainer processes
     report = workspace / "work" / "good" / "g1" / "report"
     summary = json.loads((report / "summary.json").read_text())
     assert summary["live_by_revision"]["tiny-v2"]["impressions"] > 0
@@ -175,7 +178,7 @@ def test_killed_mid_canary_resumes_and_rolls_back_without_duplicates(workspace: 
     stable = json.loads((workspace / "work/services/tiny/state.json").read_text())
     file = write(workspace, "resumed", 1000.0, interval="6s")
     command = [str(BIN / "recjob"), "run", str(file), "--workdir", str(workspace / "work"),
-               "--eval-groups", "10", "--replay-rate", "20"]  # fmt: skip
+               "--eval-groups", "10", "--replay-rate", "20", "--no-baselines"]  # fmt: skip
     log = (workspace / "resumed-1.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     routes = workspace / "work" / "services" / "tiny" / "run" / "routes.json"

@@ -399,7 +399,7 @@ def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
-    time.sleep(6)  # a few scrapes, so the 5s rate windows have data
+    time.sleep(3)  # a few scrapes, so the 5s rate windows have data
     deploy_first(client, "dark-base", "svc-d")
     exporter.error_share.update({"svc-d-00005": 0.0})
     start_canary(client, "dark", "svc-d", url, version=5, analysesPerStep=100,

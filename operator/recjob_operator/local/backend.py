@@ -80,6 +80,8 @@ class LocalOptions:
 
     eval_groups: int | None = 500
     """Cap on held-out queries / users the trainer and the quality gate evaluate."""
+    baselines: bool = True
+    """Also evaluate the baselines (BM25 / popularity, zero-shot) beside the model."""
     replay_rate: float = 8.0
     """Impressions per second the replay driver sends."""
     replay_k: int = 5
@@ -279,6 +281,7 @@ class LocalBackend:
         config = config_from_recjob(recjob, str(directory / "train"), str(self.source_file.parent))
         if self.options.eval_groups:
             config.evaluation.max_groups = self.options.eval_groups
+        config.evaluation.baselines = self.options.baselines
         path = directory / "trainer.yaml"
         write_atomic(
             path, yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True))

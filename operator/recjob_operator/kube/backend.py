@@ -26,7 +26,6 @@ from ..controller.children import (
     inference_service,
     pytorch_job,
     pytorch_job_state,
-    snapshot_uri,
     training_config_map,
 )
 from ..controller.reconcile import (
@@ -312,7 +311,3 @@ class KubeBackend:
                 version = fresh["metadata"]["resourceVersion"]
                 log.info("status of %s conflicted; retrying on %s", recjob.metadata.name, version)
         raise RuntimeError(f"status of {recjob.metadata.name}: {attempts} conflicts in a row")
-
-    def snapshot(self, recjob: RecJob, version: int) -> str:
-        """Where model ``version`` of the RecJob's service is served from."""
-        return snapshot_uri(recjob, version)

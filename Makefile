@@ -18,11 +18,9 @@ install: $(STAMP) ## Create .venv and install RecJob with its dependencies and d
 
 # Reinstall whenever the dependency list or the lock file changes. torch==2.13.0 is
 # pinned in pyproject.toml and constraints.txt (the CPU build on the local disk).
-# --no-compile: modules are byte-compiled when first imported, not all at install
-# (measured: install 1.5 min instead of 2.5-4.5).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		-c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from recjob_operator.local.backend import free_port
 from recjob_operator.testing.fakeapi import DEFAULT_RESOURCES, FakeApiServer
 from tests.conftest import MINIMAL, REPO
 
@@ -273,14 +274,6 @@ def prometheus(tmp_path_factory):
     exporter.stop()
     process.terminate()
     process.wait(10)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ERROR_RATE = {

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
+from recjob_operator.local.backend import free_port
 from recjob_serving.export import export_onnx, run_onnx
 from recjob_serving.repository import (
     parse_config,
@@ -36,12 +37,6 @@ PAIRS = [
     ("deck screws", "grip-rite #8 x 2-1/2 in. exterior deck screws"),
     ("garden hose", "flexzilla 5/8 in. x 50 ft. garden hose"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

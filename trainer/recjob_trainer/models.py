@@ -13,6 +13,7 @@ A saved model is a folder with ``model.safetensors`` (a plain fp32 state_dict),
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -94,11 +95,21 @@ class RankingModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        states: list | None = None,
     ) -> torch.Tensor:
-        """Mean-pooled encoder output (the sentence-transformers pooling of MiniLM)."""
-        out = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
+        """Mean-pooled encoder output (the sentence-transformers pooling of MiniLM).
+
+        With ``states`` (a list), every layer's hidden states and the attention mask are
+        appended to it (intermediate-layer distillation)."""
+        result = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=states is not None,
+        )
+        out = result.last_hidden_state
+        if states is not None:
+            states.append((result.hidden_states, attention_mask))
         mask = attention_mask.unsqueeze(-1).to(out.dtype)
         return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
@@ -107,14 +118,17 @@ class RankingModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        states: list | None = None,
     ) -> torch.Tensor:
         """Cross-encoder: one logit per (query, item) pair."""
-        pooled = self.dropout(self.embed(input_ids, attention_mask, token_type_ids))
+        pooled = self.dropout(self.embed(input_ids, attention_mask, token_type_ids, states))
         return self.head(pooled).squeeze(-1)
 
-    def item_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def item_vectors(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: list | None = None
+    ) -> torch.Tensor:
         """Bi-encoder: unit-length embeddings (users' history texts or items alike)."""
-        vec = self.embed(input_ids, attention_mask)
+        vec = self.embed(input_ids, attention_mask, states=states)
         if not isinstance(self.head, nn.Identity):
             vec = vec + self.head(self.dropout(vec))
         return nn.functional.normalize(vec, dim=-1)
@@ -132,18 +146,24 @@ class RankingModel(nn.Module):
         """Bi-encoder: multiplier turning cosine similarities into logits."""
         return self.logit_scale.exp().clamp(max=100.0)
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        """Scores of a batch as built by :mod:`recjob_trainer.batches`."""
+    def forward(self, output_hidden_states: bool = False, **batch: torch.Tensor):
+        """Scores of a batch as built by :mod:`recjob_trainer.batches`.
+
+        With ``output_hidden_states``: ``(scores, (hidden_states, attention_mask))`` of
+        the pairs (cross-encoder) or of the candidate items (bi-encoder)."""
+        states: list | None = [] if output_hidden_states else None
         if self.info.kind == "cross-encoder":
-            return self.score_pairs(
-                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            scores = self.score_pairs(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), states
             )
-        users = self.user_vectors(batch)
-        items = self.item_vectors(batch["item_input_ids"], batch["item_attention_mask"])
-        # (B, B * (1 + negatives)): every user against every candidate of the batch, so the
-        # other users' items serve as extra (in-batch) negatives; user b's own candidates
-        # are columns b*(1+k) .. b*(1+k)+k, its true item first.
-        return users @ items.T * self.scale()
+        else:
+            users = self.user_vectors(batch)
+            items = self.item_vectors(batch["item_input_ids"], batch["item_attention_mask"], states)
+            # (B, B * (1 + negatives)): every user against every candidate of the batch, so
+            # the other users' items serve as extra (in-batch) negatives; user b's own
+            # candidates are columns b*(1+k) .. b*(1+k)+k, its true item first.
+            scores = users @ items.T * self.scale()
+        return (scores, states[0]) if states is not None else scores
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> predictions on the label's scale (grade or click probability)."""
@@ -166,14 +186,27 @@ def pool_history(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(info: ModelInfo, encoder_path: str, *, pretrained: bool = True) -> RankingModel:
-    """A model on the encoder at ``encoder_path`` (weights loaded when ``pretrained``)."""
+    """A model on the encoder at ``encoder_path`` (weights loaded when ``pretrained``).
+
+    A compressed model (``info.extra["structure"]``: per-layer heads and FFN channels)
+    gets those shapes, ready for its weights."""
     if pretrained:
         encoder = AutoModel.from_pretrained(encoder_path, attn_implementation="eager")
-    else:
-        config = AutoConfig.from_pretrained(encoder_path)
-        config._attn_implementation = "eager"
-        encoder = AutoModel.from_config(config)
-    return RankingModel(encoder, info)
+        return RankingModel(encoder, info)
+    return model_from_config(info, AutoConfig.from_pretrained(encoder_path))
+
+
+def model_from_config(info: ModelInfo, encoder_config) -> RankingModel:
+    """An untrained model of the architecture ``encoder_config`` and ``info`` describe."""
+    config = copy.deepcopy(encoder_config)
+    config._attn_implementation = "eager"
+    model = RankingModel(AutoModel.from_config(config), info)
+    structure = info.extra.get("structure")
+    if structure:
+        from .compression.structure import resize_to
+
+        resize_to(model.encoder, structure)
+    return model
 
 
 def save_model(

@@ -35,6 +35,13 @@ class Progress:
             self._task = self._bar.add_task("train", total=total_steps, info="")
             self._bar.start()
 
+    def stage(self, name: str, total_steps: int) -> None:
+        """A new training stage (compression: distill, recover) starts from step 0."""
+        self.total = total_steps
+        if self._bar is not None:
+            self._bar.reset(self._task, total=total_steps, completed=0)
+            self._bar.columns[0].text_format = f"[bold]{name}"
+
     def record(self, kind: str, **fields: Any) -> str:
         """Append an event to progress.jsonl only (e.g. the digest of each step's batch,
         which shows that a resumed run sees the same data order)."""
@@ -80,16 +87,22 @@ def plot_curves(events: list[dict], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss = [(e["step"], e["loss"]) for e in events if e["event"] == "progress"]
-    evals = [(e["step"], e["value"]) for e in events if e["event"] == "eval"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    if loss:
-        axes[0].plot(*zip(*loss, strict=True), color="tab:blue")
+    stages = list(dict.fromkeys(e.get("stage", "train") for e in events if "step" in e))
+    for stage in stages:  # compression: one line per stage (train, distill, recover)
+        mine = [e for e in events if e.get("stage", "train") == stage]
+        loss = [(e["step"], e["loss"]) for e in mine if e["event"] == "progress"]
+        evals = [(e["step"], e["value"]) for e in mine if e["event"] == "eval"]
+        if loss:
+            axes[0].plot(*zip(*loss, strict=True), label=stage)
+        if evals:
+            axes[1].plot(*zip(*evals, strict=True), marker="o", label=stage)
     axes[0].set(title="training loss", xlabel="step")
-    if evals:
-        metric = next(e["metric"] for e in events if e["event"] == "eval")
-        axes[1].plot(*zip(*evals, strict=True), marker="o", color="tab:green")
-        axes[1].set(title=f"validation {metric}", xlabel="step")
+    metric = next((e["metric"] for e in events if e["event"] == "eval"), "metric")
+    axes[1].set(title=f"validation {metric}", xlabel="step")
+    if len(stages) > 1:
+        axes[0].legend()
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(target, dpi=100)
     plt.close(fig)

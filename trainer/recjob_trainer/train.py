@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,14 @@ from .evaluation import (
     recommendation_baselines,
     search_baselines,
 )
-from .models import ModelInfo, RankingModel, base_model_path, build_model, save_model
+from .models import (
+    ModelInfo,
+    RankingModel,
+    base_model_path,
+    build_model,
+    model_from_config,
+    save_model,
+)
 from .progress import Progress, plot_curves, read_events
 from .storage import atomic_directory, local_path, write_json_atomic
 
@@ -55,6 +63,9 @@ class RunContext:
     tokenizer: Any
     batcher: Batcher
     progress: Progress
+    shard: Shard
+    steps_per_epoch: int
+    started: float
 
 
 # --------------------------------------------------------------------------- distributed
@@ -347,10 +358,27 @@ def validation_metric(
 
 
 # --------------------------------------------------------------------------- the run
+@dataclass
+class Stage:
+    """One DeepSpeed training stage of a run: fine-tuning (``train``), or with compression
+    distillation (``distill``) and recovery after pruning (``recover``)."""
+
+    name: str
+    model: RankingModel
+    total_steps: int
+    checkpoints: Path
+    step_loss: Callable[[Any, dict, torch.Tensor, list[int]], torch.Tensor]
+    """(engine, batch without labels, labels, shard row indices) -> loss."""
+    after_step: Callable[[Any], None] | None = None
+    """Called after every optimizer step (e.g. to keep pruned weights at zero)."""
+
+    def tag(self) -> dict[str, str]:
+        """What progress events of this stage carry (nothing for plain fine-tuning)."""
+        return {} if self.name == "train" else {"stage": self.name}
+
+
 def train(config: TrainerConfig) -> dict:
     """Run training on this process (one rank); returns the metrics (rank 0) or {}."""
-    import deepspeed
-
     started = time.time()
     rank, world, _ = setup_distributed()
     run_dir = local_path(config.output_uri, config.base_dir)
@@ -380,21 +408,62 @@ def train(config: TrainerConfig) -> dict:
             f"{t.gradient_accumulation_steps}"
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
+    progress = Progress(run_dir, total_steps, enabled=rank == 0)
+    run = RunContext(
+        config,
+        rank,
+        world,
+        run_dir,
+        prepared,
+        info,
+        tokenizer,
+        batcher,
+        progress,
+        shard,
+        steps_per_epoch,
+        started,
+    )
+    stage = Stage(
+        "train",
+        model,
+        total_steps,
+        run_dir / "checkpoints",
+        lambda engine, batch, labels, _index: loss_fn(info, engine(**batch), labels),
+    )
+    if config.compression is not None:
+        from .compression.pipeline import compress
 
-    params = [p for p in model.parameters() if p.requires_grad]
+        return compress(run, stage)
+    engine, step, state = fit(run, stage)
+    return finish(run, engine, step, state, consolidate(run, engine, step, stage))
+
+
+def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
+    """Train ``stage.model`` with DeepSpeed for the stage's steps, resuming from the
+    stage's newest complete checkpoint; returns (engine, step reached, state)."""
+    import deepspeed
+
+    config, rank, world, run_dir = run.config, run.rank, run.world, run.run_dir
+    shard, batcher, prepared, progress = run.shard, run.batcher, run.prepared, run.progress
+    t, total_steps, tag = config.training, stage.total_steps, stage.tag()
+    steps_per_epoch = run.steps_per_epoch
+    started = run.started if stage.name == "train" else time.time()
+    progress.stage(stage.name, total_steps)
+
+    params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=stage.model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(config, world),
     )
 
-    ckpt_root = run_dir / "checkpoints"
-    progress = Progress(run_dir, total_steps, enabled=rank == 0)
+    ckpt_root = stage.checkpoints
     state = {
-        "config_digest": training_digest(config),
+        "config_digest": training_digest(config)
+        + ("" if stage.name == "train" else f"/{stage.name}"),
         "step": 0,
         "best": None,
         "evals_without_improvement": 0,
@@ -433,6 +502,7 @@ def train(config: TrainerConfig) -> dict:
             world_size=world,
             saved_world_size=saved_world,
             weights_only=not same_world,
+            **tag,
         )
 
     progress.event(
@@ -443,6 +513,7 @@ def train(config: TrainerConfig) -> dict:
         precision=t.precision,
         steps_per_epoch=steps_per_epoch,
         train_rows=prepared.train_summary["rows"],
+        **tag,
     )
     step = state["step"]
     last_saved = step if checkpoints else None
@@ -463,10 +534,11 @@ def train(config: TrainerConfig) -> dict:
             if mb >= steps_per_epoch * t.gradient_accumulation_steps:
                 break
             labels = batch.pop("labels")
-            logits = engine(**batch)
-            loss = loss_fn(info, logits, labels)
+            loss = stage.step_loss(engine, batch, labels, index)
             engine.backward(loss)
             engine.step()
+            if stage.after_step is not None:
+                stage.after_step(engine)
             batch_digest.update(np.asarray(index, dtype=np.int64).tobytes())
             window_loss += float(loss.detach())
             window_samples += len(index)
@@ -486,13 +558,14 @@ def train(config: TrainerConfig) -> dict:
                     loss=mean_loss,
                     lr=scheduler.get_last_lr()[0],
                     samples_per_second=window_samples * world / max(elapsed, 1e-9),
+                    **tag,
                 )
                 window_loss, window_samples, window_start = 0.0, 0, time.time()
-            progress.record("batch", step=step, digest=batch_digest.hexdigest())
+            progress.record("batch", step=step, digest=batch_digest.hexdigest(), **tag)
             batch_digest = hashlib.sha1()
             if step % t.eval_interval_steps == 0 or step == total_steps:
                 metric, value = validation_metric(engine.module, batcher, prepared, config)
-                progress.event("eval", step=step, metric=metric, value=value)
+                progress.event("eval", step=step, metric=metric, value=value, **tag)
                 stop = _early_stop(config, state, value)
             state["step"] = step
             if step % t.checkpoint.interval_steps == 0 or step == total_steps or stop:
@@ -502,14 +575,13 @@ def train(config: TrainerConfig) -> dict:
                     engine, ckpt_root, step, dict(state), t.checkpoint.keep, rank, world
                 )
                 last_saved = step
-                progress.event("checkpoint", step=step)
+                progress.event("checkpoint", step=step, **tag)
             if step >= total_steps or stop:
                 break
     if last_saved != step:
         save_checkpoint(engine, ckpt_root, step, dict(state), t.checkpoint.keep, rank, world)
     state["wall_time"] = state.get("wall_time", 0.0) + (time.time() - started)
-    run = RunContext(config, rank, world, run_dir, prepared, info, tokenizer, batcher, progress)
-    return finish(run, engine, step, state)
+    return engine, step, state
 
 
 def _early_stop(config: TrainerConfig, state: dict, value: float) -> bool:
@@ -539,37 +611,63 @@ def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, tor
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=f"step-{step:08d}")
 
 
-def finish(run: RunContext, engine, step: int, state: dict) -> dict:
-    """Consolidate, check parity with the DeepSpeed model, evaluate and write artifacts."""
-    config, rank, world, run_dir = run.config, run.rank, run.world, run.run_dir
-    prepared, info, tokenizer, batcher = run.prepared, run.info, run.tokenizer, run.batcher
-    progress, ckpt_root = run.progress, run_dir / "checkpoints"
-    plain = None
-    if rank == 0:
-        state_dict = consolidated_state_dict(engine, ckpt_root, step)
+def consolidate(run: RunContext, engine, step: int, stage: Stage) -> RankingModel | None:
+    """Rank 0: the stage's trained model as a plain fp32 module (LoRA merged); None on
+    the other ranks."""
+    if run.rank != 0:
+        barrier()
+        return None
+    state_dict = consolidated_state_dict(engine, stage.checkpoints, step)
+    if stage.name == "train":
+        config = run.config
         plain = apply_lora(
             build_model(
-                info, base_model_path(config.model.base_model, config.base_dir), pretrained=False
+                run.info,
+                base_model_path(config.model.base_model, config.base_dir),
+                pretrained=False,
             ),
             config,
         )
-        plain.load_state_dict(state_dict, strict=True)
-        plain = merge_lora(plain).eval()
+    else:  # a student: its own (smaller) architecture
+        plain = model_from_config(stage.model.info, stage.model.encoder.config)
+    plain.load_state_dict(state_dict, strict=True)
+    plain = merge_lora(plain).eval()
     barrier()
-    # parity: the plain model reproduces the DeepSpeed model (every rank joins the forward)
-    probe = _probe_batch(batcher, prepared)
-    engine.module.eval()
-    with torch.no_grad():
-        ds_logits = engine.module(**probe).float()
-    parity = None
-    if rank == 0:
+    return plain
+
+
+def finish(
+    run: RunContext,
+    engine,
+    step: int,
+    state: dict,
+    plain: RankingModel | None,
+    compression: dict | None = None,
+) -> dict:
+    """Check parity with the DeepSpeed model, evaluate and write artifacts.
+
+    ``plain`` is the consolidated model (rank 0). With compression, ``engine`` is that of
+    the last training stage (None when pruning had no recovery steps) and
+    ``compression`` holds the teacher model and what the stages did."""
+    config, rank, world, run_dir = run.config, run.rank, run.world, run.run_dir
+    prepared, info, tokenizer, batcher = run.prepared, run.info, run.tokenizer, run.batcher
+    progress = run.progress
+    parity, fingerprints = None, []
+    if engine is not None:
+        # parity: the plain model reproduces the DeepSpeed model (every rank joins)
+        probe = _probe_batch(batcher, prepared)
+        engine.module.eval()
         with torch.no_grad():
-            plain_logits = plain(**probe).float()
-        parity = float((plain_logits - ds_logits).abs().max())
-    fingerprints: list = [None] * world
-    dist.all_gather_object(
-        fingerprints, (parameter_digest(engine, config), ds_logits.tolist(), memory_use(engine))
-    )
+            ds_logits = engine.module(**probe).float()
+        if rank == 0:
+            with torch.no_grad():
+                plain_logits = plain(**probe).float()
+            parity = float((plain_logits - ds_logits).abs().max())
+        fingerprints = [None] * world
+        dist.all_gather_object(
+            fingerprints,
+            (parameter_digest(engine, config), ds_logits.tolist(), memory_use(engine)),
+        )
     barrier()
     dist.destroy_process_group()
     if rank != 0:
@@ -585,19 +683,14 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
         ModelInfo(kind="bi-encoder", objective="listwise", max_length=info.max_length),
         base_model_path(config.model.base_model, config.base_dir),
     ).eval()
-    if config.data.task == "search-ranking":
-        result = evaluate_search(
-            plain, batcher, prepared.splits["test"], ks, ev.batch_size, ev.max_groups
-        )
-        baselines = (
-            search_baselines(zero_shot, batcher, prepared.splits, ks, ev.batch_size, ev.max_groups)
-            if ev.baselines
-            else {}
-        )
-        main = "ndcg@10"
-    else:
-        result = evaluate_recommendation(
-            plain,
+
+    def test_report(model: RankingModel) -> dict:
+        if config.data.task == "search-ranking":
+            return evaluate_search(
+                model, batcher, prepared.splits["test"], ks, ev.batch_size, ev.max_groups
+            )
+        return evaluate_recommendation(
+            model,
             batcher,
             prepared.splits["test"],
             ks,
@@ -605,6 +698,16 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
             ev.sampled_negatives,
             ev.max_groups,
         )
+
+    result = test_report(plain)
+    if config.data.task == "search-ranking":
+        baselines = (
+            search_baselines(zero_shot, batcher, prepared.splits, ks, ev.batch_size, ev.max_groups)
+            if ev.baselines
+            else {}
+        )
+        main = "ndcg@10"
+    else:
         baselines = (
             recommendation_baselines(
                 zero_shot,
@@ -619,7 +722,12 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
             else {}
         )
         main = "auc" if "label" in prepared.splits["test"].columns else "full/ndcg@10"
-    comparisons = compare_to_baselines(result, baselines)
+    teacher_result = None
+    if compression is not None:
+        teacher_result = test_report(compression["teacher_model"])
+    comparisons = compare_to_baselines(
+        result, {**baselines, **({"teacher": teacher_result} if teacher_result else {})}
+    )
     events = read_events(run_dir)
     metrics = {
         "task": config.data.task,
@@ -636,8 +744,16 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
             "parameter_digests": [f[0] for f in fingerprints],
             "agree": len({f[0] for f in fingerprints}) == 1
             and all(f[1] == fingerprints[0][1] for f in fingerprints),
-        },
+        }
+        if fingerprints
+        else None,
     }
+    if compression is not None:
+        from .compression.pipeline import compression_summary
+
+        metrics["compression"] = compression_summary(
+            compression, teacher_result, result, main, plain, model_dir
+        )
     write_json_atomic(run_dir / "metrics.json", metrics)
     weights = (model_dir / "model.safetensors").read_bytes()
     import deepspeed
@@ -672,6 +788,16 @@ def finish(run: RunContext, engine, step: int, state: dict) -> dict:
         },
         "main_metric": {"name": main, "value": result.get(main)},
     }
+    if compression is not None:
+        summary = metrics["compression"]
+        teacher_weights = (Path(compression["teacher_dir"]) / "model.safetensors").read_bytes()
+        card["compression"] = {
+            **{k: summary[k] for k in ("teacher_value", "student_value")},
+            "relative_drop_vs_teacher": summary["relative_drop_vs_teacher"],
+            "teacher_parameters": summary["teacher"]["parameters"],
+            "teacher_checkpoint_digest": "sha256:" + hashlib.sha256(teacher_weights).hexdigest(),
+            "stages": [s["name"] for s in summary["stages"]],
+        }
     write_json_atomic(run_dir / "model-card.json", card)
     write_termination_message(metrics, card)
     plot_curves(events, run_dir / "curves.png")

@@ -1,0 +1,1 @@
+"""Knowledge distillation and pruning of a fine-tuned ranking model."""

@@ -57,6 +57,11 @@ def convert(config_path: str, termination_log: str | None) -> None:
         f"{report['converted_value']:.4f} ({report['relative_drop']:+.2%} relative drop, "
         f"budget {report['budget']:.2%}); rank correlation {report['rank_correlation']:.3f}"
     )
+    if report.get("teacher_value") is not None:
+        line += (
+            f"; teacher {report['teacher_value']:.4f} "
+            f"({report['relative_drop_vs_teacher']:+.2%} vs teacher)"
+        )
     if not report["passed"]:
         click.echo(f"quality gate FAILED, nothing published: {line}", err=True)
         for reason in report["reasons"]:

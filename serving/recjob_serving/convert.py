@@ -13,6 +13,7 @@ from pydantic import Field
 from recjob_operator.api.v1alpha1.common import ApiModel
 from recjob_operator.api.v1alpha1.spec import ExportSpec
 from recjob_trainer.batches import Batcher
+from recjob_trainer.compression.structure import is_uniform
 from recjob_trainer.data.prepare import read_prepared
 from recjob_trainer.models import load_model
 from recjob_trainer.storage import local_path, write_json_atomic
@@ -45,8 +46,11 @@ class ConvertConfig(ApiModel):
     export: ExportSpec = Field(default_factory=ExportSpec)
     max_eval_groups: int | None = Field(default=None, ge=1)
     """Gate on at most this many test queries / users."""
+    teacher_dir: str | None = None
+    """With compression: the trainer's ``teacher/`` folder; the gate measures the teacher
+    on the same rows and enforces ``maxRelativeDropVsTeacher``."""
     teacher_value: float | None = None
-    """With compression: the teacher's value of the gate metric."""
+    """Or the teacher's value of the gate metric, when measured elsewhere."""
     snapshots: bool = False
     """Also write ``<repository>-snapshots/v<N>`` with only the new version (what an
     InferenceService revision serves in a cluster)."""
@@ -84,7 +88,11 @@ def convert(config: ConvertConfig) -> dict:
     if target == "onnxruntime-int8":
         encoder = source.encoder.config
         converted_path = quantize_int8(
-            exported.path, out / "model.int8.onnx", encoder.num_attention_heads, encoder.hidden_size
+            exported.path,
+            out / "model.int8.onnx",
+            encoder.num_attention_heads,
+            encoder.hidden_size,
+            fuse_attention=is_uniform(source.encoder),
         )
     prepared = read_prepared(local_path(config.data_dir))
     info = source.info
@@ -103,6 +111,7 @@ def convert(config: ConvertConfig) -> dict:
         config.export.quality_budget,
         max_groups=config.max_eval_groups,
         teacher_value=config.teacher_value,
+        teacher=load_model(local_path(config.teacher_dir))[0] if config.teacher_dir else None,
     )
     report.update(
         {

@@ -162,17 +162,29 @@ def run_onnx(path: Path, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     return sess.run(None, {k: v for k, v in batch.items() if k in names})
 
 
-def quantize_int8(source: Path, target: Path, num_heads: int, hidden_size: int) -> Path:
+def quantize_int8(
+    source: Path, target: Path, num_heads: int, hidden_size: int, fuse_attention: bool = True
+) -> Path:
     """ONNX Runtime dynamic int8 with per-channel weights, after BERT fusions (attention,
-    layer norm, GELU) and shape pre-processing; what measured best on these CPUs."""
+    layer norm, GELU) and shape pre-processing; what measured best on these CPUs.
+
+    ``fuse_attention=False`` for encoders whose layers have different head counts
+    (pruned heads): the fused Attention operator takes one head count for the graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     fused = target.with_name(target.stem + ".fused.onnx")
     prepared = target.with_name(target.stem + ".prep.onnx")
+    options = FusionOptions("bert")
+    options.enable_attention = fuse_attention
     optimize_model(
-        str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size
+        str(source),
+        model_type="bert",
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        optimization_options=options,
     ).save_model_to_file(str(fused))
     quant_pre_process(str(fused), str(prepared), auto_merge=True)
     quantize_dynamic(

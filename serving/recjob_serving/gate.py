@@ -105,8 +105,12 @@ def quality_gate(
     max_groups: int | None = None,
     teacher_value: float | None = None,
     n_negatives: int = 100,
+    teacher=None,
 ) -> dict[str, Any]:
-    """Measure both models on ``test`` and decide; the dict is quality-gate.json."""
+    """Measure both models on ``test`` and decide; the dict is quality-gate.json.
+
+    With compression, ``teacher`` (the uncompressed model, measured on the same rows) or
+    ``teacher_value`` bounds the drop against the teacher too."""
     labelled = "label" in test.columns and batcher.task == "recommendation"
     key = report_key(budget.metric, batcher.task, labelled)
     if batcher.task == "search-ranking" and max_groups:
@@ -128,6 +132,12 @@ def quality_gate(
             f"metric {budget.metric!r} is not measured for {batcher.task} "
             f"(measured: {', '.join(sorted(src))})"
         )
+    teacher_report = None
+    if teacher is not None:
+        teacher_report = metrics_of(
+            teacher, scores(teacher, batcher, test, batch_size), batcher, test, negatives
+        )
+        teacher_value = teacher_report[key]
     drop = relative_drop(src[key], conv[key], key)
     fid = fidelity(a, b, batcher, test)
     reasons = []
@@ -142,12 +152,13 @@ def quality_gate(
             f"{fid['rank_correlation']:.3f}, below {budget.min_rank_correlation}"
         )
     teacher_drop = None
-    if teacher_value is not None and budget.max_relative_drop_vs_teacher is not None:
+    if teacher_value is not None:
         teacher_drop = relative_drop(teacher_value, conv[key], key)
-        if teacher_drop > budget.max_relative_drop_vs_teacher:
+        limit = budget.max_relative_drop_vs_teacher
+        if limit is not None and teacher_drop > limit:
             reasons.append(
                 f"{key} is {teacher_drop:.2%} below the teacher's {teacher_value:.4f},"
-                f" over the budget of {budget.max_relative_drop_vs_teacher:.2%}"
+                f" over the budget of {limit:.2%}"
             )
     return {
         "metric": key,
@@ -163,4 +174,5 @@ def quality_gate(
         "rows": test.height,
         "source": src,
         "converted": conv,
+        "teacher": teacher_report,
     }

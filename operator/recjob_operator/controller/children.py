@@ -236,6 +236,8 @@ def conversion_config_map(recjob: RecJob) -> dict:
         "export": recjob.spec.export.model_dump(mode="json", by_alias=True, exclude_none=True),
         "snapshots": True,  # snapshot_uri(): what each InferenceService revision serves
     }
+    if recjob.spec.compression is not None:  # the gate compares against the teacher
+        config["teacherDir"] = f"{generation_uri(recjob, 'train')}/teacher"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

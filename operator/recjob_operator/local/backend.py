@@ -321,6 +321,8 @@ class LocalBackend:
             "modelName": recjob.service_name,
             "export": recjob.spec.export.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
+        if recjob.spec.compression is not None:  # the gate compares against the teacher
+            config["teacherDir"] = str(train / "teacher")
         if self.options.eval_groups:
             config["maxEvalGroups"] = self.options.eval_groups
         path = directory / "convert.yaml"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -57,4 +60,52 @@ def run_trainer(config: dict, workdir: Path, processes: int = 2) -> dict:
         "card": json.loads((run / "model-card.json").read_text()),
         "events": [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()],
         "wall_seconds": round(time.time() - started, 1),
+    }
+
+
+@contextlib.contextmanager
+def model_server(repository: Path, work: Path) -> Iterator[int]:
+    """`recjob-serve serve REPOSITORY` on 127.0.0.1 until the block ends; yields its gRPC
+    port once it reports ready."""
+    http, grpc = free_port(), free_port()
+    log = (work / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "recjob-serve"), "serve", str(repository), "--http-port", str(http),
+         "--grpc-port", str(grpc)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(
+            ["curl", "-sf", f"http://127.0.0.1:{http}/v2/health/ready"], capture_output=True
+        ).returncode:
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit(f"server did not start; see {work / 'server.log'}")
+            time.sleep(0.5)
+        yield grpc
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def load_test(
+    grpc: int, model: str, batch: int, concurrency: int, requests: int, work: Path,
+    sequence_length: int = 32, texts: Path | None = None,
+) -> dict:  # fmt: skip
+    """`recjob-serve bench` (gRPC, tritonclient) against one served model."""
+    out = work / f"load-{model}-b{batch}-c{concurrency}.json"
+    subprocess.run(
+        [str(BIN / "recjob-serve"), "bench", f"127.0.0.1:{grpc}", "--protocol", "grpc",
+         "--model", model, "--batch-size", str(batch), "--concurrency", str(concurrency),
+         "--requests", str(requests), "--sequence-length", str(sequence_length),
+         *(["--texts", str(texts)] if texts else []), "-o", str(out)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    return {
+        "rows_per_s": report["rows_per_s"],
+        "p50_ms": report["latency_ms"]["p50"],
+        "p99_ms": report["latency_ms"]["p99"],
+        "requests": report["succeeded"],
+        "concurrency": concurrency,
     }

@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from common import BIN, free_port, run_trainer
+from common import BIN, load_test, model_server, run_trainer
 
 HERE = Path(__file__).resolve().parent
 SEQUENCE_LENGTH = 32
@@ -174,53 +173,23 @@ def in_process(run: Path, repository: Path, pairs: list[tuple[str, str]]) -> dic
 
 def served(repository: Path, work: Path, pairs: list[tuple[str, str]]) -> dict:
     """`recjob-serve bench` (gRPC) against `recjob-serve serve`."""
-    http, grpc = free_port(), free_port()
-    log = (work / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(BIN / "recjob-serve"), "serve", str(repository), "--http-port", str(http),
-         "--grpc-port", str(grpc)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     texts = work / "texts.jsonl"
     texts.write_text("".join(json.dumps({"query": q, "item": i}) + "\n" for q, i in pairs))
-    try:
-        deadline = time.time() + 120
-        while subprocess.run(
-            ["curl", "-sf", f"http://127.0.0.1:{http}/v2/health/ready"], capture_output=True
-        ).returncode:
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not start; see {work / 'server.log'}")
-            time.sleep(0.5)
-        runs = {
-            "int8_batch_1": ("search-int8", 1, 1, 300),
-            "fp32_batch_1": ("search-fp32", 1, 1, 300),
-            "int8_batch_32": ("search-int8", 32, 2, 60),
-            "fp32_batch_32": ("search-fp32", 32, 2, 30),
-            "int8_text_batch_32": ("search-int8-text", 32, 2, 60),
-            "int8_text_batch_1": ("search-int8-text", 1, 1, 300),
-        }
-        results = {}
+    runs = {
+        "int8_batch_1": ("search-int8", 1, 1, 300),
+        "fp32_batch_1": ("search-fp32", 1, 1, 300),
+        "int8_batch_32": ("search-int8", 32, 2, 60),
+        "fp32_batch_32": ("search-fp32", 32, 2, 30),
+        "int8_text_batch_32": ("search-int8-text", 32, 2, 60),
+        "int8_text_batch_1": ("search-int8-text", 1, 1, 300),
+    }
+    results = {}
+    with model_server(repository, work) as grpc:
         for key, (model, batch, concurrency, requests) in runs.items():
-            out = work / f"load-{key}.json"
-            subprocess.run(
-                [str(BIN / "recjob-serve"), "bench", f"127.0.0.1:{grpc}", "--protocol", "grpc",
-                 "--model", model, "--batch-size", str(batch), "--concurrency",
-                 str(concurrency), "--requests", str(requests), "--sequence-length",
-                 str(SEQUENCE_LENGTH), "--texts", str(texts), "-o", str(out)],
-                check=True, capture_output=True,
-            )  # fmt: skip
-            report = json.loads(out.read_text())
-            results[key] = {
-                "rows_per_s": report["rows_per_s"],
-                "p50_ms": report["latency_ms"]["p50"],
-                "p99_ms": report["latency_ms"]["p99"],
-                "requests": report["succeeded"],
-                "concurrency": concurrency,
-            }
+            results[key] = load_test(
+                grpc, model, batch, concurrency, requests, work, SEQUENCE_LENGTH, texts
+            )
             print("served", key, results[key])
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
     return results
 
 

@@ -287,6 +287,81 @@ def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path)
     assert "holds checkpoints of a different data/model/training configuration" in out
 
 
+def test_distillation_and_pruning_resume_in_their_own_stage(tmp_path: Path) -> None:
+    """Teacher -> 2-layer student (KL + hidden states) -> heads pruned -> recovery, killed
+    mid-distillation like a dying pod: the rerun reloads the finished teacher, resumes the
+    distillation at its checkpoint with the same data and finishes every stage."""
+    run = tmp_path / "run"
+    config = search_config(tmp_path, run, maxSteps=4, precision="fp32", deepspeed={"zeroStage": 2})
+    doc = yaml.safe_load(config.read_text())
+    doc["compression"] = {
+        "distillation": {
+            "student": {"numLayers": 2},
+            "maxSteps": 8,
+            "loss": "kl",
+            "intermediateWeight": 0.1,
+        },
+        "pruning": {"method": "attention-heads", "amount": 0.25, "recoverySteps": 2},
+    }
+    doc["evaluation"]["baselines"] = False
+    config.write_text(yaml.safe_dump(doc))
+    process = launch(config)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        saved = [
+            e["step"]
+            for e in read_events(run)
+            if e["event"] == "checkpoint" and e.get("stage") == "distill"
+        ]
+        if saved and saved[-1] >= 2:
+            break
+        time.sleep(0.05)
+    kill_tree(process.pid)
+    process.communicate()
+    assert not (run / "metrics.json").exists(), "the run finished before it was killed"
+    before = read_events(run)
+    first = {
+        e["step"]: e["digest"]
+        for e in before
+        if e.get("stage") == "distill" and e["event"] == "batch"
+    }
+
+    train(config)
+    events = read_events(run)[len(before) :]
+    resumed = {e.get("stage", "train"): e["step"] for e in events if e["event"] == "resumed"}
+    assert resumed["train"] == 4  # the teacher finished: reloaded, not trained again
+    assert not [e for e in events if e["event"] == "progress" and "stage" not in e]
+    start = resumed["distill"]
+    assert start >= 2 and start % 2 == 0
+    again = [e for e in events if e.get("stage") == "distill" and e["event"] == "batch"]
+    assert [e["step"] for e in again] == list(range(start + 1, 9))
+    # the resumed steps see the micro-batches the killed run saw at those steps
+    assert all(first[e["step"]] == e["digest"] for e in again if e["step"] in first)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    compression = metrics["compression"]
+    assert [s["name"] for s in compression["stages"]] == ["train", "distill", "recover"]
+    assert compression["stages"][1]["resumed_from_step"] == start
+    assert compression["distillation"]["teacher_layers"] == [2, 5]
+    assert compression["student"]["layers"] == 2
+    assert sum(compression["student"]["structure"]["heads"]) == 24 - 6
+    assert compression["student"]["parameters"] < compression["teacher"]["parameters"]
+    assert compression["teacher_value"] == compression["teacher"]["metrics"]["ndcg@10"]
+    assert metrics["consolidation_max_abs_diff"] < 1e-4 and metrics["ranks"]["agree"]
+    assert "teacher" in metrics["ndcg@10_vs_baselines"]
+    card = json.loads((run / "model-card.json").read_text())
+    assert card["compression"]["stages"] == ["train", "distill", "recover"]
+    # model/ is the student, rebuilt from its recorded structure; teacher/ the teacher
+    student, tokenizer = load_model(run / "model")
+    teacher, _ = load_model(run / "teacher")
+    assert student.info.extra["structure"] == compression["student"]["structure"]
+    assert len(teacher.encoder.encoder.layer) == 6
+    prepared = read_prepared(run / "data")
+    batcher = Batcher.for_model("search-ranking", tokenizer, student.info, None)
+    measured = evaluate_search(student, batcher, prepared.splits["test"], [1, 5, 10], 32)
+    assert measured["ndcg@10"] == pytest.approx(metrics["model"]["ndcg@10"], abs=1e-6)
+
+
 def test_bad_data_fails_with_a_clear_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("search_term,product_title,relevance\nq,t,1\n")

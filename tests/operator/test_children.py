@@ -118,6 +118,11 @@ def test_conversion_job_reports_through_its_termination_message() -> None:
     config = yaml.safe_load(conversion_config_map(recjob)["data"]["convert.yaml"])
     assert config["modelDir"] == "pvc://recjob-artifacts/minimal/g3/train/model"
     assert config["modelName"] == "minimal"
+    assert "teacherDir" not in config  # no compression: no separate teacher
+    document = copy.deepcopy(MINIMAL)
+    document["spec"]["compression"] = {"distillation": {"student": {"numLayers": 2}}}
+    compressed = yaml.safe_load(conversion_config_map(job(document))["data"]["convert.yaml"])
+    assert compressed["teacherDir"] == "pvc://recjob-artifacts/minimal/g3/train/teacher"
 
 
 def test_inference_service_canary_and_snapshot() -> None:

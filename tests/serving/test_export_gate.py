@@ -158,6 +158,37 @@ def test_gate_passes_a_faithful_model_and_fails_a_damaged_one(
     assert reason.startswith("rmse went from") and "over the budget of 1.00%" in reason
 
 
+@pytest.mark.skipif(not HOMEDEPOT.exists(), reason="../shared/data not present")
+def test_gate_measures_the_teacher_and_enforces_its_budget(cross_encoder, tmp_path) -> None:
+    model_dir, fp32 = cross_encoder
+    model, tokenizer = load_model(model_dir)
+    frame = pl.read_csv(HOMEDEPOT, infer_schema=False).head(300)
+    test = frame.select(
+        pl.col("search_term").alias("query"),
+        pl.col("product_uid").alias("item_id"),
+        pl.col("product_title").alias("item_text"),
+        pl.col("relevance").cast(pl.Float64).alias("label"),
+    )
+    batcher = Batcher("search-ranking", tokenizer, 32, None, 1.0, 3.0)
+    # a "student" whose grades are all off: within a loose budget of its own source, but
+    # far below the teacher (the source model itself, measured on the same rows)
+    path = edited(
+        fp32, tmp_path / "shifted.onnx", lambda n, v: v + 10.0 if n.endswith("head.bias") else v
+    )
+    shifted = OnnxRankingModel(path, model.info)
+    budget = QualityBudget(metric="rmse", maxRelativeDrop=1.0, maxRelativeDropVsTeacher=0.02)
+    report = quality_gate(model, shifted, batcher, test, budget, teacher=model)
+    assert report["teacher_value"] == pytest.approx(report["source_value"], abs=1e-9)
+    assert report["teacher"]["rmse"] == report["teacher_value"]
+    assert report["relative_drop_vs_teacher"] == pytest.approx(report["relative_drop"])
+    assert not report["passed"]
+    (reason,) = report["reasons"]
+    assert reason.startswith("rmse is") and "below the teacher's" in reason
+    assert "over the budget of 2.00%" in reason
+    loose = QualityBudget(metric="rmse", maxRelativeDrop=1.0, maxRelativeDropVsTeacher=1.0)
+    assert quality_gate(model, shifted, batcher, test, loose, teacher=model)["passed"]
+
+
 def edited(source: Path, target: Path, change) -> Path:
     """A copy of an ONNX model with ``change(name, array)`` applied to every initializer."""
     graph = onnx.load(str(source))

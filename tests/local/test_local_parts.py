@@ -186,3 +186,27 @@ def test_managed_process_survives_its_parent_record_and_stops_its_group(tmp_path
     while done.exit_code() is None and time.time() < deadline:
         time.sleep(0.05)
     assert done.exit_code() == 7
+
+
+def test_training_progress_follows_compression_stages(tmp_path: Path) -> None:
+    from recjob_operator.local.backend import _training_progress
+
+    assert _training_progress(tmp_path) is None
+    events = [
+        {"event": "start", "total_steps": 4},
+        {"event": "progress", "step": 4, "total_steps": 4, "loss": 0.5},
+        {"event": "checkpoint", "step": 4},
+        {"event": "resumed", "step": 2, "stage": "distill"},
+        {"event": "start", "total_steps": 8, "stage": "distill"},
+    ]
+    path = tmp_path / "progress.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events) + "not json\n")
+    assert _training_progress(tmp_path) == {
+        "stage": "distill", "step": 2, "total_steps": 8, "resumed_from_step": 2
+    }  # fmt: skip
+    with path.open("a") as handle:
+        handle.write(json.dumps({"event": "progress", "step": 4, "total_steps": 8,
+                                 "loss": 0.1, "stage": "distill"}) + "\n")  # fmt: skip
+    progress = _training_progress(tmp_path)
+    assert (progress["stage"], progress["step"], progress["loss"]) == ("distill", 4, 0.1)
+    assert progress["resumed_from_step"] == 2

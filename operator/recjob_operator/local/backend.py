@@ -528,7 +528,8 @@ def _wait_http(url: str, process: ManagedProcess, timeout: float = 30.0) -> None
 
 
 def _training_progress(run: Path) -> dict | None:
-    """The latest progress event of the trainer (progress.jsonl)."""
+    """The trainer's latest step, loss and speed (progress.jsonl). With compression each
+    stage (train, distill, recover) counts its steps from 0: the newest stage wins."""
     path = run / "progress.jsonl"
     try:
         lines = path.read_text().splitlines()
@@ -540,16 +541,20 @@ def _training_progress(run: Path) -> dict | None:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") == "progress":
-            progress = {
-                "step": event.get("step", 0),
-                "total_steps": event.get("total_steps"),
-                "epoch": event.get("epoch"),
-                "loss": event.get("loss"),
-                "samples_per_second": event.get("samples_per_second"),
-            }
-        elif event.get("event") == "resumed":
-            progress["resumed_from_step"] = event.get("step")
+        kind, stage = event.get("event"), event.get("stage", "train")
+        if kind not in ("progress", "start", "resumed"):
+            continue
+        if progress.get("stage") != stage:  # a new stage starts from scratch
+            progress = {"stage": stage, "step": 0}
+        if kind == "resumed":
+            progress["resumed_from_step"] = progress["step"] = event.get("step")
+        elif kind == "start":
+            progress["total_steps"] = event.get("total_steps")
+        else:
+            progress.update(
+                {k: event.get(k) for k in
+                 ("step", "total_steps", "epoch", "loss", "samples_per_second")}
+            )  # fmt: skip
     return {k: v for k, v in progress.items() if v is not None} or None
 
 

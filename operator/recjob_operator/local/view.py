@@ -30,7 +30,8 @@ def status_table(recjob: RecJob) -> Table:
         resumed = (
             f", resumed at step {training.resumed_from_step}" if training.resumed_from_step else ""
         )
-        table.add_row("Training", f"step {p.step}{total}{loss}{speed}{resumed}")
+        stage = f"{p.stage} " if p.stage and p.stage != "train" else ""
+        table.add_row("Training", f"{stage}step {p.step}{total}{loss}{speed}{resumed}")
     if status.quality:
         table.add_row("Quality", f"{status.quality.metric} {status.quality.value:.4f}")
     gate = status.conversion.quality_gate if status.conversion else None

@@ -154,8 +154,11 @@ def train(config: Path, timeout: float = 300) -> str:
     return out
 
 
-def losses(run: Path) -> list[float]:
-    return [e["loss"] for e in read_events(run) if e["event"] == "progress"]
+def losses(run: Path, stage: str = "train") -> list[float]:
+    events = read_events(run)
+    return [
+        e["loss"] for e in events if e["event"] == "progress" and e.get("stage", "train") == stage
+    ]
 
 
 def test_zero2_bf16_two_processes(tmp_path: Path) -> None:
@@ -224,6 +227,16 @@ def test_zero3_lora_recommendation_consolidates_exactly(
         },
         "evaluation": {"sampledNegatives": 20, "batchSize": 64},
     }
+    if history_encoding == "item-embeddings":  # compression under ZeRO-3 too
+        doc["compression"] = {
+            "distillation": {
+                "student": {"numLayers": 2},
+                "maxSteps": 4,
+                "loss": "listwise-kl",
+                "intermediateWeight": 0.5,
+            },
+            "pruning": {"method": "ffn-channels", "amount": 0.5, "recoverySteps": 2},
+        }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(doc))
     train(config)
@@ -237,6 +250,13 @@ def test_zero3_lora_recommendation_consolidates_exactly(
     assert metrics["model"]["full/users"] == 30
     model, _ = load_model(run / "model")  # LoRA merged: a plain encoder again
     assert not any("lora" in name for name in model.state_dict())
+    if history_encoding == "item-embeddings":
+        compression = metrics["compression"]
+        assert compression["student"]["structure"] == {"heads": [12, 12], "ffn": [768, 768]}
+        assert compression["distillation"]["teacher_layers"] == [2, 5]
+        assert losses(run, "distill") and losses(run, "recover")
+        teacher, _ = load_model(run / "teacher")
+        assert not any("lora" in name for name in teacher.state_dict())
 
 
 def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from recjob_trainer.train import (
     deepspeed_config,
     loss_fn,
     lr_lambda,
+    training_digest,
 )
 
 
@@ -209,3 +210,27 @@ def test_termination_message_fits_and_keeps_the_main_metric(tmp_path, monkeypatc
     assert summary["model"]["ndcg@10"] == 0.91 and summary["main_metric"] == "ndcg@10"
     assert summary["card"] == {k: card[k] for k in ("base_model", "checkpoint_digest",
                                                     "data_snapshot")}  # fmt: skip
+
+
+def test_stage_digests_keep_the_teacher_when_only_compression_changes() -> None:
+    plain = config(maxSteps=10)
+    distilled = plain.model_copy(
+        update={"compression": {"distillation": {"student": {"numLayers": 2}}}}
+    )
+    distilled = TrainerConfig.model_validate(distilled.to_wire())
+    pruned = TrainerConfig.model_validate(
+        {**distilled.to_wire(), "compression": {**distilled.compression.to_wire(),
+                                                "pruning": {"amount": 0.2}}}
+    )  # fmt: skip
+    other_student = TrainerConfig.model_validate(
+        {**distilled.to_wire(), "compression": {"distillation": {"student": {"numLayers": 3}}}}
+    )
+    # the teacher's checkpoints stay valid whatever the compression settings
+    assert len({training_digest(c) for c in (plain, distilled, pruned, other_student)}) == 1
+    assert training_digest(config(maxSteps=11)) != training_digest(plain)
+    # distillation checkpoints depend on the distillation, not on the pruning after it
+    assert training_digest(distilled, "distill") == training_digest(pruned, "distill")
+    assert training_digest(other_student, "distill") != training_digest(distilled, "distill")
+    # recovery (and the pruning decision) on everything
+    assert training_digest(pruned, "recover") != training_digest(distilled, "recover")
+    assert training_digest(pruned, "recover").endswith("/recover")

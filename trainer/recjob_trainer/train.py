@@ -278,14 +278,21 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def training_digest(config: TrainerConfig) -> str:
-    """Digest of what determines the training trajectory (data, model, training,
-    compression): a checkpoint is resumed only by the configuration that wrote it."""
-    parts = {k: getattr(config, k) for k in ("data", "model", "training", "compression")}
-    text = json.dumps(
-        {k: v.to_wire() if v is not None else None for k, v in parts.items()}, sort_keys=True
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def training_digest(config: TrainerConfig, stage: str = "train") -> str:
+    """Digest of what determines a stage's trajectory: a checkpoint is resumed only by the
+    configuration that wrote it. The teacher (``train``) depends on data, model and
+    training; ``distill`` also on the distillation settings; ``recover`` (and the pruning
+    decision) on all of compression. So a changed distillation keeps the trained teacher."""
+    parts = {k: getattr(config, k) for k in ("data", "model", "training")}
+    wire = {k: v.to_wire() for k, v in parts.items()}
+    compression = config.compression
+    if stage == "distill" and compression is not None and compression.distillation:
+        wire["distillation"] = compression.distillation.to_wire()
+    elif stage != "train" and compression is not None:
+        wire["compression"] = compression.to_wire()
+    text = json.dumps(wire, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest if stage == "train" else f"{digest}/{stage}"
 
 
 def save_checkpoint(
@@ -462,8 +469,7 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
 
     ckpt_root = stage.checkpoints
     state = {
-        "config_digest": training_digest(config)
-        + ("" if stage.name == "train" else f"/{stage.name}"),
+        "config_digest": training_digest(config, stage.name),
         "step": 0,
         "best": None,
         "evals_without_improvement": 0,

@@ -36,7 +36,7 @@ IMPORTANCE_ROWS = 256
 
 def compress(run, teacher_stage) -> dict:
     """Run every stage the RecJob's ``compression`` asks for; returns the metrics (rank 0)."""
-    from ..train import Stage, barrier, consolidate, finish, fit
+    from ..train import Stage, barrier, consolidate, finish, fit, training_digest
 
     config, rank, run_dir = run.config, run.rank, run.run_dir
     spec = config.compression
@@ -87,11 +87,17 @@ def compress(run, teacher_stage) -> dict:
     if p is not None:
         decision_path = run_dir / "pruning.json"
         batches = importance_batches(run)
+        digest = training_digest(config, "recover")
         if rank == 0 and not decision_path.exists():
             decision = prune.choose(current, p.method, p.amount, batches, _task_loss(run.info))
-            write_json_atomic(decision_path, decision)
+            write_json_atomic(decision_path, {**decision, "config": digest})
         barrier()
         decision = _read_json(decision_path)
+        if decision.get("config") != digest:
+            raise RuntimeError(
+                f"{decision_path} was decided for another compression configuration; "
+                "use a new output directory (the operator uses one per RecJob generation)"
+            )
         pruned = clone(current).requires_grad_(True)
         masks = prune.apply(pruned, decision)
         pruned.info = replace(

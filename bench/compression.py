@@ -1,7 +1,8 @@
 """Compression: teacher fp32 vs distilled student fp32 vs student int8, quality and speed.
 
     .venv/bin/python bench/compression.py [--shared ../shared] [--only homedepot-search]
-        [--student-layers 3] [--pruning attention-heads:0.25:60] [--scale 1.0]
+        [--student-layers 3] [--layer-selection first] [--intermediate-weight 1.0]
+        [--loss mse] [--pruning attention-heads:0.25:60] [--scale 1.0]
 
 One run, one machine, per dataset (Home Depot search: cross-encoder; Amazon Scientific:
 bi-encoder): one trainer run with ``compression`` (2 processes, DeepSpeed ZeRO-2) fine-tunes
@@ -243,16 +244,24 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=3)
     parser.add_argument("--loss", default="mse", choices=["mse", "kl", "listwise-kl"])
     parser.add_argument(
+        "--layer-selection",
+        default="first",
+        choices=["uniform", "first", "last"],
+        help="which teacher layers the student starts from (first measured best here)",
+    )
+    parser.add_argument("--intermediate-weight", type=float, default=1.0)
+    parser.add_argument(
         "--pruning", default=None, help="METHOD:AMOUNT:RECOVERY_STEPS, e.g. attention-heads:0.25:60"
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the step counts")
     args = parser.parse_args()
     compression: dict = {
         "distillation": {
-            "student": {"numLayers": args.student_layers},
+            "student": {"numLayers": args.student_layers, "layerSelection": args.layer_selection},
             "loss": args.loss,
             "taskWeight": 0.5,
             "distillationWeight": 0.5,
+            "intermediateWeight": args.intermediate_weight,
         }
     }
     if args.pruning:

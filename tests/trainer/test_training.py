@@ -82,7 +82,7 @@ def atomic_slice(tmp: Path, users: int = 30) -> dict[str, str]:
     return out
 
 
-def search_config(tmp: Path, run: Path, **training) -> Path:
+def search_config(tmp: Path, run: Path, baselines: bool = True, **training) -> Path:
     doc = {
         "name": "test",
         "outputUri": str(run),
@@ -107,7 +107,7 @@ def search_config(tmp: Path, run: Path, **training) -> Path:
             "checkpoint": {"intervalSteps": 2, "keep": 3},
             **training,
         },
-        "evaluation": {"batchSize": 32},
+        "evaluation": {"batchSize": 32, "baselines": baselines},
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -263,11 +263,11 @@ def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path)
     steps = dict(maxSteps=10, precision="fp32", deepspeed={"zeroStage": 2})
     reference = tmp_path / "reference"
     (tmp_path / "a").mkdir()
-    train(search_config(tmp_path / "a", reference, **steps))
+    train(search_config(tmp_path / "a", reference, baselines=False, **steps))
 
     killed = tmp_path / "killed"
     (tmp_path / "b").mkdir()
-    config = search_config(tmp_path / "b", killed, **steps)
+    config = search_config(tmp_path / "b", killed, baselines=False, **steps)
     process = launch(config)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -312,7 +312,9 @@ def test_distillation_and_pruning_resume_in_their_own_stage(tmp_path: Path) -> N
     mid-distillation like a dying pod: the rerun reloads the finished teacher, resumes the
     distillation at its checkpoint with the same data and finishes every stage."""
     run = tmp_path / "run"
-    config = search_config(tmp_path, run, maxSteps=4, precision="fp32", deepspeed={"zeroStage": 2})
+    config = search_config(
+        tmp_path, run, False, maxSteps=4, precision="fp32", deepspeed={"zeroStage": 2}
+    )
     doc = yaml.safe_load(config.read_text())
     doc["compression"] = {
         "distillation": {
@@ -323,7 +325,6 @@ def test_distillation_and_pruning_resume_in_their_own_stage(tmp_path: Path) -> N
         },
         "pruning": {"method": "attention-heads", "amount": 0.25, "recoverySteps": 2},
     }
-    doc["evaluation"]["baselines"] = False
     config.write_text(yaml.safe_dump(doc))
     process = launch(config)
     deadline = time.time() + 240

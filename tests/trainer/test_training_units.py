@@ -214,10 +214,9 @@ def test_termination_message_fits_and_keeps_the_main_metric(tmp_path, monkeypatc
 
 def test_stage_digests_keep_the_teacher_when_only_compression_changes() -> None:
     plain = config(maxSteps=10)
-    distilled = plain.model_copy(
-        update={"compression": {"distillation": {"student": {"numLayers": 2}}}}
+    distilled = TrainerConfig.model_validate(
+        {**plain.to_wire(), "compression": {"distillation": {"student": {"numLayers": 2}}}}
     )
-    distilled = TrainerConfig.model_validate(distilled.to_wire())
     pruned = TrainerConfig.model_validate(
         {**distilled.to_wire(), "compression": {**distilled.compression.to_wire(),
                                                 "pruning": {"amount": 0.2}}}

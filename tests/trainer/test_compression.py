@@ -179,7 +179,7 @@ def test_head_importance_finds_a_dead_head(teacher, batch) -> None:
     ("method", "expected"),
     [
         ("attention-heads", None),
-        ("ffn-channels", {"heads": [12] * 6, "ffn": [1075] * 6}),
+        ("ffn-channels", {"heads": [12] * 6, "ffn": [1088] * 6}),  # 1075 -> 17 x 64
         ("layers", {"heads": [12] * 4, "ffn": [1536] * 4}),
         ("magnitude", {"heads": [12] * 6, "ffn": [1536] * 6}),
     ],
@@ -235,3 +235,10 @@ def test_pruned_student_exports_to_onnx_with_parity(teacher, batch, tokenizer, t
 def test_only_bert_style_encoders_are_compressed() -> None:
     with pytest.raises(UnsupportedEncoder, match="BERT-style encoders"):
         bert_layers(torch.nn.Linear(2, 2))
+
+
+def test_kept_ffn_widths_are_hardware_friendly() -> None:
+    assert pruning.channels_to_keep(1536, 0.3) == 1088
+    assert pruning.channels_to_keep(1536, 0.5) == 768
+    assert pruning.channels_to_keep(1536, 0.99) == 64  # never below one block
+    assert pruning.channels_to_keep(10, 0.3) == 7  # narrow layers: plain rounding

@@ -7,7 +7,7 @@ Structured methods shrink the graph, so the model is really smaller and faster:
   accumulated over validation batches and normalised per layer; the least important
   ``amount`` of all heads go, at least one head per layer stays.
 - ``ffn-channels``: the same first-order importance for every FFN channel; each layer
-  loses ``amount`` of its channels.
+  loses ``amount`` of its channels (the kept width rounded to a multiple of 64).
 - ``layers``: each layer is skipped in turn and the validation loss measured; the
   layers whose removal costs least go (at least one stays).
 
@@ -112,7 +112,7 @@ def choose(model: nn.Module, method: str, amount: float, batches: Batches, loss_
         scores = gate_importance(model, batches, loss_of, "channels")
         keep = []
         for s in scores:
-            n = max(1, len(s) - round(amount * len(s)))
+            n = channels_to_keep(len(s), amount)
             keep.append(sorted(torch.topk(s, n).indices.tolist()))
         return {"method": method, "keep": keep, "importance": _rounded(scores)}
     if method == "layers":
@@ -124,6 +124,19 @@ def choose(model: nn.Module, method: str, amount: float, batches: Batches, loss_
     if method == "magnitude":
         return {"method": method, "amount": amount}
     raise ValueError(f"pruning method {method!r}")
+
+
+#: FFN widths are kept at multiples of this (int8 / tensor-core GEMMs run best on them).
+CHANNEL_MULTIPLE = 64
+
+
+def channels_to_keep(channels: int, amount: float) -> int:
+    """How many of ``channels`` FFN channels stay when ``amount`` is removed: rounded to
+    a multiple of :data:`CHANNEL_MULTIPLE` when the layer is that wide, at least one."""
+    keep = channels - amount * channels
+    if channels >= CHANNEL_MULTIPLE:
+        return int(max(CHANNEL_MULTIPLE, round(keep / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE))
+    return max(1, round(keep))
 
 
 def apply(model: nn.Module, decision: dict) -> dict[str, torch.Tensor]:

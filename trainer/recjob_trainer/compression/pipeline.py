@@ -84,12 +84,12 @@ def compress(run, teacher_stage) -> dict:
 
     p = spec.pruning
     pruning_report = None
+    held_out = importance_batches(run)  # pruning importance, and the latency probe
     if p is not None:
         decision_path = run_dir / "pruning.json"
-        batches = importance_batches(run)
         digest = training_digest(config, "recover")
         if rank == 0 and not decision_path.exists():
-            decision = prune.choose(current, p.method, p.amount, batches, _task_loss(run.info))
+            decision = prune.choose(current, p.method, p.amount, held_out, _task_loss(run.info))
             write_json_atomic(decision_path, {**decision, "config": digest})
         barrier()
         decision = _read_json(decision_path)
@@ -114,7 +114,7 @@ def compress(run, teacher_stage) -> dict:
             "weight_sparsity": prune.sparsity(pruned),
         }
         if rank == 0:  # the real speed effect, measured (PyTorch on this process)
-            probe = batches[0][0]
+            probe = held_out[0][0]
             pruning_report["latency_ms_before"] = prune.forward_latency_ms(current, probe)
             pruning_report["latency_ms_after"] = prune.forward_latency_ms(pruned, probe)
         if p.recovery_steps > 0:
@@ -150,7 +150,7 @@ def compress(run, teacher_stage) -> dict:
             else None
         ),
         "pruning": pruning_report,
-        "probe": importance_batches(run)[0][0] if rank == 0 else None,
+        "probe": held_out[0][0],
     }
     return finish(run, *last, compression=compression)
 

@@ -109,3 +109,27 @@ def load_test(
         "requests": report["succeeded"],
         "concurrency": concurrency,
     }
+
+
+def convert(
+    model_dir: Path, run: Path, work: Path, target: str, name: str, *,
+    max_relative_drop: float, groups: int, teacher: bool = False,
+) -> dict:  # fmt: skip
+    """`recjob-serve convert` of ``model_dir`` (gated on the trainer run's held-out data,
+    against its ``teacher/`` too when ``teacher``) into work/repository; returns
+    quality-gate.json. Benchmarks pass a loose budget so they always get a model to time;
+    the drop is reported."""
+    config = {
+        "modelDir": str(model_dir),
+        "dataDir": str(run / "data"),
+        "outputDir": str(work / name),
+        "repository": str(work / "repository"),
+        "modelName": name,
+        "export": {"target": target, "qualityBudget": {"maxRelativeDrop": max_relative_drop}},
+        "maxEvalGroups": groups,
+        **({"teacherDir": str(run / "teacher")} if teacher else {}),
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([str(BIN / "recjob-serve"), "convert", "--config", str(path)], check=True)
+    return json.loads((work / name / "quality-gate.json").read_text())

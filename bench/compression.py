@@ -25,8 +25,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import yaml
-from common import BIN, load_test, model_server, run_trainer
+from common import convert, load_test, model_server, run_trainer
 
 HERE = Path(__file__).resolve().parent
 #: Default distillation loss per dataset (measured best here; --loss overrides).
@@ -110,25 +109,6 @@ def configs(shared: Path, runs: Path, scale: float, compression: dict) -> dict[s
     }
 
 
-def convert(model_dir: Path, run: Path, work: Path, target: str, name: str, teacher: bool) -> dict:
-    """`recjob-serve convert` into work/repository; returns quality-gate.json."""
-    config = {
-        "modelDir": str(model_dir),
-        "dataDir": str(run / "data"),
-        "outputDir": str(work / name),
-        "repository": str(work / "repository"),
-        "modelName": name,
-        # loose budgets so the benchmark always gets a model to time; drops are reported
-        "export": {"target": target, "qualityBudget": {"maxRelativeDrop": 0.2}},
-        "maxEvalGroups": 400,
-        **({"teacherDir": str(run / "teacher")} if teacher else {}),
-    }
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    subprocess.run([str(BIN / "recjob-serve"), "convert", "--config", str(path)], check=True)
-    return json.loads((work / name / "quality-gate.json").read_text())
-
-
 #: Requests per measurement round, sized for ~8 s each on 2 cores (batch 32).
 REQUESTS = {"teacher-fp32": 80, "student-fp32": 160, "student-int8": 320}
 ROUNDS = 3
@@ -178,7 +158,16 @@ def bench_dataset(name: str, config: dict, work: Path, reuse: bool) -> dict:
         result = run_trainer(config, work)
         (work / "training.json").write_text(json.dumps(result, default=float))
         gates = {
-            row: convert(model_dir, run, work, target, f"{short}-{row}", teacher)
+            row: convert(
+                model_dir,
+                run,
+                work,
+                target,
+                f"{short}-{row}",
+                max_relative_drop=0.2,
+                groups=400,
+                teacher=teacher,
+            )
             for row, (model_dir, target, teacher) in sources.items()
         }
     int8 = gates["student-int8"]

@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
-from common import BIN, load_test, model_server, run_trainer
+from common import convert, load_test, model_server, run_trainer
 
 HERE = Path(__file__).resolve().parent
 SEQUENCE_LENGTH = 32
@@ -68,24 +67,6 @@ def train_config(shared: Path, run: Path, steps: int) -> dict:
         },
         "evaluation": {"batchSize": 64, "maxGroups": 300, "baselines": False},
     }
-
-
-def convert(run: Path, work: Path, target: str, name: str, groups: int) -> dict:
-    """`recjob-serve convert` into work/repository; returns quality-gate.json."""
-    config = {
-        "modelDir": str(run / "model"),
-        "dataDir": str(run / "data"),
-        "outputDir": str(work / name),
-        "repository": str(work / "repository"),
-        "modelName": name,
-        # a loose budget so the benchmark always gets a model to time; the drop is reported
-        "export": {"target": target, "qualityBudget": {"maxRelativeDrop": 0.05}},
-        "maxEvalGroups": groups,
-    }
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    subprocess.run([str(BIN / "recjob-serve"), "convert", "--config", str(path)], check=True)
-    return json.loads((work / name / "quality-gate.json").read_text())
 
 
 def timed_calls(call, batches: list, repeats: int) -> dict:
@@ -212,7 +193,15 @@ def main() -> None:
         result = run_trainer(train_config(args.shared.resolve(), run, args.steps), work)
         training = {"steps": args.steps, "wall_seconds": result["wall_seconds"]}
     gates = {
-        target: convert(run, work, target, f"search-{target.split('-')[1]}", args.gate_groups)
+        target: convert(
+            run / "model",
+            run,
+            work,
+            target,
+            f"search-{target.split('-')[1]}",
+            max_relative_drop=0.05,
+            groups=args.gate_groups,
+        )
         for target in ("onnxruntime-fp32", "onnxruntime-int8")
     }
     import polars as pl

@@ -13,6 +13,7 @@ gate can compare against the teacher.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def compress(run, teacher_stage) -> dict:
             decision = prune.choose(current, p.method, p.amount, held_out, _task_loss(run.info))
             write_json_atomic(decision_path, {**decision, "config": digest})
         barrier()
-        decision = _read_json(decision_path)
+        decision = json.loads(decision_path.read_text())
         if decision.get("config") != digest:
             raise RuntimeError(
                 f"{decision_path} was decided for another compression configuration; "
@@ -100,15 +101,13 @@ def compress(run, teacher_stage) -> dict:
             )
         pruned = clone(current).requires_grad_(True)
         masks = prune.apply(pruned, decision)
-        pruned.info = replace(
-            current.info,
-            extra={**current.info.extra, "structure": structure_of(pruned.encoder)},
-        )
+        structure = structure_of(pruned.encoder)
+        pruned.info = replace(current.info, extra={**current.info.extra, "structure": structure})
         pruning_report = {
             "method": p.method,
             "amount": p.amount,
             "kept": decision.get("keep") if p.method != "ffn-channels" else None,
-            "structure": structure_of(pruned.encoder),
+            "structure": structure,
             "parameters_before": _parameters(current),
             "parameters_after": _parameters(pruned),
             "weight_sparsity": prune.sparsity(pruned),
@@ -301,9 +300,3 @@ def _stage_summary(name: str, step: int, state: dict) -> dict:
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())

@@ -99,9 +99,10 @@ def choose(model: nn.Module, method: str, amount: float, batches: Batches, loss_
         scores = [s / s.norm().clamp(min=1e-12) for s in scores]  # per-layer normalisation
         ranked = sorted(((float(s[h]), i, h) for i, s in enumerate(scores) for h in range(len(s))))
         remaining = [len(s) for s in scores]
+        target = round(amount * sum(remaining))
         drop: set[tuple[int, int]] = set()
         for _, i, h in ranked:
-            if len(drop) >= round(amount * sum(len(s) for s in scores)):
+            if len(drop) >= target:
                 break
             if remaining[i] > 1:
                 drop.add((i, h))

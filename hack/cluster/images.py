@@ -1,0 +1,135 @@
+"""Local stand-ins for the container images the test cluster's pods run.
+
+Images cannot be pulled here, so each image reference maps to a local environment that
+holds what that image's Dockerfile installs, nothing more (a dependency missing from an
+image fails here as it would in a cluster):
+
+- ``ghcr.io/recjob/recjob-operator``: operator/Dockerfile — Python 3.11, the packages
+  in operator/requirements.txt, the project installed without dependencies; USER 65532.
+- ``ghcr.io/recjob/recjob-trainer`` and ``ghcr.io/recjob/recjob-serving``:
+  trainer/Dockerfile and serving/Dockerfile — Python 3.11 and ``pip install -c
+  constraints.txt .`` (both install the same set; different ENTRYPOINT); USER 1000.
+- ``alpine:3.10`` (the Training Operator's ``init-pytorch`` container): BusyBox.
+- ``ghcr.io/kubeflow/training-v1/training-operator``: ``/manager``, the Training
+  Operator built from its Go module at the pinned version.
+
+Python environments are made with uv from Debian's /usr/bin/python3.11 (world-readable,
+as an image's interpreter is to its non-root user), from uv's cache (hard links: a
+second environment with torch costs seconds). The project is installed as a copy, like
+a Dockerfile's COPY, and reinstalled when its sources change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = "/usr/bin/python3.11"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BUSYBOX_APPLETS = ["sh", "nslookup", "seq", "sleep", "echo", "cat", "ls", "true", "false", "wget"]
+
+
+def _uv() -> str:
+    found = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    if not Path(found).exists():
+        raise SystemExit("uv is missing: make install puts it in .venv")
+    return found
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt", "operator/requirements.txt"):
+        path = REPO / name
+        if path.exists():
+            digest.update(path.read_bytes())
+    for folder in ("operator", "trainer", "serving"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _python_env(target: Path, requirements: list[str], digest: str, log) -> None:
+    """A venv at ``target`` with ``requirements`` (pip arguments), the project copied in."""
+    stamp = target / ".recjob-image"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    uv = _uv()
+    env = {**os.environ, "UV_LINK_MODE": "hardlink", "UV_PYTHON_DOWNLOADS": "never"}
+    if not (target / "bin" / "python").exists():
+        log(f"image env {target.name}: creating (first time: downloads wheels into uv's cache)")
+        subprocess.run([uv, "venv", "--quiet", "--python", PYTHON, str(target)], check=True, env=env)
+    install = [uv, "pip", "install", "--quiet", "--python", str(target / "bin" / "python")]
+    subprocess.run([*install, "-c", str(REPO / "constraints.txt"), *requirements], check=True, env=env)
+    subprocess.run([*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env)
+    stamp.write_text(digest)
+
+
+def build(state: Path, training_operator: Path, log=print) -> Path:
+    """Build every image environment under ``state/images``; return the catalog path."""
+    images = state / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    digest = _sources_digest()
+    operator_requirements = REPO / "operator" / "requirements.txt"
+    if operator_requirements.exists():
+        operator_env = ["-r", str(operator_requirements)]
+    else:  # the operator Dockerfile's package list before operator/requirements.txt existed
+        operator_env = ["pydantic", "pyyaml", "click", "rich", "kopf", "kubernetes", "aiohttp",
+                        "httpx", "jsonpatch", "prometheus-client", "jsonschema", "fsspec"]  # fmt: skip
+    _python_env(images / "recjob-operator", operator_env, digest, log)
+    _python_env(images / "recjob-full", [str(REPO)], digest, log)
+
+    busybox = images / "busybox" / "bin"
+    busybox.mkdir(parents=True, exist_ok=True)
+    for applet in BUSYBOX_APPLETS:
+        link = busybox / applet
+        if not link.exists():
+            link.symlink_to(shutil.which("busybox") or "/bin/busybox")
+
+    def python_image(env: str, entrypoint: list[str], user: str, workdir: str) -> dict:
+        root = images / env
+        return {
+            "env": {
+                "PATH": f"{root}/bin:{SYSTEM_PATH}",
+                "VIRTUAL_ENV": str(root),
+                "LANG": "C.UTF-8",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "PIP_NO_CACHE_DIR": "1",
+            },
+            "entrypoint": entrypoint,
+            "user": user,
+            "workingDir": workdir,
+        }
+
+    catalog = {
+        "images": {
+            "ghcr.io/recjob/recjob-operator:*": python_image(
+                "recjob-operator",
+                ["kopf", "run", "--standalone", "--all-namespaces", "-m", "recjob_operator.kube.handlers"],
+                "65532:65532", "/",
+            ),  # fmt: skip
+            "ghcr.io/recjob/recjob-trainer:*": python_image(
+                "recjob-full", ["recjob-train"], "1000:1000", "/opt/recjob"
+            ),
+            "ghcr.io/recjob/recjob-serving:*": python_image(
+                "recjob-full", ["recjob-serve"], "1000:1000", "/opt/recjob"
+            ),
+            "alpine:3.10": {"env": {"PATH": str(busybox)}, "entrypoint": [], "user": ""},
+            "ghcr.io/kubeflow/training-v1/training-operator:*": {
+                "env": {"PATH": SYSTEM_PATH},
+                "files": {"/manager": str(training_operator)},
+                "entrypoint": ["/manager"],
+                "user": "",
+            },
+        }
+    }
+    path = state / "images.json"
+    path.write_text(json.dumps(catalog, indent=2))
+    return path

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CRD := manifests/crd/bases/recjob.dev_recjobs.yaml
 
-.PHONY: help install prometheus test lint format manifests demo clean
+.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-down cluster-demo
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,9 +31,23 @@ prometheus: ## Install Prometheus from Debian's packages if it is missing
 		$$SUDO apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
-test: $(STAMP) prometheus ## Lint, then run the whole test suite
+test: $(STAMP) prometheus cluster ## Lint, then run the whole test suite (cluster tests included)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The test cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kube-proxy built from upstream Go modules, the Kubeflow Training Operator, cluster DNS
+# and two node agents that run pods as local processes (hack/cluster/README.md). Root.
+CLUSTER := $(BIN)/python hack/cluster/cluster.py
+
+cluster: $(STAMP) ## Build (Go build cache: seconds after the first) and start the test cluster
+	$(CLUSTER) up
+
+cluster-down: ## Stop the test cluster (state kept in .cluster/; `cluster.py reset` forgets it)
+	$(CLUSTER) down
+
+cluster-demo: cluster ## kubectl apply a RecJob on the test cluster and follow it to the end
+	$(BIN)/python examples/cluster/demo.py
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -67,12 +67,42 @@ def log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- build
+DEBIAN = {"iptables": "iptables", "conntrack": "conntrack", "busybox": "busybox",
+          "openssl": "openssl", "nsenter": "util-linux", "ip": "iproute2"}  # fmt: skip
+
+
+def debian_packages() -> None:
+    """Install the Debian packages the cluster uses, where missing."""
+    import shutil
+
+    missing = sorted({pkg for command, pkg in DEBIAN.items() if shutil.which(command) is None})
+    if not missing:
+        return
+    log(f"installing Debian packages: {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+
+
 def build() -> None:
     """Build the Go binaries (Go's build cache makes a second build take seconds)."""
     BIN.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
     started = time.monotonic()
-    subprocess.run(["go", "build", "-trimpath", "-o", f"{BIN}/", *GO_PACKAGES], cwd=HERE, check=True, env=env)
+    version = VERSIONS["KUBERNETES"]
+    major, minor = version.lstrip("v").split(".")[:2]
+    ldflags = " ".join(
+        f"-X k8s.io/{module}/pkg/version.{key}={value}" if module == "client-go" else
+        f"-X k8s.io/component-base/version.{key}={value}"
+        for module in ("component-base", "client-go")
+        for key, value in (("gitVersion", version), ("gitMajor", major), ("gitMinor", minor),
+                           ("gitTreeState", "clean"))
+    )  # fmt: skip
+    subprocess.run(
+        ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", f"{BIN}/", *GO_PACKAGES],
+        cwd=HERE, check=True, env=env,
+    )  # fmt: skip
     if (BIN / "server").exists():
         (BIN / "server").replace(BIN / "etcd")
     operator = f"github.com/kubeflow/training-operator/cmd/training-operator.v1@{VERSIONS['TRAINING_OPERATOR']}"
@@ -171,7 +201,6 @@ def network() -> None:
         _sh("ip", "link", "add", BRIDGE, "type", "bridge", check=True)
         _sh("ip", "addr", "add", f"{HOST_IP}/16", "dev", BRIDGE, check=True)
     _sh("ip", "link", "set", BRIDGE, "up", check=True)
-    _sh("modprobe", "br_netfilter")
     for key, value in {
         "/proc/sys/net/ipv4/ip_forward": "1",
         "/proc/sys/net/bridge/bridge-nf-call-iptables": "1",
@@ -256,6 +285,7 @@ def up(skip_build: bool = False) -> None:
         raise SystemExit("the test cluster needs root (network namespaces, mounts, iptables)")
     started = time.monotonic()
     STATE.mkdir(parents=True, exist_ok=True)
+    debian_packages()
     if not skip_build:
         build()
     module = training_operator_module()

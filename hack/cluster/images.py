@@ -4,8 +4,9 @@ Images cannot be pulled here, so each image reference maps to a local environmen
 holds what that image's Dockerfile installs, nothing more (a dependency missing from an
 image fails here as it would in a cluster):
 
-- ``ghcr.io/recjob/recjob-operator``: operator/Dockerfile — Python 3.11, the packages
-  in operator/requirements.txt, the project installed without dependencies; USER 65532.
+- ``ghcr.io/recjob/recjob-operator``: operator/Dockerfile — Python 3.11, exactly the
+  packages of operator/requirements.txt (``--no-deps``), a copy of
+  operator/recjob_operator on PYTHONPATH (/opt/recjob in the image); USER 65532.
 - ``ghcr.io/recjob/recjob-trainer`` and ``ghcr.io/recjob/recjob-serving``:
   trainer/Dockerfile and serving/Dockerfile — Python 3.11 and ``pip install -c
   constraints.txt .`` (both install the same set; different ENTRYPOINT); USER 1000.
@@ -32,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3.11"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # trainer/serving Dockerfiles
 BUSYBOX_APPLETS = ["sh", "nslookup", "seq", "sleep", "echo", "cat", "ls", "true", "false", "wget"]
 
 
@@ -54,8 +56,9 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _python_env(target: Path, requirements: list[str], digest: str, log) -> None:
-    """A venv at ``target`` with ``requirements`` (pip arguments), the project copied in."""
+def _python_env(target: Path, requirements: list[str], digest: str, log, project: bool = True) -> None:
+    """A venv at ``target`` with ``requirements`` (pip arguments); the project installed
+    as a copy (``project``), or else operator/recjob_operator copied to ``target/app``."""
     stamp = target / ".recjob-image"
     if stamp.exists() and stamp.read_text() == digest:
         return
@@ -66,7 +69,13 @@ def _python_env(target: Path, requirements: list[str], digest: str, log) -> None
         subprocess.run([uv, "venv", "--quiet", "--python", PYTHON, str(target)], check=True, env=env)
     install = [uv, "pip", "install", "--quiet", "--python", str(target / "bin" / "python")]
     subprocess.run([*install, "-c", str(REPO / "constraints.txt"), *requirements], check=True, env=env)
-    subprocess.run([*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env)
+    if project:
+        subprocess.run([*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env)
+    else:
+        app = target / "app"
+        shutil.rmtree(app, ignore_errors=True)
+        shutil.copytree(REPO / "operator" / "recjob_operator", app / "recjob_operator",
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     stamp.write_text(digest)
 
 
@@ -75,13 +84,8 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
     images = state / "images"
     images.mkdir(parents=True, exist_ok=True)
     digest = _sources_digest()
-    operator_requirements = REPO / "operator" / "requirements.txt"
-    if operator_requirements.exists():
-        operator_env = ["-r", str(operator_requirements)]
-    else:  # the operator Dockerfile's package list before operator/requirements.txt existed
-        operator_env = ["pydantic", "pyyaml", "click", "rich", "kopf", "kubernetes", "aiohttp",
-                        "httpx", "jsonpatch", "prometheus-client", "jsonschema", "fsspec"]  # fmt: skip
-    _python_env(images / "recjob-operator", operator_env, digest, log)
+    operator_env = ["--no-deps", "-r", str(REPO / "operator" / "requirements.txt")]
+    _python_env(images / "recjob-operator", operator_env, digest, log, project=False)
     _python_env(images / "recjob-full", [str(REPO)], digest, log)
 
     busybox = images / "busybox" / "bin"
@@ -91,7 +95,7 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
         if not link.exists():
             link.symlink_to(shutil.which("busybox") or "/bin/busybox")
 
-    def python_image(env: str, entrypoint: list[str], user: str, workdir: str) -> dict:
+    def python_image(env: str, entrypoint: list[str], user: str, workdir: str, **extra: str) -> dict:
         root = images / env
         return {
             "env": {
@@ -99,9 +103,8 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
                 "VIRTUAL_ENV": str(root),
                 "LANG": "C.UTF-8",
                 "PYTHONDONTWRITEBYTECODE": "1",
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
                 "PIP_NO_CACHE_DIR": "1",
+                **extra,
             },
             "entrypoint": entrypoint,
             "user": user,
@@ -113,13 +116,13 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
             "ghcr.io/recjob/recjob-operator:*": python_image(
                 "recjob-operator",
                 ["kopf", "run", "--standalone", "--all-namespaces", "-m", "recjob_operator.kube.handlers"],
-                "65532:65532", "/",
+                "65532:65532", "/opt/recjob", PYTHONPATH=str(images / "recjob-operator" / "app"),
             ),  # fmt: skip
             "ghcr.io/recjob/recjob-trainer:*": python_image(
-                "recjob-full", ["recjob-train"], "1000:1000", "/opt/recjob"
+                "recjob-full", ["recjob-train"], "1000:1000", "/opt/recjob", **OFFLINE
             ),
             "ghcr.io/recjob/recjob-serving:*": python_image(
-                "recjob-full", ["recjob-serve"], "1000:1000", "/opt/recjob"
+                "recjob-full", ["recjob-serve"], "1000:1000", "/opt/recjob", **OFFLINE
             ),
             "alpine:3.10": {"env": {"PATH": str(busybox)}, "entrypoint": [], "user": ""},
             "ghcr.io/kubeflow/training-v1/training-operator:*": {

@@ -75,6 +75,8 @@ func main() {
 			RestartBackoff: *backoff, MaxBackoff: *maxBackoff, VolumeRefresh: *refresh,
 		}, client, pc.ConfigMaps, pc.Secrets, catalog, network)
 		n := pc.Node
+		// NodeRestriction: a node may not set kubernetes.io/role (virtual-kubelet's default)
+		delete(n.Labels, "kubernetes.io/role")
 		n.Labels["kubernetes.io/os"] = "linux"
 		n.Labels["kubernetes.io/arch"] = runtime.GOARCH
 		n.Labels["node.kubernetes.io/instance-type"] = "recjob-local"

@@ -1,0 +1,74 @@
+"""RecJobs, claims and data for the cluster tests (small: seconds of training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import SHARED
+from tests.local.test_local_mode import tiny_dataset
+
+AMAZON = SHARED / "data" / "amazon-scientific"
+DATA = "pvc://data/amazon"
+
+
+def storage(namespace: str, claims: tuple[str, ...] = ("data", "artifacts")) -> list[dict]:
+    """ReadWriteMany claims on the cluster's default StorageClass."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        for claim in claims
+    ]
+
+
+def put_dataset(claim_root: Path, users: int = 60) -> None:
+    """A slice of Amazon Scientific into the data claim (what a loader Job would do),
+    readable by the trainer's user."""
+    target = claim_root / "amazon"
+    tiny_dataset(target, users)
+    for path in [claim_root, *claim_root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+
+
+def recjob(name: str, namespace: str, nodes: int = 1, processes: int = 1, **training) -> dict:
+    """A recommendation RecJob on the data claim, artifacts on the artifacts claim."""
+    return {
+        "apiVersion": "recjob.dev/v1alpha1",
+        "kind": "RecJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "data": {
+                "task": "recommendation",
+                "format": "atomic",
+                "train": f"{DATA}/Scientific.train.inter",
+                "validation": f"{DATA}/Scientific.valid.inter",
+                "test": f"{DATA}/Scientific.test.inter",
+                "catalog": f"{DATA}/Scientific.text",
+                "preprocessing": {"negativeSampling": {"strategy": "uniform", "perPositive": 1}},
+            },
+            "model": {"maxSequenceLength": 24, "historyLength": 3},
+            "training": {
+                "nodes": nodes,
+                "processesPerNode": processes,
+                "microBatchSize": 4,
+                "maxSteps": 3,
+                "evalIntervalSteps": 3,
+                "checkpoint": {"intervalSteps": 3},
+                "resources": {"cpu": "1", "memory": "4Gi"},
+                **training,
+            },
+            "export": {
+                "target": "onnxruntime-fp32",
+                "qualityBudget": {"maxRelativeDrop": 0.5},
+                "resources": {"cpu": "1", "memory": "4Gi"},
+            },
+            "serving": {"name": "tiny"},
+            "artifactsUri": "pvc://artifacts/runs",
+        },
+    }

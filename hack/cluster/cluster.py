@@ -308,6 +308,13 @@ def up(skip_build: bool = False) -> None:
     wait_for("the default ServiceAccount", lambda: kubectl("get", "sa", "default", check=False).returncode == 0)
     kubectl("apply", "--server-side", "--force-conflicts", "-k",
             str(module / "manifests" / "overlays" / "standalone"))  # fmt: skip
+    kubectl("apply", "--server-side", "-f", str(HERE / "manifests" / "training-operator-init.yaml"))
+    kubectl("-n", "kubeflow", "patch", "deployment", "training-operator", "--type=strategic", "-p", json.dumps({
+        "spec": {"template": {"spec": {
+            "volumes": [{"name": "init-container", "configMap": {"name": "training-operator-init-container"}}],
+            "containers": [{"name": "training-operator", "volumeMounts": [
+                {"name": "init-container", "mountPath": "/etc/config", "readOnly": True}]}],
+        }}}}))  # fmt: skip
     wait_for("the Training Operator", lambda: kubectl(
         "-n", "kubeflow", "wait", "--for=condition=Available", "deployment/training-operator",
         "--timeout=5s", check=False).returncode == 0, 300)  # fmt: skip

@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3.11"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # trainer/serving Dockerfiles
-BUSYBOX_APPLETS = ["sh", "nslookup", "seq", "sleep", "echo", "cat", "ls", "true", "false", "wget"]
 
 
 def _uv() -> str:
@@ -90,10 +89,12 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
 
     busybox = images / "busybox" / "bin"
     busybox.mkdir(parents=True, exist_ok=True)
-    for applet in BUSYBOX_APPLETS:
+    bb = shutil.which("busybox") or "/bin/busybox"
+    applets = subprocess.run([bb, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:  # Alpine's base: BusyBox and its applets
         link = busybox / applet
         if not link.exists():
-            link.symlink_to(shutil.which("busybox") or "/bin/busybox")
+            link.symlink_to(bb)
 
     def python_image(env: str, entrypoint: list[str], user: str, workdir: str, **extra: str) -> dict:
         root = images / env
@@ -117,6 +118,7 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
                 "recjob-operator",
                 ["kopf", "run", "--standalone", "--all-namespaces", "-m", "recjob_operator.kube.handlers"],
                 "65532:65532", "/opt/recjob", PYTHONPATH=str(images / "recjob-operator" / "app"),
+                USER="recjob-operator",
             ),  # fmt: skip
             "ghcr.io/recjob/recjob-trainer:*": python_image(
                 "recjob-full", ["recjob-train"], "1000:1000", "/opt/recjob", **OFFLINE

@@ -52,6 +52,14 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Held-out value of the quality metric for the shipped model.",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Model",
+        "type": "integer",
+        "jsonPath": ".status.modelGeneration",
+        "description": "Model generation: advances only when data, model, training, "
+        "compression or artifactsUri change (other edits neither retrain nor roll back).",
+        "priority": 1,
+    },
     {"name": "Task", "type": "string", "jsonPath": ".spec.data.task", "priority": 1},
     {"name": "Target", "type": "string", "jsonPath": ".spec.export.target", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},

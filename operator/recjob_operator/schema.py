@@ -24,8 +24,9 @@ _DROPPED_KEYWORDS = {"title", "$schema", "examples"}
 class _DefaultsFromFactories(GenerateJsonSchema):
     """Like pydantic's generator, but also shows defaults that come from factories.
 
-    An object default (a sub-model) becomes ``{}`` so that the API server applies the
-    nested defaults itself; list defaults are written out in full.
+    Object (sub-model) and list defaults are written out in full: the API server checks
+    a default against the schema's CEL rules as it stands, without applying the nested
+    defaults first, so ``default: {}`` would fail every rule that reads a defaulted field.
     """
 
     def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
@@ -34,10 +35,7 @@ class _DefaultsFromFactories(GenerateJsonSchema):
         factory = schema.get("default_factory")
         if factory is None or schema.get("default_factory_takes_data"):
             return NoDefault
-        value = factory()
-        if isinstance(value, BaseModel):
-            return {}
-        return _dump(value)
+        return _dump(factory())
 
 
 def _dump(value: Any) -> Any:
@@ -66,7 +64,11 @@ def _resolve(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
     return _resolve(merged, definitions)
 
 
-def _to_openapi(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
+def _to_openapi(
+    node: dict[str, Any], definitions: dict[str, Any], bounds: bool = True
+) -> dict[str, Any]:
+    """One node of the structural schema (``bounds``: add :func:`_add_bounds`'s; not in the
+    int-or-string anyOf branches, which must stay bare ``{type: integer}``)."""
     node = _resolve(dict(node), definitions)
     # Optional[X]: `anyOf: [X, null]` -> X (an absent field is how a RecJob says "unset").
     any_of = node.get("anyOf")
@@ -102,9 +104,11 @@ def _to_openapi(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, 
             else:
                 out[key] = _to_openapi(value, definitions)
         elif key == "anyOf":
-            out[key] = [_to_openapi(b, definitions) for b in value]
+            out[key] = [_to_openapi(b, definitions, bounds=False) for b in value]
         else:
             out[key] = value
+    if bounds:
+        _add_bounds(out)
     if (
         out.get("type") == "object"
         and "properties" not in out
@@ -112,6 +116,16 @@ def _to_openapi(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, 
     ):
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
+
+
+def _add_bounds(node: dict[str, Any]) -> None:
+    """Bounds the API server uses: integers are int64, and an enum's strings are no longer
+    than its longest value (CEL rules comparing them then have an estimable cost)."""
+    if node.get("type") == "integer":
+        node.setdefault("format", "int64")
+    enum = node.get("enum")
+    if node.get("type") == "string" and enum and all(isinstance(v, str) for v in enum):
+        node.setdefault("maxLength", max(len(v) for v in enum))
 
 
 def iter_schema_nodes(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict]]:

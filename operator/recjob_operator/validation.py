@@ -2,6 +2,11 @@
 
 Every problem names the field path (``spec.rollout.steps[2]``) and what was expected.
 Validation never raises on bad input; it returns problems.
+
+The semantic rules are also CEL rules of the CRD (``api/v1alpha1/cel.py``), so the API
+server refuses most bad RecJobs itself; only the rules about the free-form
+``deepspeed.configOverrides`` (which CEL cannot read) are checked here alone. Both must
+change together: ``tests/api/test_cel.py`` proves each CEL rule refuses what these refuse.
 """
 
 from __future__ import annotations
@@ -17,16 +22,31 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .api.v1alpha1 import RecJob, parse_duration
-from .api.v1alpha1.common import DNS_LABEL_PATTERN, DURATION_PATTERN, URI_PATTERN, URL_PATTERN
+from .api.v1alpha1.cel import PLACEHOLDER_PATTERN
+from .api.v1alpha1.common import (
+    BUNDLED_MODELS,
+    DNS_LABEL_PATTERN,
+    DURATION_PATTERN,
+    QUERY_PLACEHOLDERS,
+    URI_PATTERN,
+    URL_PATTERN,
+)
 from .api.v1alpha1.recjob import NAME_PATTERN
 from .api.v1alpha1.spec import METRIC_PATTERN, RecJobSpec
+from .api.v1alpha1.storage import storage_problems
+from .api.v1alpha1.uris import uri_problem
 
-#: Pretrained models shipped with RecJob: name -> (layers, hidden size, attention heads).
-BUNDLED_MODELS: dict[str, tuple[int, int, int]] = {"all-MiniLM-L6-v2": (6, 384, 12)}
+__all__ = [
+    "BUNDLED_MODELS",
+    "QUERY_PLACEHOLDERS",
+    "Problem",
+    "RecJobInvalid",
+    "parse_recjob",
+    "semantic_problems",
+    "validate_document",
+]
 
-#: Placeholders a canary PromQL template may use.
-QUERY_PLACEHOLDERS = ("revision", "stable", "namespace", "service", "interval")
-_PLACEHOLDER_RE = re.compile(r"{{\s*([A-Za-z_][A-Za-z0-9_]*)\s*}}")
+_PLACEHOLDER_RE = re.compile(PLACEHOLDER_PATTERN)
 
 #: DeepSpeed config keys that the spec owns; configOverrides may not set them.
 _OWNED_DEEPSPEED_KEYS = {
@@ -41,10 +61,14 @@ _OWNED_DEEPSPEED_KEYS = {
 
 #: Human words for the regular expressions of the API types.
 _PATTERN_WORDS = {
-    DURATION_PATTERN: "a duration such as 30s, 5m or 1h30m (units ms, s, m, h)",
+    DURATION_PATTERN: "a duration such as 30s, 5m or 1h30m (units ms, s, m, h; at most 6 "
+    "digits before a unit)",
     DNS_LABEL_PATTERN: "a DNS label: lowercase letters, digits and '-', starting with a letter",
     NAME_PATTERN: "a DNS label: lowercase letters, digits and '-', starting with a letter",
-    URI_PATTERN: "a storage URI (file://, pvc://CLAIM/path, s3://, gs://) or a path",
+    URI_PATTERN: (
+        "a storage URI (file:///absolute/path, pvc://CLAIM/path, s3://BUCKET/key, "
+        "gs://BUCKET/key) or a path"
+    ),
     METRIC_PATTERN: "a metric: auc, logloss, rmse, mrr, auto, or ndcg|hr|recall|precision@K",
     URL_PATTERN: "an http(s) URL",
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "a DNS label: lowercase letters, digits and '-'",
@@ -178,6 +202,8 @@ def _problem_from_error(error: dict[str, Any]) -> Problem:
         return Problem(_path(loc), f"unknown field {loc[-1]!r}{hint}")
     if kind == "string_pattern_mismatch":
         pattern = (error.get("ctx") or {}).get("pattern", "")
+        if pattern == URI_PATTERN and isinstance(value, str) and (why := uri_problem(value)):
+            return Problem(_path(loc), f"{why} (got {_short(value)})")
         expected = _PATTERN_WORDS.get(pattern, f"text matching {pattern}")
         return Problem(_path(loc), f"expected {expected} (got {_short(value)})")
     message = error.get("msg", "invalid value")
@@ -241,6 +267,8 @@ def semantic_problems(job: RecJob) -> list[Problem]:
         _rollout_rules,
     ):
         problems.extend(check(spec))
+    # storage URIs (claims, file://, object stores): api/v1alpha1/storage.py
+    problems.extend(Problem(path, message) for path, message in storage_problems(spec))
     return problems
 
 

@@ -22,6 +22,7 @@ from .export import export_onnx, quantize_int8
 from .gate import quality_gate
 from .onnx_model import OnnxRankingModel
 from .repository import publish, publish_text_models, text_model_names, write_snapshot
+from .staging import convert_staged, needs_staging
 from .tensorrt import (
     EngineBuildUnavailable,
     build_engine,
@@ -76,7 +77,15 @@ def load_convert_config(path: str | Path) -> ConvertConfig:
 
 def convert(config: ConvertConfig) -> dict:
     """Run the conversion; returns the quality-gate report (``published_version`` set when
-    the model passed and was published)."""
+    the model passed and was published). s3:// / gs:// URIs go through local working
+    copies and are published at the end (``staging.py``)."""
+    if needs_staging(config):
+        return convert_staged(config, _convert_local)
+    return _convert_local(config)
+
+
+def _convert_local(config: ConvertConfig) -> dict:
+    """The conversion on mounted paths (file://, pvc://, local paths)."""
     started = time.time()
     out = local_path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

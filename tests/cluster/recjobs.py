@@ -27,6 +27,12 @@ def storage(namespace: str, claims: tuple[str, ...] = ("data", "artifacts")) -> 
     ]
 
 
+def open_claim(claim_root: Path) -> None:
+    """Let the pods' non-root users write to a hostPath-provisioned claim (the provisioner
+    creates it 0750 root; an administrator would chmod or chown it the same way)."""
+    claim_root.chmod(0o777)
+
+
 def put_dataset(claim_root: Path, users: int = 60) -> None:
     """A slice of Amazon Scientific into the data claim (what a loader Job would do),
     readable by the trainer's user."""

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from tests.cluster.conftest import Cluster
-from tests.cluster.recjobs import AMAZON, put_dataset, recjob, storage
+from tests.cluster.recjobs import AMAZON, open_claim, put_dataset, recjob, storage
 
 pytestmark = [
     pytest.mark.cluster,
@@ -33,6 +33,7 @@ def test_recjob_trains_on_two_nodes_of_two_processes_then_converts(operator: Clu
     cluster = operator
     cluster.apply(*storage(namespace))
     put_dataset(cluster.claim_path(namespace, "data"))
+    open_claim(cluster.claim_path(namespace, "artifacts"))
     name = "two-by-two"
     cluster.apply(recjob(name, namespace, nodes=2, processes=2))
 

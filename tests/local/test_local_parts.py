@@ -167,6 +167,37 @@ def test_a_changed_spec_is_a_new_generation(tmp_path: Path) -> None:
     assert restore(parse_recjob(changed), tmp_path).generation == 2
 
 
+def test_a_rollout_edit_keeps_the_model_generation_and_its_folder(tmp_path: Path) -> None:
+    """Local mode runs the core's decision: a rollout edit is a new generation that keeps
+    the training folder and child names; a training edit moves to model generation 2."""
+    from datetime import UTC, datetime
+
+    from recjob_operator.controller.reconcile import CreateTraining, Observed, reconcile
+    from recjob_operator.local.backend import LocalBackend
+
+    source = tmp_path / "recjob.yaml"
+    backend = LocalBackend(tmp_path, source)
+    job = restore(parse_recjob(copy.deepcopy(MINIMAL)), tmp_path)
+    (tmp_path / "minimal").mkdir()
+    decision = reconcile(job, Observed(), None, datetime.now(UTC))
+    assert CreateTraining("minimal-g1-train") in decision.actions
+    job.status = decision.status
+    save(job, tmp_path)
+    edited = copy.deepcopy(MINIMAL)
+    edited["spec"]["rollout"] = {"steps": [5, 100], "interval": "10s"}
+    job = restore(parse_recjob(edited), tmp_path)
+    assert job.generation == 2 and backend.generation_dir(job) == tmp_path / "minimal" / "g1"
+    decision = reconcile(job, Observed(), None, datetime.now(UTC))
+    assert decision.status.model_generation == 1 and decision.status.observed_generation == 2
+    assert CreateTraining("minimal-g1-train") in decision.actions  # the same child, by name
+    job.status = decision.status
+    save(job, tmp_path)
+    edited["spec"]["training"] = {"learningRate": 1e-4}
+    job = restore(parse_recjob(edited), tmp_path)
+    assert job.generation == 3 and backend.generation_dir(job) == tmp_path / "minimal" / "g2"
+    assert backend.conversion_part(job) == "convert"
+
+
 def test_managed_process_survives_its_parent_record_and_stops_its_group(tmp_path: Path) -> None:
     process = ManagedProcess(tmp_path, "sleeper")
     process.start(["bash", "-c", "sleep 60 & sleep 60"])

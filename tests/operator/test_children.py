@@ -4,7 +4,6 @@ ConfigMaps and the conversion Job against kubernetes-validate."""
 from __future__ import annotations
 
 import copy
-import json
 from functools import cache
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
+from recjob_operator.api.v1alpha1.spec import ExportSpec
+from recjob_operator.api.v1alpha1.trainer import TrainerConfig
 from recjob_operator.controller.children import (
     conversion_config_map,
     conversion_job,
@@ -23,9 +24,10 @@ from recjob_operator.controller.children import (
 )
 from recjob_operator.schema import apply_defaults, openapi_to_jsonschema, prune_nulls
 from recjob_operator.validation import parse_recjob
-from tests.conftest import EXAMPLES, MINIMAL, SHARED, load_yaml
+from tests.conftest import CLUSTER_SAMPLES, EXAMPLES, MINIMAL, SHARED, load_yaml
 
 CRDS = SHARED / "upstream-crds"
+SAMPLES = EXAMPLES + CLUSTER_SAMPLES
 pytestmark = pytest.mark.skipif(not CRDS.exists(), reason="../shared/upstream-crds not present")
 
 
@@ -55,7 +57,7 @@ def job(document: dict | None = None, generation: int = 3):
     return recjob
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+@pytest.mark.parametrize("example", SAMPLES, ids=[f"{e.parent.name}/{e.name}" for e in SAMPLES])
 def test_every_example_builds_valid_children(example: Path) -> None:
     recjob = job(load_yaml(example))
     training = pytorch_job(recjob)
@@ -89,22 +91,103 @@ def test_pytorch_job_shape() -> None:
     assert container["name"] == "pytorch"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["RECJOB_TERMINATION_LOG"] == container["terminationMessagePath"]
-    assert container["command"] == ["recjob-train", "--config", "/etc/recjob/trainer.yaml"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # each pod runs torchrun (nprocPerNode processes) from the Training Operator's PET_*
+    assert container["command"] == [
+        "recjob-train",
+        "--launch",
+        "--config",
+        "/etc/recjob/trainer.yaml",
+    ]
+    # MASTER_PORT / PET_MASTER_PORT come from this port (Training Operator v1.9)
+    assert container["ports"] == [
+        {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}
+    ]
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
+        "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
+    }
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/mnt/pvc/recjob-artifacts" in mounts  # artifactsUri pvc://recjob-artifacts
     single = pytorch_job(job())
     assert "Worker" not in single["spec"]["pytorchReplicaSpecs"]
 
 
-def test_training_config_map_carries_the_trainer_and_deepspeed_configs() -> None:
-    recjob = job()
+def test_training_config_map_carries_the_trainer_config() -> None:
+    document = copy.deepcopy(MINIMAL)
+    document["spec"]["compression"] = {"pruning": {"amount": 0.5}}
+    recjob = job(document)
     data = training_config_map(recjob)["data"]
-    trainer = yaml.safe_load(data["trainer.yaml"])
-    assert trainer["outputUri"] == "pvc://recjob-artifacts/minimal/g3/train"
-    assert trainer["name"] == "minimal-g3"
-    deepspeed = json.loads(data["deepspeed.json"])
-    assert deepspeed["zero_optimization"]["stage"] == recjob.spec.training.deepspeed.zero_stage
+    assert set(data) == {"trainer.yaml"}  # the trainer derives its DeepSpeed config itself
+    trainer = TrainerConfig.model_validate(yaml.safe_load(data["trainer.yaml"]))
+    assert trainer.output_uri == "pvc://recjob-artifacts/minimal/g3/train"
+    assert trainer.name == "minimal-g3" and trainer.base_dir is None
+    assert trainer.data == recjob.spec.data and trainer.training == recjob.spec.training
+    assert trainer.compression == recjob.spec.compression
+
+
+def _pods(recjob) -> list[dict]:
+    """Every pod spec the operator builds (PyTorchJob replicas, conversion Job)."""
+    replicas = pytorch_job(recjob)["spec"]["pytorchReplicaSpecs"].values()
+    return [r["template"]["spec"] for r in replicas] + [
+        conversion_job(recjob)["spec"]["template"]["spec"]
+    ]
+
+
+@pytest.mark.parametrize("example", SAMPLES, ids=[f"{e.parent.name}/{e.name}" for e in SAMPLES])
+def test_child_pods_are_locked_down(example: Path) -> None:
+    recjob = job(load_yaml(example))
+    for pod in _pods(recjob):
+        assert pod["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            resources = container["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources[kind]), (container["name"], kind)
+            # everything a read-only container writes lies on an emptyDir
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            env = {e["name"]: e["value"] for e in container["env"]}
+            for path in ("/tmp", env["HOME"]):
+                assert "emptyDir" in volumes[mounts[path]], path
+            for name in ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "HF_HOME", "MPLCONFIGDIR"):
+                assert env[name].startswith(env["HOME"] + "/"), name
+    isvc = inference_service(recjob, 1, None)["spec"]["predictor"]
+    assert isvc["automountServiceAccountToken"] is False
+    limits = isvc["model"]["resources"]["limits"]
+    assert {"cpu", "memory"} <= set(limits)
+
+
+def test_children_never_share_mutable_parts() -> None:
+    recjob = job()
+    first = pytorch_job(recjob)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    first["containers"][0]["env"].clear()
+    first["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    again = conversion_job(recjob)["spec"]["template"]["spec"]["containers"][0]
+    assert again["env"] and again["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_conversion_job_uses_the_export_image_and_resources() -> None:
+    document = copy.deepcopy(MINIMAL)
+    document["spec"]["export"] = {
+        "image": "registry.example/recjob-serving:9.9",
+        "resources": {"cpu": "3", "memory": "12Gi"},
+    }
+    (container,) = conversion_job(job(document))["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example/recjob-serving:9.9"
+    assert container["resources"] == {
+        "requests": {"cpu": "3", "memory": "12Gi"},
+        "limits": {"cpu": "3", "memory": "12Gi"},
+    }
+    defaults = conversion_job(job())["spec"]["template"]["spec"]["containers"][0]
+    assert defaults["image"] == ExportSpec().image
+    assert defaults["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    (search,) = [p for p in CLUSTER_SAMPLES if p.name == "recjob-search.yaml"]
+    gpus = load_yaml(search)  # TensorRT on 1 GPU
+    assert gpus["spec"]["export"]["target"] == "tensorrt-int8"
+    (container,) = conversion_job(job(gpus))["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
 
 
 def test_conversion_job_reports_through_its_termination_message() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from recjob_operator.local.backend import free_port
 from recjob_operator.testing.fakeapi import DEFAULT_RESOURCES, FakeApiServer
@@ -22,6 +21,7 @@ from tests.conftest import MINIMAL, REPO
 
 pytestmark = pytest.mark.slow
 NS = "shop"
+OPERATOR_NS = "recjob-system"
 BIN = Path(sys.executable).parent
 MERGE = {"Content-Type": "application/merge-patch+json"}
 RECJOBS = f"/apis/recjob.dev/v1alpha1/namespaces/{NS}/recjobs"
@@ -35,22 +35,45 @@ GATE_OK = {"passed": True, "metric": "ndcg@10", "source_value": 0.91, "converted
 
 
 class Operator:
-    """`kopf run` of the operator, restartable."""
+    """`kopf run` of the operator, restartable. As the namespaced overlay runs it: no CRD /
+    namespace scanning, leader election on a Lease in the operator's namespace (short
+    timings here). ``pod_name`` is its identity: the same after a restart, so the Lease is
+    taken back at once, as a restarted container in the same pod does."""
 
-    def __init__(self, kubeconfig: Path, log: Path):
-        self.kubeconfig, self.log = kubeconfig, log
+    def __init__(self, kubeconfig: Path, log: Path, pod_name: str = "recjob-operator-0"):
+        self.kubeconfig, self.log, self.pod_name = kubeconfig, log, pod_name
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.metrics_port = free_port()
+        self.metrics_port, self.health_port = free_port(), free_port()
         self.process = subprocess.Popen(
             [str(BIN / "kopf"), "run", "--standalone", "--namespace", NS, "-m",
              "recjob_operator.kube.handlers"],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig),
                  "RECJOB_MAX_SLEEP_SECONDS": "0.3", "RECJOB_METRICS_PORT": str(self.metrics_port),
-                 "RECJOB_METRICS_ADDRESS": "127.0.0.1"},
+                 "RECJOB_METRICS_ADDRESS": "127.0.0.1", "RECJOB_HEALTH_PORT": str(self.health_port),
+                 "RECJOB_HEALTH_ADDRESS": "127.0.0.1", "RECJOB_WATCH_CRDS": "false",
+                 "POD_NAME": self.pod_name, "POD_NAMESPACE": OPERATOR_NS,
+                 "RECJOB_LEASE_DURATION_SECONDS": "3", "RECJOB_LEASE_RENEW_DEADLINE_SECONDS": "2",
+                 "RECJOB_LEASE_RETRY_PERIOD_SECONDS": "0.5"},
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
+
+    def health(self) -> dict | None:
+        """Its /healthz answer (None while it does not answer)."""
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2).json()
+        except httpx.HTTPError:
+            return None
+
+    def wait_health(self, predicate, timeout: float = 30) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            answer = self.health()
+            if answer is not None and predicate(answer):
+                return answer
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.pod_name}: /healthz {self.health()}")
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up."""
@@ -101,7 +124,11 @@ def create_recjob(client: httpx.Client, name: str, **spec) -> dict:
 
 
 def finish_pod(client: httpx.Client, name: str, labels: dict, message: dict) -> None:
-    """A finished pod whose container left ``message`` as its termination message."""
+    """A finished pod whose container left ``message`` as its termination message (with
+    the labels its PyTorchJob / Job template gives it)."""
+    component = "training" if "training.kubeflow.org/job-name" in labels else "conversion"
+    labels = {"app.kubernetes.io/managed-by": "recjob-operator",
+              "app.kubernetes.io/component": component, **labels}  # fmt: skip
     client.post(PODS, json={"apiVersion": "v1", "kind": "Pod",
                             "metadata": {"name": name, "labels": labels},
                             "spec": {"containers": [{"name": "c", "image": "x"}]}})  # fmt: skip
@@ -218,6 +245,23 @@ def test_spec_change_mid_training_supersedes_the_generation(cluster) -> None:
     status = wait_for(client, f"{RECJOBS}/edited", lambda o: (o.get("status") or {}).get(
         "observedGeneration") == 2)["status"]  # fmt: skip
     assert status["phase"] == "Training"
+
+
+def test_export_change_mid_conversion_replaces_the_conversion_job(cluster) -> None:
+    _, client, _ = cluster
+    create_recjob(client, "reexport")
+    wait_for(client, f"{PYTORCHJOBS}/reexport-g1-train")
+    client.patch(f"{PYTORCHJOBS}/reexport-g1-train/status", headers=MERGE,
+                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    wait_for(client, f"{JOBS}/reexport-g1-convert")
+    client.patch(f"{RECJOBS}/reexport", headers=MERGE,
+                 json={"spec": {"export": {"opset": 18}}})  # fmt: skip
+    wait_for(client, f"{JOBS}/reexport-g1-convert-2")  # converted again, not retrained
+    deadline = time.time() + 10
+    while client.get(f"{JOBS}/reexport-g1-convert").status_code != 404:
+        assert time.time() < deadline, "the superseded conversion Job was not deleted"
+        time.sleep(0.1)
+    assert client.get(f"{PYTORCHJOBS}/reexport-g1-train").status_code == 200
 
 
 class RevisionExporter:
@@ -482,30 +526,124 @@ def test_recjob_deleted_mid_rollout_rolls_back_and_goes(cluster, prometheus) -> 
     assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v1")
 
 
-def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
-    """Runs last: checks every request the scenarios above made (run the whole module)."""
-    server, _, _ = cluster
-    role = yaml.safe_load((REPO / "manifests" / "rbac" / "role.yaml").read_text())
-    rules = role["rules"]
+def test_children_are_read_from_watches_not_polled(cluster) -> None:
+    server, client, operator = cluster
+    create_recjob(client, "cached")
+    wait_for(client, f"{RECJOBS}/cached", phase("cached", "Training"))
+    client.patch(f"{PYTORCHJOBS}/cached-g1-train/status", headers=MERGE, json={"status": {
+        "conditions": [condition("Created"), condition("Running")]}})  # fmt: skip
+    wait_for(client, f"{RECJOBS}/cached", lambda o: o["status"]["training"]["state"] == "Running")
+    since = len(server.store.log)
+    time.sleep(3)  # ~10 looks at the RecJob (RECJOB_MAX_SLEEP_SECONDS=0.3)
+    reads = [(r.verb, r.resource) for r in server.store.log[since:]
+             if r.client == "operator" and r.verb in ("get", "list")]  # fmt: skip
+    # only the leader's Lease renewals (every 0.5 s here, 2 s by default): none per RecJob
+    assert {read for read in reads if read[1] != "leases"} == set(), reads
+    client.patch(f"{PYTORCHJOBS}/cached-g1-train/status", headers=MERGE, json={"status": {
+        "conditions": [condition("Failed", "evicted")]}})  # fmt: skip
+    wait_for(client, f"{RECJOBS}/cached", phase("cached", "Failed"))  # the watch saw it
+    exposed = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
+    assert 'recjob_api_requests_total{code="201",resource="pytorchjobs",verb="create"}' in exposed
+    assert "recjob_leader 1.0" in exposed
 
-    def allowed(request) -> bool:
-        resource = request.resource + (f"/{request.subresource}" if request.subresource else "")
-        return any(
-            request.group in rule["apiGroups"] and resource in rule["resources"]
-            and request.verb in rule["verbs"]
-            for rule in rules
-        )  # fmt: skip
+
+def test_standby_replica_takes_over_when_the_leader_dies(cluster, tmp_path) -> None:
+    _, client, operator = cluster
+    standby = Operator(operator.kubeconfig, tmp_path / "standby.log", "recjob-operator-1")
+    standby.start()
+    try:
+        assert standby.wait_health(lambda h: True)["leader"] is False
+        assert operator.wait_health(lambda h: True)["leader"] is True
+        create_recjob(client, "failover")
+        wait_for(client, f"{RECJOBS}/failover", phase("failover", "Training"))
+        operator.kill()
+        standby.wait_health(lambda h: h["leader"], timeout=15)  # within the lease (3 s)
+        client.patch(f"{PYTORCHJOBS}/failover-g1-train/status", headers=MERGE, json={
+            "status": {"conditions": [condition("Failed", "node lost")]}})  # fmt: skip
+        failed = wait_for(client, f"{RECJOBS}/failover", phase("failover", "Failed"))
+        assert "node lost" in failed["status"]["message"]
+        lease = client.get(f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NS}/leases/"
+                           "recjob-operator").json()  # fmt: skip
+        assert lease["spec"]["holderIdentity"] == "recjob-operator-1"
+        operator.start()  # back, as the standby now
+        assert operator.wait_health(lambda h: True)["leader"] is False
+    finally:
+        standby.stop()  # SIGTERM: it releases the Lease on its way out
+    operator.wait_health(lambda h: h["leader"], timeout=10)
+
+
+def test_operator_survives_absent_crds_and_reports_refused_creates(tmp_path) -> None:
+    """Kubeflow and KServe not installed: the operator runs, the refused create is in the
+    RecJob's status and events; once Kubeflow is installed, the RecJob proceeds."""
+    server = FakeApiServer().start()
+    store = server.store
+    everything = store.resources
+    store.resources = tuple(r for r in everything
+                            if r.group not in ("kubeflow.org", "serving.kserve.io"))  # fmt: skip
+    namespaces = next(r for r in DEFAULT_RESOURCES if r.plural == "namespaces")
+    server.call(store.seed, namespaces, {"metadata": {"name": NS}})
+    server.kubeconfig(tmp_path / "kubeconfig")
+    operator = Operator(tmp_path / "kubeconfig", tmp_path / "operator.log")
+    operator.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            create_recjob(client, "early")
+            refused = wait_for(client, f"{RECJOBS}/early", lambda o: any(
+                c["type"] == "ChildrenCreated" and c["status"] == "False"
+                for c in (o.get("status") or {}).get("conditions", [])))  # fmt: skip
+            (condition_,) = [c for c in refused["status"]["conditions"]
+                             if c["type"] == "ChildrenCreated"]  # fmt: skip
+            assert condition_["reason"] == "CreateFailed"
+            assert "create PyTorchJob early-g1-train: 404" in condition_["message"]
+            events = client.get(f"/api/v1/namespaces/{NS}/events").json()["items"]
+            assert [e["reason"] for e in events if e["type"] == "Warning"] == ["CreateFailed"]
+            assert operator.health()["healthy"] is True
+            store.resources = everything  # Kubeflow installed (not watched: read via the API)
+            done = wait_for(client, f"{RECJOBS}/early", lambda o: any(
+                c["type"] == "ChildrenCreated" and c["status"] == "True"
+                for c in o["status"]["conditions"]), timeout=30)  # fmt: skip
+            assert done["status"]["phase"] == "Training"
+            assert client.get(f"{PYTORCHJOBS}/early-g1-train").status_code == 200
+    finally:
+        operator.stop()
+        server.stop()
+
+
+def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
+    """Runs last: checks every request the scenarios above made (run the whole module)
+    against the namespaced overlay's RBAC (the operator runs as that overlay does), and
+    that every rule was needed by some request."""
+    from tests.operator.rbac import allowed, grants
+    from tests.operator.test_manifests import build
+
+    server, _, _ = cluster
+    granted = grants(build("overlays/namespaced"))
+
+    def resource(request) -> str:
+        return request.resource + (f"/{request.subresource}" if request.subresource else "")
 
     operator_requests = [r for r in server.store.log if r.client == "operator"]
     assert operator_requests, "no request was attributed to the operator"
-    denied = {(r.verb, r.group, r.resource, r.subresource) for r in operator_requests
-              if not allowed(r)}  # fmt: skip
-    assert not denied, f"requests the ClusterRole does not allow: {sorted(denied)}"
-    used = {(r.group, r.resource + (f"/{r.subresource}" if r.subresource else ""), r.verb)
-            for r in operator_requests}  # fmt: skip
-    unused = [
-        (group, resource, verb)
-        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]
-        for verb in rule["verbs"] if (group, resource, verb) not in used
-    ]  # fmt: skip
+    denied = {
+        (r.verb, r.group, resource(r), r.namespace)
+        for r in operator_requests
+        if not allowed(granted, r.verb, r.group, resource(r), r.namespace, r.name)
+    }
+    assert not denied, f"requests the shipped RBAC does not allow: {sorted(denied)}"
+    # checked by the API server's admission (blockOwnerDeletion), never requested
+    never_requested = {("recjob.dev", "recjobs/finalizers", "update")}
+    unused = []
+    for grant in granted:
+        rule = grant.rule
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                for verb in rule["verbs"]:
+                    if (group, res, verb) in never_requested:
+                        continue
+                    if not any(
+                        (r.group, resource(r), r.verb) == (group, res, verb)
+                        and (grant.namespace is None or r.namespace == grant.namespace)
+                        for r in operator_requests
+                    ):
+                        unused.append((grant.namespace, group, res, verb))
     assert not unused, f"rules no request needed: {unused}"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.operator.rbac import allowed, grants
 
 MANIFESTS = REPO / "manifests"
 KUBECTL = shutil.which("kubectl")
@@ -48,7 +49,8 @@ def test_overlays_build_and_core_objects_validate(overlay: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     objects = build(overlay)
     kinds = {o["kind"] for o in objects}
-    assert {"CustomResourceDefinition", "Deployment", "ClusterRole", "ServiceAccount"} <= kinds
+    assert {"CustomResourceDefinition", "Deployment", "Role", "ServiceAccount"} <= kinds
+    assert ("ClusterRole" in kinds) == (overlay != "overlays/namespaced")
     for obj in objects:
         if obj["kind"] in ("ServiceMonitor", "PrometheusRule"):
             continue  # Prometheus Operator CRDs: checked below
@@ -73,9 +75,68 @@ def test_operator_deployment_is_restricted() -> None:
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert "--liveness=http://0.0.0.0:8080/healthz" in container["command"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert "recjob_operator.kube.handlers" in container["command"]
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("overlay", ["default", "overlays/namespaced"])
+def test_two_replicas_elect_a_leader(overlay: str) -> None:
+    objects = build(overlay)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert "status.podIP" not in json.dumps(deployment)
+    assert "--standalone" in container["command"]
+    assert not any(arg.startswith("--liveness") for arg in container["command"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["livenessProbe"]["httpGet"]["port"] == "health"
+    assert str(ports["health"]) == env["RECJOB_HEALTH_PORT"]
+    # the Lease: a Role in the operator's namespace, bound to its service account
+    namespace = deployment["metadata"]["namespace"]
+    granted = grants(objects)
+    for verb in ("get", "update"):
+        assert allowed(granted, verb, "coordination.k8s.io", "leases", namespace,
+                       "recjob-operator")  # fmt: skip
+        assert not allowed(granted, verb, "coordination.k8s.io", "leases", namespace, "other")
+    assert allowed(granted, "create", "coordination.k8s.io", "leases", namespace)
+    assert not allowed(granted, "get", "coordination.k8s.io", "leases", "shop", "recjob-operator")
+
+
+def test_children_owned_with_block_owner_deletion_are_allowed() -> None:
+    """OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs update on
+    recjobs/finalizers, wherever the operator creates children."""
+    for overlay, namespace in (("default", "anywhere"), ("overlays/namespaced", "shop")):
+        granted = grants(build(overlay))
+        assert allowed(granted, "update", "recjob.dev", "recjobs/finalizers", namespace)
+
+
+def test_namespaced_overlay_needs_no_cluster_wide_permission() -> None:
+    objects = build("overlays/namespaced")
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    granted = grants(objects)
+    assert granted and all(g.namespace in ("shop", "recjob-system") for g in granted)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert env_of(container)["RECJOB_WATCH_CRDS"] == "false"  # kopf lists no CRDs/namespaces
+    # the same rules as the cluster-wide ClusterRole, less the cluster-scoped CRD one
+    cluster_role = next(o for o in build("default") if o["kind"] == "ClusterRole")
+    role = next(o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] ==
+                "recjob-operator")  # fmt: skip
+    assert role["metadata"]["namespace"] == "shop"
+    namespaced = [r for r in cluster_role["rules"] if "apiextensions.k8s.io" not in r["apiGroups"]]
+    assert role["rules"] == namespaced
+    crd_rules = [r for r in cluster_role["rules"] if r not in namespaced]
+    crd = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"]}
+    assert crd_rules == [{**crd, "verbs": ["list", "watch"]}]
 
 
 def test_alerts_and_dashboard_use_metrics_that_exist() -> None:

@@ -1,4 +1,5 @@
-"""The pure reconcile core: phases, idempotency, canary analysis, rollback, generations."""
+"""The pure reconcile core: phases, idempotency, canary analysis, rollback, generations,
+and what each kind of spec edit does (retrain, reconvert, or apply in place)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from recjob_operator.controller.reconcile import (
     ServingObservation,
     SetCanary,
     analysis_due,
+    conversion_name,
     reconcile,
+    training_name,
 )
 from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
@@ -45,9 +48,11 @@ GATE_OK = {
 }
 
 
-def make(rollout: dict | None = None, generation: int = 1, status=None):
+def make(rollout: dict | None = None, generation: int = 1, status=None, **spec):
+    """The minimal RecJob with a canary rollout; ``spec`` sets other spec sections."""
     document = copy.deepcopy(MINIMAL)
     document["metadata"]["generation"] = generation
+    document["spec"].update(spec)
     document["spec"]["rollout"] = {
         "steps": [20, 50, 100],
         "interval": "30s",
@@ -300,10 +305,12 @@ def test_restart_mid_canary_restores_the_weight_without_duplicates() -> None:
     assert not any(isinstance(a, CreateTraining | CreateConversion) for a in decision.actions)
 
 
-def test_new_generation_supersedes_an_inflight_canary() -> None:
+def test_new_model_generation_supersedes_an_inflight_canary() -> None:
     job = make()
     to_rollout(job)
-    newer = make(generation=2, status=job.status.model_copy(deep=True))
+    newer = make(
+        generation=2, status=job.status.model_copy(deep=True), training={"learningRate": 1e-4}
+    )
     decision = step(newer, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=10))
     assert CleanupGeneration(1) in decision.actions
     rollback = next(a for a in decision.actions if isinstance(a, RollBack))
@@ -311,6 +318,7 @@ def test_new_generation_supersedes_an_inflight_canary() -> None:
     assert "superseded by generation 2" in rollback.reason
     assert CreateTraining("minimal-g2-train") in decision.actions
     assert newer.status.observed_generation == 2 and newer.status.phase == "Training"
+    assert newer.status.model_generation == 2
 
 
 def test_history_is_capped() -> None:
@@ -334,3 +342,159 @@ def test_history_is_capped() -> None:
 def test_render_query(template: str, expected: str) -> None:
     values = {"revision": "c", "stable": "s", "interval": "30s"}
     assert render_query(template, values) == expected
+
+
+# --------------------------------------------------------------------------- spec edits
+def edited(job, generation: int = 2, rollout: dict | None = None, **spec):
+    """``job`` after a spec edit: the next generation, carrying the stored status."""
+    return make(rollout, generation=generation, status=job.status.model_copy(deep=True), **spec)
+
+
+def retraining_or_rollback(decision) -> list:
+    return [
+        a
+        for a in decision.actions
+        if isinstance(a, CreateTraining | CreateConversion | CleanupGeneration | RollBack)
+    ]
+
+
+def test_rollout_edit_mid_canary_neither_retrains_nor_rolls_back() -> None:
+    job = make()
+    to_rollout(job)
+    step(job, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=30), healthy())
+    assert job.status.rollout.canary_weight == 50
+    newer = edited(job, rollout={"steps": [10, 30, 60, 100], "failureLimit": 3})
+    now = T0 + timedelta(seconds=40)
+    decision = step(newer, Observed(serving=canary_serving(50)), now)
+    assert retraining_or_rollback(decision) == []
+    assert training_name(newer) == "minimal-g1-train"
+    assert conversion_name(newer) == "minimal-g1-convert"
+    status = newer.status
+    assert status.phase == "RollingOut" and status.observed_generation == 2
+    assert status.model_generation == 1 and status.conversion_revision == 1
+    # the canary keeps its 50% at the new step 30 (index 1), and advances to 60 next
+    assert status.rollout.canary_weight == 50 and status.rollout.step == 1
+    assert status.rollout.canary_model_version == 2 and status.training.state == "Succeeded"
+    now += timedelta(seconds=30)
+    assert analysis_due(newer, now)
+    decision = step(newer, Observed(serving=canary_serving(50)), now, healthy())
+    assert SetCanary(2, 60) in decision.actions and retraining_or_rollback(decision) == []
+    for weight in (60, 100):
+        now += timedelta(seconds=30)
+        decision = step(newer, Observed(serving=canary_serving(weight)), now, healthy())
+    assert Promote(2) in decision.actions and newer.status.phase == "Succeeded"
+
+
+def test_serving_edit_mid_canary_reapplies_the_canary_only() -> None:
+    job = make()
+    to_rollout(job)
+    newer = edited(job, serving={"maxReplicas": 7, "resources": {"cpu": "4"}})
+    decision = step(newer, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=10))
+    assert retraining_or_rollback(decision) == []
+    assert kinds(decision) == [SetCanary] and decision.actions[0] == SetCanary(2, 20)
+    assert newer.status.rollout.canary_weight == 20 and newer.status.phase == "RollingOut"
+
+
+def test_canary_below_the_edited_first_step_moves_up_to_it() -> None:
+    job = make()
+    to_rollout(job)
+    newer = edited(job, rollout={"steps": [40, 100]})
+    decision = step(newer, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=10))
+    assert retraining_or_rollback(decision) == [] and SetCanary(2, 40) in decision.actions
+    assert newer.status.rollout.step == 0 and newer.status.rollout.canary_weight == 40
+
+
+def test_withdrawn_manual_approval_takes_the_last_step() -> None:
+    job = make({"manualApproval": True})
+    to_rollout(job)
+    now = T0
+    for weight in (20, 50):
+        now += timedelta(seconds=30)
+        step(job, Observed(serving=canary_serving(weight)), now, healthy())
+    assert job.status.rollout.state == "AwaitingApproval"
+    newer = edited(job, rollout={"manualApproval": False})
+    decision = step(newer, Observed(serving=canary_serving(50)), now + timedelta(seconds=5))
+    assert SetCanary(2, 100) in decision.actions and retraining_or_rollback(decision) == []
+    assert newer.status.rollout.state == "Progressing"
+
+
+def test_training_edit_retrains_and_rolls_out_the_new_model() -> None:
+    job = make()
+    observed = to_rollout(job, stable=None)
+    step(job, observed, T0)
+    serving = ServingObservation(stable_version=2, ready=True, stable_revision="minimal-v2")
+    step(job, Observed(serving=serving), T0 + timedelta(seconds=5))
+    assert job.status.phase == "Succeeded"
+    newer = edited(job, training={"epochs": 2})
+    decision = step(newer, Observed(serving=serving), T0 + timedelta(minutes=1))
+    assert CreateTraining("minimal-g2-train") in decision.actions
+    assert not any(isinstance(a, RollBack) for a in decision.actions)  # it was promoted
+    assert newer.status.model_generation == 2 and newer.status.phase == "Training"
+    assert newer.status.lineage.model_version == 2  # still what the service serves
+
+
+def test_export_edit_mid_canary_reconverts_without_retraining() -> None:
+    job = make()
+    to_rollout(job)
+    newer = edited(job, export={"qualityBudget": {"maxRelativeDrop": 0.05}})
+    assert conversion_name(newer) == "minimal-g1-convert-2"
+    decision = step(newer, Observed(serving=canary_serving(20)), T0 + timedelta(seconds=10))
+    assert not any(isinstance(a, CreateTraining) for a in decision.actions)
+    rollback = next(a for a in decision.actions if isinstance(a, RollBack))
+    assert (rollback.canary_version, rollback.stable_version) == (2, 1)
+    assert CreateConversion("minimal-g1-convert-2") in decision.actions
+    status = newer.status
+    assert status.phase == "Converting" and status.model_generation == 1
+    assert status.conversion_revision == 2 and status.rollout is None
+    assert status.training.state == "Succeeded" and training_name(newer) == "minimal-g1-train"
+    # the new conversion publishes version 3, canaried against the stable version 1
+    gate = dict(GATE_OK, published_version=3)
+    reconverted = ChildObservation("minimal-g1-convert-2", "Succeeded", result=gate)
+    serving = ServingObservation(stable_version=1, ready=True, stable_revision="svc-v1")
+    decision = step(newer, Observed(conversion=reconverted, serving=serving), T0 + timedelta(1))
+    assert newer.status.phase == "RollingOut" and SetCanary(3, 20) in decision.actions
+
+
+def test_export_edit_during_conversion_stops_only_the_conversion() -> None:
+    job = make()
+    step(job, Observed(), T0)
+    step(job, Observed(training=trained()), T0)
+    assert job.status.phase == "Converting"
+    newer = edited(job, export={"opset": 18})
+    decision = step(newer, Observed(training=trained()), T0 + timedelta(seconds=5))
+    assert CleanupGeneration(1, training=False, conversion=1) in decision.actions
+    assert CreateConversion("minimal-g1-convert-2") in decision.actions
+    assert not any(isinstance(a, CreateTraining) for a in decision.actions)
+
+
+def test_export_edit_during_training_changes_no_name() -> None:
+    job = make()
+    step(job, Observed(), T0)
+    newer = edited(job, export={"opset": 18})
+    running = ChildObservation("minimal-g1-train", "Running")
+    decision = step(newer, Observed(training=running), T0 + timedelta(seconds=5))
+    assert retraining_or_rollback(decision) == [] and newer.status.phase == "Training"
+    assert conversion_name(newer) == "minimal-g1-convert"  # nothing was converted yet
+    decision = step(newer, Observed(training=trained()), T0 + timedelta(seconds=10))
+    assert CreateConversion("minimal-g1-convert") in decision.actions
+
+
+def test_status_from_before_model_generations_keeps_child_names() -> None:
+    job = make(generation=3)
+    step(job, Observed(), T0)
+    legacy = job.status.model_copy(deep=True)
+    legacy.model_generation = legacy.model_digest = None
+    legacy.conversion_revision = legacy.conversion_digest = None
+    restored = make(generation=3, status=legacy)
+    assert training_name(restored) == "minimal-g3-train"
+    running = ChildObservation("minimal-g3-train", "Running")
+    decision = step(restored, Observed(training=running), T0 + timedelta(seconds=5))
+    assert retraining_or_rollback(decision) == [] and restored.status.model_generation == 3
+
+
+def test_every_spec_field_has_a_declared_edit_behaviour() -> None:
+    """A new top-level spec field must be classified: retrain, reconvert or in place."""
+    from recjob_operator.api.v1alpha1 import RecJobSpec
+    from recjob_operator.controller.identity import IN_PLACE_FIELDS, MODEL_FIELDS
+
+    assert set(RecJobSpec.model_fields) <= {*MODEL_FIELDS, "export", *IN_PLACE_FIELDS}

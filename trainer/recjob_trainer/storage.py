@@ -1,8 +1,22 @@
 """Storage URIs (file://, pvc://, s3://, gs://, plain paths) on top of fsspec.
 
-``pvc://CLAIM/path`` is the path where the PersistentVolumeClaim CLAIM is mounted in the
-pod: ``$RECJOB_PVC_ROOT/CLAIM/path`` (default root ``/mnt/pvc``). Plain relative paths
-resolve against a base directory (the RecJob file's folder in local mode).
+The URI rules are the API's (``recjob_operator.api.v1alpha1.uris``):
+
+- ``pvc://CLAIM/path`` is ``$RECJOB_PVC_ROOT/CLAIM/path`` (default root ``/mnt/pvc``), and
+  never anything outside ``$RECJOB_PVC_ROOT/CLAIM`` (``..`` and symbolic links that
+  leave the claim are refused);
+- ``file:///abs/path`` is that absolute path; a relative ``file://`` URI is refused;
+- ``s3://`` and ``gs://`` go through s3fs / gcsfs with the SDKs' default credential
+  chains: environment variables (``AWS_ACCESS_KEY_ID``..., ``AWS_ENDPOINT_URL_S3`` for
+  S3-compatible stores; ``GOOGLE_APPLICATION_CREDENTIALS``), then the pod's identity
+  (IRSA, GKE Workload Identity). Nothing here reads a key itself;
+- plain relative paths resolve against a base directory (the RecJob file's folder in
+  local mode).
+
+Writes are atomic everywhere: a reader sees the old object or the whole new one, never
+half of it, and a write that fails leaves nothing behind (local files: a temporary name
+renamed into place; object stores: the object is uploaded whole, or not at all).
+Directories on object stores are published by :mod:`recjob_trainer.remote`.
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,21 +33,78 @@ from typing import Any
 
 import fsspec
 
-PVC_ROOT_ENV = "RECJOB_PVC_ROOT"
+from recjob_operator.api.v1alpha1.uris import (
+    DEFAULT_PVC_ROOT,
+    FILE_SCHEME,
+    OBJECT_STORE_SCHEMES,
+    PVC_ROOT_ENV,
+    UriError,
+    pvc_local_path,
+    scheme,
+    split_pvc,
+)
+
+__all__ = [
+    "PVC_ROOT_ENV",
+    "StorageError",
+    "StorageNotFound",
+    "atomic_directory",
+    "exists_uri",
+    "filesystem",
+    "is_local",
+    "local_path",
+    "open_uri",
+    "resolve",
+    "write_bytes_atomic",
+    "write_json_atomic",
+]
 
 
 class StorageError(OSError):
     """A URI that cannot be read or written, with the URI in the message."""
 
 
+class StorageNotFound(StorageError):
+    """The URI names nothing (no such file or object)."""
+
+
+def pvc_root() -> str:
+    """Where pvc:// claims are mounted here (``$RECJOB_PVC_ROOT``, default /mnt/pvc)."""
+    return os.environ.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT
+
+
+def _resolve_pvc(uri: str) -> str:
+    root = pvc_root()
+    try:
+        claim, _ = split_pvc(uri)
+        path = pvc_local_path(uri, root)
+    except UriError as error:
+        raise StorageError(str(error)) from error
+    mount = os.path.realpath(os.path.join(root, claim))
+    real = os.path.realpath(path)
+    if real != mount and not real.startswith(mount.rstrip("/") + "/"):
+        raise StorageError(
+            f"{uri}: resolves to {real}, outside the claim's mount {mount} (a symbolic link "
+            "leaves the claim)"
+        )
+    return path
+
+
 def resolve(uri: str, base_dir: str | Path | None = None) -> str:
-    """The fsspec URL (or absolute local path) a storage URI refers to."""
-    if uri.startswith("pvc://"):
-        root = os.environ.get(PVC_ROOT_ENV, "/mnt/pvc")
-        return str(Path(root) / uri.removeprefix("pvc://"))
-    if uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    if "://" in uri:
+    """The fsspec URL (or absolute local path) a storage URI refers to; StorageError for
+    a URI that breaks the rules above."""
+    kind = scheme(uri)
+    if kind == "pvc":
+        return _resolve_pvc(uri)
+    if kind == "file":
+        path = uri.removeprefix(FILE_SCHEME)
+        if not path.startswith("/"):
+            raise StorageError(
+                f"{uri}: file:// URIs must be absolute (file:///path); write a relative "
+                "path without file://"
+            )
+        return os.path.normpath(path)
+    if kind is not None:
         return uri
     path = Path(uri)
     if not path.is_absolute() and base_dir is not None:
@@ -45,31 +117,141 @@ def is_local(url: str) -> bool:
     return "://" not in url
 
 
+def is_object_store(url: str) -> bool:
+    """True when ``url`` (from :func:`resolve`) is on s3:// or gs://."""
+    return scheme(url) in OBJECT_STORE_SCHEMES
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: only what the SDKs do not read from the environment
+    themselves (botocore reads AWS_DEFAULT_REGION, not AWS_REGION)."""
+    if scheme(url) == "s3":
+        region = os.environ.get("AWS_REGION")
+        if region and not os.environ.get("AWS_DEFAULT_REGION"):
+            return {"client_kwargs": {"region_name": region}}
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a resolved URL; StorageError when this machine
+    has no filesystem for it (e.g. s3fs missing)."""
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(url))
+    except (ImportError, ValueError) as error:
+        raise StorageError(f"{url}: no filesystem for this URI here ({error})") from error
+
+
 def local_path(uri: str, base_dir: str | Path | None = None) -> Path:
-    """A local path for ``uri``; StorageError for object stores (training writes need a
-    mounted volume: file:// or pvc://)."""
+    """A local path for ``uri``; StorageError for object stores (use
+    :class:`recjob_trainer.remote.WorkingCopy` to work on those through a local copy)."""
     url = resolve(uri, base_dir)
     if not is_local(url):
         raise StorageError(
-            f"{uri}: expected a mounted path (file://, pvc:// or a path) for "
-            "checkpoints and training outputs"
+            f"{uri}: expected a mounted path (file://, pvc:// or a path); object stores go "
+            "through a local working copy"
         )
     return Path(url)
 
 
+def _storage_error(uri: str, url: str, error: BaseException) -> StorageError:
+    """A StorageError naming ``uri`` for any failure of a filesystem call."""
+    if isinstance(error, StorageError):
+        return error
+    if isinstance(error, FileNotFoundError):
+        return StorageNotFound(f"{uri}: no such file ({url})")
+    if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return StorageError(f"{uri}: cannot open ({error})")
+    if isinstance(error, (ImportError, ValueError)):  # e.g. s3:// without s3fs installed
+        return StorageError(f"{uri}: no filesystem for this URI here ({error})")
+    hint = ""
+    if is_object_store(url):
+        hint = (
+            "; credentials come from the environment (spec.storage.credentialsSecret) or "
+            "the pod's ServiceAccount"
+        )
+    return StorageError(f"{uri}: {type(error).__name__}: {error}{hint}")
+
+
+def exists_uri(uri: str, base_dir: str | Path | None = None) -> bool:
+    """True when ``uri`` names an existing file, object or directory."""
+    url = resolve(uri, base_dir)
+    if is_local(url):
+        return os.path.exists(url)
+    fs, path = filesystem(url)
+    try:
+        return bool(fs.exists(path))
+    except Exception as error:  # the SDKs raise their own errors (credentials, network)
+        raise _storage_error(uri, url, error) from error
+
+
 @contextlib.contextmanager
 def open_uri(uri: str, mode: str = "rb", base_dir: str | Path | None = None) -> Iterator[Any]:
-    """Open a storage URI for reading or writing; errors name the URI."""
+    """Open a storage URI for reading or writing; errors name the URI. Writing is atomic:
+    the data goes to a temporary file and replaces the target only when the block ends
+    without an error (a failed write leaves the old content, or nothing)."""
     url = resolve(uri, base_dir)
-    try:
-        with fsspec.open(url, mode) as handle:
+    if any(flag in mode for flag in "wax+"):
+        if "+" in mode or "a" in mode:
+            raise StorageError(f"{uri}: mode {mode!r} is not supported (read, or write whole)")
+        with _atomic_write(uri, url, mode) as handle:
             yield handle
-    except FileNotFoundError as error:
-        raise StorageError(f"{uri}: no such file ({url})") from error
-    except (PermissionError, IsADirectoryError) as error:
-        raise StorageError(f"{uri}: cannot open ({error})") from error
-    except (ImportError, ValueError) as error:  # e.g. s3:// without s3fs installed
-        raise StorageError(f"{uri}: no filesystem for this URI here ({error})") from error
+        return
+    try:
+        handle = fsspec.open(url, mode, **storage_options(url)).open()
+    except Exception as error:  # the SDKs raise their own errors (credentials, network)
+        raise _storage_error(uri, url, error) from error
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+@contextlib.contextmanager
+def _atomic_write(uri: str, url: str, mode: str) -> Iterator[Any]:
+    local = is_local(url)
+    directory = os.path.dirname(url) if local else None
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(url)}.", suffix=".tmp", dir=directory or None
+    )
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would (mkstemp makes it 0600)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with open(tmp, mode.replace("x", "w"), encoding=encoding) as handle:
+            yield handle
+        # only a block that ended without an error gets here: commit
+        if not local:
+            _upload(uri, url, tmp)
+        elif "x" in mode and os.path.exists(url):
+            raise StorageError(f"{uri}: already exists")
+        else:
+            os.replace(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _upload(uri: str, url: str, source: str) -> None:
+    """Upload one local file as one object (the store makes it visible whole or not)."""
+    fs, path = filesystem(url)
+    try:
+        fs.put_file(source, path)
+    except Exception as error:
+        raise _storage_error(uri, url, error) from error
+
+
+def write_bytes_atomic(uri: str, data: bytes, base_dir: str | Path | None = None) -> None:
+    """Write ``data`` to ``uri`` (any scheme) so that readers see all of it or none."""
+    with open_uri(uri, "wb", base_dir) as handle:
+        handle.write(data)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

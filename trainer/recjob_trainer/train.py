@@ -1,9 +1,9 @@
 """The training run: prepare data, fine-tune with DeepSpeed ZeRO, checkpoint, resume,
 consolidate, evaluate, write the artifacts. Read top to bottom, like nanoGPT's train.py.
 
-Launched once per process by torchrun, the deepspeed launcher or a PyTorchJob pod; the
-rendezvous comes from the environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
-LOCAL_RANK). Rank 0 alone writes shared files.
+Launched once per process by torchrun (also in each PyTorchJob pod) or the deepspeed
+launcher; the rendezvous comes from the environment (MASTER_ADDR, MASTER_PORT,
+WORLD_SIZE, RANK, LOCAL_RANK). Rank 0 alone writes shared files.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from .models import (
     model_from_config,
     save_model,
 )
+from .outputs import check_shared, publish_run, run_directory
 from .progress import Progress, plot_curves, read_events
-from .storage import atomic_directory, local_path, write_json_atomic
+from .storage import atomic_directory, write_json_atomic
 
 CHECKPOINT_MARKER = "COMPLETE.json"
 
@@ -72,9 +73,10 @@ class RunContext:
 def setup_distributed() -> tuple[int, int, int]:
     """Initialise the process group from the environment; (rank, world size, local rank).
 
-    A Kubeflow PyTorchJob pod gets MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK but no
-    LOCAL_RANK (DeepSpeed then fails), so LOCAL_RANK defaults to 0; on a machine without
-    CUDA, DeepSpeed runs on its CPU accelerator over gloo.
+    torchrun (what a PyTorchJob pod runs too) sets every variable per process; a process
+    started some other way without LOCAL_RANK (DeepSpeed then fails) gets 0, and a lone
+    process a world of one. On a machine without CUDA, DeepSpeed runs on its CPU
+    accelerator over gloo.
     """
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("RANK", "0")
@@ -388,10 +390,15 @@ def train(config: TrainerConfig) -> dict:
     """Run training on this process (one rank); returns the metrics (rank 0) or {}."""
     started = time.time()
     rank, world, _ = setup_distributed()
-    run_dir = local_path(config.output_uri, config.base_dir)
+    # s3:// / gs://: a local working copy, published at the end (outputs.py)
+    outputs = run_directory(config.output_uri, config.base_dir)
+    run_dir = outputs.local
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # derived here, not by the operator: it depends on the world size found at start
+        write_json_atomic(run_dir / "deepspeed.json", deepspeed_config(config, world))
     barrier()
+    check_shared(run_dir, rank, world)
     torch.manual_seed(config.training.seed)
     np.random.seed(config.training.seed)
 
@@ -440,9 +447,13 @@ def train(config: TrainerConfig) -> dict:
     if config.compression is not None:
         from .compression.pipeline import compress
 
-        return compress(run, stage)
-    engine, step, state = fit(run, stage)
-    return finish(run, engine, step, state, consolidate(run, engine, step, stage))
+        metrics = compress(run, stage)
+    else:
+        engine, step, state = fit(run, stage)
+        metrics = finish(run, engine, step, state, consolidate(run, engine, step, stage))
+    if rank == 0:
+        publish_run(outputs)
+    return metrics
 
 
 def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from ..api.v1alpha1.cel import PLACEHOLDER_PATTERN
 from ..api.v1alpha1.spec import MetricCheck, RolloutSpec
 
 Verdict = Literal["pass", "fail", "no-data", "error"]
-_PLACEHOLDER = re.compile(r"{{\s*([A-Za-z_][A-Za-z0-9_]*)\s*}}")
+#: The placeholders validation (and the CRD's CEL rules) recognise, the same spaces allowed.
+_PLACEHOLDER = re.compile(PLACEHOLDER_PATTERN)
 
 
 @dataclass(frozen=True)

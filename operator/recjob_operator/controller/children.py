@@ -1,29 +1,41 @@
 """Builders of the Kubernetes objects a RecJob owns (pure: RecJob in, dict out).
 
-- ``<name>-g<gen>-train`` ConfigMap (trainer.yaml, deepspeed.json) and PyTorchJob
+- ``<name>-g<gen>-train`` ConfigMap (trainer.yaml, a
+  :class:`~recjob_operator.api.v1alpha1.trainer.TrainerConfig`) and PyTorchJob
   (kubeflow.org/v1): 1 Master + nodes-1 Workers, ``nprocPerNode``, a container named
-  ``pytorch`` running ``recjob-train --config``, restartPolicy OnFailure with
-  ``runPolicy.backoffLimit = maxRestarts``, the artifacts PVC mounted where the trainer's
-  ``pvc://`` URIs resolve;
-- ``<name>-g<gen>-convert`` ConfigMap and batch/v1 Job running ``recjob-serve convert``;
-  the quality gate's summary comes back in the container's termination message;
+  ``pytorch`` with the ``pytorchjob-port`` port running ``recjob-train --launch --config``
+  (torchrun with ``nprocPerNode`` trainer processes, from the Training Operator's
+  ``PET_*`` variables), restartPolicy OnFailure with ``runPolicy.backoffLimit =
+  maxRestarts``, the artifacts PVC mounted where the trainer's ``pvc://`` URIs resolve;
+- ``<name>-g<gen>-convert`` ConfigMap and batch/v1 Job running ``recjob-serve convert``
+  (``spec.export.image`` and ``resources``); the quality gate's summary comes back in the
+  container's termination message;
 - the InferenceService (serving.kserve.io/v1beta1) of ``spec.serving`` on the Triton
   runtime, serving one model version's repository snapshot; ``canaryTrafficPercent`` for
   a canary.
 
 Every object carries an ownerReference to the RecJob (garbage-collected with it) and the
-``recjob.dev/*`` labels. Tests validate them against the upstream CRD schemas.
+``recjob.dev/*`` labels. Pods get no service-account token (they never call the API
+server), cpu and memory requests and limits, and the trainer and conversion containers a
+read-only root filesystem with emptyDirs for /tmp and a HOME holding every cache.
+Tests validate them against the upstream CRD schemas.
+
+The operator imports neither the trainer nor the serving package (its image has no
+torch): what it hands them is API types and plain YAML.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 
 import yaml
 
 from ..api.v1alpha1.common import GROUP
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.spec import ResourceSpec
+from ..api.v1alpha1.storage import pod_storage, with_pod_storage
+from ..api.v1alpha1.trainer import trainer_config
+from .identity import generation_parts
 from .reconcile import conversion_name, training_name
 
 #: Where the trainer's pvc:// URIs are mounted in pods (RECJOB_PVC_ROOT).
@@ -31,7 +43,12 @@ PVC_ROOT = "/mnt/pvc"
 CONFIG_MOUNT = "/etc/recjob"
 #: The conversion container writes the quality-gate summary here (read back by the operator).
 TERMINATION_LOG = "/dev/termination-log"
-DEFAULT_SERVING_IMAGE = "ghcr.io/recjob/recjob-serving:0.1.0"
+#: The Training Operator reads MASTER_PORT / PET_MASTER_PORT from the ``pytorch``
+#: container's port of this name (23456 is also its default).
+PYTORCHJOB_PORT_NAME = "pytorchjob-port"
+PYTORCHJOB_PORT = 23456
+#: HOME of trainer and conversion containers: an emptyDir, like /tmp (read-only root).
+HOME = "/home/recjob"
 
 
 def labels(recjob: RecJob, component: str) -> dict[str, str]:
@@ -74,8 +91,10 @@ def artifacts_uri(recjob: RecJob, *parts: str) -> str:
 
 
 def generation_uri(recjob: RecJob, part: str) -> str:
-    """Where this generation's ``train`` or ``convert`` output goes."""
-    return artifacts_uri(recjob, recjob.metadata.name, f"g{recjob.generation}", part)
+    """Where the ``train`` output of the spec's model generation, or the ``convert`` output
+    of its conversion revision, goes (``g<model generation>/train``, ``.../convert``,
+    ``.../convert-<revision>``; see ``identity``)."""
+    return artifacts_uri(recjob, recjob.metadata.name, *generation_parts(recjob, part))
 
 
 def repository_uri(recjob: RecJob) -> str:
@@ -110,8 +129,9 @@ def _pvc_volumes(recjob: RecJob) -> tuple[list[dict], list[dict]]:
 
 
 def _resources(spec: ResourceSpec) -> dict:
+    """Requests and limits (equal: cpu, memory and any GPUs)."""
     requests = {"cpu": str(spec.cpu), "memory": str(spec.memory)}
-    limits = {"memory": str(spec.memory)}
+    limits = dict(requests)
     if spec.gpu:
         requests[spec.gpu_resource_name] = str(spec.gpu)
         limits[spec.gpu_resource_name] = str(spec.gpu)
@@ -121,31 +141,61 @@ def _resources(spec: ResourceSpec) -> dict:
 _SECURITY = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
     "runAsNonRoot": True,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 
+#: Writable places of a read-only container: /tmp (torchrun's logs, tempfiles, the
+#: inductor cache) and HOME, with every cache torch, DeepSpeed (JIT-built ops), Triton,
+#: Hugging Face and matplotlib would write pointed inside it.
+_SCRATCH_VOLUMES = [{"name": "tmp", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
+_SCRATCH_MOUNTS = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "home", "mountPath": HOME}]
+_SCRATCH_ENV = [
+    {"name": "HOME", "value": HOME},
+    {"name": "TMPDIR", "value": "/tmp"},
+    {"name": "XDG_CACHE_HOME", "value": f"{HOME}/.cache"},
+    {"name": "TORCH_EXTENSIONS_DIR", "value": f"{HOME}/.cache/torch_extensions"},
+    {"name": "TRITON_CACHE_DIR", "value": f"{HOME}/.cache/triton"},
+    {"name": "HF_HOME", "value": f"{HOME}/.cache/huggingface"},
+    {"name": "MPLCONFIGDIR", "value": f"{HOME}/.config/matplotlib"},
+    {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+]
+
+
+def _pod_spec(containers: list[dict], volumes: list[dict], **extra: object) -> dict:
+    """A child pod: no API access, non-root, scratch volumes for read-only containers
+    (a deep copy: callers may change it without touching the shared constants)."""
+    return copy.deepcopy(
+        {
+            **extra,
+            "automountServiceAccountToken": False,
+            "containers": containers,
+            "volumes": [*volumes, *_SCRATCH_VOLUMES],
+            # runAsUser at pod level: containers others add to the pod (the Training
+            # Operator's init-pytorch, from an image whose user is root) run as 1000 too;
+            # with runAsNonRoot alone a kubelet refuses to start them.
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "runAsGroup": 1000,
+                "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        }
+    )
+
 
 # --------------------------------------------------------------------------- training
 def training_config_map(recjob: RecJob) -> dict:
-    """trainer.yaml (what recjob-train reads) and deepspeed.json (for inspection; the
-    trainer derives the same config from trainer.yaml and the world size)."""
-    from recjob_trainer.config import config_from_recjob
-    from recjob_trainer.train import deepspeed_config
-
-    config = config_from_recjob(recjob, generation_uri(recjob, "train"), None)
-    training = recjob.spec.training
-    world = training.nodes * training.processes_per_node
+    """trainer.yaml: the RecJob's trainer config (an API type). The trainer derives the
+    DeepSpeed config from it and the world size at start (``<run>/deepspeed.json``)."""
+    config = trainer_config(recjob, generation_uri(recjob, "train"))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(recjob, f"{training_name(recjob)}-config", "training"),
-        "data": {
-            "trainer.yaml": yaml.safe_dump(
-                config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
-            ),
-            "deepspeed.json": json.dumps(deepspeed_config(config, world), indent=2),
-        },
+        "data": {"trainer.yaml": yaml.safe_dump(config.to_wire(), sort_keys=False)},
     }
 
 
@@ -160,13 +210,19 @@ def pytorch_job(recjob: RecJob) -> dict:
     container = {
         "name": "pytorch",  # the Training Operator finds the container by this name
         "image": training.image,
-        "command": ["recjob-train", "--config", f"{CONFIG_MOUNT}/trainer.yaml"],
+        # torchrun with nprocPerNode trainer processes, from the PET_* variables the
+        # Training Operator injects (recjob_trainer.launch)
+        "command": ["recjob-train", "--launch", "--config", f"{CONFIG_MOUNT}/trainer.yaml"],
+        "ports": [
+            {"name": PYTORCHJOB_PORT_NAME, "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"}
+        ],
         "env": [
             {"name": "RECJOB_PVC_ROOT", "value": PVC_ROOT},
             {"name": "OMP_NUM_THREADS", "value": "1"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
             # the master leaves metrics.json's headline here for the operator to read
             {"name": "RECJOB_TERMINATION_LOG", "value": TERMINATION_LOG},
+            *_SCRATCH_ENV,
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
@@ -174,21 +230,20 @@ def pytorch_job(recjob: RecJob) -> dict:
         "volumeMounts": [
             {"name": "recjob-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *_SCRATCH_MOUNTS,
             *mounts,
         ],
         "securityContext": _SECURITY,
     }
     template = {
         "metadata": {"labels": labels(recjob, "training")},
-        "spec": {
-            "containers": [container],
-            "volumes": [
-                config_volume,
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-                *volumes,
-            ],
-            "securityContext": {"runAsNonRoot": True, "fsGroup": 1000},
-        },
+        "spec": with_pod_storage(  # spec.storage: credentials, work dir (api/.../storage.py)
+            _pod_spec(
+                [container],
+                [config_volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *volumes],
+            ),
+            pod_storage(recjob.spec),
+        ),
     }
 
     def replicas(count: int) -> dict:
@@ -246,11 +301,11 @@ def conversion_config_map(recjob: RecJob) -> dict:
     }
 
 
-def conversion_job(recjob: RecJob, image: str = DEFAULT_SERVING_IMAGE) -> dict:
-    """The conversion Job of the current generation (GPU nodes for TensorRT targets)."""
+def conversion_job(recjob: RecJob) -> dict:
+    """The conversion Job of the current generation: ``spec.export.image`` with
+    ``spec.export.resources`` (validation asks GPUs of TensorRT targets)."""
+    export = recjob.spec.export
     volumes, mounts = _pvc_volumes(recjob)
-    gpu = recjob.spec.export.target.startswith("tensorrt")
-    resources = ResourceSpec(cpu="2", memory="8Gi", gpu=1 if gpu else 0)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -272,44 +327,50 @@ def conversion_job(recjob: RecJob, image: str = DEFAULT_SERVING_IMAGE) -> dict:
             },
             "template": {
                 "metadata": {"labels": labels(recjob, "conversion")},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [
-                        {
-                            "name": "convert",
-                            "image": image,
-                            "command": [
-                                "recjob-serve",
-                                "convert",
-                                "--config",
-                                f"{CONFIG_MOUNT}/convert.yaml",
-                                "--termination-log",
-                                TERMINATION_LOG,
-                            ],
-                            "env": [{"name": "RECJOB_PVC_ROOT", "value": PVC_ROOT}],
-                            "resources": _resources(resources),
-                            "terminationMessagePath": TERMINATION_LOG,
-                            "terminationMessagePolicy": "File",
-                            "volumeMounts": [
-                                {
-                                    "name": "recjob-config",
-                                    "mountPath": CONFIG_MOUNT,
-                                    "readOnly": True,
-                                },
-                                *mounts,
-                            ],
-                            "securityContext": _SECURITY,
-                        }
-                    ],
-                    "volumes": [
-                        {
-                            "name": "recjob-config",
-                            "configMap": {"name": f"{conversion_name(recjob)}-config"},
-                        },
-                        *volumes,
-                    ],
-                    "securityContext": {"runAsNonRoot": True, "fsGroup": 1000},
-                },
+                "spec": with_pod_storage(  # spec.storage (api/v1alpha1/storage.py)
+                    _pod_spec(
+                        [
+                            {
+                                "name": "convert",
+                                "image": export.image,
+                                "command": [
+                                    "recjob-serve",
+                                    "convert",
+                                    "--config",
+                                    f"{CONFIG_MOUNT}/convert.yaml",
+                                    "--termination-log",
+                                    TERMINATION_LOG,
+                                ],
+                                "env": [
+                                    {"name": "RECJOB_PVC_ROOT", "value": PVC_ROOT},
+                                    *_SCRATCH_ENV,
+                                ],
+                                "resources": _resources(export.resources),
+                                "terminationMessagePath": TERMINATION_LOG,
+                                "terminationMessagePolicy": "File",
+                                "volumeMounts": [
+                                    {
+                                        "name": "recjob-config",
+                                        "mountPath": CONFIG_MOUNT,
+                                        "readOnly": True,
+                                    },
+                                    *_SCRATCH_MOUNTS,
+                                    *mounts,
+                                ],
+                                "securityContext": _SECURITY,
+                            }
+                        ],
+                        [
+                            {
+                                "name": "recjob-config",
+                                "configMap": {"name": f"{conversion_name(recjob)}-config"},
+                            },
+                            *volumes,
+                        ],
+                        restartPolicy="Never",
+                    ),
+                    pod_storage(recjob.spec),
+                ),
             },
         },
     }
@@ -322,6 +383,7 @@ def inference_service(recjob: RecJob, model_version: int, canary_percent: int | 
     previous ready revision (None: all traffic, i.e. first rollout or promotion)."""
     serving = recjob.spec.serving
     predictor: dict = {
+        "automountServiceAccountToken": False,  # Triton needs no API access
         "minReplicas": serving.min_replicas,
         "maxReplicas": serving.max_replicas,
         "model": {
@@ -334,6 +396,9 @@ def inference_service(recjob: RecJob, model_version: int, canary_percent: int | 
     }
     if canary_percent is not None:
         predictor["canaryTrafficPercent"] = canary_percent
+    account = pod_storage(recjob.spec).service_account_name
+    if account:  # spec.storage: KServe's storage initializer reads the snapshot as it
+        predictor["serviceAccountName"] = account
     metadata = _metadata(recjob, recjob.service_name, "serving")
     metadata["annotations"] = {
         "serving.kserve.io/deploymentMode": serving.deployment_mode,

@@ -7,24 +7,29 @@ returned status; the spec is never changed.
 
 Phases: Pending -> Training -> Converting -> RollingOut -> Succeeded, or Failed /
 RolledBack. The first model of a service goes straight to 100%; later ones are canaried
-step by step (see ``analysis``). A new generation (spec change) supersedes the running
-one: its children are cleaned up, an in-flight canary is rolled back, and the new
-generation starts from Pending; the stable model keeps serving throughout.
+step by step (``rollout``, ``analysis``).
+
+A spec edit (a new ``metadata.generation``) does only what it must (``identity``):
+
+- a new **model generation** (data, model, training, compression, artifactsUri changed)
+  supersedes the running one: its children are cleaned up, an in-flight canary is rolled
+  back, and training starts again from Pending; the stable model keeps serving;
+- a new **conversion revision** (export, serving.name or serving.storageUri changed)
+  converts the trained model again without retraining: a running conversion is stopped,
+  an in-flight canary of the old conversion rolled back, and the new one rolled out;
+- anything else (rollout, the other serving fields) applies in place: a canary in flight
+  continues on the edited steps with the edited settings, nothing is retrained or
+  rolled back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
 
 from ..api.v1alpha1.common import parse_duration
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import (
-    MAX_HISTORY,
     TERMINAL_PHASES,
-    AnalysisRecord,
-    Condition,
     ConversionStatus,
     Lineage,
     QualityGateStatus,
@@ -34,224 +39,100 @@ from ..api.v1alpha1.status import (
     TrainingProgress,
     TrainingStatus,
 )
-from .analysis import Reading, analyse, describe, query_values, seconds_between
-
-#: How often to look again at a running child (the backend may watch instead).
-POLL_SECONDS = 5.0
-
-
-# --------------------------------------------------------------------------- observations
-@dataclass(frozen=True)
-class ChildObservation:
-    """A training or conversion child as the backend sees it."""
-
-    name: str
-    state: Literal["Created", "Running", "Restarting", "Succeeded", "Failed"]
-    message: str | None = None
-    restarts: int = 0
-    progress: dict | None = None
-    """Training: step, total_steps, loss, samples_per_second, resumed_from_step."""
-    result: dict | None = None
-    """Training: metrics.json (+ ``card``: model-card.json); conversion: quality-gate.json."""
-
-
-@dataclass(frozen=True)
-class ServingObservation:
-    """The service the RecJob rolls out to."""
-
-    stable_version: int | None = None
-    canary_version: int | None = None
-    canary_weight: int = 0
-    ready: bool = False
-    stable_revision: str | None = None
-    canary_revision: str | None = None
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything the backend observed for the RecJob's current generation."""
-
-    training: ChildObservation | None = None
-    conversion: ChildObservation | None = None
-    serving: ServingObservation | None = None
-    approved_generation: int | None = None
-    """The generation named by the recjob.dev/approve-generation annotation."""
-
-
-# --------------------------------------------------------------------------- actions
-@dataclass(frozen=True)
-class CreateTraining:
-    """Create the training child (PyTorchJob / local processes) if it does not exist."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class CreateConversion:
-    """Create the conversion child (Job / local process) if it does not exist."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class DeployStable:
-    """Serve ``model_version`` to all traffic (the service's first model)."""
-
-    model_version: int
-
-
-@dataclass(frozen=True)
-class SetCanary:
-    """Serve ``model_version`` as the canary with ``weight`` percent of traffic."""
-
-    model_version: int
-    weight: int
-
-
-@dataclass(frozen=True)
-class Promote:
-    """Make the canary ``model_version`` the stable model (all traffic)."""
-
-    model_version: int
-
-
-@dataclass(frozen=True)
-class RollBack:
-    """Send all traffic back to ``stable_version`` and remove the canary."""
-
-    canary_version: int
-    stable_version: int | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class CleanupGeneration:
-    """Stop and remove the (superseded) children of ``generation``."""
-
-    generation: int
-
-
-@dataclass(frozen=True)
-class EmitEvent:
-    """A Kubernetes event on the RecJob."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-Action = (
-    CreateTraining
-    | CreateConversion
-    | DeployStable
-    | SetCanary
-    | Promote
-    | RollBack
-    | CleanupGeneration
-    | EmitEvent
+from .actions import (
+    POLL_SECONDS,
+    Action,
+    ChildObservation,
+    CleanupGeneration,
+    CreateConversion,
+    CreateTraining,
+    Decision,
+    DeployStable,
+    EmitEvent,
+    Observed,
+    Promote,
+    RollBack,
+    ServingObservation,
+    SetCanary,
 )
+from .analysis import Reading, query_values
+from .identity import Identity, conversion_name, identity, training_name
+from .plan import Plan, set_condition
+from .rollout import remap_rollout, revision_name, rolling_out
+
+__all__ = [
+    "POLL_SECONDS",
+    "Action",
+    "ChildObservation",
+    "CleanupGeneration",
+    "CreateConversion",
+    "CreateTraining",
+    "Decision",
+    "DeployStable",
+    "EmitEvent",
+    "Observed",
+    "Promote",
+    "RollBack",
+    "ServingObservation",
+    "SetCanary",
+    "analysis_due",
+    "analysis_query_values",
+    "conversion_name",
+    "reconcile",
+    "revision_name",
+    "set_condition",
+    "training_name",
+]
+
+#: Conditions about one conversion and its rollout (cleared when the model is reconverted).
+_CONVERSION_CONDITIONS = ("QualityGatePassed", "Deployed", "Promoted")
 
 
-@dataclass
-class Decision:
-    """What to do and the status to write."""
-
-    status: RecJobStatus
-    actions: list = field(default_factory=list)
-    requeue_after: float | None = None
-    """Seconds until the core wants to look again (None: only on change)."""
-
-
-# --------------------------------------------------------------------------- names
-def training_name(recjob: RecJob) -> str:
-    """Deterministic name of the generation's training child."""
-    return f"{recjob.metadata.name}-g{recjob.generation}-train"
+# --------------------------------------------------------------------------- spec edits
+def _canary_in_flight(status: RecJobStatus) -> RolloutStatus | None:
+    """The rollout of ``status`` if a canary is being analysed (not yet promoted)."""
+    rollout = status.rollout
+    if (
+        status.phase == "RollingOut"
+        and rollout is not None
+        and rollout.canary_model_version is not None
+        and rollout.state in ("Progressing", "Holding", "AwaitingApproval")
+    ):
+        return rollout
+    return None
 
 
-def conversion_name(recjob: RecJob) -> str:
-    """Deterministic name of the generation's conversion child."""
-    return f"{recjob.metadata.name}-g{recjob.generation}-convert"
+def _record_identity(status: RecJobStatus, ident: Identity) -> None:
+    status.model_generation, status.model_digest = ident.model_generation, ident.model_digest
+    status.conversion_revision = ident.conversion_revision
+    status.conversion_digest = ident.conversion_digest
 
 
-def revision_name(service: str, model_version: int) -> str:
-    """The serving revision that carries ``model_version`` (local mode's naming)."""
-    return f"{service}-v{model_version}"
+def _spec_accepted(plan: Plan, ident: Identity) -> None:
+    plan.status.observed_generation = plan.recjob.generation
+    _record_identity(plan.status, ident)
+    plan.condition("Valid", True, "SpecAccepted", "the spec passed validation")
 
 
-# --------------------------------------------------------------------------- helpers
-def set_condition(
-    status: RecJobStatus,
-    type_: str,
-    value: bool | None,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int,
-) -> None:
-    """Set a condition; its transition time changes only when its status does."""
-    text = {True: "True", False: "False", None: "Unknown"}[value]
-    for condition in status.conditions:
-        if condition.type == type_:
-            if condition.status != text:
-                condition.last_transition_time = now
-            condition.status, condition.reason, condition.message = text, reason, message
-            condition.observed_generation = generation
-            return
-    status.conditions.append(
-        Condition(
-            type=type_,
-            status=text,
-            reason=reason,
-            message=message,
-            last_transition_time=now,
-            observed_generation=generation,
-        )
-    )
-
-
-class _Plan:
-    """Accumulates actions and the status while one reconcile runs."""
-
-    def __init__(self, recjob: RecJob, status: RecJobStatus, now: datetime):
-        self.recjob, self.status, self.now = recjob, status, now
-        self.actions: list = []
-        self.requeue_after: float | None = None
-
-    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.actions.append(EmitEvent(type_, reason, message))
-
-    def condition(self, type_: str, value: bool | None, reason: str, message: str = "") -> None:
-        set_condition(self.status, type_, value, reason, message, self.now, self.recjob.generation)
-
-    def requeue(self, seconds: float) -> None:
-        seconds = max(seconds, 0.0)
-        self.requeue_after = (
-            seconds if self.requeue_after is None else min(self.requeue_after, seconds)
-        )
-
-    def finish(self, phase: str, message: str) -> None:
-        self.status.phase = phase
-        self.status.message = message
-        self.status.completion_time = self.now
-        ready = phase == "Succeeded"
-        self.condition("Ready", ready, phase, message)
-
-
-# --------------------------------------------------------------------------- phases
-def _new_generation(plan: _Plan, previous: RecJobStatus | None) -> None:
-    """Start the current generation, superseding whatever the previous one was doing."""
+def _new_model(plan: Plan, previous: RecJobStatus | None, ident: Identity) -> None:
+    """Start a new model generation, superseding whatever the previous one was doing."""
     recjob, now = plan.recjob, plan.now
     lineage = previous.lineage if previous else None
     if previous is not None and previous.observed_generation is not None:
         old = previous.observed_generation
         if previous.phase not in TERMINAL_PHASES:
-            plan.actions.append(CleanupGeneration(old))
-            rollout = previous.rollout
-            if (
-                previous.phase == "RollingOut"
-                and rollout is not None
-                and rollout.canary_model_version is not None
-            ):
+            plan.actions.append(
+                CleanupGeneration(
+                    previous.model_generation or old,
+                    training=True,
+                    conversion=(previous.conversion_revision or 1)
+                    if previous.conversion is not None
+                    else None,
+                )
+            )
+            rollout = _canary_in_flight(previous)
+            if rollout is not None:
+                assert rollout.canary_model_version is not None
                 plan.actions.append(
                     RollBack(
                         rollout.canary_model_version,
@@ -262,11 +143,11 @@ def _new_generation(plan: _Plan, previous: RecJobStatus | None) -> None:
             plan.event(
                 "Normal",
                 "Superseded",
-                f"generation {old} ({previous.phase}) superseded by generation {recjob.generation}",
+                f"generation {old} ({previous.phase}) superseded by generation "
+                f"{recjob.generation} (model generation {ident.model_generation})",
             )
     plan.status = RecJobStatus(
         phase="Pending",
-        observed_generation=recjob.generation,
         message="waiting to start training",
         lineage=Lineage(
             model_version=lineage.model_version if lineage else None,
@@ -275,10 +156,107 @@ def _new_generation(plan: _Plan, previous: RecJobStatus | None) -> None:
         ),
         start_time=now,
     )
-    plan.condition("Valid", True, "SpecAccepted", "the spec passed validation")
+    _spec_accepted(plan, ident)
 
 
-def _pending(plan: _Plan, observed: Observed) -> None:
+def _new_conversion(plan: Plan, previous: RecJobStatus, ident: Identity) -> None:
+    """Convert the trained model again (export or the target repository changed)."""
+    status, recjob = plan.status, plan.recjob
+    _spec_accepted(plan, ident)
+    if status.training is None or status.training.state != "Succeeded":
+        return  # training failed: there is nothing to convert
+    if previous.conversion is not None and previous.conversion.state in ("Created", "Running"):
+        plan.actions.append(
+            CleanupGeneration(
+                ident.model_generation,
+                training=False,
+                conversion=previous.conversion_revision or 1,
+            )
+        )
+    rollout = _canary_in_flight(previous)
+    if rollout is not None:
+        assert rollout.canary_model_version is not None
+        plan.actions.append(
+            RollBack(
+                rollout.canary_model_version,
+                rollout.stable_model_version,
+                f"superseded by generation {recjob.generation} (conversion changed)",
+            )
+        )
+    plan.event(
+        "Normal",
+        "Reconverting",
+        f"generation {recjob.generation} changes the conversion: converting model "
+        f"generation {ident.model_generation} again (revision {ident.conversion_revision}) "
+        "without retraining",
+    )
+    status.conditions = [c for c in status.conditions if c.type not in _CONVERSION_CONDITIONS]
+    status.rollout = None
+    status.completion_time = None
+    _start_conversion(plan, create=False)  # _converting creates it (the child is unseen)
+    plan.condition("Ready", False, "Converting", f"converting with {status.conversion.job_name}")
+
+
+def _apply_in_place(
+    plan: Plan, previous: RecJobStatus, ident: Identity, observed: Observed
+) -> None:
+    """An edit that keeps the model and its conversion: rollout and serving settings."""
+    status, recjob = plan.status, plan.recjob
+    _spec_accepted(plan, ident)
+    rollout = _canary_in_flight(status)
+    if rollout is not None:
+        remap_rollout(plan, rollout)
+        return
+    serving, lineage = observed.serving, status.lineage
+    if (  # a promoted model still serving: re-apply the serving settings to it
+        status.phase == "Succeeded"
+        and serving is not None
+        and serving.ready
+        and serving.canary_version is None
+        and lineage is not None
+        and lineage.model_version is not None
+        and serving.stable_version == lineage.model_version
+    ):
+        plan.actions.append(DeployStable(lineage.model_version))
+    plan.event(
+        "Normal",
+        "SpecApplied",
+        f"generation {recjob.generation} keeps model generation {status.model_generation} "
+        f"(phase {previous.phase}): nothing to retrain or reconvert",
+    )
+
+
+def _on_spec(plan: Plan, previous: RecJobStatus | None, observed: Observed) -> None:
+    """Bring the status to the current spec: a new model, a new conversion, or in place."""
+    recjob = plan.recjob
+    ident = identity(recjob)
+    if previous is None:
+        _new_model(plan, None, ident)
+        return
+    if previous.model_generation is None:  # a status from before model generations
+        if previous.observed_generation == recjob.generation:
+            _record_identity(plan.status, ident)  # same spec: its children keep their names
+        else:
+            _new_model(plan, previous, ident)
+        return
+    if (previous.model_generation, previous.conversion_revision) == (
+        ident.model_generation,
+        ident.conversion_revision,
+    ) and previous.observed_generation == recjob.generation:
+        return
+    invalid = any(c.type == "Valid" and c.status == "False" for c in previous.conditions)
+    if invalid or ident.model_generation != previous.model_generation:
+        _new_model(plan, previous, ident)  # an invalid spec's status says too little to resume
+    elif ident.conversion_revision != previous.conversion_revision:
+        _new_conversion(plan, previous, ident)
+    elif ident.conversion_digest != previous.conversion_digest:  # not converted yet
+        _spec_accepted(plan, ident)  # the conversion, when it starts, uses the new settings
+    else:
+        _apply_in_place(plan, previous, ident, observed)
+
+
+# --------------------------------------------------------------------------- phases
+def _pending(plan: Plan, observed: Observed) -> None:
     name = training_name(plan.recjob)
     if observed.training is None:
         plan.actions.append(CreateTraining(name))
@@ -290,7 +268,7 @@ def _pending(plan: _Plan, observed: Observed) -> None:
     plan.requeue(POLL_SECONDS)
 
 
-def _training(plan: _Plan, observed: Observed) -> None:
+def _training(plan: Plan, observed: Observed) -> None:
     status, child = plan.status, observed.training
     training = status.training or TrainingStatus(job_name=training_name(plan.recjob))
     status.training = training
@@ -343,13 +321,19 @@ def _training(plan: _Plan, observed: Observed) -> None:
             setattr(status.lineage, attribute, card[key])
     plan.condition("Trained", True, "TrainingSucceeded", f"{child.name} succeeded")
     plan.event("Normal", "TrainingSucceeded", f"{child.name} succeeded")
-    name = conversion_name(plan.recjob)
+    _start_conversion(plan, create=observed.conversion is None)
+
+
+def _start_conversion(plan: Plan, create: bool) -> None:
+    """Enter Converting with the conversion child of the spec's conversion revision."""
+    status, name = plan.status, conversion_name(plan.recjob)
+    target = plan.recjob.spec.export.target
     status.phase = "Converting"
-    status.message = f"converting ({plan.recjob.spec.export.target})"
+    status.message = f"converting ({target})"
     status.conversion = ConversionStatus(
-        job_name=name, state="Created", target=plan.recjob.spec.export.target, start_time=plan.now
+        job_name=name, state="Created", target=target, start_time=plan.now
     )
-    if observed.conversion is None:
+    if create:
         plan.actions.append(CreateConversion(name))
         plan.event("Normal", "ConversionCreated", f"created conversion {name}")
     plan.condition("Converted", False, "ConversionStarted", f"converting with {name}")
@@ -372,7 +356,7 @@ def _gate_status(report: dict) -> QualityGateStatus:
     )
 
 
-def _converting(plan: _Plan, observed: Observed) -> None:
+def _converting(plan: Plan, observed: Observed) -> None:
     status, child = plan.status, observed.conversion
     conversion = status.conversion or ConversionStatus(job_name=conversion_name(plan.recjob))
     status.conversion = conversion
@@ -416,210 +400,7 @@ def _converting(plan: _Plan, observed: Observed) -> None:
     plan.event("Normal", "Converted", f"model version {version} published; gate: {gate_text}")
     status.phase = "RollingOut"
     status.message = f"rolling out model version {version}"
-    _rolling_out(plan, observed, None)
-
-
-def _rolling_out(plan: _Plan, observed: Observed, readings: list[Reading] | None) -> None:
-    recjob, status, now = plan.recjob, plan.status, plan.now
-    spec = recjob.spec.rollout
-    version = status.conversion.model_version if status.conversion else None
-    if version is None:  # cannot happen from a status this core wrote
-        plan.finish("Failed", "rolling out without a converted model version")
-        return
-    serving = observed.serving or ServingObservation()
-    service = recjob.service_name
-    rollout = status.rollout
-    if rollout is None:
-        rollout = status.rollout = RolloutStatus(started_at=now)
-        if serving.stable_version is None or serving.stable_version == version:
-            rollout.state = "Progressing"
-            rollout.canary_weight = 100
-            rollout.stable_model_version = None
-            plan.event(
-                "Normal", "Deploying", f"first model of {service}: version {version} at 100%"
-            )
-        else:
-            rollout.state = "Progressing"
-            rollout.stable_model_version = serving.stable_version
-            rollout.canary_model_version = version
-            rollout.stable_revision = serving.stable_revision or revision_name(
-                service, serving.stable_version
-            )
-            rollout.canary_revision = revision_name(service, version)
-            _set_step(plan, rollout, 0)
-        plan.condition("Deployed", False, "RolloutStarted", f"model version {version}")
-    if rollout.canary_model_version is None:  # first model: straight to 100%
-        if serving.stable_version == version and serving.ready:
-            _succeed(plan, version, serving.stable_revision or revision_name(service, version))
-        else:
-            plan.actions.append(DeployStable(version))
-            status.message = f"deploying model version {version} (first model of {service})"
-            plan.requeue(POLL_SECONDS)
-        return
-    # a canary: make the service match the status, then analyse when due
-    if serving.canary_version != version or serving.canary_weight != rollout.canary_weight:
-        plan.actions.append(SetCanary(version, rollout.canary_weight))
-    rollout.canary_revision = serving.canary_revision or rollout.canary_revision
-    if rollout.state == "AwaitingApproval":
-        if observed.approved_generation == recjob.generation:
-            plan.event("Normal", "Approved", f"generation {recjob.generation} approved")
-            rollout.state = "Progressing"
-            _set_step(plan, rollout, len(spec.steps) - 1)
-        else:
-            status.message = (
-                f"awaiting approval: annotate recjob.dev/approve-generation={recjob.generation}"
-            )
-            return
-    due = rollout.next_analysis_time is None or now >= rollout.next_analysis_time
-    if not due or readings is None:
-        if rollout.next_analysis_time is not None:
-            plan.requeue(seconds_between(rollout.next_analysis_time, now))
-        else:
-            plan.requeue(POLL_SECONDS)
-        return
-    _analyse(plan, rollout, readings, version)
-
-
-def _set_step(plan: _Plan, rollout: RolloutStatus, step: int) -> None:
-    spec = plan.recjob.spec.rollout
-    rollout.step = step
-    rollout.canary_weight = spec.steps[step]
-    rollout.passed_analyses = 0
-    rollout.step_started_at = plan.now
-    rollout.next_analysis_time = plan.now + parse_duration(spec.interval)
-    assert rollout.canary_model_version is not None
-    plan.actions.append(SetCanary(rollout.canary_model_version, rollout.canary_weight))
-    plan.event(
-        "Normal",
-        "CanaryWeight",
-        f"canary model version {rollout.canary_model_version} at {rollout.canary_weight}% "
-        f"(step {step + 1} of {len(spec.steps)})",
-    )
-    plan.status.message = (
-        f"canary version {rollout.canary_model_version} at {rollout.canary_weight}%"
-    )
-    plan.requeue(parse_duration(spec.interval).total_seconds())
-
-
-def _analyse(plan: _Plan, rollout: RolloutStatus, readings: list[Reading], version: int) -> None:
-    spec, now = plan.recjob.spec.rollout, plan.now
-    interval = parse_duration(spec.interval)
-    outcome = analyse(spec, readings)
-    by_name = {r.metric: r for r in readings}
-    lines = []
-    for check in spec.metrics:
-        reading = by_name.get(check.name, Reading(check.name))
-        verdict_ = outcome.verdicts[check.name]
-        line = describe(check, reading, verdict_)
-        lines.append(line)
-        rollout.history.append(
-            AnalysisRecord(
-                time=now,
-                step=rollout.step,
-                weight=rollout.canary_weight,
-                metric=check.name,
-                revision=rollout.canary_revision,
-                value=reading.value
-                if reading.value is not None and reading.value == reading.value
-                else None,
-                min=check.min,
-                max=check.max,
-                verdict=verdict_,
-                message=line,
-            )
-        )
-    del rollout.history[:-MAX_HISTORY]
-    rollout.last_analysis_time = now
-    rollout.next_analysis_time = now + interval
-    summary = "; ".join(lines)
-    if outcome.result == "pass":
-        rollout.passed_analyses += 1
-        rollout.no_data_since = None
-        rollout.state = "Progressing"
-        plan.event("Normal", "AnalysisPassed", summary)
-        if rollout.passed_analyses < spec.analyses_per_step:
-            plan.requeue(interval.total_seconds())
-            return
-        if rollout.step == len(spec.steps) - 1:
-            plan.actions.append(Promote(version))
-            _succeed(plan, version, rollout.canary_revision)
-            return
-        nxt = rollout.step + 1
-        if spec.manual_approval and nxt == len(spec.steps) - 1:
-            rollout.state = "AwaitingApproval"
-            plan.status.message = (
-                "awaiting approval before the last step: annotate "
-                f"recjob.dev/approve-generation={plan.recjob.generation}"
-            )
-            plan.event("Normal", "AwaitingApproval", plan.status.message)
-            return
-        _set_step(plan, rollout, nxt)
-        return
-    if outcome.result == "fail":
-        rollout.failed_checks += 1
-        plan.event(
-            "Warning",
-            "AnalysisFailed",
-            f"{summary} (failed analyses {rollout.failed_checks}/{spec.failure_limit})",
-        )
-        if rollout.failed_checks >= spec.failure_limit:
-            _roll_back(
-                plan, rollout, version, f"{rollout.failed_checks} failed analyses: {summary}"
-            )
-            return
-        plan.status.message = (
-            f"canary at {rollout.canary_weight}%: analysis failed "
-            f"({rollout.failed_checks}/{spec.failure_limit})"
-        )
-        plan.requeue(interval.total_seconds())
-        return
-    # inconclusive: no data or query errors. Hold; never promote; roll back at the deadline.
-    rollout.query_errors += outcome.errors
-    rollout.no_data_since = rollout.no_data_since or now
-    rollout.state = "Holding"
-    waited = seconds_between(now, rollout.no_data_since)
-    deadline = parse_duration(spec.no_data.deadline).total_seconds()
-    plan.event("Warning", "AnalysisInconclusive", f"{summary} (holding for {waited:.0f}s)")
-    if waited >= deadline:
-        _roll_back(
-            plan,
-            rollout,
-            version,
-            f"no conclusive analysis for {waited:.0f}s (deadline {spec.no_data.deadline}): "
-            f"{summary}",
-        )
-        return
-    plan.status.message = f"canary at {rollout.canary_weight}%: holding (inconclusive analysis)"
-    plan.requeue(interval.total_seconds())
-
-
-def _roll_back(plan: _Plan, rollout: RolloutStatus, version: int, reason: str) -> None:
-    plan.actions.append(RollBack(version, rollout.stable_model_version, reason))
-    rollout.state = "RolledBack"
-    rollout.canary_weight = 0
-    rollout.next_analysis_time = None
-    rollout.message = reason
-    plan.condition("Promoted", False, "RolledBack", reason)
-    plan.condition("Deployed", False, "RolledBack", reason)
-    plan.event("Warning", "RolledBack", f"model version {version} rolled back: {reason}")
-    plan.finish("RolledBack", f"rolled back: {reason}")
-
-
-def _succeed(plan: _Plan, version: int, revision: str | None) -> None:
-    status = plan.status
-    rollout = status.rollout
-    assert rollout is not None
-    previous = status.lineage.model_version if status.lineage else None
-    rollout.state, rollout.canary_weight = "Promoted", 100
-    rollout.next_analysis_time = None
-    status.lineage = status.lineage or Lineage()
-    status.lineage.previous_model_version = previous if previous != version else None
-    status.lineage.model_version = version
-    status.lineage.inference_service_revision = revision
-    plan.condition("Deployed", True, "Serving", f"model version {version} serves all traffic")
-    plan.condition("Promoted", True, "Promoted", f"model version {version} promoted")
-    plan.event("Normal", "Promoted", f"model version {version} serves 100% of traffic")
-    plan.finish("Succeeded", f"model version {version} serves all traffic")
+    rolling_out(plan, observed, None)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -655,9 +436,8 @@ def reconcile(
     :func:`analysis_due` said so (None otherwise)."""
     previous = recjob.status
     status = previous.model_copy(deep=True) if previous is not None else None
-    plan = _Plan(recjob, status or RecJobStatus(), now)
-    if status is None or status.observed_generation != recjob.generation:
-        _new_generation(plan, status)
+    plan = Plan(recjob, status or RecJobStatus(), now)
+    _on_spec(plan, previous, observed)
     phase = plan.status.phase
     if phase == "Pending":
         _pending(plan, observed)
@@ -666,5 +446,5 @@ def reconcile(
     elif phase == "Converting":
         _converting(plan, observed)
     elif phase == "RollingOut":
-        _rolling_out(plan, observed, readings)
+        rolling_out(plan, observed, readings)
     return Decision(plan.status, plan.actions, plan.requeue_after)

@@ -2,15 +2,20 @@
 
 Training is a Kubeflow PyTorchJob, conversion a batch Job (its quality-gate summary read
 from the pod's termination message), serving a KServe InferenceService whose annotations
-record which model version is stable and which is the canary. Every create is
-create-if-absent by deterministic name (409 AlreadyExists = done); status is written to
-the status subresource with a resourceVersion precondition and re-read on 409.
+record which model version is stable and which is the canary. Observation reads a
+:class:`~.cache.ChildView` (the watch caches in the operator). Every create is
+create-if-absent by deterministic name (409 AlreadyExists = done); any other refusal
+(quota 403, admission webhook 4xx, 422 Invalid, ...) raises :class:`ChildWriteError`
+with the API server's message. Status is written to the status subresource with a
+resourceVersion precondition; a 409 raises :class:`StatusConflict` (the caller re-reads
+and recomputes, see :mod:`.reconciler`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from kubernetes import client
@@ -28,6 +33,7 @@ from ..controller.children import (
     pytorch_job_state,
     training_config_map,
 )
+from ..controller.identity import conversion_child_name, training_child_name
 from ..controller.reconcile import (
     ChildObservation,
     CleanupGeneration,
@@ -45,14 +51,43 @@ from ..controller.reconcile import (
     training_name,
 )
 from ..prometheus import PrometheusSource
+from .cache import KSERVE, KUBEFLOW, MANAGED_SELECTOR, ChildView
+from .metrics import api_call
 
 log = logging.getLogger("recjob_operator.kube")
 
 STABLE_ANNOTATION = f"{GROUP}/stable-model-version"
 VERSION_ANNOTATION = f"{GROUP}/model-version"
-KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
-KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 RECJOBS = (GROUP, "v1alpha1", "recjobs")
+MANAGED_LABEL, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
+
+
+class StatusConflict(Exception):
+    """The RecJob changed since it was read (409 on the status write)."""
+
+
+class ChildWriteError(Exception):
+    """The API server refused to create, patch or delete a child."""
+
+    def __init__(self, verb: str, kind: str, name: str, error: ApiException):
+        self.verb, self.kind, self.name = verb, kind, name
+        self.status = error.status or 0
+        self.reason, self.message = api_error_text(error)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.verb} {self.kind} {self.name}: {self.status} {self.reason}: {self.message}"
+
+
+def api_error_text(error: ApiException) -> tuple[str, str]:
+    """(reason, message) of an API error: the Status object's, else the HTTP reason."""
+    try:
+        status = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        status = None
+    if isinstance(status, dict) and status.get("message"):
+        return str(status.get("reason") or error.reason or ""), str(status["message"])
+    return str(error.reason or ""), str(error.body or error.reason or "no message")
 
 
 def _missing(error: ApiException) -> bool:
@@ -69,81 +104,56 @@ class KubeBackend:
         self.prometheus_url = prometheus_url
 
     # ------------------------------------------------------------------ observe
-    def observe(self, recjob: RecJob) -> Observed:
-        """Children of the RecJob's current generation and its service."""
+    def observe(self, recjob: RecJob, view: ChildView) -> Observed:
+        """Children of the RecJob's current generation and its service, from ``view``."""
         ns = recjob.metadata.namespace or "default"
         annotations = recjob.metadata.annotations or {}
         approved = annotations.get(APPROVE_ANNOTATION, "")
+        numeric = approved.isascii() and approved.isdigit()
         return Observed(
-            training=self._training(recjob, ns),
-            conversion=self._conversion(recjob, ns),
-            serving=self._serving(recjob, ns),
-            approved_generation=int(approved) if approved.isdigit() else None,
+            training=self._training(recjob, ns, view),
+            conversion=self._conversion(recjob, ns, view),
+            serving=self._serving(recjob, ns, view),
+            approved_generation=int(approved) if numeric else None,
         )
 
-    def _training(self, recjob: RecJob, ns: str) -> ChildObservation | None:
+    @staticmethod
+    def _training(recjob: RecJob, ns: str, view: ChildView) -> ChildObservation | None:
         name = training_name(recjob)
-        try:
-            job = self.custom.get_namespaced_custom_object(*KUBEFLOW[:2], ns, KUBEFLOW[2], name)
-        except ApiException as error:
-            if _missing(error):
-                return None
-            raise
+        job = view.pytorchjob(ns, name)
+        if job is None:
+            return None
         state, message, restarts = pytorch_job_state(job)
         result = None
         if state == "Succeeded":
-            result = (
-                self._termination_message(
-                    ns,
-                    f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
-                )
-                or {}
-            )
+            result = view.report(ns, "pytorchjobs", name) or {}
         return ChildObservation(name, state, message=message, restarts=restarts, result=result)
 
-    def _conversion(self, recjob: RecJob, ns: str) -> ChildObservation | None:
+    @staticmethod
+    def _conversion(recjob: RecJob, ns: str, view: ChildView) -> ChildObservation | None:
         name = conversion_name(recjob)
-        try:
-            job = self.batch.read_namespaced_job(name, ns)
-        except ApiException as error:
-            if _missing(error):
-                return None
-            raise
-        conditions = {c.type: c for c in (job.status.conditions or [])} if job.status else {}
-        report = self._termination_message(ns, f"job-name={name}")
-        if "Complete" in conditions and conditions["Complete"].status == "True":
-            return ChildObservation(name, "Succeeded", result=report)
-        if "Failed" in conditions and conditions["Failed"].status == "True":
-            message = conditions["Failed"].message or conditions["Failed"].reason
+        job = view.job(ns, name)
+        if job is None:
+            return None
+        conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
+        complete, failed = conditions.get("Complete") or {}, conditions.get("Failed") or {}
+        if complete.get("status") == "True":
+            return ChildObservation(name, "Succeeded", result=view.report(ns, "jobs", name))
+        if failed.get("status") == "True":
+            message = failed.get("message") or failed.get("reason")
+            report = view.report(ns, "jobs", name)
             return ChildObservation(name, "Failed", message=message, result=report)
         return ChildObservation(name, "Running")
 
-    def _termination_message(self, ns: str, selector: str) -> dict | None:
-        """The JSON a finished container left in its termination message."""
-        pods = self.core.list_namespaced_pod(ns, label_selector=selector).items
-        for pod in pods:
-            for container in (pod.status.container_statuses or []) if pod.status else []:
-                terminated = container.state.terminated if container.state else None
-                if terminated and terminated.message:
-                    try:
-                        return json.loads(terminated.message)
-                    except ValueError:
-                        log.warning("unreadable termination message in %s", pod.metadata.name)
-        return None
-
-    def _serving(self, recjob: RecJob, ns: str) -> ServingObservation | None:
-        try:
-            isvc = self.custom.get_namespaced_custom_object(
-                *KSERVE[:2], ns, KSERVE[2], recjob.service_name
-            )
-        except ApiException as error:
-            if _missing(error):
-                return None
-            raise
-        annotations = isvc["metadata"].get("annotations") or {}
+    @staticmethod
+    def _serving(recjob: RecJob, ns: str, view: ChildView) -> ServingObservation | None:
+        isvc = view.inferenceservice(ns, recjob.service_name)
+        if isvc is None:
+            return None
+        annotations = (isvc.get("metadata") or {}).get("annotations") or {}
         stable = annotations.get(STABLE_ANNOTATION)
         current = annotations.get(VERSION_ANNOTATION)
-        predictor = isvc.get("spec", {}).get("predictor", {})
+        predictor = (isvc.get("spec") or {}).get("predictor") or {}
         conditions = {c.get("type"): c for c in (isvc.get("status") or {}).get("conditions") or []}
         ready = (conditions.get("Ready") or {}).get("status") == "True"
         traffic = ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
@@ -174,96 +184,119 @@ class KubeBackend:
         return PrometheusSource(url).read(recjob.spec.rollout.metrics, values)
 
     # ------------------------------------------------------------------ act
-    def apply(self, recjob: RecJob, actions: list) -> None:
-        """Carry out the core's actions; each is safe to repeat."""
+    def apply(self, recjob: RecJob, actions: list, done: set | None = None) -> None:
+        """Carry out the core's actions in order; each is safe to repeat. Each action
+        carried out is added to ``done``; the first refused write raises
+        :class:`ChildWriteError` (later actions are not attempted)."""
         ns = recjob.metadata.namespace or "default"
         for action in actions:
             if isinstance(action, EmitEvent):
-                self._event(recjob, ns, action)
-            elif isinstance(action, CreateTraining):
-                self._create_core(ns, training_config_map(recjob))
-                self._create_custom(ns, KUBEFLOW, pytorch_job(recjob))
-            elif isinstance(action, CreateConversion):
-                self._create_core(ns, conversion_config_map(recjob))
-                self._create_job(ns, conversion_job(recjob))
-            elif isinstance(action, DeployStable):
+                self.emit_event(recjob, action)
+            elif isinstance(action, CreateTraining | CreateConversion):
+                for obj in self.child_objects(recjob, action):
+                    kind = {"ConfigMap": "configmaps", "Job": "jobs"}.get(obj["kind"], KUBEFLOW)
+                    self._create(ns, kind, obj)
+            elif isinstance(action, DeployStable | Promote):
                 self._serve(recjob, ns, action.model_version, None, stable=action.model_version)
             elif isinstance(action, SetCanary):
                 self._serve(recjob, ns, action.model_version, action.weight, stable=None)
-            elif isinstance(action, Promote):
-                self._serve(recjob, ns, action.model_version, None, stable=action.model_version)
             elif isinstance(action, RollBack):
                 if action.stable_version is not None:
                     self._serve(recjob, ns, action.stable_version, None,
                                 stable=action.stable_version)  # fmt: skip
             elif isinstance(action, CleanupGeneration):
-                self._cleanup(recjob, ns, action.generation)
+                self._cleanup(recjob, ns, action)
+            if done is not None:
+                done.add(action)
 
-    def _create_core(self, ns: str, obj: dict) -> None:
+    @staticmethod
+    def child_objects(recjob: RecJob, action: CreateTraining | CreateConversion) -> list[dict]:
+        """The objects a create action makes: its ConfigMap, then the child."""
+        if isinstance(action, CreateTraining):
+            return [training_config_map(recjob), pytorch_job(recjob)]
+        return [conversion_config_map(recjob), conversion_job(recjob)]
+
+    def _create(self, ns: str, kind: str | tuple[str, str, str], obj: dict) -> None:
+        """Create ``obj`` unless it exists (409 AlreadyExists = done)."""
+        plural = kind if isinstance(kind, str) else kind[2]
+        call: Callable
+        if kind == "configmaps":
+            call, args = self.core.create_namespaced_config_map, (ns, obj)
+        elif kind == "jobs":
+            call, args = self.batch.create_namespaced_job, (ns, obj)
+        else:
+            call = self.custom.create_namespaced_custom_object
+            args = (kind[0], kind[1], ns, kind[2], obj)
         try:
-            self.core.create_namespaced_config_map(ns, obj)
+            api_call("create", plural, call, *args)
         except ApiException as error:
             if error.status != 409:
-                raise
-
-    def _create_job(self, ns: str, obj: dict) -> None:
-        try:
-            self.batch.create_namespaced_job(ns, obj)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-
-    def _create_custom(self, ns: str, kind: tuple[str, str, str], obj: dict) -> None:
-        try:
-            self.custom.create_namespaced_custom_object(kind[0], kind[1], ns, kind[2], obj)
-        except ApiException as error:
-            if error.status != 409:
-                raise
+                kind_, name = obj["kind"], obj["metadata"]["name"]
+                raise ChildWriteError("create", kind_, name, error) from None
 
     def _serve(
         self, recjob: RecJob, ns: str, version: int, canary: int | None, stable: int | None
     ) -> None:
         desired = inference_service(recjob, version, canary)
         annotations = desired["metadata"]["annotations"]
+        name = recjob.service_name
         try:
-            current = self.custom.get_namespaced_custom_object(
-                *KSERVE[:2], ns, KSERVE[2], recjob.service_name
-            )
+            current = api_call(
+                "get", KSERVE[2], self.custom.get_namespaced_custom_object,
+                *KSERVE[:2], ns, KSERVE[2], name,
+            )  # fmt: skip
         except ApiException as error:
             if not _missing(error):
                 raise
             annotations[STABLE_ANNOTATION] = str(stable if stable is not None else version)
-            self._create_custom(ns, KSERVE, desired)
+            self._create(ns, KSERVE, desired)
             return
         previous = (current["metadata"].get("annotations") or {}).get(STABLE_ANNOTATION)
         annotations[STABLE_ANNOTATION] = str(stable) if stable is not None else previous
         predictor = desired["spec"]["predictor"]
         patch = {
-            "metadata": {"annotations": annotations},
+            # the label brings a service made by someone else into the operator's cache
+            "metadata": {"annotations": annotations, "labels": {MANAGED_LABEL: MANAGED_VALUE}},
             "spec": {"predictor": {**predictor, "canaryTrafficPercent": canary}},
         }
-        self.custom.patch_namespaced_custom_object(
-            *KSERVE[:2], ns, KSERVE[2], recjob.service_name, patch
-        )
+        try:
+            api_call(
+                "patch", KSERVE[2], self.custom.patch_namespaced_custom_object,
+                *KSERVE[:2], ns, KSERVE[2], name, patch,
+            )  # fmt: skip
+        except ApiException as error:
+            raise ChildWriteError("patch", "InferenceService", name, error) from None
 
-    def _cleanup(self, recjob: RecJob, ns: str, generation: int) -> None:
-        name = recjob.metadata.name
-        for delete in (
-            lambda: self.custom.delete_namespaced_custom_object(
-                *KUBEFLOW[:2], ns, KUBEFLOW[2], f"{name}-g{generation}-train"
-            ),
-            lambda: self.batch.delete_namespaced_job(
-                f"{name}-g{generation}-convert", ns, propagation_policy="Background"
-            ),
-        ):
-            try:
-                delete()
-            except ApiException as error:
-                if not _missing(error):
-                    raise
+    def _cleanup(self, recjob: RecJob, ns: str, action: CleanupGeneration) -> None:
+        """Delete a superseded model generation's training and/or conversion child."""
+        name, generation = recjob.metadata.name, action.generation
+        if action.training:
+            self.delete_child(ns, "training", training_child_name(name, generation))
+        if action.conversion is not None:
+            convert = conversion_child_name(name, generation, action.conversion)
+            self.delete_child(ns, "conversion", convert)
 
-    def _event(self, recjob: RecJob, ns: str, event: EmitEvent) -> None:
-        now = datetime.now(UTC)
+    def delete_child(self, ns: str, role: str, name: str) -> None:
+        """Delete the ``training`` (PyTorchJob) or ``conversion`` (Job) child ``name``, if
+        it exists (its pods go with it)."""
+        try:
+            if role == "training":
+                api_call(
+                    "delete", KUBEFLOW[2], self.custom.delete_namespaced_custom_object,
+                    *KUBEFLOW[:2], ns, KUBEFLOW[2], name, propagation_policy="Background",
+                )  # fmt: skip
+            else:
+                api_call("delete", "jobs", self.batch.delete_namespaced_job, name, ns,
+                         propagation_policy="Background")  # fmt: skip
+        except ApiException as error:
+            if not _missing(error):
+                kind = "PyTorchJob" if role == "training" else "Job"
+                raise ChildWriteError("delete", kind, name, error) from None
+
+    def emit_event(self, recjob: RecJob, event: EmitEvent) -> None:
+        """A Kubernetes Event on the RecJob (best effort: a failure is only logged)."""
+        ns = recjob.metadata.namespace or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -279,35 +312,48 @@ class KubeBackend:
             "reason": event.reason,
             "message": event.message[:1024],
             "source": {"component": "recjob-operator"},
-            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(ns, body)
+            api_call("create", "events", self.core.create_namespaced_event, ns, body)
         except ApiException as error:  # events are best effort
             log.warning("event %s not recorded: %s", event.reason, error.reason)
 
-    # ------------------------------------------------------------------ status
-    def write_status(self, recjob: RecJob, status: RecJobStatus, attempts: int = 5) -> RecJob:
-        """Write ``status`` with the RecJob's resourceVersion as a precondition; on 409
-        re-read the object and try again (returns the RecJob as stored)."""
+    # ------------------------------------------------------------------ the RecJob
+    def read_recjob(self, namespace: str, name: str) -> dict | None:
+        """The RecJob as stored now (None once it is gone)."""
+        try:
+            return api_call(
+                "get", "recjobs", self.custom.get_namespaced_custom_object,
+                *RECJOBS[:2], namespace, RECJOBS[2], name,
+            )  # fmt: skip
+        except ApiException as error:
+            if _missing(error):
+                return None
+            raise
+
+    def write_status(self, recjob: RecJob, status: RecJobStatus) -> RecJob:
+        """Write ``status`` with the RecJob's resourceVersion as a precondition (returns the
+        RecJob as stored); :class:`StatusConflict` if the RecJob changed meanwhile."""
         ns = recjob.metadata.namespace or "default"
         body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        version = recjob.metadata.resource_version
-        for _ in range(attempts):
-            try:
-                stored = self.custom.patch_namespaced_custom_object_status(
-                    *RECJOBS[:2], ns, RECJOBS[2], recjob.metadata.name,
-                    {"metadata": {"resourceVersion": version}, "status": body},
-                )  # fmt: skip
-                return RecJob.model_validate(stored)
-            except ApiException as error:
-                if error.status != 409:
-                    raise
-                fresh = self.custom.get_namespaced_custom_object(
-                    *RECJOBS[:2], ns, RECJOBS[2], recjob.metadata.name
-                )
-                version = fresh["metadata"]["resourceVersion"]
-                log.info("status of %s conflicted; retrying on %s", recjob.metadata.name, version)
-        raise RuntimeError(f"status of {recjob.metadata.name}: {attempts} conflicts in a row")
+        patch = {"metadata": {"resourceVersion": recjob.metadata.resource_version}, "status": body}
+        try:
+            stored = api_call(
+                "patch", "recjobs/status", self.custom.patch_namespaced_custom_object_status,
+                *RECJOBS[:2], ns, RECJOBS[2], recjob.metadata.name, patch,
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status == 409:
+                raise StatusConflict(recjob.metadata.name) from None
+            raise
+        return RecJob.model_validate(stored)
+
+    def write_status_body(self, namespace: str, name: str, status: dict) -> None:
+        """Write a status without precondition (an invalid RecJob's Failed status)."""
+        api_call(
+            "patch", "recjobs/status", self.custom.patch_namespaced_custom_object_status,
+            *RECJOBS[:2], namespace, RECJOBS[2], name, {"status": status},
+        )  # fmt: skip

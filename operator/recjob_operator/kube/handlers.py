@@ -2,33 +2,55 @@
 
     kopf run -m recjob_operator.kube.handlers --standalone [--namespace NS | --all-namespaces]
 
-One daemon per RecJob loops: observe the children (KubeBackend), read the canary metrics
-when an analysis is due, reconcile, act, write the status (a resourceVersion-checked
-patch of the status subresource, retried on 409), then sleep until the core wants to look
-again or the RecJob changes. A RecJob that fails validation gets Phase Failed with every
-problem in its message and is not acted on. Deleting a RecJob mid-rollout rolls its canary
-back before the finalizer is released; children go with it (ownerReferences).
+Startup configures kopf, serves ``/healthz`` (:mod:`.health`) and the metrics, then waits
+for the leader Lease (:mod:`.leader`): a standby replica stays inside startup, so kopf
+neither watches nor writes anything until it leads; a leader that cannot renew exits.
+kopf's own peering stays off (``--standalone``): it needs cluster-wide peering CRDs, and
+only pauses handlers instead of guaranteeing one writer.
+
+kopf watches the children (``@kopf.index``, server-side filtered to the operator's own
+objects, see :mod:`.cache`). One daemon per RecJob loops: one pass of
+:func:`.reconciler.reconcile_pass` (observe from the caches, read the canary metrics when
+an analysis is due, reconcile, act, write the status with a resourceVersion precondition,
+recomputed on 409), then sleeps until the core wants to look again, the RecJob's spec
+changes, or (after refused child writes) its backoff ends. A RecJob that fails validation
+gets Phase Failed with every problem in its message and is not acted on. Deleting a RecJob
+mid-rollout rolls its canary back before the finalizer is released; children go with it
+(ownerReferences).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import kopf
 from kubernetes import client, config
 
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
-from ..controller.reconcile import RollBack, analysis_due, reconcile, set_condition
+from ..controller.reconcile import RollBack, set_condition
 from ..validation import validate_document
-from . import metrics
+from . import cache, metrics
 from .backend import KubeBackend
+from .health import HealthServer
+from .leader import LeaseConfig, LeaseElector
+from .reconciler import Backoff, NotLeading, recjob_document, reconcile_pass
+
+log = logging.getLogger("recjob_operator.kube")
 
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
 MAX_SLEEP = float(os.environ.get("RECJOB_MAX_SLEEP_SECONDS", "10"))
 FINALIZER = "recjob.dev/finalizer"
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
 
 
 def _api() -> client.ApiClient:
@@ -39,33 +61,137 @@ def _api() -> client.ApiClient:
     return client.ApiClient()
 
 
-BACKEND: KubeBackend | None = None
+class Runtime:
+    """The process's singletons (created at startup, after kopf has started)."""
+
+    backend: KubeBackend | None = None
+    api_view: cache.ApiView | None = None
+    uncached: frozenset[str] = frozenset()
+    elector: LeaseElector | None = None
+    renewer: asyncio.Task | None = None
+    health: HealthServer | None = None
+    serving = False
+    lost = False
 
 
 def backend() -> KubeBackend:
     """The process's backend (created on first use, after kopf has started)."""
-    global BACKEND
-    if BACKEND is None:
-        BACKEND = KubeBackend(_api(), os.environ.get("RECJOB_PROMETHEUS_URL"))
-    return BACKEND
+    if Runtime.backend is None:
+        api = _api()
+        Runtime.backend = KubeBackend(api, os.environ.get("RECJOB_PROMETHEUS_URL"))
+        Runtime.api_view = cache.ApiView(api)
+    return Runtime.backend
+
+
+def may_act() -> bool:
+    """Whether this replica may write (it leads, or runs without leader election)."""
+    return not Runtime.lost and (Runtime.elector is None or Runtime.elector.is_leading())
+
+
+def exit_on_lost() -> None:
+    """Leadership lapsed: nothing more may be written; exit (the Deployment restarts us)."""
+    Runtime.lost = True
+    log.critical("lost the leader Lease; exiting")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
+#: What to do when leadership lapses (tests replace it).
+ON_LOST: Callable[[], None] = exit_on_lost
+
+
+def _health_state() -> dict:
+    elector = Runtime.elector
+    return {
+        "healthy": not Runtime.lost,
+        "leader": may_act(),
+        "identity": elector.config.identity if elector else None,
+    }
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_) -> None:
-    """Our own finalizer name; status written by us, not by kopf's progress storage."""
+async def start(settings: kopf.OperatorSettings, **_) -> None:
+    """Configure kopf; serve health and metrics; wait until this replica leads."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="recjob.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="recjob.dev", key="last-handled-configuration"
     )
     settings.posting.enabled = False  # our events come from the core, with reasons
-    port = int(os.environ.get("RECJOB_METRICS_PORT", "8000"))
-    if port:
-        from prometheus_client import start_http_server
+    watch_crds = _flag("RECJOB_WATCH_CRDS", True)
+    settings.scanning.disabled = not watch_crds  # namespaced mode: no cluster-wide lists
+    for group, version, plural in cache.INDEXES.values():
+        key = (version, plural) if not group else (group, version, plural)
+        selector = cache.POD_SELECTOR if plural == "pods" else cache.MANAGED_SELECTOR
+        settings.watching.label_selectors[key] = selector
+    backend()
+    if not Runtime.serving:  # once: kopf retries a startup handler that raised
+        Runtime.serving = True
+        port = int(os.environ.get("RECJOB_METRICS_PORT", "8000"))
+        if port:
+            from prometheus_client import start_http_server
 
-        start_http_server(port, os.environ.get("RECJOB_METRICS_ADDRESS", "0.0.0.0"))
+            start_http_server(port, os.environ.get("RECJOB_METRICS_ADDRESS", "0.0.0.0"))
+        if _flag("RECJOB_LEADER_ELECTION", True):
+            Runtime.elector = LeaseElector.for_client(_api(), LeaseConfig.from_env())
+        health_port = int(os.environ.get("RECJOB_HEALTH_PORT", "8080"))
+        if health_port:
+            address = os.environ.get("RECJOB_HEALTH_ADDRESS", "0.0.0.0")
+            Runtime.health = HealthServer(_health_state, address, health_port)
+            try:
+                await Runtime.health.start()
+            except OSError as error:  # in a pod, the failing probes restart the container
+                log.error("no health endpoint on %s:%s: %s", address, health_port, error)
+    assert Runtime.api_view is not None
+    if not watch_crds:  # kopf will not notice a CRD installed later: read those kinds
+        Runtime.uncached = await asyncio.to_thread(cache.unserved_kinds, Runtime.api_view.api)
+    if Runtime.uncached:
+        log.warning("not cached (API group absent at startup; restart the operator once it "
+                    "is installed): %s", ", ".join(sorted(Runtime.uncached)))  # fmt: skip
+    if Runtime.elector is not None:
+        await Runtime.elector.acquire()
+        Runtime.renewer = asyncio.create_task(Runtime.elector.keep_renewing(ON_LOST))
 
 
+@kopf.on.cleanup()
+async def stop(**_) -> None:
+    """Hand the Lease over at once (daemons are stopped by now); stop the health server."""
+    if Runtime.renewer is not None:
+        Runtime.renewer.cancel()
+    if Runtime.elector is not None:
+        await Runtime.elector.release_async()
+    if Runtime.health is not None:
+        await Runtime.health.stop()
+
+
+# ------------------------------------------------------------------ caches of the children
+@kopf.index(*cache.KUBEFLOW, id="recjob_pytorchjobs")
+async def recjob_pytorchjobs(body: kopf.Body, **_) -> dict:
+    """PyTorchJobs by (namespace, name)."""
+    return cache.index_pytorchjob(body)
+
+
+@kopf.index(*cache.BATCH_JOBS, id="recjob_jobs")
+async def recjob_jobs(body: kopf.Body, **_) -> dict:
+    """batch Jobs by (namespace, name)."""
+    return cache.index_job(body)
+
+
+@kopf.index(*cache.KSERVE, id="recjob_inferenceservices")
+async def recjob_inferenceservices(body: kopf.Body, **_) -> dict:
+    """InferenceServices by (namespace, name)."""
+    return cache.index_inferenceservice(body)
+
+
+@kopf.index("v1", "pods", id="recjob_pods")
+async def recjob_pods(body: kopf.Body, **_) -> dict:
+    """Termination messages of finished child pods by (namespace, child kind, name)."""
+    return cache.index_pod(body)
+
+
+# ------------------------------------------------------------------ the RecJobs
 def _invalid_status(body: dict, problems: list) -> RecJobStatus:
     status = RecJobStatus.model_validate(body.get("status") or {}) if body.get("status") else None
     status = status or RecJobStatus()
@@ -77,73 +203,83 @@ def _invalid_status(body: dict, problems: list) -> RecJobStatus:
     return status
 
 
+async def _sleep(stopped: kopf.DaemonStopped, body: kopf.Body, seconds: float) -> None:
+    """Sleep ``seconds``, waking early when the RecJob's spec or annotations change."""
+    meta = body.get("metadata") or {}
+    before = (meta.get("generation"), dict(meta.get("annotations") or {}))
+    deadline = time.monotonic() + seconds
+    while not stopped and (left := deadline - time.monotonic()) > 0:
+        await stopped.wait(min(left, MAX_SLEEP))
+        meta = body.get("metadata") or {}
+        if (meta.get("generation"), dict(meta.get("annotations") or {})) != before:
+            return
+
+
 @kopf.daemon("recjob.dev", "v1alpha1", "recjobs", cancellation_timeout=10.0)
-async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **_) -> None:
+async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwargs) -> None:
     """Reconcile one RecJob until it is deleted (``body`` is kopf's live view)."""
     kube = backend()
+    assert Runtime.api_view is not None
+    view = cache.IndexView({i: kwargs[i] for i in cache.INDEXES}, Runtime.api_view,
+                           Runtime.uncached)  # fmt: skip
+    backoff = Backoff()
+    written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
     while not stopped:
-        document = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status")
-                    if k in body}  # fmt: skip
-        document["metadata"] = {
-            k: v for k, v in dict(body["metadata"]).items()
-            if k in ("name", "namespace", "labels", "annotations", "generation", "uid",
-                     "resourceVersion")
-        }  # fmt: skip
-        recjob, problems = validate_document(document)
+        if not may_act():
+            await stopped.wait(MAX_SLEEP)
+            continue
+        recjob, problems = validate_document(recjob_document(dict(body)))
         if problems or recjob is None:
             await _write_invalid(kube, body, _invalid_status(dict(body), problems))
-            await stopped.wait(MAX_SLEEP)
+            await _sleep(stopped, body, MAX_SLEEP)
             continue
+        if written and written[0] == recjob.metadata.resource_version:
+            recjob = written[1]
+        status = recjob.status
         if (
-            recjob.status
-            and recjob.status.phase in TERMINAL_PHASES
-            and (recjob.status.observed_generation == recjob.generation)
+            status
+            and status.phase in TERMINAL_PHASES
+            and (status.observed_generation == recjob.generation)
         ):
-            await stopped.wait(MAX_SLEEP)
+            await _sleep(stopped, body, MAX_SLEEP)
             continue
+        ns, name = recjob.metadata.namespace or "default", recjob.metadata.name
         started = time.perf_counter()
         try:
-            decision = await _reconcile_once(kube, recjob)
+            result = await asyncio.to_thread(
+                reconcile_pass, kube, view, recjob, backoff, may_act=may_act
+            )
+        except NotLeading:
+            continue
         except Exception:
-            metrics.RECONCILE_ERRORS.labels(
-                recjob.metadata.namespace or "default", recjob.metadata.name
-            ).inc()
+            metrics.RECONCILE_ERRORS.labels(ns, name).inc()
             logger.exception("reconcile failed; retrying")
-            await stopped.wait(MAX_SLEEP)
+            await _sleep(stopped, body, backoff.failed())
             continue
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-        for event in decision.actions:
-            if getattr(event, "reason", None) and hasattr(event, "message"):
-                logger.info(f"[{event.reason}] {event.message}")
-        await stopped.wait(min(decision.requeue_after or MAX_SLEEP, MAX_SLEEP))
-
-
-async def _reconcile_once(kube: KubeBackend, recjob):
-    """Observe, analyse when due, reconcile, act, write the status; record metrics."""
-    now = datetime.now(UTC)
-    observed = await asyncio.to_thread(kube.observe, recjob)
-    due = analysis_due(recjob, now)
-    readings = await asyncio.to_thread(kube.read_metrics, recjob) if due else None
-    decision = reconcile(recjob, observed, readings, now)
-    await asyncio.to_thread(kube.apply, recjob, decision.actions)
-    if decision.status != recjob.status:
-        await asyncio.to_thread(kube.write_status, recjob, decision.status)
-    metrics.record(recjob, decision.status, decision.actions, readings is not None)
-    return decision
+        if result.recjob is not recjob:
+            written = (recjob.metadata.resource_version, result.recjob)
+        if result.decision is not None:
+            metrics.record(
+                result.recjob, result.decision.status, list(result.applied), result.analysed
+            )
+            for event in result.decision.actions:
+                if getattr(event, "reason", None) and hasattr(event, "message"):
+                    logger.info(f"[{event.reason}] {event.message}")
+        if result.failure is not None:
+            logger.warning(f"{result.failure}; next try in {result.requeue_after:.0f}s")
+            await _sleep(stopped, body, result.requeue_after or MAX_SLEEP)
+        else:
+            await _sleep(stopped, body, min(result.requeue_after or MAX_SLEEP, MAX_SLEEP))
 
 
 async def _write_invalid(kube: KubeBackend, body: kopf.Body, status: RecJobStatus) -> None:
-    from .backend import RECJOBS
-
     payload = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if (body.get("status") or {}).get("message") == payload.get("message"):
+    if (body.get("status") or {}).get("message") == payload.get("message") or not may_act():
         return
-    await asyncio.to_thread(
-        kube.custom.patch_namespaced_custom_object_status,
-        *RECJOBS[:2], body["metadata"]["namespace"], RECJOBS[2], body["metadata"]["name"],
-        {"status": payload},
-    )  # fmt: skip
+    meta = body["metadata"]
+    await asyncio.to_thread(kube.write_status_body, meta["namespace"], meta["name"], payload)
 
 
 @kopf.on.delete("recjob.dev", "v1alpha1", "recjobs")
@@ -151,15 +287,12 @@ async def finalize(body: kopf.Body, logger, **_) -> None:
     """Roll an in-flight canary back before the RecJob goes (children are owned)."""
     status = body.get("status") or {}
     rollout = status.get("rollout") or {}
+    metrics.forget(body["metadata"].get("namespace") or "default", body["metadata"]["name"])
     if status.get("phase") != "RollingOut" or not rollout.get("canaryModelVersion"):
         return
-    document = {k: body[k] for k in ("apiVersion", "kind", "spec") if k in body}
-    document["metadata"] = {
-        k: v for k, v in dict(body["metadata"]).items()
-        if k in ("name", "namespace", "generation", "uid", "resourceVersion")
-    }  # fmt: skip
-    metrics.forget(body["metadata"].get("namespace") or "default", body["metadata"]["name"])
-    recjob, _ = validate_document(document)
+    if not may_act():
+        raise kopf.TemporaryError("not the leader", delay=MAX_SLEEP)
+    recjob, _ = validate_document(recjob_document(dict(body)))
     if recjob is None:
         return
     action = RollBack(

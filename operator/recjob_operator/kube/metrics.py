@@ -7,11 +7,20 @@
   ``recjob_analysis_verdicts_total{namespace,recjob,metric,verdict}``;
 - ``recjob_reconcile_duration_seconds`` (histogram) and
   ``recjob_reconcile_errors_total{namespace,recjob}``;
-- ``recjob_rollbacks_total{namespace,recjob}``.
+- ``recjob_rollbacks_total{namespace,recjob}``;
+- ``recjob_api_requests_total{verb,resource,code}``: the operator's own requests to the
+  API server (kopf's watches aside), by answer (HTTP code, or ``error`` when none came);
+- ``recjob_child_write_failures_total{namespace,recjob}``: creates/patches of children the
+  API server refused (quota, admission, validation);
+- ``recjob_leader``: 1 while this replica holds the leader Lease.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from ..api.v1alpha1.recjob import RecJob
@@ -44,6 +53,33 @@ RECONCILE_ERRORS = Counter(
     "recjob_reconcile_errors_total", "Reconciles that raised", ["namespace", "recjob"]
 )
 ROLLBACKS = Counter("recjob_rollbacks_total", "Canaries rolled back", ["namespace", "recjob"])
+API_REQUESTS = Counter(
+    "recjob_api_requests_total",
+    "Requests the operator made to the API server (watches aside)",
+    ["verb", "resource", "code"],
+)
+CHILD_WRITE_FAILURES = Counter(
+    "recjob_child_write_failures_total",
+    "Creates or patches of children refused by the API server",
+    ["namespace", "recjob"],
+)
+LEADER = Gauge("recjob_leader", "1 while this replica holds the leader Lease")
+
+T = TypeVar("T")
+
+
+def api_call(verb: str, resource: str, call: Callable[..., T], *args, **kwargs) -> T:
+    """``call(*args, **kwargs)``, counted in ``recjob_api_requests_total`` by its answer."""
+    code = "error"
+    try:
+        result = call(*args, **kwargs)
+        code = "201" if verb == "create" else "200"
+        return result
+    except ApiException as error:
+        code = str(error.status or 0)
+        raise
+    finally:
+        API_REQUESTS.labels(verb, resource, code).inc()
 
 
 def record(recjob: RecJob, status: RecJobStatus, actions: list, analysed: bool) -> None:
@@ -73,7 +109,14 @@ def record(recjob: RecJob, status: RecJobStatus, actions: list, analysed: bool) 
 
 def forget(namespace: str, name: str) -> None:
     """Drop a deleted RecJob's series."""
-    for metric in (PHASE, CANARY_WEIGHT, ANALYSIS_VALUE, ANALYSIS_THRESHOLD, VERDICTS):
+    for metric in (
+        PHASE,
+        CANARY_WEIGHT,
+        ANALYSIS_VALUE,
+        ANALYSIS_THRESHOLD,
+        VERDICTS,
+        CHILD_WRITE_FAILURES,
+    ):
         for labels in list(metric._metrics):
             if labels[:2] == (namespace, name):
                 metric.remove(*labels)

@@ -14,8 +14,9 @@ Work directory::
 
     <workdir>/<recjob>/status.yaml            the RecJob with its status (kubectl get -o yaml)
     <workdir>/<recjob>/events.jsonl           events, as kubectl describe would list them
-    <workdir>/<recjob>/g<N>/train/            trainer run (data/, checkpoints/, model/, ...)
-    <workdir>/<recjob>/g<N>/convert/          ONNX files and quality-gate.json
+    <workdir>/<recjob>/g<N>/train/            trainer run of model generation N (data/,
+                                              checkpoints/, model/, ...)
+    <workdir>/<recjob>/g<N>/convert[-<R>]/    ONNX files and quality-gate.json (conversion R)
     <workdir>/services/<service>/repository/  the Triton model repository
     <workdir>/services/<service>/state.json   which model version is stable
     <workdir>/services/<service>/run/         servers, router, replay, Prometheus
@@ -35,9 +36,11 @@ from pathlib import Path
 import httpx
 import yaml
 
-from ..api.v1alpha1.common import APPROVE_ANNOTATION
+from ..api.v1alpha1.common import APPROVE_ANNOTATION, parse_generation
 from ..api.v1alpha1.recjob import RecJob
+from ..api.v1alpha1.trainer import trainer_config
 from ..controller.analysis import Reading
+from ..controller.identity import conversion_part, identity
 from ..controller.reconcile import (
     ChildObservation,
     CleanupGeneration,
@@ -51,7 +54,9 @@ from ..controller.reconcile import (
     ServingObservation,
     SetCanary,
     analysis_query_values,
+    conversion_name,
     revision_name,
+    training_name,
 )
 from ..prometheus import PrometheusSource, prometheus_command, prometheus_config, wait_ready
 from .processes import ManagedProcess
@@ -105,7 +110,13 @@ class LocalBackend:
         return self.workdir / recjob.metadata.name
 
     def generation_dir(self, recjob: RecJob, generation: int | None = None) -> Path:
-        return self.job_dir(recjob) / f"g{generation or recjob.generation}"
+        """The folder of a model generation (default: the spec's; see ``identity``)."""
+        return self.job_dir(recjob) / f"g{generation or identity(recjob).model_generation}"
+
+    def conversion_part(self, recjob: RecJob) -> str:
+        """``convert`` (``convert-<revision>`` after the first): the spec's conversion's
+        folder, config and process names in its generation folder."""
+        return conversion_part(identity(recjob).conversion_revision)
 
     def service_dir(self, recjob: RecJob) -> Path:
         return self.workdir / "services" / recjob.service_name
@@ -127,12 +138,17 @@ class LocalBackend:
 
     def _training_processes(self, recjob: RecJob, generation: int | None = None) -> list:
         directory = self.generation_dir(recjob, generation)
+        if generation is not None:  # another model generation: its nodes may differ
+            return [ManagedProcess(directory, r.stem) for r in directory.glob("train-node*.json")]
         return [
             ManagedProcess(directory, f"train-node{i}") for i in range(recjob.spec.training.nodes)
         ]
 
-    def _conversion_process(self, recjob: RecJob, generation: int | None = None):
-        return ManagedProcess(self.generation_dir(recjob, generation), "convert")
+    def _conversion_process(
+        self, recjob: RecJob, generation: int | None = None, revision: int | None = None
+    ) -> ManagedProcess:
+        part = conversion_part(revision) if revision else self.conversion_part(recjob)
+        return ManagedProcess(self.generation_dir(recjob, generation), part)
 
     # ------------------------------------------------------------------ observe
     def observe(self, recjob: RecJob) -> Observed:
@@ -143,7 +159,7 @@ class LocalBackend:
             training=self._observe_training(recjob),
             conversion=self._observe_conversion(recjob),
             serving=self._observe_serving(recjob),
-            approved_generation=int(approved) if approved and approved.isdigit() else None,
+            approved_generation=parse_generation(approved),
         )
 
     def _restarts_file(self, recjob: RecJob) -> Path:
@@ -153,7 +169,7 @@ class LocalBackend:
         processes = self._training_processes(recjob)
         if processes[0].info() is None:
             return None
-        name = f"{recjob.metadata.name}-g{recjob.generation}-train"
+        name = training_name(recjob)
         run = self.generation_dir(recjob) / "train"
         try:
             restarts = int(self._restarts_file(recjob).read_text())
@@ -194,11 +210,11 @@ class LocalBackend:
         process = self._conversion_process(recjob)
         if process.info() is None:
             return None
-        name = f"{recjob.metadata.name}-g{recjob.generation}-convert"
+        name = conversion_name(recjob)
         code = process.exit_code()
         if code is None:
             return ChildObservation(name, "Running")
-        gate_path = self.generation_dir(recjob) / "convert" / "quality-gate.json"
+        gate_path = self.generation_dir(recjob) / self.conversion_part(recjob) / "quality-gate.json"
         gate = json.loads(gate_path.read_text()) if gate_path.exists() else None
         if gate is not None:
             gate["report_uri"] = str(gate_path)
@@ -270,15 +286,15 @@ class LocalBackend:
             elif isinstance(action, RollBack):
                 self._roll_back(recjob, action.canary_version)
             elif isinstance(action, CleanupGeneration):
-                for process in self._training_processes(recjob, action.generation):
-                    process.stop()
-                self._conversion_process(recjob, action.generation).stop()
+                if action.training:
+                    for process in self._training_processes(recjob, action.generation):
+                        process.stop()
+                if action.conversion is not None:
+                    self._conversion_process(recjob, action.generation, action.conversion).stop()
 
     def _launch_training(self, recjob: RecJob) -> None:
-        from recjob_trainer.config import config_from_recjob
-
         directory = self.generation_dir(recjob)
-        config = config_from_recjob(recjob, str(directory / "train"), str(self.source_file.parent))
+        config = trainer_config(recjob, str(directory / "train"), str(self.source_file.parent))
         if self.options.eval_groups:
             config.evaluation.max_groups = self.options.eval_groups
         config.evaluation.baselines = self.options.baselines
@@ -316,7 +332,7 @@ class LocalBackend:
         config = {
             "modelDir": str(train / "model"),
             "dataDir": str(train / "data"),
-            "outputDir": str(directory / "convert"),
+            "outputDir": str(directory / self.conversion_part(recjob)),
             "repository": str(self.repository(recjob)),
             "modelName": recjob.service_name,
             "export": recjob.spec.export.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -325,7 +341,7 @@ class LocalBackend:
             config["teacherDir"] = str(train / "teacher")
         if self.options.eval_groups:
             config["maxEvalGroups"] = self.options.eval_groups
-        path = directory / "convert.yaml"
+        path = directory / f"{self.conversion_part(recjob)}.yaml"
         write_atomic(path, yaml.safe_dump(config))
         self._conversion_process(recjob).start(
             [str(BIN / "recjob-serve"), "convert", "--config", str(path)]

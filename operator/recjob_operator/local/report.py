@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..api.v1alpha1.recjob import RecJob
+from ..controller.identity import conversion_part, identity
 
 
 def wilson(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:
@@ -137,7 +138,8 @@ def _timeline_chart(path: Path, recjob: RecJob) -> bool:
 def write_report(recjob: RecJob, workdir: Path) -> Path:
     """Write the report of the RecJob's current generation; returns report.html."""
     workdir = workdir.resolve()
-    generation = workdir / recjob.metadata.name / f"g{recjob.generation}"
+    ident = identity(recjob)
+    generation = workdir / recjob.metadata.name / f"g{ident.model_generation}"
     out = generation / "report"
     out.mkdir(parents=True, exist_ok=True)
     status = recjob.status
@@ -162,7 +164,7 @@ def write_report(recjob: RecJob, workdir: Path) -> Path:
         if values:
             _bar_chart(out / "quality-vs-baselines.png", f"held-out {main}", values, main)
             charts.append(("Quality vs baselines", "quality-vs-baselines.png"))
-    gate_path = generation / "convert" / "quality-gate.json"
+    gate_path = generation / conversion_part(ident.conversion_revision) / "quality-gate.json"
     gate = json.loads(gate_path.read_text()) if gate_path.exists() else None
     if gate and gate.get("source_value") is not None:
         _bar_chart(
@@ -191,6 +193,7 @@ def write_report(recjob: RecJob, workdir: Path) -> Path:
     summary = {
         "name": recjob.metadata.name,
         "generation": recjob.generation,
+        "model_generation": ident.model_generation,
         "phase": status.phase,
         "message": status.message,
         "quality": status.quality.model_dump(mode="json") if status.quality else None,

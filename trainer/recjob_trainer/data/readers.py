@@ -11,7 +11,9 @@ from pathlib import Path
 
 import polars as pl
 
-from ..storage import StorageError, open_uri, resolve
+from recjob_operator.api.v1alpha1.uris import with_suffix
+
+from ..storage import StorageError, StorageNotFound, open_uri, resolve
 
 
 class DataError(ValueError):
@@ -110,18 +112,25 @@ def read_atomic_catalog(uri: str, base_dir: str | Path | None = None) -> pl.Data
                 column=column,
             )
     frame = frame.rename({"item_id:token": "item_id", "text:token_seq": "item_text"})
-    index_uri = str(Path(uri).with_suffix(".item2index"))
+    # a sibling of the catalog, whatever the scheme (pvc://, file://, s3://, a path)
+    index_uri = with_suffix(uri, ".item2index")
     try:
         with open_uri(index_uri, "rb", base_dir) as handle:
-            mapping = pl.read_csv(
-                handle.read(),
-                separator="\t",
-                has_header=False,
-                new_columns=["code", "index"],
-                infer_schema=False,
-            )
-    except StorageError:
+            raw = handle.read()
+    except StorageNotFound:  # no index: the catalog's item ids are the .inter ids
         return frame.select("item_id", "item_text")
+    except StorageError as error:  # there, but unreadable: never silently unmapped
+        raise DataError(index_uri, f"cannot read ({error})") from error
+    try:
+        mapping = pl.read_csv(
+            raw,
+            separator="\t",
+            has_header=False,
+            new_columns=["code", "index"],
+            infer_schema=False,
+        )
+    except Exception as error:  # polars raises many kinds of parse errors
+        raise DataError(index_uri, f"cannot parse as code<TAB>index lines: {error}") from error
     joined = frame.join(mapping, left_on="item_id", right_on="code", how="inner")
     return joined.select(pl.col("index").alias("item_id"), "item_text")
 

@@ -203,29 +203,50 @@ func buildLaunch(pod *corev1.Pod, c *corev1.Container, image Image, sb *podSandb
 	}
 	sort.SliceStable(mounts, func(i, j int) bool { return strings.Count(mounts[i].dst, "/") < strings.Count(mounts[j].dst, "/") })
 
-	var s strings.Builder
-	s.WriteString("set -e\n/usr/bin/mount --make-rprivate /\n")
-	if !targets["/tmp"] { // a container's /tmp is its own
-		fmt.Fprintf(&s, "/usr/bin/mount --bind %s /tmp\n", shq(filepath.Join(cdir, "tmp")))
-	}
+	// Mounts whose target is under /tmp go after the container's private /tmp is in
+	// place; all others first, while the host's /tmp (e.g. hostPath PVs) is visible.
+	var outer, tmp, inner []mount
 	for _, m := range mounts {
-		if m.file {
-			fmt.Fprintf(&s, "[ -e %[1]s ] || { /usr/bin/mkdir -p %[2]s && : > %[1]s; }\n", shq(m.dst), shq(path.Dir(m.dst)))
+		if m.dst == "/tmp" {
+			tmp = append(tmp, m)
+		} else if strings.HasPrefix(m.dst, "/tmp/") {
+			inner = append(inner, m)
 		} else {
-			fmt.Fprintf(&s, "/usr/bin/mkdir -p %s\n", shq(m.dst))
+			outer = append(outer, m)
 		}
 	}
+	var s strings.Builder
+	mkdirs := func(ms []mount) {
+		for _, m := range ms {
+			if m.file {
+				fmt.Fprintf(&s, "[ -e %[1]s ] || { /usr/bin/mkdir -p %[2]s && : > %[1]s; }\n", shq(m.dst), shq(path.Dir(m.dst)))
+			} else {
+				fmt.Fprintf(&s, "/usr/bin/mkdir -p %s\n", shq(m.dst))
+			}
+		}
+	}
+	binds := func(ms []mount) {
+		for _, m := range ms {
+			fmt.Fprintf(&s, "/usr/bin/mount --bind %s %s\n", shq(m.src), shq(m.dst))
+			if m.ro {
+				fmt.Fprintf(&s, "/usr/bin/mount -o remount,bind,ro %s\n", shq(m.dst))
+			}
+		}
+	}
+	s.WriteString("set -e\n/usr/bin/mount --make-rprivate /\n")
+	mkdirs(outer)
 	fmt.Fprintf(&s, "/usr/bin/mkdir -p %s\n", shq(workdir)) // the image's WORKDIR
-	if readOnlyRoot {
+	binds(outer)
+	if !targets["/tmp"] { // a container's /tmp is its own (read-only with a read-only root)
+		fmt.Fprintf(&s, "/usr/bin/mount --bind %s /tmp\n", shq(filepath.Join(cdir, "tmp")))
+	}
+	binds(tmp)
+	mkdirs(inner)
+	binds(inner)
+	if readOnlyRoot { // last: a bind made from a read-only mount would be read-only too
 		s.WriteString("/usr/bin/mount -o remount,bind,ro /\n")
 		if !targets["/tmp"] {
 			s.WriteString("/usr/bin/mount -o remount,bind,ro /tmp\n")
-		}
-	}
-	for _, m := range mounts {
-		fmt.Fprintf(&s, "/usr/bin/mount --bind %s %s\n", shq(m.src), shq(m.dst))
-		if m.ro {
-			fmt.Fprintf(&s, "/usr/bin/mount -o remount,bind,ro %s\n", shq(m.dst))
 		}
 	}
 	fmt.Fprintf(&s, "/usr/bin/hostname %s\ncd %s\n", shq(sb.hostname), shq(workdir))
@@ -272,9 +293,9 @@ func (l *launch) start(netns, cdir, logPath string) (*exec.Cmd, chan struct{}, e
 	if err != nil {
 		return nil, nil, err
 	}
-	args := []string{"--net=" + netns, "--", "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork",
+	args := []string{"--net=" + netns, "--", "/usr/bin/unshare", "--mount", "--uts", "--ipc", "--pid", "--fork",
 		"--mount-proc", "--kill-child", "--", "/bin/sh", script}
-	cmd := exec.Command("nsenter", append(args, l.argv...)...)
+	cmd := exec.Command("/usr/bin/nsenter", append(args, l.argv...)...)
 	cmd.Env = l.env
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
+	"time"
 )
 
 // Image is what the agent runs for a container image that cannot be pulled here: a
@@ -28,27 +30,48 @@ type Image struct {
 	Files map[string]string `json:"files"`
 }
 
-// Catalog maps image references to local environments.
+// Catalog maps image references to local environments; it is re-read when its file
+// changes (a rebuilt image is "pulled" by the next container start).
 type Catalog struct {
 	Images map[string]Image `json:"images"`
+
+	path     string
+	mu       sync.Mutex
+	modified time.Time
 }
 
 // LoadCatalog reads the catalog written by `make cluster` (hack/cluster/cluster.py).
 func LoadCatalog(path string) (*Catalog, error) {
-	data, err := os.ReadFile(path)
+	c := &Catalog{path: path}
+	return c, c.reload()
+}
+
+func (c *Catalog) reload() error {
+	info, err := os.Stat(c.path)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var catalog Catalog
-	if err := json.Unmarshal(data, &catalog); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	if info.ModTime().Equal(c.modified) {
+		return nil
 	}
-	return &catalog, nil
+	data, err := os.ReadFile(c.path)
+	if err != nil {
+		return err
+	}
+	var fresh Catalog
+	if err := json.Unmarshal(data, &fresh); err != nil {
+		return fmt.Errorf("%s: %w", c.path, err)
+	}
+	c.Images, c.modified = fresh.Images, info.ModTime()
+	return nil
 }
 
 // Lookup finds an image by its exact reference, then by "repository:*" (any tag). A
 // miss is what a kubelet reports as ErrImagePull: the image does not exist here.
 func (c *Catalog) Lookup(reference string) (Image, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_ = c.reload()
 	if image, ok := c.Images[reference]; ok {
 		return image, true
 	}

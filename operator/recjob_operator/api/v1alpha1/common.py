@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,6 +29,34 @@ SHORT_NAMES = ["rj"]
 #: Its value must be the RecJob generation being approved (so an old approval never
 #: carries over to a new model).
 APPROVE_ANNOTATION = f"{GROUP}/approve-generation"
+
+#: Largest value of any integer field (the CRD's ``maximum``, with ``format: int64``):
+#: 2^53 - 1, the largest integer a float64 holds exactly. The API server keeps integers
+#: as int64 but reads a schema's ``maximum`` as a float64 (2^63 - 1 would round up to
+#: 2^63, which it refuses), and every JSON reader keeps these exactly.
+MAX_INTEGER = 2**53 - 1
+#: Largest seed: numpy's legacy seeding (``np.random.seed``) takes 32-bit seeds only.
+SEED_MAX = 2**32 - 1
+
+#: Pretrained models shipped with RecJob: name -> (layers, hidden size, attention heads).
+BUNDLED_MODELS: dict[str, tuple[int, int, int]] = {"all-MiniLM-L6-v2": (6, 384, 12)}
+
+#: Placeholders a canary PromQL template may use.
+QUERY_PLACEHOLDERS = ("revision", "stable", "namespace", "service", "interval")
+#: The spaces allowed inside ``{{ name }}``, spelled out: Python's, RE2's (the API
+#: server's CEL) and Go's ``\\s`` do not agree.
+PLACEHOLDER_SPACE = r"[\t\n\f\r ]"
+
+
+def parse_generation(text: str | None) -> int | None:
+    """A generation written in an annotation (``"3"``), or None when it is not one.
+
+    Only ASCII digits count: ``"²".isdigit()`` is True but ``int("²")`` fails, and
+    ``int()`` also takes other scripts' digits and refuses very long numbers.
+    """
+    if not text or len(text) > 19 or not (text.isascii() and text.isdecimal()):
+        return None
+    return int(text)
 
 
 class ApiModel(BaseModel):
@@ -51,29 +80,43 @@ class ApiModel(BaseModel):
 Timestamp = Annotated[datetime, Field(strict=False)]
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+#: At most 6 digits before a unit's decimal point and 20 characters in all: the largest
+#: duration (~2.1 million hours) then fits a Go time.Duration (CEL's ``duration()`` in the
+#: API server) and a Python timedelta, so no duration can overflow either.
+DURATION_PATTERN = r"^([0-9]{1,6}(\.[0-9]+)?(ms|s|m|h))+$"
+DURATION_MAX_LENGTH = 20
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
-
-#: A Go-style duration such as ``30s``, ``1m30s``, ``2h`` (units ms, s, m, h).
-Duration = Annotated[
-    str,
-    StringConstraints(pattern=DURATION_PATTERN),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "pattern": DURATION_PATTERN,
-            "description": "A duration such as 30s, 5m or 1h30m (units ms, s, m, h).",
-        }
-    ),
-]
 
 
 def parse_duration(text: str) -> timedelta:
     """Parse a Go-style duration (``1m30s``) into a timedelta; ValueError if malformed."""
-    if not re.fullmatch(DURATION_PATTERN, text):
-        raise ValueError(f"expected a duration such as 30s, 5m or 1h30m, got {text!r}")
+    if len(text) > DURATION_MAX_LENGTH or not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(
+            "expected a duration such as 30s, 5m or 1h30m (units ms, s, m, h; at most 6 "
+            f"digits before a unit and {DURATION_MAX_LENGTH} characters), got {text!r}"
+        )
     seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
     return timedelta(seconds=seconds)
+
+
+def _valid_duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+#: A Go-style duration such as ``30s``, ``1m30s``, ``2h`` (units ms, s, m, h).
+Duration = Annotated[
+    str,
+    AfterValidator(_valid_duration),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "maxLength": DURATION_MAX_LENGTH,
+            "description": "A duration such as 30s, 5m or 1h30m (units ms, s, m, h).",
+        }
+    ),
+]
 
 
 QUANTITY_PATTERN = (
@@ -81,6 +124,10 @@ QUANTITY_PATTERN = (
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+#: What the CRD allows: resource quantities are never negative (the Python check says so
+#: in words; the API server needs the sign out of the pattern and a minimum).
+NON_NEGATIVE_QUANTITY_PATTERN = QUANTITY_PATTERN.replace(r"^(\+|-)?", r"^\+?", 1)
+QUANTITY_MAX_LENGTH = 64
 
 
 def _to_quantity(value: Any) -> Any:
@@ -94,8 +141,14 @@ def _to_quantity(value: Any) -> Any:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"expected a non-negative quantity, got {value}")
+        if value > MAX_INTEGER:
+            raise ValueError(f"expected a quantity of at most {MAX_INTEGER}, got {value}")
         value = str(value)
     if isinstance(value, str):
+        if len(value) > QUANTITY_MAX_LENGTH:
+            raise ValueError(
+                f"expected a Kubernetes quantity of at most {QUANTITY_MAX_LENGTH} characters"
+            )
         if not _QUANTITY_RE.match(value):
             raise ValueError(
                 f"expected a Kubernetes quantity such as 2, 500m or 8Gi, got {value!r}"
@@ -113,7 +166,10 @@ Quantity = Annotated[
         {
             "x-kubernetes-int-or-string": True,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": QUANTITY_PATTERN,
+            "pattern": NON_NEGATIVE_QUANTITY_PATTERN,
+            "maxLength": QUANTITY_MAX_LENGTH,
+            "minimum": 0,
+            "maximum": MAX_INTEGER,
             "description": "A Kubernetes quantity such as 2, 500m or 8Gi.",
         }
     ),
@@ -149,10 +205,14 @@ DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, min_lengt
 #: No spaces or control characters. Explicit ranges, not \s / \S: Python, Rust (pydantic)
 #: and Go (the API server) disagree on what \s matches (e.g. U+001F).
 NO_SPACE = r"[^\x00-\x20\x7f]"
-URI_PATTERN = rf"^((file|pvc|s3|gs)://{NO_SPACE}+|/{NO_SPACE}*|\.{{0,2}}/?[^:\x00-\x20\x7f]+)$"
+#: file:// URIs are absolute only (file:///path): see ``uris.py`` for the other rules.
+URI_PATTERN = (
+    rf"^(file:///{NO_SPACE}*|(pvc|s3|gs)://{NO_SPACE}+|/{NO_SPACE}*"
+    r"|\.{0,2}/?[^:\x00-\x20\x7f]+)$"
+)
 URL_PATTERN = rf"^https?://{NO_SPACE}+$"
 
-#: Where data or artifacts live: ``file://``, ``pvc://CLAIM/path``, ``s3://bucket/key``,
+#: Where data or artifacts live: ``file:///abs``, ``pvc://CLAIM/path``, ``s3://bucket/key``,
 #: ``gs://``, or a plain path (relative paths resolve against the RecJob file in local mode).
 StorageUri = Annotated[
     str,

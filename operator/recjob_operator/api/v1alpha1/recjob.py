@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import API_VERSION, KIND, ApiModel
+from .common import API_VERSION, KIND, MAX_INTEGER, ApiModel
 from .spec import RecJobSpec
 from .status import RecJobStatus
 
@@ -27,7 +27,7 @@ class ObjectMeta(ApiModel):
     )
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
-    generation: int | None = Field(default=None, ge=0)
+    generation: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
     uid: str | None = None
     resource_version: str | None = None
 

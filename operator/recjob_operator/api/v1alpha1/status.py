@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import ApiModel, Timestamp
+from .common import MAX_INTEGER, ApiModel, Timestamp
 
 Phase = Literal[
     "Pending", "Training", "Converting", "RollingOut", "Succeeded", "Failed", "RolledBack"
@@ -38,14 +38,14 @@ class Condition(ApiModel):
     """CamelCase reason for the last transition."""
     message: str = Field(default="", max_length=32768)
     last_transition_time: Timestamp | None = None
-    observed_generation: int | None = Field(default=None, ge=0)
+    observed_generation: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
 
 
 class TrainingProgress(ApiModel):
     """Where training is."""
 
-    step: int = Field(default=0, ge=0)
-    total_steps: int | None = Field(default=None, ge=0)
+    step: int = Field(default=0, ge=0, le=MAX_INTEGER)
+    total_steps: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
     epoch: float | None = Field(default=None, ge=0.0)
     loss: float | None = None
     samples_per_second: float | None = Field(default=None, ge=0.0)
@@ -58,9 +58,9 @@ class TrainingStatus(ApiModel):
 
     job_name: str | None = None
     state: Literal["Created", "Running", "Restarting", "Succeeded", "Failed"] | None = None
-    world_size: int | None = Field(default=None, ge=1)
-    restarts: int = Field(default=0, ge=0)
-    resumed_from_step: int | None = Field(default=None, ge=0)
+    world_size: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
+    restarts: int = Field(default=0, ge=0, le=MAX_INTEGER)
+    resumed_from_step: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
     progress: TrainingProgress | None = None
     metrics: dict[str, float] | None = None
     """Held-out quality of the trained model and its baselines (metrics.json)."""
@@ -91,7 +91,7 @@ class ConversionStatus(ApiModel):
     job_name: str | None = None
     state: Literal["Created", "Running", "Succeeded", "Failed"] | None = None
     target: str | None = None
-    model_version: int | None = Field(default=None, ge=1)
+    model_version: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
     """Version directory published in the model repository."""
     quality_gate: QualityGateStatus | None = None
     start_time: Timestamp | None = None
@@ -103,7 +103,7 @@ class AnalysisRecord(ApiModel):
     """One metric measurement of one canary analysis."""
 
     time: Timestamp
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_INTEGER)
     weight: int = Field(ge=0, le=100)
     metric: str
     revision: str | None = None
@@ -120,17 +120,17 @@ class RolloutStatus(ApiModel):
     state: (
         Literal["Progressing", "Holding", "AwaitingApproval", "Promoted", "RolledBack"] | None
     ) = None
-    step: int = Field(default=0, ge=0)
+    step: int = Field(default=0, ge=0, le=MAX_INTEGER)
     """Index into spec.rollout.steps of the current step (0-based)."""
     canary_weight: int = Field(default=0, ge=0, le=100)
     stable_revision: str | None = None
     canary_revision: str | None = None
-    stable_model_version: int | None = Field(default=None, ge=1)
-    canary_model_version: int | None = Field(default=None, ge=1)
-    passed_analyses: int = Field(default=0, ge=0)
+    stable_model_version: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
+    canary_model_version: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
+    passed_analyses: int = Field(default=0, ge=0, le=MAX_INTEGER)
     """Passing analyses at the current step."""
-    failed_checks: int = Field(default=0, ge=0)
-    query_errors: int = Field(default=0, ge=0)
+    failed_checks: int = Field(default=0, ge=0, le=MAX_INTEGER)
+    query_errors: int = Field(default=0, ge=0, le=MAX_INTEGER)
     """Prometheus errors, counted apart from failed checks."""
     no_data_since: Timestamp | None = None
     started_at: Timestamp | None = None
@@ -157,16 +157,29 @@ class Lineage(ApiModel):
     base_model: str | None = None
     checkpoint_digest: str | None = None
     model_repository: str | None = None
-    model_version: int | None = Field(default=None, ge=1)
+    model_version: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
     inference_service_revision: str | None = None
-    previous_model_version: int | None = Field(default=None, ge=1)
+    previous_model_version: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
 
 
 class RecJobStatus(ApiModel):
     """Everything the operator knows about a RecJob."""
 
     phase: Phase = "Pending"
-    observed_generation: int | None = Field(default=None, ge=0)
+    observed_generation: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
+    model_generation: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
+    """The model this RecJob trains: advances only when a field that defines the trained
+    model changes (data, model, training, compression, artifactsUri), not on every spec
+    edit; names the training child ``<name>-g<modelGeneration>-train``."""
+    model_digest: str | None = Field(default=None, max_length=128)
+    """Digest of the model-defining fields of modelGeneration."""
+    conversion_revision: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
+    """The conversion of modelGeneration: starts at 1 and advances when only what the
+    conversion depends on changes (export, serving.name, serving.storageUri); names the
+    conversion child (``<name>-g<modelGeneration>-convert``, ``-convert-<revision>`` after
+    the first)."""
+    conversion_digest: str | None = Field(default=None, max_length=128)
+    """Digest of the conversion-defining fields of conversionRevision."""
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},

@@ -1,0 +1,294 @@
+"""What the operator reads about its children: from watch caches, not by polling.
+
+The reconcile loop looks at every in-flight RecJob every few seconds. Reading its
+PyTorchJob, Job, pods and InferenceService from the API server each time made the API load
+grow with the number of RecJobs times the polling rate. Instead, kopf watches the children
+(``@kopf.index`` handlers in ``handlers.py``; server-side filtered by
+:data:`MANAGED_SELECTOR`, so only the operator's own objects travel) and keeps one small
+entry per object in memory; :class:`IndexView` answers from those entries.
+
+- The index functions (:func:`index_pytorchjob`, ...) are pure: object -> ``{key: entry}``
+  with ``key = (namespace, name)`` and only what :mod:`.backend` reads in the entry.
+- :class:`ApiView` reads the same through the API (GET / LIST): the fallback where no
+  cache can answer, and the view for code running without kopf.
+- :class:`IndexView` reads the caches; a kind whose watch is not running (its CRD was
+  absent at startup and kopf does not watch CRDs) is read through :class:`ApiView`. A
+  finished child's termination message missing from the pod cache (the pod's watch event
+  not in yet) is listed once through the API.
+
+The caches are kopf ``Index`` objects, written by the event loop and read by the reconcile
+threads: reads are single ``dict`` lookups and ``list()`` copies, atomic under the GIL.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from .metrics import api_call
+
+log = logging.getLogger("recjob_operator.kube")
+
+#: Label on every child the operator creates (and on their pods): the server-side filter of
+#: the watches, so the caches hold only the operator's objects.
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=recjob-operator"
+#: Pods worth watching: the training and conversion pods (serving pods are KServe's).
+POD_SELECTOR = f"{MANAGED_SELECTOR},app.kubernetes.io/component!=serving"
+
+KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
+KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+BATCH_JOBS = ("batch", "v1", "jobs")
+PODS = ("", "v1", "pods")
+#: The kinds cached, by the name of their index (the kopf handler id).
+INDEXES = {
+    "recjob_pytorchjobs": KUBEFLOW,
+    "recjob_jobs": BATCH_JOBS,
+    "recjob_inferenceservices": KSERVE,
+    "recjob_pods": PODS,
+}
+
+TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+
+Key = tuple[str, str]
+Entry = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- index functions
+def _key(obj: Mapping) -> Key:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "default", meta.get("name") or "")
+
+
+def _copy(value: Any) -> Any:
+    return copy.deepcopy(value) if value is not None else None
+
+
+def index_pytorchjob(obj: Mapping) -> dict[Key, Entry]:
+    """A PyTorchJob's status (conditions, replica statuses): what its state comes from."""
+    return {_key(obj): {"status": _copy(obj.get("status")) or {}}}
+
+
+def index_job(obj: Mapping) -> dict[Key, Entry]:
+    """A batch Job's status (its Complete / Failed conditions)."""
+    return {_key(obj): {"status": _copy(obj.get("status")) or {}}}
+
+
+def index_inferenceservice(obj: Mapping) -> dict[Key, Entry]:
+    """An InferenceService's annotations, predictor spec and status."""
+    meta = obj.get("metadata") or {}
+    predictor = (obj.get("spec") or {}).get("predictor") or {}
+    return {
+        _key(obj): {
+            "metadata": {"annotations": _copy(meta.get("annotations")) or {}},
+            "spec": {"predictor": {"canaryTrafficPercent": predictor.get("canaryTrafficPercent")}},
+            "status": _copy(obj.get("status")) or {},
+        }
+    }
+
+
+def pod_child(labels: Mapping[str, str]) -> tuple[str, str] | None:
+    """``("pytorchjobs", name)`` for a PyTorchJob's master pod, ``("jobs", name)`` for a
+    Job's pod, None for any other pod."""
+    if TRAINING_JOB_LABEL in labels:
+        if str(labels.get(REPLICA_TYPE_LABEL, "")).lower() != "master":
+            return None
+        return ("pytorchjobs", labels[TRAINING_JOB_LABEL])
+    for label in JOB_NAME_LABELS:
+        if label in labels:
+            return ("jobs", labels[label])
+    return None
+
+
+def termination_message(pod: Mapping) -> str | None:
+    """The first termination message a container of ``pod`` left, if any."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for container in statuses:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if terminated.get("message"):
+            return str(terminated["message"])
+    return None
+
+
+def index_pod(obj: Mapping) -> dict[tuple[str, str, str], str]:
+    """A finished child pod's termination message under ``(namespace, kind, child name)``;
+    nothing for pods without one (``{}`` also drops what the pod had indexed before)."""
+    meta = obj.get("metadata") or {}
+    child = pod_child(meta.get("labels") or {})
+    message = termination_message(obj)
+    if child is None or message is None:
+        return {}
+    return {(meta.get("namespace") or "default", *child): message}
+
+
+def parse_report(message: str | None, where: str) -> dict | None:
+    """The JSON report in a termination message (None when absent or unreadable)."""
+    if not message:
+        return None
+    try:
+        report = json.loads(message)
+    except ValueError:
+        log.warning("unreadable termination message in %s", where)
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def unserved_kinds(api: client.ApiClient) -> frozenset[str]:
+    """Plurals of the cached custom kinds the API server does not serve now (discovery)."""
+    discovery = client.CustomObjectsApi(api)
+    absent = set()
+    for group, version, plural in INDEXES.values():
+        if not group:
+            continue
+        try:
+            served = discovery.get_api_resources(group, version).resources or []
+        except ApiException as error:
+            if error.status != 404:
+                log.warning("discovery of %s/%s failed: %s", group, version, error.reason)
+                continue
+            served = []
+        if plural not in {r.name for r in served}:
+            absent.add(plural)
+    return frozenset(absent)
+
+
+# --------------------------------------------------------------------------- views
+class ChildView(Protocol):
+    """Read access to the children, by namespace and name (None: absent)."""
+
+    def pytorchjob(self, namespace: str, name: str) -> dict | None:
+        """The PyTorchJob (at least its status)."""
+
+    def job(self, namespace: str, name: str) -> dict | None:
+        """The batch Job (at least its status)."""
+
+    def inferenceservice(self, namespace: str, name: str) -> dict | None:
+        """The InferenceService (annotations, predictor's canaryTrafficPercent, status)."""
+
+    def report(self, namespace: str, kind: str, name: str) -> dict | None:
+        """The JSON termination message of a finished child (``kind``: pytorchjobs for
+        its master pod, jobs for its pods)."""
+
+
+class ApiView:
+    """The children read through the API server (GET / LIST on every call)."""
+
+    def __init__(self, api: client.ApiClient):
+        self.api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+
+    def _get_custom(self, kind: tuple[str, str, str], namespace: str, name: str) -> dict | None:
+        try:
+            return api_call(
+                "get", kind[2], self.custom.get_namespaced_custom_object,
+                kind[0], kind[1], namespace, kind[2], name,
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def pytorchjob(self, namespace: str, name: str) -> dict | None:
+        return self._get_custom(KUBEFLOW, namespace, name)
+
+    def inferenceservice(self, namespace: str, name: str) -> dict | None:
+        return self._get_custom(KSERVE, namespace, name)
+
+    def job(self, namespace: str, name: str) -> dict | None:
+        try:
+            job = api_call("get", "jobs", self.batch.read_namespaced_job, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self.api.sanitize_for_serialization(job)
+
+    def report(self, namespace: str, kind: str, name: str) -> dict | None:
+        if kind == "pytorchjobs":
+            selector = f"{TRAINING_JOB_LABEL}={name},{REPLICA_TYPE_LABEL}=master"
+        else:
+            selector = f"{JOB_NAME_LABELS[1]}={name}"
+        pods = api_call(
+            "list", "pods", self.core.list_namespaced_pod, namespace, label_selector=selector
+        ).items
+        for pod in pods:
+            raw = self.api.sanitize_for_serialization(pod)
+            report = parse_report(termination_message(raw), pod.metadata.name)
+            if report is not None:
+                return report
+        return None
+
+
+def _first(index: Any, key: Any) -> Any:
+    """The first value stored under ``key`` in a kopf Index (None if none)."""
+    try:
+        values = list(index[key])
+    except KeyError:
+        return None
+    return values[0] if values else None
+
+
+class IndexView:
+    """The children read from kopf's indexes (see the module docstring)."""
+
+    #: Most remembered fallback reads of termination messages (oldest forgotten first).
+    MAX_REMEMBERED = 4096
+
+    def __init__(
+        self,
+        indexes: Mapping[str, Any],
+        fallback: ChildView,
+        uncached: frozenset[str] = frozenset(),
+    ):
+        """``indexes``: kopf's indexes by id (:data:`INDEXES`); ``uncached``: plurals of
+        kinds whose watch is not running (read through ``fallback``)."""
+        self.indexes = indexes
+        self.fallback = fallback
+        self.uncached = uncached
+        self._reports: dict[tuple[str, str, str], dict | None] = {}
+
+    def _entry(self, index: str, namespace: str, name: str) -> dict | None:
+        value = _first(self.indexes[index], (namespace, name))
+        return copy.deepcopy(value) if value is not None else None
+
+    def pytorchjob(self, namespace: str, name: str) -> dict | None:
+        if "pytorchjobs" in self.uncached:
+            return self.fallback.pytorchjob(namespace, name)
+        return self._entry("recjob_pytorchjobs", namespace, name)
+
+    def job(self, namespace: str, name: str) -> dict | None:
+        if "jobs" in self.uncached:
+            return self.fallback.job(namespace, name)
+        return self._entry("recjob_jobs", namespace, name)
+
+    def inferenceservice(self, namespace: str, name: str) -> dict | None:
+        if "inferenceservices" in self.uncached:
+            return self.fallback.inferenceservice(namespace, name)
+        return self._entry("recjob_inferenceservices", namespace, name)
+
+    def report(self, namespace: str, kind: str, name: str) -> dict | None:
+        key = (namespace, kind, name)
+        cached = "pods" not in self.uncached
+        if cached:
+            message = _first(self.indexes["recjob_pods"], key)
+            if message is not None:
+                return parse_report(message, f"a pod of {kind}/{name}")
+        if key in self._reports:
+            return copy.deepcopy(self._reports[key])
+        # not in the cache (the pod's watch event may lag): listed once per child; without
+        # a pod cache, listed until a report is found
+        report = self.fallback.report(namespace, kind, name)
+        if cached or report is not None:
+            if len(self._reports) >= self.MAX_REMEMBERED:
+                del self._reports[next(iter(self._reports))]
+            self._reports[key] = report
+        return copy.deepcopy(report)

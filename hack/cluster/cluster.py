@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -32,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import images  # noqa: E402
-import pki  # noqa: E402
+import images
+import pki
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -61,6 +62,9 @@ GO_PACKAGES = [
 ]
 
 
+GO = shutil.which("go") or "/usr/local/go/bin/go"
+
+
 def log(message: str) -> None:
     """Progress on stderr."""
     print(f"[cluster] {message}", file=sys.stderr, flush=True)
@@ -73,8 +77,6 @@ DEBIAN = {"iptables": "iptables", "conntrack": "conntrack", "busybox": "busybox"
 
 def debian_packages() -> None:
     """Install the Debian packages the cluster uses, where missing."""
-    import shutil
-
     missing = sorted({pkg for command, pkg in DEBIAN.items() if shutil.which(command) is None})
     if not missing:
         return
@@ -99,21 +101,20 @@ def build() -> None:
         for key, value in (("gitVersion", version), ("gitMajor", major), ("gitMinor", minor),
                            ("gitTreeState", "clean"))
     )  # fmt: skip
-    subprocess.run(
-        ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", f"{BIN}/", *GO_PACKAGES],
-        cwd=HERE, check=True, env=env,
-    )  # fmt: skip
-    if (BIN / "server").exists():
-        (BIN / "server").replace(BIN / "etcd")
-    operator = f"github.com/kubeflow/training-operator/cmd/training-operator.v1@{VERSIONS['TRAINING_OPERATOR']}"
-    subprocess.run(["go", "install", operator], check=True, env={**env, "GOBIN": str(BIN)})
+    go_build = [GO, "build", "-trimpath", f"-ldflags={ldflags}", "-o"]
+    # etcd's main package is go.etcd.io/etcd/server/v3: named by its own -o
+    subprocess.run([*go_build, str(BIN / "etcd"), GO_PACKAGES[0]], cwd=HERE, check=True, env=env)
+    subprocess.run([*go_build, f"{BIN}/", *GO_PACKAGES[1:]], cwd=HERE, check=True, env=env)
+    module = "github.com/kubeflow/training-operator/cmd/training-operator.v1"
+    operator = f"{module}@{VERSIONS['TRAINING_OPERATOR']}"
+    subprocess.run([GO, "install", operator], check=True, env={**env, "GOBIN": str(BIN)})
     log(f"binaries ready in {BIN} ({time.monotonic() - started:.0f} s)")
 
 
 def training_operator_module() -> Path:
     """The Training Operator module's folder (its CRDs and manifests are used as shipped)."""
     out = subprocess.run(
-        ["go", "mod", "download", "-json",
+        [GO, "mod", "download", "-json",
          f"github.com/kubeflow/training-operator@{VERSIONS['TRAINING_OPERATOR']}"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -181,7 +182,7 @@ def wait_for(what: str, probe, timeout: float = 120.0) -> None:
         try:
             if probe():
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             pass
         time.sleep(0.5)
     raise SystemExit(f"timed out waiting for {what}; logs in {STATE / 'logs'}")
@@ -236,10 +237,14 @@ def control_plane() -> None:
         "--kubelet-preferred-address-types=InternalIP",
         "--enable-aggregator-routing=true",  # webhooks reached on endpoint IPs
         "--allow-privileged=true", "--profiling=false", "--v=1",
+        f"--audit-policy-file={HERE / 'manifests' / 'audit-policy.yaml'}",
+        f"--audit-log-path={STATE / 'logs' / 'audit.log'}", "--audit-log-maxsize=200",
+        "--audit-log-maxbackup=3", "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s",
     ])  # fmt: skip
     wait_for("kube-apiserver /readyz", _readyz, 180)
     start("kube-controller-manager", [
-        str(BIN / "kube-controller-manager"), f"--kubeconfig={STATE / 'controller-manager.kubeconfig'}",
+        str(BIN / "kube-controller-manager"),
+        f"--kubeconfig={STATE / 'controller-manager.kubeconfig'}",
         f"--authentication-kubeconfig={STATE / 'controller-manager.kubeconfig'}",
         f"--authorization-kubeconfig={STATE / 'controller-manager.kubeconfig'}",
         "--bind-address=127.0.0.1", "--secure-port=10257",
@@ -267,11 +272,13 @@ def node_components(catalog: Path) -> None:
         "--conntrack-max-per-core=0", "--v=1",
     ])  # fmt: skip
     start("recjob-dns", [
-        str(BIN / "recjob-dns"), f"--kubeconfig={STATE / 'dns.kubeconfig'}", f"--listen={HOST_IP}:53",
+        str(BIN / "recjob-dns"), f"--kubeconfig={STATE / 'dns.kubeconfig'}",
+        f"--listen={HOST_IP}:53",
     ])  # fmt: skip
     for index, node in enumerate(NODES, start=1):
         start(node, [
-            str(BIN / "recjob-node"), f"--name={node}", f"--kubeconfig={STATE / f'{node}.kubeconfig'}",
+            str(BIN / "recjob-node"), f"--name={node}",
+            f"--kubeconfig={STATE / f'{node}.kubeconfig'}",
             f"--images={catalog}", f"--state-dir={STATE / 'nodes' / node}", f"--bridge={BRIDGE}",
             f"--gateway={HOST_IP}", f"--pod-cidr=10.244.{index}.0/24", f"--port={10250 + index}",
             f"--tls-cert={p / f'kubelet-{node}.crt'}", f"--tls-key={p / f'kubelet-{node}.key'}",
@@ -305,20 +312,28 @@ def up(skip_build: bool = False) -> None:
     wait_for("nodes Ready", lambda: all(
         kubectl("get", "node", n, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
                 check=False).stdout == "True" for n in NODES))  # fmt: skip
-    wait_for("the default ServiceAccount", lambda: kubectl("get", "sa", "default", check=False).returncode == 0)
+    wait_for(
+        "the default ServiceAccount",
+        lambda: kubectl("get", "sa", "default", check=False).returncode == 0,
+    )
     kubectl("apply", "--server-side", "--force-conflicts", "-k",
             str(module / "manifests" / "overlays" / "standalone"))  # fmt: skip
     kubectl("apply", "--server-side", "-f", str(HERE / "manifests" / "training-operator-init.yaml"))
-    kubectl("-n", "kubeflow", "patch", "deployment", "training-operator", "--type=strategic", "-p", json.dumps({
+    init = {"name": "init-container", "configMap": {"name": "training-operator-init-container"}}
+    kubectl("-n", "kubeflow", "patch", "deployment", "training-operator", "--type=strategic",
+            "-p", json.dumps({
         "spec": {"template": {"spec": {
-            "volumes": [{"name": "init-container", "configMap": {"name": "training-operator-init-container"}}],
+            "volumes": [init],
             "containers": [{"name": "training-operator", "volumeMounts": [
                 {"name": "init-container", "mountPath": "/etc/config", "readOnly": True}]}],
         }}}}))  # fmt: skip
     wait_for("the Training Operator", lambda: kubectl(
         "-n", "kubeflow", "wait", "--for=condition=Available", "deployment/training-operator",
         "--timeout=5s", check=False).returncode == 0, 300)  # fmt: skip
-    log(f"cluster up in {time.monotonic() - started:.0f} s; export KUBECONFIG={STATE / 'kubeconfig'}")
+    log(
+        f"cluster up in {time.monotonic() - started:.0f} s; "
+        f"export KUBECONFIG={STATE / 'kubeconfig'}"
+    )
 
 
 def down() -> None:

@@ -55,7 +55,9 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _python_env(target: Path, requirements: list[str], digest: str, log, project: bool = True) -> None:
+def _python_env(
+    target: Path, requirements: list[str], digest: str, log, project: bool = True
+) -> None:
     """A venv at ``target`` with ``requirements`` (pip arguments); the project installed
     as a copy (``project``), or else operator/recjob_operator copied to ``target/app``."""
     stamp = target / ".recjob-image"
@@ -65,11 +67,17 @@ def _python_env(target: Path, requirements: list[str], digest: str, log, project
     env = {**os.environ, "UV_LINK_MODE": "hardlink", "UV_PYTHON_DOWNLOADS": "never"}
     if not (target / "bin" / "python").exists():
         log(f"image env {target.name}: creating (first time: downloads wheels into uv's cache)")
-        subprocess.run([uv, "venv", "--quiet", "--python", PYTHON, str(target)], check=True, env=env)
+        subprocess.run(
+            [uv, "venv", "--quiet", "--python", PYTHON, str(target)], check=True, env=env
+        )
     install = [uv, "pip", "install", "--quiet", "--python", str(target / "bin" / "python")]
-    subprocess.run([*install, "-c", str(REPO / "constraints.txt"), *requirements], check=True, env=env)
+    subprocess.run(
+        [*install, "-c", str(REPO / "constraints.txt"), *requirements], check=True, env=env
+    )
     if project:
-        subprocess.run([*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env)
+        subprocess.run(
+            [*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env
+        )
     else:
         app = target / "app"
         shutil.rmtree(app, ignore_errors=True)
@@ -90,13 +98,17 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
     busybox = images / "busybox" / "bin"
     busybox.mkdir(parents=True, exist_ok=True)
     bb = shutil.which("busybox") or "/bin/busybox"
-    applets = subprocess.run([bb, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = subprocess.run(
+        [bb, "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:  # Alpine's base: BusyBox and its applets
         link = busybox / applet
         if not link.exists():
             link.symlink_to(bb)
 
-    def python_image(env: str, entrypoint: list[str], user: str, workdir: str, **extra: str) -> dict:
+    def python_image(
+        env: str, entrypoint: list[str], user: str, workdir: str, **extra: str
+    ) -> dict:
         root = images / env
         return {
             "env": {
@@ -116,10 +128,19 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
         "images": {
             "ghcr.io/recjob/recjob-operator:*": python_image(
                 "recjob-operator",
-                ["kopf", "run", "--standalone", "--all-namespaces", "-m", "recjob_operator.kube.handlers"],
-                "65532:65532", "/opt/recjob", PYTHONPATH=str(images / "recjob-operator" / "app"),
+                [
+                    "kopf",
+                    "run",
+                    "--standalone",
+                    "--all-namespaces",
+                    "-m",
+                    "recjob_operator.kube.handlers",
+                ],
+                "65532:65532",
+                "/opt/recjob",
+                PYTHONPATH=str(images / "recjob-operator" / "app"),
                 USER="recjob-operator",
-            ),  # fmt: skip
+            ),
             "ghcr.io/recjob/recjob-trainer:*": python_image(
                 "recjob-full", ["recjob-train"], "1000:1000", "/opt/recjob", **OFFLINE
             ),

@@ -59,9 +59,12 @@ def ensure(pki: Path, host_ip: str, service_ip: str, nodes: list[str]) -> None:
         "kubernetes", "kubernetes.default", "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local", "localhost",
     ]  # fmt: skip
-    sans = ",".join([f"DNS:{n}" for n in names] + [f"IP:{ip}" for ip in (host_ip, service_ip, "127.0.0.1")])
-    server = f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName={sans}\n"
-    client = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+    sans = ",".join(
+        [f"DNS:{n}" for n in names] + [f"IP:{ip}" for ip in (host_ip, service_ip, "127.0.0.1")]
+    )
+    usage = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+    server = f"{usage}extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n"
+    client = f"{usage}extendedKeyUsage=clientAuth\n"
     _sign(pki, "apiserver", "/CN=kube-apiserver", server)
     for name, (cn, org) in CLIENTS.items():
         _sign(pki, name, _subject(cn, org), client)

@@ -37,7 +37,8 @@ class Cluster:
     kubeconfig: Path
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                kubeconfig: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:  # fmt: skip
+                kubeconfig: Path | None = None, timeout: float = 120,
+                ) -> subprocess.CompletedProcess:  # fmt: skip
         """Run kubectl; raise with its stderr when ``check`` and it fails."""
         result = subprocess.run(
             [str(BIN / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
@@ -78,9 +79,11 @@ class Cluster:
         """Host folder of a bound PersistentVolumeClaim (hostPath volumes)."""
         pvc = self.wait(
             f"pvc {namespace}/{claim} bound",
-            lambda: (p := self.get("pvc", claim, namespace))
-            and p["status"].get("phase") == "Bound"
-            and p,
+            lambda: (
+                (p := self.get("pvc", claim, namespace))
+                and p["status"].get("phase") == "Bound"
+                and p
+            ),
             timeout=60,
         )
         pv = self.get("pv", pvc["spec"]["volumeName"])
@@ -129,19 +132,31 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 def deploy_operator(cluster: Cluster, replicas: int | None = None) -> None:
     """kubectl apply -k manifests/default and wait until the operator Deployment is Available."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "manifests" / "default"))
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-k", str(REPO / "manifests" / "default")
+    )
+    # a new operator "image" (its environment is rebuilt when the sources change, see
+    # hack/cluster/images.py) rolls the Deployment, as pushing a new tag would
+    digest = (STATE / "images" / "recjob-operator" / ".recjob-image").read_text()
+    patch = {
+        "spec": {"template": {"metadata": {"annotations": {"recjob.dev/image-digest": digest}}}}
+    }
+    cluster.kubectl("-n", OPERATOR_NS, "patch", "deployment/recjob-operator", "--type=merge",
+                    "-p", json.dumps(patch))  # fmt: skip
     if replicas is not None:
-        cluster.kubectl("-n", OPERATOR_NS, "scale", "deployment/recjob-operator", f"--replicas={replicas}")
-    cluster.wait(
-        "the recjob operator Deployment available",
-        lambda: cluster.kubectl(
-            "-n", OPERATOR_NS, "wait", "--for=condition=Available", "deployment/recjob-operator",
-            "--timeout=5s", check=False,
-        ).returncode == 0,
-        timeout=180,
-        on_timeout=lambda: cluster.pod_logs(OPERATOR_NS, "app.kubernetes.io/name=recjob-operator")
-        + cluster.kubectl("-n", OPERATOR_NS, "describe", "pods", check=False).stdout,
+        cluster.kubectl(
+            "-n", OPERATOR_NS, "scale", "deployment/recjob-operator", f"--replicas={replicas}"
+        )
+    rollout = cluster.kubectl(
+        "-n", OPERATOR_NS, "rollout", "status", "deployment/recjob-operator", "--timeout=240s",
+        check=False, timeout=300,
     )  # fmt: skip
+    if rollout.returncode != 0:
+        raise AssertionError(
+            "the recjob operator Deployment did not roll out:\n"
+            + cluster.pod_logs(OPERATOR_NS, "app.kubernetes.io/name=recjob-operator")
+            + cluster.kubectl("-n", OPERATOR_NS, "describe", "pods", check=False).stdout
+        )
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,10 @@ def test_child_pods_are_locked_down(example: Path) -> None:
     recjob = job(load_yaml(example))
     for pod in _pods(recjob):
         assert pod["automountServiceAccountToken"] is False
+        # containers other controllers add (the Training Operator's init-pytorch, whose
+        # image runs as root) must be verifiably non-root too: runAsUser at pod level
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
         volumes = {v["name"]: v for v in pod["volumes"]}
         for container in pod["containers"]:
             security = container["securityContext"]

@@ -112,6 +112,8 @@ def test_pending_creates_training_once_by_deterministic_name() -> None:
     first = step(job, Observed(), T0)
     assert first.actions[0] == CreateTraining("minimal-g1-train")
     assert job.status.phase == "Training" and job.status.observed_generation == 1
+    training = job.spec.training
+    assert job.status.training.world_size == training.nodes * training.processes_per_node
     # the child is not visible yet: asking again is safe (create-if-absent by name)
     again = reconcile(job, Observed(), None, T0 + timedelta(seconds=5))
     assert kinds(again) == [CreateTraining]

@@ -263,7 +263,13 @@ def _pending(plan: Plan, observed: Observed) -> None:
         plan.event("Normal", "TrainingCreated", f"created training {name}")
     plan.status.phase = "Training"
     plan.status.message = f"training {name}"
-    plan.status.training = TrainingStatus(job_name=name, state="Created", start_time=plan.now)
+    training = plan.recjob.spec.training
+    plan.status.training = TrainingStatus(
+        job_name=name,
+        state="Created",
+        start_time=plan.now,
+        world_size=training.nodes * training.processes_per_node,
+    )
     plan.condition("Trained", False, "TrainingStarted", f"training {name}")
     plan.requeue(POLL_SECONDS)
 

@@ -1,0 +1,337 @@
+"""A RecJob's life on the real cluster, beyond the happy path (test_training.py): what
+tests/operator/test_kopf_integration.py plays against a fake API server with simulated
+controllers, here with the real Training Operator, Job controller, garbage collector,
+quota admission and the operator's two replicas (leader election on a real Lease).
+
+Small on purpose (CI has 2 cores): 1 node x 1 process; runs that are to be interrupted
+train "forever" and are never waited for; failures fail within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.cluster.conftest import OPERATOR_NS, Cluster
+from tests.cluster.recjobs import AMAZON, open_claim, put_dataset, recjob, storage
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(not AMAZON.exists(), reason="../shared/data not present"),
+]
+
+LABEL = "recjob.dev/recjob"
+#: training that outlives every check made on it (interrupted, never awaited)
+ENDLESS = {"maxSteps": 100000, "evalIntervalSteps": 10000, "checkpoint": {"intervalSteps": 10000}}
+
+
+# --------------------------------------------------------------------------- helpers
+def diagnose(cluster: Cluster, namespace: str, name: str) -> str:
+    """What to print when a wait times out."""
+    return "\n".join([
+        cluster.describe("recjob", name, namespace),
+        cluster.kubectl("get", "pytorchjobs,jobs,pods,configmaps,resourcequotas", "-n", namespace,
+                        "-o", "wide", check=False).stdout,
+        cluster.pod_logs(namespace, f"{LABEL}={name}"),
+        cluster.kubectl("-n", OPERATOR_NS, "logs", "-l", "app.kubernetes.io/name=recjob-operator",
+                        "--tail=40", "--prefix", check=False).stdout,
+    ])  # fmt: skip
+
+
+def status(cluster: Cluster, namespace: str, name: str) -> dict:
+    """The RecJob's status ({} before the operator wrote one, or once it is gone)."""
+    return (cluster.get("recjob", name, namespace) or {}).get("status") or {}
+
+
+def condition(status_: dict, kind: str) -> dict:
+    """The status condition of type ``kind`` ({} if absent)."""
+    return next((c for c in status_.get("conditions") or [] if c["type"] == kind), {})
+
+
+def children(cluster: Cluster, kind: str, namespace: str, name: str) -> list[dict]:
+    """The objects of ``kind`` labelled as the RecJob's children (pods included)."""
+    out = cluster.kubectl("get", kind, "-n", namespace, "-l", f"{LABEL}={name}", "-o", "json")
+    return json.loads(out.stdout)["items"]
+
+
+def names(objects: list[dict]) -> list[str]:
+    return sorted(o["metadata"]["name"] for o in objects)
+
+
+def events(cluster: Cluster, namespace: str, name: str) -> list[dict]:
+    """The Events on the RecJob, oldest first."""
+    items = (cluster.get("events", namespace=namespace) or {"items": []})["items"]
+    mine = [e for e in items if e["involvedObject"].get("kind") == "RecJob"
+            and e["involvedObject"]["name"] == name]  # fmt: skip
+    return sorted(mine, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+
+def reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    return [e["reason"] for e in events(cluster, namespace, name)]
+
+
+def running_pod(cluster: Cluster, namespace: str, name: str, component: str) -> dict | None:
+    """A Running pod of the RecJob's training or conversion (None while there is none)."""
+    for pod in children(cluster, "pods", namespace, name):
+        labels = pod["metadata"]["labels"]
+        if labels.get("app.kubernetes.io/component") == component and (
+            pod["status"].get("phase") == "Running"
+        ):
+            return pod
+    return None
+
+
+def prepare(cluster: Cluster, namespace: str) -> None:
+    """The data and artifacts claims, the data in place."""
+    cluster.apply(*storage(namespace))
+    put_dataset(cluster.claim_path(namespace, "data"))
+    open_claim(cluster.claim_path(namespace, "artifacts"))
+
+
+def edit(cluster: Cluster, namespace: str, name: str, patch: dict) -> None:
+    """kubectl patch --type=merge of the RecJob."""
+    cluster.kubectl("-n", namespace, "patch", "recjob", name, "--type=merge",
+                    "-p", json.dumps(patch))  # fmt: skip
+
+
+def leader(cluster: Cluster) -> str:
+    """The operator replica holding the Lease."""
+    lease = cluster.get("lease", "recjob-operator", OPERATOR_NS)
+    assert lease is not None, "no operator Lease: is the operator deployed?"
+    return lease["spec"].get("holderIdentity") or ""
+
+
+def kill_leader(cluster: Cluster) -> tuple[str, str]:
+    """Force-delete the leader's pod (SIGKILL, no Lease release) and wait until another
+    replica holds the Lease (within the lease duration, 15 s). (killed, new leader)"""
+    killed = cluster.wait("an operator leader", lambda: leader(cluster), timeout=60)
+    pod = cluster.get("pod", killed, OPERATOR_NS)
+    assert pod is not None and pod["status"].get("phase") == "Running", f"leader {killed}: {pod}"
+    cluster.kubectl("-n", OPERATOR_NS, "delete", "pod", killed, "--grace-period=0", "--force")
+    started = time.monotonic()
+    successor = cluster.wait(
+        f"a replica other than {killed} to take the Lease",
+        lambda: (holder := leader(cluster)) not in ("", killed) and holder,
+        timeout=90,
+        on_timeout=lambda: cluster.kubectl(
+            "-n", OPERATOR_NS, "get", "pods,leases", "-o", "wide", check=False
+        ).stdout,
+    )  # fmt: skip
+    taken = time.monotonic() - started
+    assert taken < 40, f"the Lease was taken over after {taken:.0f} s (lease duration 15 s)"
+    assert cluster.get("pod", successor, OPERATOR_NS) is not None, successor
+    return killed, successor
+
+
+# --------------------------------------------------------------------------- scenarios
+def test_failed_training_fails_the_recjob_with_its_reason(operator: Cluster, namespace):
+    """The trainer exits non-zero at once (its training data is missing from the claim);
+    with backoffLimit 0 (maxRestarts) the Training Operator fails the PyTorchJob, and the
+    RecJob fails with that message; nothing is converted."""
+    cluster, name = operator, "missing-data"
+    cluster.apply(*storage(namespace))
+    open_claim(cluster.claim_path(namespace, "data"))  # the claim is there, the file is not
+    open_claim(cluster.claim_path(namespace, "artifacts"))
+    document = recjob(name, namespace, maxRestarts=0)
+    document["spec"]["data"]["train"] = "pvc://data/missing/Scientific.train.inter"
+    cluster.apply(document)
+
+    failed = cluster.wait(
+        "the RecJob Failed",
+        lambda: (s := status(cluster, namespace, name)).get("phase") == "Failed" and s,
+        timeout=240, interval=2, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    job_name = f"{name}-g1-train"
+    job = cluster.get("pytorchjob", job_name, namespace)
+    assert job is not None and job["spec"]["runPolicy"]["backoffLimit"] == 0
+    job_failed = next(c for c in job["status"]["conditions"] if c["type"] == "Failed")
+    assert job_failed["status"] == "True"
+    # the RecJob says why, in the Training Operator's words
+    assert job_failed["message"] and job_failed["message"] in failed["message"], failed["message"]
+    assert failed["message"].startswith(f"training {job_name} failed: ")
+    assert failed["training"]["state"] == "Failed"
+    assert failed["training"]["message"] == job_failed["message"]
+    trained = condition(failed, "Trained")
+    assert (trained["status"], trained["reason"]) == ("False", "TrainingFailed")
+    warnings = [e for e in events(cluster, namespace, name) if e["reason"] == "TrainingFailed"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+    assert job_failed["message"] in warnings[0]["message"]
+    # the trainer's own reason is in its pod's log
+    logs = cluster.pod_logs(namespace, f"{LABEL}={name}")
+    assert "missing" in logs and "Scientific.train.inter" in logs, logs[-3000:]
+    # nothing converted, not even attempted
+    assert "conversion" not in failed and "ConversionCreated" not in reasons(cluster, namespace,
+                                                                             name)  # fmt: skip
+    assert children(cluster, "jobs", namespace, name) == []
+    artifacts = cluster.claim_path(namespace, "artifacts")
+    assert not list(artifacts.rglob("convert*")), sorted(artifacts.rglob("*"))
+    # a failed RecJob stays failed (it is not retried behind the user's back)
+    time.sleep(3)
+    assert names(children(cluster, "pytorchjobs", namespace, name)) == [job_name]
+
+
+def test_failover_and_spec_edits_mid_flight_without_duplicates(operator: Cluster, namespace):
+    """One real run for: the leader killed mid-training (the standby takes the Lease and
+    carries on), a rollout-only edit (applied in place: no new training), a training edit
+    (a new model generation g2 supersedes g1, which is cleaned up), the leader killed again
+    mid-conversion; at the end exactly one PyTorchJob and one conversion Job, each
+    created once, and the conversion finished."""
+    cluster, name = operator, "phoenix"
+    prepare(cluster, namespace)
+    cluster.apply(recjob(name, namespace, **ENDLESS))
+    g1, g2 = f"{name}-g1-train", f"{name}-g2-train"
+    cluster.wait("g1 training running", lambda: running_pod(cluster, namespace, name, "training"),
+                 timeout=180, on_timeout=lambda: diagnose(cluster, namespace, name))  # fmt: skip
+    g1_uid = cluster.get("pytorchjob", g1, namespace)["metadata"]["uid"]
+
+    # 1. the leader dies mid-training: the other replica takes over; nothing is recreated
+    killed, successor = kill_leader(cluster)
+    assert successor != killed
+
+    # 2. an edit of spec.rollout only: applied in place, the training runs on
+    patch = {"spec": {"rollout": {"steps": [50, 100]}}}
+    edit(cluster, namespace, name, patch)
+    edited = cluster.wait(
+        "generation 2 observed", lambda: (s := status(cluster, namespace, name))
+        .get("observedGeneration") == 2 and s, timeout=60,
+        on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    assert edited["modelGeneration"] == 1 and edited["phase"] == "Training", edited
+    assert edited["training"]["jobName"] == g1
+    (job,) = children(cluster, "pytorchjobs", namespace, name)
+    assert job["metadata"]["uid"] == g1_uid, "the rollout edit must not replace the training"
+    assert "SpecApplied" in reasons(cluster, namespace, name)
+
+    # 3. an edit of spec.training: a new model generation supersedes the running one
+    patch = {"spec": {"training": {"maxSteps": 3, "evalIntervalSteps": 3,
+                                   "checkpoint": {"intervalSteps": 3}}}}  # fmt: skip
+    edit(cluster, namespace, name, patch)
+    cluster.wait("the g2 PyTorchJob", lambda: cluster.get("pytorchjob", g2, namespace),
+                 timeout=60, on_timeout=lambda: diagnose(cluster, namespace, name))  # fmt: skip
+    cluster.wait(
+        "g1 training and its pods gone",
+        lambda: cluster.get("pytorchjob", g1, namespace) is None
+        and not [p for p in children(cluster, "pods", namespace, name)
+                 if p["metadata"]["labels"].get("training.kubeflow.org/job-name") == g1],
+        timeout=90, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    superseded = status(cluster, namespace, name)
+    assert superseded["observedGeneration"] == 3 and superseded["modelGeneration"] == 2
+    assert superseded["training"]["jobName"] == g2
+
+    # 4. the leader dies mid-conversion
+    cluster.wait(
+        "the conversion running", lambda: running_pod(cluster, namespace, name, "conversion"),
+        timeout=600, interval=2, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    killed_again, _ = kill_leader(cluster)
+    assert killed_again != killed
+
+    final = cluster.wait(
+        "the conversion to end",
+        lambda: (s := status(cluster, namespace, name)).get("conversion", {}).get("state")
+        in ("Succeeded", "Failed") and s,
+        timeout=600, interval=2, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    assert final["training"]["state"] == "Succeeded", diagnose(cluster, namespace, name)
+    assert final["conversion"]["state"] == "Succeeded", diagnose(cluster, namespace, name)
+    assert final["conversion"]["jobName"] == f"{name}-g2-convert"
+    assert final["conversion"]["qualityGate"]["passed"] is True
+
+    # exactly one training and one conversion exist, each created once
+    assert names(children(cluster, "pytorchjobs", namespace, name)) == [g2]
+    (convert,) = children(cluster, "jobs", namespace, name)
+    assert convert["metadata"]["name"] == f"{name}-g2-convert"
+    assert convert["status"].get("succeeded") == 1 and not convert["status"].get("failed")
+    seen = reasons(cluster, namespace, name)
+    created = [e["message"] for e in events(cluster, namespace, name)
+               if e["reason"] == "TrainingCreated"]  # fmt: skip
+    assert created == [f"created training {g1}", f"created training {g2}"], seen
+    assert seen.count("Superseded") == 1 and seen.count("ConversionCreated") == 1, seen
+    assert seen.count("TrainingSucceeded") == 1 and seen.count("Converted") == 1, seen
+
+
+def test_refused_create_then_deletion_mid_training(operator: Cluster, namespace):
+    """A ResourceQuota allowing no PyTorchJob: the refused create is in the RecJob's
+    ChildrenCreated condition and a Warning event, with the API server's message; once
+    the quota is gone the training is created (backoff). Then the RecJob is deleted while
+    it trains: the finalizer is released and the real garbage collector removes the
+    PyTorchJob, its pods and services and the ConfigMap (ownerReferences)."""
+    cluster, name = operator, "quota"
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-training", "namespace": namespace},
+        "spec": {"hard": {"count/pytorchjobs.kubeflow.org": "0"}},
+    }
+    cluster.apply(quota)
+    cluster.wait(
+        "the quota counted",
+        lambda: ((cluster.get("resourcequota", "no-training", namespace) or {}).get("status")
+                 or {}).get("hard"),
+        timeout=60,
+    )  # fmt: skip
+    prepare(cluster, namespace)
+    cluster.apply(recjob(name, namespace, **ENDLESS))
+
+    refused = cluster.wait(
+        "ChildrenCreated=False", lambda: (s := status(cluster, namespace, name))
+        and condition(s, "ChildrenCreated").get("status") == "False" and s,
+        timeout=60, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    children_created = condition(refused, "ChildrenCreated")
+    message = children_created["message"]
+    assert children_created["reason"] == "CreateFailed"
+    assert message.startswith(f"create PyTorchJob {name}-g1-train: 403 Forbidden: "), message
+    assert "exceeded quota: no-training" in message and "count/pytorchjobs.kubeflow.org" in message
+    warning = cluster.wait(
+        "the CreateFailed event",
+        lambda: [e for e in events(cluster, namespace, name) if e["reason"] == "CreateFailed"],
+        timeout=30,
+    )  # fmt: skip
+    assert warning[0]["type"] == "Warning" and warning[0]["message"] == message
+    assert children(cluster, "pytorchjobs", namespace, name) == []
+
+    cluster.kubectl("-n", namespace, "delete", "resourcequota", "no-training")
+    started = time.monotonic()
+    created = cluster.wait(
+        "ChildrenCreated=True after the quota went", lambda: (s := status(cluster, namespace, name))
+        and condition(s, "ChildrenCreated").get("status") == "True" and s,
+        timeout=90, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert created["phase"] == "Training"
+    assert [e["reason"] for e in events(cluster, namespace, name)].count("CreateFailed") == 1
+    job = cluster.get("pytorchjob", f"{name}-g1-train", namespace)
+    assert job is not None
+
+    # the children are owned, blocking their owner's deletion (which needs the
+    # recjobs/finalizers rule under OwnerReferencesPermissionEnforcement)
+    recjob_uid = cluster.get("recjob", name, namespace)["metadata"]["uid"]
+    config_maps = children(cluster, "configmaps", namespace, name)
+    assert names(config_maps) == [f"{name}-g1-train-config"]
+    for child in (job, *config_maps):
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["uid"]) == ("RecJob", recjob_uid)
+        assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+
+    cluster.wait("training running", lambda: running_pod(cluster, namespace, name, "training"),
+                 timeout=180, on_timeout=lambda: diagnose(cluster, namespace, name))  # fmt: skip
+    cluster.kubectl("-n", namespace, "delete", "recjob", name, "--wait=false")
+    cluster.wait("the RecJob gone (finalizer released)",
+                 lambda: cluster.get("recjob", name, namespace) is None, timeout=60,
+                 on_timeout=lambda: diagnose(cluster, namespace, name))  # fmt: skip
+
+    def collected() -> bool:
+        kinds = ("pytorchjobs", "pods", "configmaps")
+        if any(children(cluster, kind, namespace, name) for kind in kinds):
+            return False
+        services = (cluster.get("services", namespace=namespace) or {"items": []})["items"]
+        return not [s for s in services if s["metadata"]["name"].startswith(f"{name}-g1-train")]
+
+    cluster.wait("the children garbage-collected", collected, timeout=120, interval=2,
+                 on_timeout=lambda: cluster.kubectl("get", "all,configmaps", "-n", namespace,
+                                                    check=False).stdout)  # fmt: skip

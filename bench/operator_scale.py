@@ -133,6 +133,8 @@ def restore(saved: dict) -> None:
     for name, (ns, _) in DEPLOYMENTS.items():
         if name in saved:
             kubectl("-n", ns, "scale", "deployment", name, f"--replicas={saved[name]}", check=False)
+    for name, (ns, _) in DEPLOYMENTS.items():  # ready for the next user of the cluster
+        kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", check=False)
 
 
 def delete_namespaces(timeout: float = 900) -> float:
@@ -241,18 +243,24 @@ def metric_counts(port: int) -> Counter:
 
 
 def audit_counts(offset: int, start: datetime, end: datetime) -> Counter:
-    """The operator's requests received in [start, end), from the audit log after ``offset``."""
+    """The operator's requests in [start, end) from the audit log after ``offset``: by
+    arrival, a watch by its end; none about other namespaces' objects (other RecJobs)."""
     counts: Counter = Counter()
     with AUDIT.open() as log:
         log.seek(offset if AUDIT.stat().st_size >= offset else 0)  # 0: rotated meanwhile
         for line in log:
             entry = json.loads(line)
-            received = datetime.fromisoformat(entry["requestReceivedTimestamp"])
-            if entry["user"]["username"] == OPERATOR_USER and start <= received < end:
-                ref = entry.get("objectRef") or {}
-                resource = ref.get("resource") or entry["requestURI"].split("?")[0]
-                resource += f"/{ref['subresource']}" if ref.get("subresource") else ""
-                counts[(entry["verb"], resource)] += 1
+            ref, verb = entry.get("objectRef") or {}, entry["verb"]
+            at = entry["stageTimestamp" if verb == "watch" else "requestReceivedTimestamp"]
+            ours = ref.get("namespace", OPERATOR_NS) in (*NAMESPACES, OPERATOR_NS)
+            if entry["user"]["username"] != OPERATOR_USER or not ours:
+                continue
+            if not start <= datetime.fromisoformat(at) < end:
+                continue
+            resource = ref.get("resource") or entry["requestURI"].split("?")[0]
+            resource += f"/{ref['subresource']}" if ref.get("subresource") else ""
+            code = entry.get("responseStatus", {}).get("code", 0)
+            counts[(verb, resource + ("" if code < 300 else f" ({code})"))] += 1
     return counts
 
 

@@ -137,7 +137,9 @@ class AuditEvent:
 
 def log_files(path: Path = AUDIT_LOG) -> list[Path]:
     """The audit log and its rotated backups (``audit-<time>.log``), oldest first."""
-    backups = sorted(path.parent.glob(f"{path.stem}-*{path.suffix}"), key=lambda p: p.stat().st_mtime)
+    backups = sorted(
+        path.parent.glob(f"{path.stem}-*{path.suffix}"), key=lambda p: p.stat().st_mtime
+    )
     return [*backups, *([path] if path.exists() else [])]
 
 

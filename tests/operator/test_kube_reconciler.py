@@ -203,6 +203,44 @@ def test_a_refused_create_is_surfaced_backed_off_and_cleared() -> None:
     assert CreateTraining("r-g1-train") in backend.applied
 
 
+def refusing_backend() -> MemoryBackend:
+    backend = MemoryBackend(stored_recjob())
+    error = ApiException(status=403, reason="Forbidden", body=QUOTA)
+    backend.refuse = ChildWriteError("create", "PyTorchJob", "r-g1-train", error)
+    return backend
+
+
+def test_the_event_of_a_refused_create_is_recorded_once_it_is_created() -> None:
+    """The core asks for TrainingCreated only with the first create; that create was
+    refused, so the event waits for the retry that creates the child (found on the real
+    cluster: a RecJob held back by a quota never got its TrainingCreated event)."""
+    backend, backoff = refusing_backend(), Backoff()
+    for _ in range(2):
+        run(backend, parse_recjob(copy.deepcopy(backend.stored)), backoff)
+    reasons = [e.reason for e in [*backend.applied, *backend.events] if isinstance(e, EmitEvent)]
+    assert "TrainingCreated" not in reasons and list(backoff.held) == [CreateTraining("r-g1-train")]
+    backend.refuse = None  # the quota was raised
+    for _ in range(2):  # the core re-issues the create on every pass: one event
+        run(backend, parse_recjob(copy.deepcopy(backend.stored)), backoff)
+    created = [e for e in backend.events if e.reason == "TrainingCreated"]
+    assert created == [EmitEvent("Normal", "TrainingCreated", "created training r-g1-train")]
+    assert backoff.held == {}
+
+
+def test_held_events_of_a_create_no_longer_wanted_are_dropped() -> None:
+    backend, backoff = refusing_backend(), Backoff()
+    run(backend, parse_recjob(copy.deepcopy(backend.stored)), backoff)
+    assert list(backoff.held) == [CreateTraining("r-g1-train")]
+    backend.refuse = None
+    backend.stored["spec"]["training"] = {"epochs": 2}  # a new model generation
+    backend.stored["metadata"]["generation"] = 2
+    run(backend, parse_recjob(copy.deepcopy(backend.stored)), backoff)
+    assert backoff.held == {}
+    created = [e.message for e in [*backend.applied, *backend.events]
+               if isinstance(e, EmitEvent) and e.reason == "TrainingCreated"]  # fmt: skip
+    assert created == ["created training r-g2-train"]
+
+
 def test_without_leadership_nothing_is_written() -> None:
     backend = MemoryBackend(stored_recjob())
     with pytest.raises(NotLeading):

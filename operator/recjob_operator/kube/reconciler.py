@@ -18,6 +18,8 @@ does not know about are handled here:
   condition to False with the API server's message, records a Warning event (once per
   distinct message) and backs the RecJob off exponentially (:class:`Backoff`, capped at
   5 minutes); the first pass that carries out its writes sets the condition back to True.
+  The events that came with the refused action (``TrainingCreated`` after its create) are
+  held and recorded when a later pass carries that action out.
   The status written is the core's (its phase says what is being attempted; the core
   re-issues a missing child's create on every pass).
 
@@ -74,11 +76,17 @@ class ConflictsExhausted(Exception):
 @dataclass
 class Backoff:
     """Exponential backoff of one RecJob's failing passes: ``base * 2**(n-1)`` seconds
-    after the n-th failure in a row, at most ``cap``."""
+    after the n-th failure in a row, at most ``cap``; and the events a refused write kept
+    from being recorded (:attr:`held`)."""
 
     base: float = 5.0
     cap: float = 300.0
     failures: int = 0
+    held: dict = field(default_factory=dict)
+    """The events that followed a refused action in its decision (``TrainingCreated``
+    after ``CreateTraining``), by that action: recorded once a later pass carries the
+    action out (the core re-issues a missing child's create on every pass, but its event
+    only with the first), dropped once a decision no longer asks for it."""
 
     def failed(self) -> float:
         """Record a failure; the seconds to wait before the next pass."""
@@ -234,6 +242,7 @@ def reconcile_pass(
             backend.apply(current, [a for a in decision.actions if a not in applied], applied)
         except ChildWriteError as error:
             failure = error
+            hold_events(backoff, decision.actions, applied)
         status = children_condition(decision.status, failure, now, current.generation)
         stored = current
         if status != current.status:
@@ -260,12 +269,39 @@ def reconcile_pass(
                 backend.emit_event(stored, EmitEvent("Warning", failure.verb.title() + "Failed",
                                                      str(failure)))  # fmt: skip
             delay = backoff.failed()
+            release_events(backend, stored, backoff, decision.actions, applied)
             return PassResult(stored, decision, failure, delay, applied, readings is not None)
         backoff.succeeded()
+        release_events(backend, stored, backoff, decision.actions, applied)
         return PassResult(
             stored, decision, None, decision.requeue_after, applied, readings is not None
         )
     raise ConflictsExhausted(f"status of {recjob.metadata.name}: {attempts} conflicts in a row")
+
+
+def hold_events(backoff: Backoff, actions: list, applied: set) -> None:
+    """Keep the events that follow the refused action (the first of ``actions`` not
+    carried out) until that action is carried out."""
+    pending = [a for a in actions if a not in applied]
+    if not pending or isinstance(pending[0], EmitEvent):
+        return
+    events = [a for a in pending[1:] if isinstance(a, EmitEvent)]
+    if events:
+        held = backoff.held.setdefault(pending[0], [])
+        held += [e for e in events if e not in held]
+
+
+def release_events(
+    backend: KubeBackend, recjob: RecJob, backoff: Backoff, actions: list, applied: set
+) -> None:
+    """Record the held events of actions this pass carried out; forget those of actions
+    it no longer asks for."""
+    for action in list(backoff.held):
+        if action in applied:
+            for event in backoff.held.pop(action):
+                backend.emit_event(recjob, event)
+        elif action not in actions:
+            del backoff.held[action]
 
 
 def _reread(backend: KubeBackend, recjob: RecJob) -> RecJob | None:

@@ -73,7 +73,7 @@ func main() {
 		provider = agent.NewProvider(agent.Config{
 			StateDir: *stateDir, HostIP: *gateway, ClusterDomain: "cluster.local",
 			RestartBackoff: *backoff, MaxBackoff: *maxBackoff, VolumeRefresh: *refresh,
-		}, client, pc.ConfigMaps, pc.Secrets, catalog, network)
+		}, client, pc.Pods, pc.ConfigMaps, pc.Secrets, catalog, network)
 		n := pc.Node
 		// NodeRestriction: a node may not set kubernetes.io/role (virtual-kubelet's default)
 		delete(n.Labels, "kubernetes.io/role")

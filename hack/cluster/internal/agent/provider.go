@@ -14,6 +14,7 @@ import (
 	"github.com/virtual-kubelet/virtual-kubelet/errdefs"
 	"github.com/virtual-kubelet/virtual-kubelet/node/api"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	corev1listers "k8s.io/client-go/listers/core/v1"
@@ -33,6 +34,7 @@ type Config struct {
 // Provider implements virtual-kubelet's provider interface with local processes.
 type Provider struct {
 	client        kubernetes.Interface
+	podLister     corev1listers.PodLister
 	configMaps    corev1listers.ConfigMapLister
 	secrets       corev1listers.SecretLister
 	images        *Catalog
@@ -52,14 +54,58 @@ type Provider struct {
 }
 
 // NewProvider makes the provider; listers come from virtual-kubelet's informers.
-func NewProvider(cfg Config, client kubernetes.Interface, configMaps corev1listers.ConfigMapLister,
-	secrets corev1listers.SecretLister, images *Catalog, network *Network) *Provider {
-	p := &Provider{client: client, configMaps: configMaps, secrets: secrets, images: images, network: network,
+func NewProvider(cfg Config, client kubernetes.Interface, pods corev1listers.PodLister,
+	configMaps corev1listers.ConfigMapLister, secrets corev1listers.SecretLister, images *Catalog,
+	network *Network) *Provider {
+	p := &Provider{client: client, podLister: pods, configMaps: configMaps, secrets: secrets, images: images, network: network,
 		stateDir: cfg.StateDir, hostIP: cfg.HostIP, clusterDomain: cfg.ClusterDomain,
 		restartBackoff: cfg.RestartBackoff, maxBackoff: cfg.MaxBackoff, volumeRefresh: cfg.VolumeRefresh,
 		log: log.New(os.Stderr, "recjob-node: ", log.LstdFlags), pods: map[types.UID]*podRuntime{}}
 	p.notify = p.sendStatus
+	go p.resync()
 	return p
+}
+
+// resync writes a pod's status again when the API server's copy disagrees with what the
+// agent knows (e.g. the node controller marked it not ready while the node's lease could
+// not be renewed), as a kubelet's periodic status sync does; virtual-kubelet itself only
+// forwards changes the provider reports.
+func (p *Provider) resync() {
+	for range time.Tick(10 * time.Second) {
+		p.mu.Lock()
+		runtimes := make([]*podRuntime, 0, len(p.pods))
+		for _, r := range p.pods {
+			runtimes = append(runtimes, r)
+		}
+		p.mu.Unlock()
+		for _, r := range runtimes {
+			server, err := p.podLister.Pods(r.pod.Namespace).Get(r.pod.Name)
+			if err != nil || server.UID != r.pod.UID || server.DeletionTimestamp != nil {
+				continue
+			}
+			if server.Status.Phase == corev1.PodSucceeded || server.Status.Phase == corev1.PodFailed {
+				continue
+			}
+			ours := r.status()
+			if server.Status.Phase == ours.Phase && readyOf(server.Status) == readyOf(ours) {
+				continue
+			}
+			update := server.DeepCopy()
+			update.Status = ours
+			if _, err := p.client.CoreV1().Pods(update.Namespace).UpdateStatus(context.Background(), update, metav1.UpdateOptions{}); err != nil {
+				p.log.Printf("pod %s/%s: status resync: %v", update.Namespace, update.Name, err)
+			}
+		}
+	}
+}
+
+func readyOf(status corev1.PodStatus) corev1.ConditionStatus {
+	for _, c := range status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status
+		}
+	}
+	return corev1.ConditionUnknown
 }
 
 func (p *Provider) sendStatus(r *podRuntime) {

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# the object-store servers are session fixtures defined once for the whole suite: moto's
+# in-process server keeps global state (users, auth), so two of them would collide
+from tests.object_stores import gcs_env, s3_env, s3_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 #: ../shared beside the checkout (CI lays it there); RECJOB_SHARED overrides.
 SHARED = Path(os.environ.get("RECJOB_SHARED", REPO.parent / "shared"))

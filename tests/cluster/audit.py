@@ -100,8 +100,9 @@ class AuditEvent:
 
     @property
     def denied(self) -> bool:
-        """Refused by authorization (403, or the authorizer's ``forbid`` decision)."""
-        return self.code == 403 or self.decision == "forbid"
+        """Refused by the authorizer (RBAC/Node): its ``forbid`` decision. A 403 that the
+        authorizer allowed came from admission (e.g. a ResourceQuota refusing a create)."""
+        return self.decision == "forbid" or (self.code == 403 and self.decision is None)
 
     @property
     def authorized(self) -> bool:

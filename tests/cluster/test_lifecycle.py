@@ -421,3 +421,39 @@ def test_refused_create_then_deletion_mid_training(operator: Cluster, namespace)
     cluster.wait("the children garbage-collected", collected, timeout=120, interval=2,
                  on_timeout=lambda: cluster.kubectl("get", "all,configmaps", "-n", namespace,
                                                     check=False).stdout)  # fmt: skip
+
+
+def test_export_edit_mid_conversion_replaces_the_conversion_job(operator: Cluster, namespace):
+    """An export-only edit while the conversion Job runs: the same trained model is
+    converted again by a new Job (``-convert-2``), the running one is deleted (the
+    operator's ``delete jobs`` permission), and nothing is retrained."""
+    cluster, name = operator, "reexport"
+    prepare(cluster, namespace)
+    cluster.apply(recjob(name, namespace, maxSteps=2, evalIntervalSteps=2,
+                         checkpoint={"intervalSteps": 2}))  # fmt: skip
+    first = cluster.wait(
+        "the first conversion Job",
+        lambda: status(cluster, namespace, name).get("conversion", {}).get("jobName"),
+        timeout=600, interval=0.5, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    assert first == f"{name}-g1-convert"
+    edit(
+        cluster, namespace, name, {"spec": {"export": {"qualityBudget": {"maxRelativeDrop": 0.4}}}}
+    )
+    final = cluster.wait(
+        "the second conversion to end",
+        lambda: (s := status(cluster, namespace, name)).get("conversion", {}).get("jobName")
+        == f"{name}-g1-convert-2"
+        and s["conversion"].get("state") in ("Succeeded", "Failed") and s,
+        timeout=600, interval=2, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    assert final["conversion"]["state"] == "Succeeded", diagnose(cluster, namespace, name)
+    assert final["modelGeneration"] == 1 and final["conversionRevision"] == 2
+    assert names(children(cluster, "pytorchjobs", namespace, name)) == [f"{name}-g1-train"]
+    jobs = cluster.wait(
+        "the first conversion Job deleted",
+        lambda: (j := names(children(cluster, "jobs", namespace, name)))
+        == [f"{name}-g1-convert-2"] and j,
+        timeout=60, on_timeout=lambda: diagnose(cluster, namespace, name),
+    )  # fmt: skip
+    assert jobs == [f"{name}-g1-convert-2"]

@@ -2,8 +2,6 @@
 loopback, IAM authentication on), with the credentials given only as environment
 variables, as a credentials Secret gives them to the pods."""
 
-# ruff: noqa: F811  (the server fixtures are imported, then named as test parameters)
-
 from __future__ import annotations
 
 import json
@@ -21,7 +19,6 @@ from recjob_trainer.models import load_model
 from recjob_trainer.remote import MANIFEST, WorkingCopy
 from recjob_trainer.storage import exists_uri, filesystem, open_uri, write_bytes_atomic
 from tests.conftest import SHARED
-from tests.object_stores import s3_env, s3_server  # noqa: F401
 
 pytestmark = [
     pytest.mark.slow,

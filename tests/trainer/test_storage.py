@@ -1,8 +1,6 @@
 """Storage URIs: pvc:// / file:// rules, the .item2index sibling, atomic writes, and
 s3:// / gs:// through real servers on loopback (moto with IAM auth, a GCS emulator)."""
 
-# ruff: noqa: F811  (the server fixtures are imported, then named as test parameters)
-
 from __future__ import annotations
 
 import json
@@ -30,7 +28,7 @@ from recjob_trainer.storage import (
     resolve,
     write_bytes_atomic,
 )
-from tests.object_stores import GCS_BUCKET, gcs_env, s3_env, s3_server  # noqa: F401
+from tests.object_stores import GCS_BUCKET
 
 CATALOG = "item_id:token\ttext:token_seq\nB001\tcordless drill\nB002\tsafety glasses\n"
 INDEX = "B001\t1\nB002\t2\n"

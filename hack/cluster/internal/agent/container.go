@@ -116,10 +116,8 @@ func buildLaunch(pod *corev1.Pod, c *corev1.Container, image Image, sb *podSandb
 	if _, ok := env["PATH"]; !ok {
 		env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 	}
-	order := []string{}
 	for _, e := range c.Env { // resolved by virtual-kubelet (valueFrom, envFrom, services)
 		env[e.Name] = expand(e.Value, env)
-		order = append(order, e.Name)
 	}
 	argv := append([]string{}, image.Entrypoint...)
 	args := image.Cmd
@@ -136,7 +134,6 @@ func buildLaunch(pod *corev1.Pod, c *corev1.Container, image Image, sb *podSandb
 	if len(argv) == 0 {
 		return nil, configError{"no command specified"}
 	}
-	_ = order
 	keys := make([]string, 0, len(env))
 	for k := range env {
 		keys = append(keys, k)

@@ -55,8 +55,6 @@ type podRuntime struct {
 	mu         sync.Mutex
 	containers []*containerState // init containers first
 	phase      corev1.PodPhase
-	reason     string
-	message    string
 	startTime  metav1.Time
 	stopping   bool
 	done       chan struct{}
@@ -180,7 +178,6 @@ func (r *podRuntime) setupVolumes() error {
 	}
 	r.mu.Lock()
 	r.vols = vols
-	r.reason, r.message = "", ""
 	for _, c := range r.containers {
 		if w := c.state.Waiting; w != nil && w.Reason == "ContainerCreating" {
 			w.Message = ""
@@ -418,7 +415,7 @@ func (r *podRuntime) stop(grace time.Duration) {
 func (r *podRuntime) status() corev1.PodStatus {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	status := corev1.PodStatus{Phase: r.phase, Reason: r.reason, Message: r.message,
+	status := corev1.PodStatus{Phase: r.phase,
 		HostIP: r.p.hostIP, HostIPs: []corev1.HostIP{{IP: r.p.hostIP}}, StartTime: &r.startTime}
 	if r.sb != nil {
 		status.PodIP = r.sb.net.IP.String()

@@ -10,15 +10,10 @@ import polars as pl
 import pytest
 
 from recjob_trainer.batches import Shard, epoch_order, micro_batches, shard_rows
+from recjob_trainer.checkpoints import CHECKPOINT_MARKER, complete_checkpoints, training_digest
 from recjob_trainer.config import TrainerConfig
-from recjob_trainer.train import (
-    CHECKPOINT_MARKER,
-    complete_checkpoints,
-    deepspeed_config,
-    loss_fn,
-    lr_lambda,
-    training_digest,
-)
+from recjob_trainer.objective import loss_fn
+from recjob_trainer.optimisation import deepspeed_config, lr_lambda
 
 
 def config(**training) -> TrainerConfig:
@@ -195,7 +190,7 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
 def test_termination_message_fits_and_keeps_the_main_metric(tmp_path, monkeypatch) -> None:
     import json as _json
 
-    from recjob_trainer.train import TERMINATION_LOG_ENV, write_termination_message
+    from recjob_trainer.finish import TERMINATION_LOG_ENV, write_termination_message
 
     target = tmp_path / "termination-log"
     monkeypatch.setenv(TERMINATION_LOG_ENV, str(target))

@@ -94,7 +94,8 @@ def cli(
         prepared = prepare(config.data, config.model, config.base_dir)
         click.echo(json.dumps(prepared.report(), indent=2))
         return
-    from .train import exit_cleanly, train
+    from .distributed import exit_cleanly
+    from .train import train
 
     try:
         train(config)

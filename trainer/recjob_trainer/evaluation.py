@@ -8,9 +8,14 @@ split for RMSE — and the constant train-mean grade.
 
 recommendation: the true next item ranked against the whole catalog (full ranking) and
 against sampled negatives. Baselines: popularity and the zero-shot pretrained model.
+
+During training, :func:`validation_metric` is the early-stopping metric on (a capped
+part of) the validation split.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -19,6 +24,10 @@ import torch
 from . import metrics as m
 from .batches import Batcher, history_text
 from .models import RankingModel, pool_history
+
+if TYPE_CHECKING:  # annotations only: serving's quality gate imports this module too
+    from .config import TrainerConfig
+    from .data.prepare import PreparedData
 
 #: Key of the per-query / per-user NDCG@10 values in a report (for paired comparisons;
 #: removed before metrics are written).
@@ -370,3 +379,49 @@ def recommendation_baselines(
             True,
         ),
     }
+
+
+def validation_metric(
+    model: RankingModel, batcher: Batcher, prepared: PreparedData, config: TrainerConfig
+) -> tuple[str, float]:
+    """(name, value) of the early-stopping metric on (a capped part of) the validation split.
+
+    Every rank computes it on the same rows (ZeRO-3 forwards are collective)."""
+    ev = config.evaluation
+    metric = "ndcg@10"
+    if config.training.early_stopping and config.training.early_stopping.metric != "auto":
+        metric = config.training.early_stopping.metric
+    valid = prepared.splits["validation"]
+    if valid.height == 0:
+        return metric, float("nan")
+    groups = ev.max_groups or 200
+    model.eval()
+    try:
+        if config.data.task == "search-ranking":
+            report = evaluate_search(
+                model, batcher, valid, sorted({*ev.ks, 10}), ev.batch_size, groups
+            )
+            value = report.get(metric, report.get("ndcg@10", float("nan")))
+            if metric in ("rmse", "logloss"):
+                value = -value  # higher is better for early stopping
+        else:
+            report = evaluate_recommendation(
+                model,
+                batcher,
+                valid,
+                sorted({*ev.ks, 10}),
+                ev.batch_size,
+                ev.sampled_negatives,
+                groups,
+                full=False,
+            )
+            if "label" in valid.columns:  # labelled impressions: pointwise AUC
+                metric = "auc"
+            elif f"sampled/{metric}" in report:
+                metric = f"sampled/{metric}"
+            else:
+                metric = "sampled/ndcg@10"
+            value = report[metric]
+    finally:
+        model.train()
+    return metric, float(value)

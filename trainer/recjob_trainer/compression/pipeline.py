@@ -24,7 +24,11 @@ import torch
 from recjob_operator.api.v1alpha1.spec import DistillationSpec
 
 from ..batches import Shard, micro_batches
+from ..checkpoints import consolidate, training_digest
+from ..context import Stage
+from ..distributed import barrier
 from ..models import ModelInfo, RankingModel, load_model, save_model
+from ..objective import loss_fn
 from ..storage import atomic_directory, write_json_atomic
 from . import pruning as prune
 from .distill import TeacherScores, distillation_loss, hidden_state_loss
@@ -37,7 +41,8 @@ IMPORTANCE_ROWS = 256
 
 def compress(run, teacher_stage) -> dict:
     """Run every stage the RecJob's ``compression`` asks for; returns the metrics (rank 0)."""
-    from ..train import Stage, barrier, consolidate, finish, fit, training_digest
+    from ..finish import finish  # these two import this module (lazily) themselves
+    from ..train import fit
 
     config, rank, run_dir = run.config, run.rank, run.run_dir
     spec = config.compression
@@ -201,8 +206,6 @@ def compression_summary(
 
 # --------------------------------------------------------------------------- losses
 def _task_loss(info: ModelInfo):
-    from ..train import loss_fn
-
     return lambda logits, labels: loss_fn(info, logits, labels)
 
 
@@ -276,8 +279,6 @@ def importance_batches(run) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]
 
 def _save(run, plain: RankingModel | None, directory: Path) -> None:
     """Rank 0 writes a stage's model atomically; every rank waits for it."""
-    from ..train import barrier
-
     if run.rank == 0:
         with atomic_directory(directory) as tmp:
             save_model(plain, plain.state_dict(), run.tokenizer, tmp)

@@ -1,0 +1,111 @@
+"""DeepSpeed checkpoints of a stage: written with each rank's RNG state and a completion
+marker, found again on resume (only complete ones, only of the same configuration), and
+consolidated into a plain fp32 model at the end of the stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainerConfig
+from .context import RunContext, Stage
+from .distributed import barrier
+from .models import RankingModel, base_model_path, build_model, model_from_config
+from .objective import apply_lora, merge_lora
+from .storage import write_json_atomic
+
+CHECKPOINT_MARKER = "COMPLETE.json"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint that was fully written, oldest first. A checkpoint
+    that was being written when its pod died has no marker and is never used."""
+    found = []
+    for path in root.glob("step-*"):
+        if (path / CHECKPOINT_MARKER).exists():
+            found.append((json.loads((path / CHECKPOINT_MARKER).read_text())["step"], path))
+    return sorted(found)
+
+
+def training_digest(config: TrainerConfig, stage: str = "train") -> str:
+    """Digest of what determines a stage's trajectory: a checkpoint is resumed only by the
+    configuration that wrote it. The teacher (``train``) depends on data, model and
+    training; ``distill`` also on the distillation settings; ``recover`` (and the pruning
+    decision) on all of compression. So a changed distillation keeps the trained teacher."""
+    parts = {k: getattr(config, k) for k in ("data", "model", "training")}
+    wire = {k: v.to_wire() for k, v in parts.items()}
+    compression = config.compression
+    if stage == "distill" and compression is not None and compression.distillation:
+        wire["distillation"] = compression.distillation.to_wire()
+    elif stage != "train" and compression is not None:
+        wire["compression"] = compression.to_wire()
+    text = json.dumps(wire, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest if stage == "train" else f"{digest}/{stage}"
+
+
+def save_checkpoint(
+    engine, root: Path, step: int, state: dict, keep: int, rank: int, world: int
+) -> None:
+    """DeepSpeed checkpoint + completion marker; old complete checkpoints pruned."""
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=state)
+    # each rank's random state (dropout masks), so a resumed run continues bit for bit
+    torch.save(
+        {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        root / tag / f"rng-rank{rank}.pt",
+    )
+    barrier()
+    if rank == 0:
+        write_json_atomic(
+            root / tag / CHECKPOINT_MARKER,
+            {"step": step, "world_size": world, "config": state.get("config_digest")},
+        )
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, torch.Tensor]:
+    """A plain fp32 state_dict of the trained model.
+
+    Stage 0 in fp32 keeps no ZeRO partitions: every rank's module is the whole fp32 model.
+    Otherwise (ZeRO 1-3, or bf16/fp16 master weights) the fp32 weights are gathered from
+    the DeepSpeed checkpoint's partitions."""
+    if engine.zero_optimization_stage() == 0 and not (
+        engine.bfloat16_enabled() or engine.fp16_enabled()
+    ):
+        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=f"step-{step:08d}")
+
+
+def consolidate(run: RunContext, engine, step: int, stage: Stage) -> RankingModel | None:
+    """Rank 0: the stage's trained model as a plain fp32 module (LoRA merged); None on
+    the other ranks."""
+    if run.rank != 0:
+        barrier()
+        return None
+    state_dict = consolidated_state_dict(engine, stage.checkpoints, step)
+    if stage.name == "train":
+        config = run.config
+        plain = apply_lora(
+            build_model(
+                run.info,
+                base_model_path(config.model.base_model, config.base_dir),
+                pretrained=False,
+            ),
+            config,
+        )
+    else:  # a student: its own (smaller) architecture
+        plain = model_from_config(stage.model.info, stage.model.encoder.config)
+    plain.load_state_dict(state_dict, strict=True)
+    plain = merge_lora(plain).eval()
+    barrier()
+    return plain

@@ -141,7 +141,7 @@ def run(
     Exits 0 when the model was promoted, 1 when the RecJob failed, 3 when the canary was
     rolled back, 130 when interrupted (run it again to continue).
     """
-    from .local.backend import LocalOptions
+    from .local.options import LocalOptions
     from .local.run import EXIT_CODES, Interrupted
     from .local.run import run as run_local
     from .local.view import LiveView

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from recjob_operator.local.backend import free_port
+from recjob_operator.local.processes import free_port
 from recjob_serving.export import export_onnx, run_onnx
 from recjob_serving.repository import (
     parse_config,

@@ -4,7 +4,8 @@ Each process runs in its own session (so one signal stops it and its children) u
 ``bash -c`` wrapper that writes the exit status to ``<name>.rc``; ``<name>.json`` keeps its
 pid, command and start time. A restarted ``recjob run`` re-adopts a process whose pid is
 alive and still ours (same session leader start time), or sees how it ended from its
-``.rc``.
+``.rc``. Also where the environment's executables are (``BIN``) and free ports for the
+processes to listen on.
 """
 
 from __future__ import annotations
@@ -14,10 +15,22 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+#: Where this environment's executables are (torchrun, recjob-serve).
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _start_time(pid: int) -> str | None:

@@ -23,7 +23,9 @@ import yaml
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..controller.reconcile import analysis_due, reconcile
-from .backend import LocalBackend, LocalOptions, write_atomic
+from .backend import LocalBackend
+from .options import LocalOptions
+from .workdir import write_atomic
 
 #: Exit status of `recjob run` per terminal phase.
 EXIT_CODES = {"Succeeded": 0, "Failed": 1, "RolledBack": 3}

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from .api.v1alpha1.spec import MetricCheck
+from .api.v1alpha1.spec_delivery import MetricCheck
 from .controller.analysis import Reading, render_query
 
 

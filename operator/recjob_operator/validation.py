@@ -32,7 +32,8 @@ from .api.v1alpha1.common import (
     URL_PATTERN,
 )
 from .api.v1alpha1.recjob import NAME_PATTERN
-from .api.v1alpha1.spec import METRIC_PATTERN, RecJobSpec
+from .api.v1alpha1.spec import RecJobSpec
+from .api.v1alpha1.spec_base import METRIC_PATTERN
 from .api.v1alpha1.storage import storage_problems
 from .api.v1alpha1.uris import uri_problem
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import Field
 
 from recjob_operator.api.v1alpha1.common import ApiModel
-from recjob_operator.api.v1alpha1.spec import ExportSpec
+from recjob_operator.api.v1alpha1.spec_delivery import ExportSpec
 from recjob_trainer.batches import Batcher
 from recjob_trainer.compression.structure import is_uniform
 from recjob_trainer.data.prepare import read_prepared

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recjob_operator.api.v1alpha1.spec import QualityBudget
+from recjob_operator.api.v1alpha1.spec_delivery import QualityBudget
 from recjob_trainer import metrics as m
 from recjob_trainer.batches import Batcher
 from recjob_trainer.evaluation import (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from recjob_operator.api.v1alpha1.spec import MetricCheck
+from recjob_operator.api.v1alpha1.spec_delivery import MetricCheck
 from recjob_operator.local.processes import ManagedProcess, group_members
 from recjob_operator.local.replay import ndcg_at_k, served_order
 from recjob_operator.local.report import live_business_metrics, wilson

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from recjob_operator.api.v1alpha1.spec import ExportSpec
+from recjob_operator.api.v1alpha1.spec_delivery import ExportSpec
 from recjob_operator.api.v1alpha1.trainer import TrainerConfig
 from recjob_operator.controller.children import (
     conversion_config_map,

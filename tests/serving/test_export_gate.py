@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from recjob_operator.api.v1alpha1.spec import QualityBudget
+from recjob_operator.api.v1alpha1.spec_delivery import QualityBudget
 from recjob_serving.export import export_onnx, quantize_int8, run_onnx
 from recjob_serving.gate import quality_gate, relative_drop, report_key
 from recjob_serving.onnx_model import OnnxRankingModel
@@ -260,7 +260,8 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
 
     import yaml
 
-    from recjob_operator.api.v1alpha1.spec import DataSpec, ModelSpec
+    from recjob_operator.api.v1alpha1.spec_data import DataSpec
+    from recjob_operator.api.v1alpha1.spec_training import ModelSpec
     from recjob_trainer.data.prepare import prepare, write_prepared
 
     model_dir = saved_model(tmp_path, "cross-encoder")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from recjob_operator.api.v1alpha1.spec import StudentSpec
+from recjob_operator.api.v1alpha1.spec_training import StudentSpec
 from recjob_serving.export import export_onnx, quantize_int8, run_onnx
 from recjob_trainer.compression import pruning
 from recjob_trainer.compression.distill import distillation_loss, hidden_state_loss

@@ -8,7 +8,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recjob_operator.api.v1alpha1.spec import DataSpec, MissingValues, ModelSpec, TextNormalization
+from recjob_operator.api.v1alpha1.spec_data import DataSpec, MissingValues, TextNormalization
+from recjob_operator.api.v1alpha1.spec_training import ModelSpec
 from recjob_trainer.data.cleaning import (
     CleaningLog,
     cast_numbers,

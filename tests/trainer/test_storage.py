@@ -10,7 +10,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from recjob_operator.api.v1alpha1.spec import DataSpec, ModelSpec
+from recjob_operator.api.v1alpha1.spec_data import DataSpec
+from recjob_operator.api.v1alpha1.spec_training import ModelSpec
 from recjob_trainer.data.prepare import prepare
 from recjob_trainer.data.readers import DataError, read_atomic_catalog, read_table
 from recjob_trainer.remote import (

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Literal
 
 from ..api.v1alpha1.cel import PLACEHOLDER_PATTERN
-from ..api.v1alpha1.spec import MetricCheck, RolloutSpec
+from ..api.v1alpha1.spec_delivery import MetricCheck, RolloutSpec
 
 Verdict = Literal["pass", "fail", "no-data", "error"]
 #: The placeholders validation (and the CRD's CEL rules) recognise, the same spaces allowed.

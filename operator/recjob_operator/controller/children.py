@@ -32,7 +32,7 @@ import yaml
 
 from ..api.v1alpha1.common import GROUP
 from ..api.v1alpha1.recjob import RecJob
-from ..api.v1alpha1.spec import ResourceSpec
+from ..api.v1alpha1.spec_base import ResourceSpec
 from ..api.v1alpha1.storage import pod_storage, with_pod_storage
 from ..api.v1alpha1.trainer import trainer_config
 from .identity import generation_parts

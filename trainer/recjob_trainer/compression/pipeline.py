@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from recjob_operator.api.v1alpha1.spec import DistillationSpec
+from recjob_operator.api.v1alpha1.spec_training import DistillationSpec
 
 from ..batches import Shard, micro_batches
 from ..checkpoints import consolidate, training_digest

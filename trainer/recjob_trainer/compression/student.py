@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from recjob_operator.api.v1alpha1.spec import StudentSpec
+from recjob_operator.api.v1alpha1.spec_training import StudentSpec
 
 from ..models import RankingModel
 from .structure import bert_layers, clone, keep_layers, narrow_hidden, structure_of

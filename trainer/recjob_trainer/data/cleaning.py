@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from recjob_operator.api.v1alpha1.spec import MissingValues, TextNormalization
+from recjob_operator.api.v1alpha1.spec_data import MissingValues, TextNormalization
 
 
 @dataclass

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from recjob_operator.api.v1alpha1.spec import DataSpec, ModelSpec
+from recjob_operator.api.v1alpha1.spec_data import DataSpec
+from recjob_operator.api.v1alpha1.spec_training import ModelSpec
 
 from ..storage import atomic_directory, write_json_atomic
 from .cleaning import (

@@ -13,17 +13,10 @@ from .common import (
     parse_quantity,
 )
 from .recjob import MAX_NAME_LENGTH, ObjectMeta, RecJob
-from .spec import (
-    CompressionSpec,
-    DataSpec,
-    ExportSpec,
-    MetricCheck,
-    ModelSpec,
-    RecJobSpec,
-    RolloutSpec,
-    ServingSpec,
-    TrainingSpec,
-)
+from .spec import RecJobSpec
+from .spec_data import DataSpec
+from .spec_delivery import ExportSpec, MetricCheck, RolloutSpec, ServingSpec
+from .spec_training import CompressionSpec, ModelSpec, TrainingSpec
 from .status import CONDITION_TYPES, MAX_HISTORY, TERMINAL_PHASES, Condition, RecJobStatus
 
 __all__ = [

@@ -24,7 +24,8 @@ from pydantic import Field
 
 from .common import ApiModel, StorageUri
 from .recjob import RecJob
-from .spec import CompressionSpec, DataSpec, ModelSpec, TrainingSpec
+from .spec_data import DataSpec
+from .spec_training import CompressionSpec, ModelSpec, TrainingSpec
 
 
 class EvaluationSettings(ApiModel):

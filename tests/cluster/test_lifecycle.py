@@ -1,6 +1,6 @@
 """A RecJob's life on the real cluster, beyond the happy path (test_training.py): what
-tests/operator/test_kopf_integration.py plays against a fake API server with simulated
-controllers, here with the real Training Operator, Job controller, garbage collector,
+tests/operator/test_kopf_integration.py plays against a real API server with no
+controllers (envtest), here with the real Training Operator, Job controller, garbage collector,
 quota admission and the operator's two replicas (leader election on a real Lease).
 
 Small on purpose (CI has 2 cores): 1 node x 1 process; runs that are to be interrupted
@@ -180,7 +180,7 @@ def healthz(cluster: Cluster) -> dict[str, dict]:
 def test_failed_training_fails_the_recjob_with_its_reason(operator: Cluster, namespace):
     """The trainer exits non-zero at once (its training data is missing from the claim);
     with backoffLimit 0 (maxRestarts) the Training Operator fails the PyTorchJob, and the
-    RecJob fails with that message; nothing is converted."""
+    RecJob fails with that message and the trainer's error; nothing is converted."""
     cluster, name = operator, "missing-data"
     cluster.apply(*storage(namespace))
     open_claim(cluster.claim_path(namespace, "data"))  # the claim is there, the file is not
@@ -199,11 +199,14 @@ def test_failed_training_fails_the_recjob_with_its_reason(operator: Cluster, nam
     assert job is not None and job["spec"]["runPolicy"]["backoffLimit"] == 0
     job_failed = next(c for c in job["status"]["conditions"] if c["type"] == "Failed")
     assert job_failed["status"] == "True"
-    # the RecJob says why, in the Training Operator's words
+    # the RecJob says which replica failed, in the Training Operator's words, and why, in
+    # the trainer's (its master's termination message)
     assert job_failed["message"] and job_failed["message"] in failed["message"], failed["message"]
     assert failed["message"].startswith(f"training {job_name} failed: ")
+    assert "; trainer: " in failed["message"], failed["message"]
+    assert "missing/Scientific.train.inter" in failed["message"], failed["message"]
     assert failed["training"]["state"] == "Failed"
-    assert failed["training"]["message"] == job_failed["message"]
+    assert failed["training"]["message"].startswith(job_failed["message"] + "; trainer: ")
     trained = condition(failed, "Trained")
     assert (trained["status"], trained["reason"]) == ("False", "TrainingFailed")
     warnings = [e for e in events(cluster, namespace, name) if e["reason"] == "TrainingFailed"]

@@ -1,19 +1,22 @@
-"""The API server the Kubernetes-level tests talk to: the project's fake one by default, a
-real cluster when ``RECJOB_TEST_KUBECONFIG`` names its kubeconfig.
+"""The API server the Kubernetes-level tests talk to: a real kube-apiserver (tests/envtest.py:
+etcd + kube-apiserver, no controllers; the tests play the controllers) by default, or a whole
+cluster when ``RECJOB_TEST_KUBECONFIG`` names its kubeconfig.
 
-    RECJOB_TEST_KUBECONFIG=~/.kube/config RECJOB_TEST_NAMESPACE=recjob-test \\
-        .venv/bin/python -m pytest tests/operator/test_kube_api.py
+    RECJOB_TEST_KUBECONFIG=.cluster/kubeconfig RECJOB_TEST_NAMESPACE=recjob-test \\
+        .venv/bin/python -m pytest tests/operator/test_kube_reconciler.py
 
-On a real cluster the namespace is created if missing (objects made by a test carry its
+On a whole cluster the namespace is created if missing (objects made by a test carry its
 unique name and are deleted at the end); tests needing a resource the cluster does not
-serve (the RecJob CRD, Kubeflow's PyTorchJob) skip. Fault injection differs by target:
-``target.fake`` tells which one runs.
+serve (the RecJob CRD, Kubeflow's PyTorchJob) skip. ``target.env`` is the EnvTest (None on
+a whole cluster): where no controller runs, a test writes what the controller would.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from recjob_operator.testing.fakeapi import DEFAULT_RESOURCES, FakeApiServer
+from tests.envtest import PYTORCHJOB_CRD, RECJOB_CRD, EnvTest
 
 
 @dataclass
@@ -31,12 +34,8 @@ class KubeTarget:
     api: client.ApiClient
     namespace: str
     kubeconfig: Path
-    server: FakeApiServer | None = None
-    """The fake API server (None on a real cluster)."""
-
-    @property
-    def fake(self) -> bool:
-        return self.server is not None
+    env: EnvTest | None = None
+    """The envtest API server (None on a whole cluster): no controllers run there."""
 
     def serves(self, group: str, version: str, plural: str) -> bool:
         """Whether the API server serves ``group/version`` ``plural`` (discovery)."""
@@ -57,8 +56,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-def start_target(tmp: Path) -> tuple[KubeTarget, FakeApiServer | None]:
-    """A :class:`KubeTarget` (and the fake server to stop, if one was started)."""
+@contextmanager
+def kube_target(tmp: Path) -> Iterator[KubeTarget]:
+    """A :class:`KubeTarget`: the cluster of ``RECJOB_TEST_KUBECONFIG``, else an envtest
+    API server with the RecJob and PyTorchJob CRDs (stopped on exit)."""
     kubeconfig = os.environ.get("RECJOB_TEST_KUBECONFIG")
     if kubeconfig:
         namespace = os.environ.get("RECJOB_TEST_NAMESPACE", "recjob-test")
@@ -68,11 +69,8 @@ def start_target(tmp: Path) -> tuple[KubeTarget, FakeApiServer | None]:
         except ApiException as error:
             if error.status != 409:
                 raise
-        return KubeTarget(api, namespace, Path(kubeconfig)), None
-    server = FakeApiServer().start()
-    namespaces = next(r for r in DEFAULT_RESOURCES if r.plural == "namespaces")
-    server.call(server.store.seed, namespaces, {"metadata": {"name": "recjob-test"}})
-    path = tmp / "kubeconfig"
-    server.kubeconfig(path)
-    api = config.new_client_from_config(str(path))
-    return KubeTarget(api, "recjob-test", path, server), server
+        yield KubeTarget(api, namespace, Path(kubeconfig))
+        return
+    with EnvTest(tmp / "envtest", crds=[RECJOB_CRD, PYTORCHJOB_CRD]) as env:
+        env.namespace("recjob-test")
+        yield KubeTarget(env.client(), "recjob-test", env.kubeconfig, env)

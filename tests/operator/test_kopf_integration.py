@@ -1,5 +1,9 @@
-"""The real operator (kopf, in a subprocess) against the project's fake API server. The
-tests play the Kubeflow, Job and KServe controllers by patching child status."""
+"""The real operator (kopf, in a subprocess) against a real API server (tests/envtest.py:
+etcd + kube-apiserver, no controllers), authenticated with its ServiceAccount's token and
+authorized by the shipped namespaced RBAC. The tests play the Kubeflow Training Operator,
+the Job controller, the kubelet and KServe by writing the status those controllers would
+write; the API server validates it against the upstream CRDs. What the operator asked for
+is read from the API server's audit log. (Real controllers: tests/cluster/.)"""
 
 from __future__ import annotations
 
@@ -10,18 +14,20 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from recjob_operator.local.backend import free_port
-from recjob_operator.testing.fakeapi import DEFAULT_RESOURCES, FakeApiServer
 from tests.conftest import MINIMAL, REPO
+from tests.envtest import INFERENCESERVICE_CRD, PYTORCHJOB_CRD, RECJOB_CRD, EnvTest
 
 pytestmark = pytest.mark.slow
 NS = "shop"
 OPERATOR_NS = "recjob-system"
+OPERATOR_USER = EnvTest.service_account_user(OPERATOR_NS, "recjob-operator")
 BIN = Path(sys.executable).parent
 MERGE = {"Content-Type": "application/merge-patch+json"}
 RECJOBS = f"/apis/recjob.dev/v1alpha1/namespaces/{NS}/recjobs"
@@ -87,21 +93,38 @@ class Operator:
             self.process.wait(30)
 
 
+def start_env(root: Path, crds: list[Path]) -> tuple[EnvTest, Path]:
+    """An envtest API server with ``crds``, namespace shop and the namespaced overlay
+    (RBAC, ServiceAccount); returns it and the operator's ServiceAccount kubeconfig."""
+    env = EnvTest(root, crds=crds).start()
+    try:
+        env.namespace(NS)
+        overlay = env.kubectl("kustomize", str(REPO / "manifests" / "overlays" / "namespaced"))
+        env.kubectl("apply", "--server-side", "-f", "-", input=overlay.stdout)
+        return env, env.service_account_kubeconfig(OPERATOR_NS, "recjob-operator")
+    except BaseException:
+        env.stop()
+        raise
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Fake API server + the operator (kopf run) watching namespace shop."""
+    """Envtest API server + the operator (kopf run, its ServiceAccount) watching shop."""
     tmp = tmp_path_factory.mktemp("kopf")
-    server = FakeApiServer().start()
-    namespaces = next(r for r in DEFAULT_RESOURCES if r.plural == "namespaces")
-    server.call(server.store.seed, namespaces, {"metadata": {"name": NS}})
-    kubeconfig = tmp / "kubeconfig"
-    server.kubeconfig(kubeconfig)
+    env, kubeconfig = start_env(tmp, [RECJOB_CRD, PYTORCHJOB_CRD, INFERENCESERVICE_CRD])
     operator = Operator(kubeconfig, tmp / "operator.log")
     operator.start()
-    with httpx.Client(base_url=server.url, timeout=10) as client:
-        yield server, client, operator
-    operator.stop()
-    server.stop()
+    try:
+        with env.http() as client:
+            yield env, client, operator
+    finally:
+        operator.stop()
+        env.stop()
+
+
+def operator_requests(env: EnvTest, **filters) -> list:
+    """The operator's requests so far (audit log), oldest first."""
+    return env.audit(user=OPERATOR_USER, **filters)
 
 
 def wait_for(client: httpx.Client, path: str, predicate=lambda o: True, timeout: float = 30):
@@ -123,24 +146,55 @@ def create_recjob(client: httpx.Client, name: str, **spec) -> dict:
     return response.json()
 
 
-def finish_pod(client: httpx.Client, name: str, labels: dict, message: dict) -> None:
+def patch_status(client: httpx.Client, path: str, status: dict) -> None:
+    """Write ``status`` through the status subresource, as the owning controller does."""
+    response = client.patch(f"{path}/status", headers=MERGE, json={"status": status})
+    assert response.status_code == 200, response.text
+
+
+def finish_pod(client: httpx.Client, name: str, labels: dict, message: dict,
+               exit_code: int = 0) -> None:  # fmt: skip
     """A finished pod whose container left ``message`` as its termination message (with
-    the labels its PyTorchJob / Job template gives it)."""
+    the labels its PyTorchJob / Job template gives it), as the kubelet reports it."""
     component = "training" if "training.kubeflow.org/job-name" in labels else "conversion"
     labels = {"app.kubernetes.io/managed-by": "recjob-operator",
               "app.kubernetes.io/component": component, **labels}  # fmt: skip
-    client.post(PODS, json={"apiVersion": "v1", "kind": "Pod",
-                            "metadata": {"name": name, "labels": labels},
-                            "spec": {"containers": [{"name": "c", "image": "x"}]}})  # fmt: skip
-    client.patch(f"{PODS}/{name}/status", headers=MERGE, json={"status": {
-        "containerStatuses": [{"name": "c", "image": "x", "imageID": "", "ready": False,
-                               "restartCount": 0, "state": {"terminated": {
-                                   "exitCode": 0, "message": json.dumps(message)}}}]}})  # fmt: skip
+    spec = {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}
+    created = client.post(PODS, json={"apiVersion": "v1", "kind": "Pod", "spec": spec,
+                                      "metadata": {"name": name, "labels": labels}})  # fmt: skip
+    assert created.status_code == 201, created.text
+    terminated = {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed",
+                  "message": json.dumps(message), "startedAt": "2026-11-29T11:59:00Z",
+                  "finishedAt": "2026-11-29T12:00:00Z"}  # fmt: skip
+    patch_status(client, f"{PODS}/{name}", {
+        "phase": "Failed" if exit_code else "Succeeded", "containerStatuses": [
+        {"name": "c", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": terminated}}]})  # fmt: skip
 
 
-def condition(kind: str, message: str = "") -> dict:
-    return {"type": kind, "status": "True", "message": message,
+def condition(kind: str, message: str = "", reason: str = "") -> dict:
+    return {"type": kind, "status": "True", "message": message, "reason": reason or kind,
             "lastTransitionTime": "2026-11-29T12:00:00Z"}  # fmt: skip
+
+
+def training(client: httpx.Client, name: str, *conditions: dict) -> None:
+    """The Training Operator's status of PyTorchJob ``name``."""
+    patch_status(client, f"{PYTORCHJOBS}/{name}", {"conditions": list(conditions)})
+
+
+def conversion_done(client: httpx.Client, name: str, ok: bool = True, message: str = "") -> None:
+    """The Job controller's status of a finished Job ``name`` (the API server insists on
+    SuccessCriteriaMet / FailureTarget before Complete / Failed, and on their times)."""
+    started = {"startTime": "2026-11-29T11:59:00Z"}
+    if ok:
+        patch_status(client, f"{JOBS}/{name}", {**started, "succeeded": 1, "conditions": [
+            condition("SuccessCriteriaMet", reason="CompletionsReached"),
+            condition("Complete", reason="CompletionsReached")],
+            "completionTime": "2026-11-29T12:00:00Z"})  # fmt: skip
+    else:
+        patch_status(client, f"{JOBS}/{name}", {**started, "failed": 1, "conditions": [
+            condition("FailureTarget", message, "BackoffLimitExceeded"),
+            condition("Failed", message, "BackoffLimitExceeded")]})  # fmt: skip
 
 
 def phase(name: str, *phases: str):
@@ -148,7 +202,7 @@ def phase(name: str, *phases: str):
 
 
 def test_happy_path_to_succeeded(cluster) -> None:
-    server, client, operator = cluster
+    env, client, operator = cluster
     created = create_recjob(client, "happy")
     job = wait_for(client, f"{PYTORCHJOBS}/happy-g1-train")
     assert job["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
@@ -156,19 +210,16 @@ def test_happy_path_to_succeeded(cluster) -> None:
         client.get(f"/api/v1/namespaces/{NS}/configmaps/happy-g1-train-config").status_code == 200
     )
     wait_for(client, f"{RECJOBS}/happy", phase("happy", "Training"))
-    client.patch(f"{PYTORCHJOBS}/happy-g1-train/status", headers=MERGE, json={"status": {
-        "conditions": [condition("Created"), condition("Running")]}})  # fmt: skip
+    training(client, "happy-g1-train", condition("Created"), condition("Running"))
     finish_pod(client, "happy-master-0", {"training.kubeflow.org/job-name": "happy-g1-train",
                "training.kubeflow.org/replica-type": "master"},
                {"main_metric": "ndcg@10", "model": {"ndcg@10": 0.91}})  # fmt: skip
-    client.patch(f"{PYTORCHJOBS}/happy-g1-train/status", headers=MERGE, json={"status": {
-        "conditions": [condition("Created"), condition("Succeeded")]}})  # fmt: skip
+    training(client, "happy-g1-train", condition("Created"), condition("Succeeded"))
     wait_for(client, f"{JOBS}/happy-g1-convert")
     recjob = wait_for(client, f"{RECJOBS}/happy", phase("happy", "Converting"))
     assert recjob["status"]["quality"] == {"metric": "ndcg@10", "value": 0.91}
     finish_pod(client, "happy-convert-x", {"job-name": "happy-g1-convert"}, GATE_OK)
-    client.patch(f"{JOBS}/happy-g1-convert/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    conversion_done(client, "happy-g1-convert")
     isvc = wait_for(client, f"{ISVCS}/happy")
     assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "1"
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
@@ -176,7 +227,7 @@ def test_happy_path_to_succeeded(cluster) -> None:
         "conditions": [condition("Ready")],
         "components": {"predictor": {"latestReadyRevision": "happy-predictor-00001"}},
     }
-    client.patch(f"{ISVCS}/happy/status", headers=MERGE, json={"status": ready})
+    patch_status(client, f"{ISVCS}/happy", ready)
     done = wait_for(client, f"{RECJOBS}/happy", phase("happy", "Succeeded"))
     status = done["status"]
     assert status["lineage"]["modelVersion"] == 1
@@ -190,19 +241,24 @@ def test_happy_path_to_succeeded(cluster) -> None:
     assert 'recjob_phase{namespace="shop",phase="Training",recjob="happy"} 0.0' in exposed
     assert "recjob_reconcile_duration_seconds_count" in exposed
     assert "Promoted" in reasons
-    creates = [r for r in server.store.log if r.verb == "create" and r.resource == "pytorchjobs"
-               and r.client == "operator" and r.status == 201]  # fmt: skip
-    assert len(creates) == 1  # level-triggered, but created once
+    creates = [r.code for r in operator_requests(env) if r.verb == "create"
+               and r.resource == "pytorchjobs" and r.name == "happy-g1-train"]  # fmt: skip
+    assert creates.count(201) == 1 and set(creates) <= {201, 409}  # level-triggered: once
 
 
 def test_failed_training_fails_with_its_reason(cluster) -> None:
+    """The Training Operator says which replica failed; the trainer's own error, left in
+    the master's termination message, says why: the RecJob's message has both."""
     _, client, _ = cluster
     create_recjob(client, "oom")
     wait_for(client, f"{PYTORCHJOBS}/oom-g1-train")
-    client.patch(f"{PYTORCHJOBS}/oom-g1-train/status", headers=MERGE, json={"status": {
-        "conditions": [condition("Failed", "master-0 OOMKilled")]}})  # fmt: skip
+    error = "FileNotFoundError: pvc://data/train.inter: no such file"
+    finish_pod(client, "oom-master-0", {"training.kubeflow.org/job-name": "oom-g1-train",
+               "training.kubeflow.org/replica-type": "master"}, {"error": error},
+               exit_code=1)  # fmt: skip
+    training(client, "oom-g1-train", condition("Failed", "master-0 OOMKilled"))
     failed = wait_for(client, f"{RECJOBS}/oom", phase("oom", "Failed"))
-    assert "master-0 OOMKilled" in failed["status"]["message"]
+    assert "master-0 OOMKilled; trainer: " + error in failed["status"]["message"]
     assert client.get(f"{JOBS}/oom-g1-convert").status_code == 404
 
 
@@ -210,13 +266,11 @@ def test_quality_gate_failure_is_never_deployed(cluster) -> None:
     _, client, _ = cluster
     create_recjob(client, "gated", serving={"name": "gated-svc"})
     wait_for(client, f"{PYTORCHJOBS}/gated-g1-train")
-    client.patch(f"{PYTORCHJOBS}/gated-g1-train/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    training(client, "gated-g1-train", condition("Succeeded"))
     wait_for(client, f"{JOBS}/gated-g1-convert")
     bad = dict(GATE_OK, passed=False, published_version=None, reasons=["ndcg@10 fell 4%"])
     finish_pod(client, "gated-convert-x", {"job-name": "gated-g1-convert"}, bad)
-    client.patch(f"{JOBS}/gated-g1-convert/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Failed", "exit code 2")]}})  # fmt: skip
+    conversion_done(client, "gated-g1-convert", ok=False, message="exit code 2")
     failed = wait_for(client, f"{RECJOBS}/gated", phase("gated", "Failed"))
     assert "quality gate failed" in failed["status"]["message"]
     assert "ndcg@10 fell 4%" in failed["status"]["message"]
@@ -225,9 +279,23 @@ def test_quality_gate_failure_is_never_deployed(cluster) -> None:
 
 def test_invalid_recjob_gets_failed_with_the_problems(cluster) -> None:
     _, client, _ = cluster
-    create_recjob(client, "invalid", rollout={"steps": [50, 10]})
+    """What the CRD (schema, CEL) accepts and only the operator refuses: Failed with every
+    problem, nothing created. (What CEL refuses never gets here: tests/cluster.)"""
+    bad = client.post(
+        RECJOBS,
+        json={
+            **MINIMAL,
+            "metadata": {"name": "refused", "namespace": NS},
+            "spec": {**MINIMAL["spec"], "rollout": {"steps": [50, 10]}},
+        },
+    )
+    assert bad.status_code == 422 and "spec.rollout.steps" in bad.text  # the API server's CEL
+    data = dict(MINIMAL["spec"]["data"], train="pvc://data/../../etc/passwd")
+    create_recjob(client, "invalid", data=data, artifactsUri="s3://recjob-artifacts/runs",
+                  training={"nodes": 2})  # fmt: skip
     failed = wait_for(client, f"{RECJOBS}/invalid", phase("invalid", "Failed"))
-    assert "spec.rollout.steps[1]" in failed["status"]["message"]
+    assert "spec.data.train" in failed["status"]["message"]
+    assert "spec.training.nodes" in failed["status"]["message"]
     assert client.get(f"{PYTORCHJOBS}/invalid-g1-train").status_code == 404
 
 
@@ -251,8 +319,7 @@ def test_export_change_mid_conversion_replaces_the_conversion_job(cluster) -> No
     _, client, _ = cluster
     create_recjob(client, "reexport")
     wait_for(client, f"{PYTORCHJOBS}/reexport-g1-train")
-    client.patch(f"{PYTORCHJOBS}/reexport-g1-train/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    training(client, "reexport-g1-train", condition("Succeeded"))
     wait_for(client, f"{JOBS}/reexport-g1-convert")
     client.patch(f"{RECJOBS}/reexport", headers=MERGE,
                  json={"spec": {"export": {"opset": 18}}})  # fmt: skip
@@ -332,18 +399,16 @@ def deploy_first(client: httpx.Client, name: str, service: str) -> None:
     """Drive RecJob ``name`` to Succeeded as the first model of ``service``."""
     create_recjob(client, name, serving={"name": service})
     wait_for(client, f"{PYTORCHJOBS}/{name}-g1-train")
-    client.patch(f"{PYTORCHJOBS}/{name}-g1-train/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    training(client, f"{name}-g1-train", condition("Succeeded"))
     wait_for(client, f"{JOBS}/{name}-g1-convert")
     finish_pod(client, f"{name}-convert-x", {"job-name": f"{name}-g1-convert"}, GATE_OK)
-    client.patch(f"{JOBS}/{name}-g1-convert/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    conversion_done(client, f"{name}-g1-convert")
     wait_for(client, f"{ISVCS}/{service}")
     ready = {
         "conditions": [condition("Ready")],
         "components": {"predictor": {"latestReadyRevision": f"{service}-00001"}},
     }
-    client.patch(f"{ISVCS}/{service}/status", headers=MERGE, json={"status": ready})
+    patch_status(client, f"{ISVCS}/{service}", ready)
     wait_for(client, f"{RECJOBS}/{name}", phase(name, "Succeeded"))
 
 
@@ -354,21 +419,19 @@ def start_canary(client: httpx.Client, name: str, service: str, url: str, versio
                "prometheusUrl": url, **rollout}  # fmt: skip
     create_recjob(client, name, serving={"name": service}, rollout=rollout)
     wait_for(client, f"{PYTORCHJOBS}/{name}-g1-train")
-    client.patch(f"{PYTORCHJOBS}/{name}-g1-train/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    training(client, f"{name}-g1-train", condition("Succeeded"))
     wait_for(client, f"{JOBS}/{name}-g1-convert")
     gate = dict(GATE_OK, published_version=version)
     finish_pod(client, f"{name}-convert-x", {"job-name": f"{name}-g1-convert"}, gate)
-    client.patch(f"{JOBS}/{name}-g1-convert/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    conversion_done(client, f"{name}-g1-convert")
     wait_for(client, f"{ISVCS}/{service}", lambda o: o["spec"]["predictor"].get(
         "canaryTrafficPercent") == 50)  # fmt: skip
     traffic = {
         "latestCreatedRevision": f"{service}-0000{version}",
         "previousRolledoutRevision": f"{service}-00001",
     }
-    client.patch(f"{ISVCS}/{service}/status", headers=MERGE, json={"status": {
-        "conditions": [condition("Ready")], "components": {"predictor": traffic}}})  # fmt: skip
+    patch_status(client, f"{ISVCS}/{service}", {
+        "conditions": [condition("Ready")], "components": {"predictor": traffic}})  # fmt: skip
 
 
 def test_good_canary_is_promoted(cluster, prometheus) -> None:
@@ -457,17 +520,46 @@ def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_
 
 
 def test_status_conflicts_are_retried(cluster) -> None:
-    server, client, _ = cluster
-    server.store.conflicts[("recjobs", "status")] = 2
+    """Another writer keeps changing the RecJob (labels) while the operator writes its
+    status with a resourceVersion precondition: the API server answers 409 and the
+    operator re-reads, recomputes and writes again; nothing it wrote is lost."""
+    env, client, _ = cluster
+    since = datetime.now(UTC)
     create_recjob(client, "contested")
-    wait_for(client, f"{RECJOBS}/contested", phase("contested", "Training"))
-    writes = [r.status for r in server.store.log if r.resource == "recjobs"
-              and r.subresource == "status" and r.name == "contested"]  # fmt: skip
-    assert writes[:3] == [409, 409, 200]
+    stop = threading.Event()
+
+    def relabel() -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+            client.patch(f"{RECJOBS}/contested", headers=MERGE,
+                         json={"metadata": {"labels": {"touched": str(count)}}})  # fmt: skip
+
+    writer = threading.Thread(target=relabel, daemon=True)
+    writer.start()
+    try:
+        deadline = time.time() + 30
+        while not any(r.code == 409 for r in status_writes(env, "contested", since)):
+            assert time.time() < deadline, "no status write met a conflict"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        writer.join(10)
+    recjob = wait_for(client, f"{RECJOBS}/contested", phase("contested", "Training"))
+    assert recjob["status"]["observedGeneration"] == 1
+    codes = [r.code for r in status_writes(env, "contested", since)]
+    assert 409 in codes and codes[-1] == 200, codes
+    assert client.get(f"{PYTORCHJOBS}/contested-g1-train").status_code == 200
+
+
+def status_writes(env: EnvTest, name: str, since: datetime) -> list:
+    """The operator's writes of RecJob ``name``'s status since ``since``."""
+    return [r for r in operator_requests(env, since=since) if r.resource == "recjobs"
+            and r.subresource == "status" and r.name == name]  # fmt: skip
 
 
 def test_operator_killed_at_each_phase_resumes_without_duplicates(cluster) -> None:
-    server, client, operator = cluster
+    env, client, operator = cluster
 
     def restart() -> None:
         operator.kill()
@@ -476,28 +568,25 @@ def test_operator_killed_at_each_phase_resumes_without_duplicates(cluster) -> No
     create_recjob(client, "phoenix", serving={"name": "svc-p"})
     wait_for(client, f"{PYTORCHJOBS}/phoenix-g1-train")
     restart()  # Training
-    client.patch(f"{PYTORCHJOBS}/phoenix-g1-train/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Succeeded")]}})  # fmt: skip
+    training(client, "phoenix-g1-train", condition("Succeeded"))
     wait_for(client, f"{JOBS}/phoenix-g1-convert")
     restart()  # Converting
     finish_pod(client, "phoenix-convert-x", {"job-name": "phoenix-g1-convert"}, GATE_OK)
-    client.patch(f"{JOBS}/phoenix-g1-convert/status", headers=MERGE,
-                 json={"status": {"conditions": [condition("Complete")]}})  # fmt: skip
+    conversion_done(client, "phoenix-g1-convert")
     wait_for(client, f"{ISVCS}/svc-p")
     restart()  # RollingOut
     ready = {
         "conditions": [condition("Ready")],
         "components": {"predictor": {"latestReadyRevision": "svc-p-00001"}},
     }
-    client.patch(f"{ISVCS}/svc-p/status", headers=MERGE, json={"status": ready})
+    patch_status(client, f"{ISVCS}/svc-p", ready)
     wait_for(client, f"{RECJOBS}/phoenix", phase("phoenix", "Succeeded"), timeout=60)
     # each child was created once; later attempts (if any) met 409 AlreadyExists
     for resource, name in (("pytorchjobs", "phoenix-g1-train"), ("jobs", "phoenix-g1-convert"),
                            ("configmaps", "phoenix-g1-train-config")):  # fmt: skip
         statuses = [
-            r.status for r in server.store.log
-            if r.verb == "create" and r.client == "operator" and r.resource == resource
-            and r.created == name
+            r.code for r in operator_requests(env)
+            if r.verb == "create" and r.resource == resource and r.name == name
         ]  # fmt: skip
         assert statuses.count(201) == 1 and set(statuses) <= {201, 409}, (resource, statuses)
     for path in (f"{PYTORCHJOBS}/phoenix-g1-train", f"{JOBS}/phoenix-g1-convert", f"{ISVCS}/svc-p"):
@@ -527,20 +616,18 @@ def test_recjob_deleted_mid_rollout_rolls_back_and_goes(cluster, prometheus) -> 
 
 
 def test_children_are_read_from_watches_not_polled(cluster) -> None:
-    server, client, operator = cluster
+    env, client, operator = cluster
     create_recjob(client, "cached")
     wait_for(client, f"{RECJOBS}/cached", phase("cached", "Training"))
-    client.patch(f"{PYTORCHJOBS}/cached-g1-train/status", headers=MERGE, json={"status": {
-        "conditions": [condition("Created"), condition("Running")]}})  # fmt: skip
+    training(client, "cached-g1-train", condition("Created"), condition("Running"))
     wait_for(client, f"{RECJOBS}/cached", lambda o: o["status"]["training"]["state"] == "Running")
-    since = len(server.store.log)
+    since = datetime.now(UTC)
     time.sleep(3)  # ~10 looks at the RecJob (RECJOB_MAX_SLEEP_SECONDS=0.3)
-    reads = [(r.verb, r.resource) for r in server.store.log[since:]
-             if r.client == "operator" and r.verb in ("get", "list")]  # fmt: skip
+    reads = [(r.verb, r.resource) for r in operator_requests(env, since=since)
+             if r.verb in ("get", "list")]  # fmt: skip
     # only the leader's Lease renewals (every 0.5 s here, 2 s by default): none per RecJob
     assert {read for read in reads if read[1] != "leases"} == set(), reads
-    client.patch(f"{PYTORCHJOBS}/cached-g1-train/status", headers=MERGE, json={"status": {
-        "conditions": [condition("Failed", "evicted")]}})  # fmt: skip
+    training(client, "cached-g1-train", condition("Failed", "evicted"))
     wait_for(client, f"{RECJOBS}/cached", phase("cached", "Failed"))  # the watch saw it
     exposed = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
     assert 'recjob_api_requests_total{code="201",resource="pytorchjobs",verb="create"}' in exposed
@@ -558,8 +645,7 @@ def test_standby_replica_takes_over_when_the_leader_dies(cluster, tmp_path) -> N
         wait_for(client, f"{RECJOBS}/failover", phase("failover", "Training"))
         operator.kill()
         standby.wait_health(lambda h: h["leader"], timeout=15)  # within the lease (3 s)
-        client.patch(f"{PYTORCHJOBS}/failover-g1-train/status", headers=MERGE, json={
-            "status": {"conditions": [condition("Failed", "node lost")]}})  # fmt: skip
+        training(client, "failover-g1-train", condition("Failed", "node lost"))
         failed = wait_for(client, f"{RECJOBS}/failover", phase("failover", "Failed"))
         assert "node lost" in failed["status"]["message"]
         lease = client.get(f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NS}/leases/"
@@ -574,19 +660,12 @@ def test_standby_replica_takes_over_when_the_leader_dies(cluster, tmp_path) -> N
 
 def test_operator_survives_absent_crds_and_reports_refused_creates(tmp_path) -> None:
     """Kubeflow and KServe not installed: the operator runs, the refused create is in the
-    RecJob's status and events; once Kubeflow is installed, the RecJob proceeds."""
-    server = FakeApiServer().start()
-    store = server.store
-    everything = store.resources
-    store.resources = tuple(r for r in everything
-                            if r.group not in ("kubeflow.org", "serving.kserve.io"))  # fmt: skip
-    namespaces = next(r for r in DEFAULT_RESOURCES if r.plural == "namespaces")
-    server.call(store.seed, namespaces, {"metadata": {"name": NS}})
-    server.kubeconfig(tmp_path / "kubeconfig")
-    operator = Operator(tmp_path / "kubeconfig", tmp_path / "operator.log")
+    RecJob's status and events; once Kubeflow's CRD is installed, the RecJob proceeds."""
+    env, kubeconfig = start_env(tmp_path, [RECJOB_CRD])
+    operator = Operator(kubeconfig, tmp_path / "operator.log")
     operator.start()
     try:
-        with httpx.Client(base_url=server.url, timeout=10) as client:
+        with env.http() as client:
             create_recjob(client, "early")
             refused = wait_for(client, f"{RECJOBS}/early", lambda o: any(
                 c["type"] == "ChildrenCreated" and c["status"] == "False"
@@ -595,55 +674,46 @@ def test_operator_survives_absent_crds_and_reports_refused_creates(tmp_path) -> 
                              if c["type"] == "ChildrenCreated"]  # fmt: skip
             assert condition_["reason"] == "CreateFailed"
             assert "create PyTorchJob early-g1-train: 404" in condition_["message"]
-            events = client.get(f"/api/v1/namespaces/{NS}/events").json()["items"]
+            events = wait_for(client, f"/api/v1/namespaces/{NS}/events",
+                              lambda o: o["items"])["items"]  # fmt: skip
             assert [e["reason"] for e in events if e["type"] == "Warning"] == ["CreateFailed"]
             assert operator.health()["healthy"] is True
-            store.resources = everything  # Kubeflow installed (not watched: read via the API)
+            env.install_crds(PYTORCHJOB_CRD)  # Kubeflow installed (not watched: read via the API)
             done = wait_for(client, f"{RECJOBS}/early", lambda o: any(
                 c["type"] == "ChildrenCreated" and c["status"] == "True"
-                for c in o["status"]["conditions"]), timeout=30)  # fmt: skip
+                for c in o["status"]["conditions"]), timeout=60)  # fmt: skip
             assert done["status"]["phase"] == "Training"
             assert client.get(f"{PYTORCHJOBS}/early-g1-train").status_code == 200
     finally:
         operator.stop()
-        server.stop()
+        env.stop()
 
 
 def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
-    """Runs last: checks every request the scenarios above made (run the whole module)
-    against the namespaced overlay's RBAC (the operator runs as that overlay does), and
-    that every rule was needed by some request."""
-    from tests.operator.rbac import allowed, grants
+    """Runs last: the real RBAC authorizer judged every request the scenarios above made
+    (the operator runs as the namespaced overlay's ServiceAccount): none was refused, and
+    every rule of the overlay was needed by some request (run the whole module)."""
+    from tests.cluster.audit import used_permissions
+    from tests.operator.rbac import grants
     from tests.operator.test_manifests import build
 
-    server, _, _ = cluster
-    granted = grants(build("overlays/namespaced"))
-
-    def resource(request) -> str:
-        return request.resource + (f"/{request.subresource}" if request.subresource else "")
-
-    operator_requests = [r for r in server.store.log if r.client == "operator"]
-    assert operator_requests, "no request was attributed to the operator"
-    denied = {
-        (r.verb, r.group, resource(r), r.namespace)
-        for r in operator_requests
-        if not allowed(granted, r.verb, r.group, resource(r), r.namespace, r.name)
-    }
-    assert not denied, f"requests the shipped RBAC does not allow: {sorted(denied)}"
+    env, _, _ = cluster
+    requests = operator_requests(env)
+    assert requests, "no request was made with the operator's ServiceAccount"
+    denied = sorted({r.describe() for r in requests if r.denied})
+    assert not denied, f"requests the shipped RBAC does not allow: {denied}"
+    used = used_permissions(requests)
     # checked by the API server's admission (blockOwnerDeletion), never requested
     never_requested = {("recjob.dev", "recjobs/finalizers", "update")}
     unused = []
-    for grant in granted:
+    for grant in grants(build("overlays/namespaced")):
         rule = grant.rule
         for group in rule["apiGroups"]:
             for res in rule["resources"]:
                 for verb in rule["verbs"]:
                     if (group, res, verb) in never_requested:
                         continue
-                    if not any(
-                        (r.group, resource(r), r.verb) == (group, res, verb)
-                        and (grant.namespace is None or r.namespace == grant.namespace)
-                        for r in operator_requests
-                    ):
+                    if not any(grant.namespace is None or e.namespace == grant.namespace
+                               for e in used.get((group, res, verb), [])):  # fmt: skip
                         unused.append((grant.namespace, group, res, verb))
     assert not unused, f"rules no request needed: {unused}"

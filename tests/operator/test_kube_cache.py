@@ -1,6 +1,6 @@
 """The children caches: index functions, the view over kopf's indexes (no API calls for
 cached kinds, one LIST for a finished child's report the pod cache lacks), and the same
-reads through the API (fake API server, or a real one: see kube_target.py)."""
+reads through the API (a real API server: see kube_target.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from recjob_operator.kube import cache
 from recjob_operator.kube.backend import KubeBackend
 from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
-from tests.operator.kube_target import start_target, unique
+from tests.operator.kube_target import kube_target, unique
 
 MANAGED = {"app.kubernetes.io/managed-by": "recjob-operator"}
 
@@ -160,10 +160,8 @@ def test_backend_observes_through_a_view() -> None:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    target, server = start_target(tmp_path_factory.mktemp("cache"))
-    yield target
-    if server is not None:
-        server.stop()
+    with kube_target(tmp_path_factory.mktemp("cache")) as target:
+        yield target
 
 
 def test_api_view_reads_jobs_and_termination_messages(target) -> None:
@@ -178,7 +176,7 @@ def test_api_view_reads_jobs_and_termination_messages(target) -> None:
         "spec": {"restartPolicy": "Never", "containers": [container]}}}})  # fmt: skip
     try:
         assert view.job(ns, name)["metadata"]["name"] == name
-        if target.fake:  # a finished pod as the Job controller and kubelet would leave it
+        if target.env is not None:  # no Job controller or kubelet: the pod they would leave
             core.create_namespaced_pod(ns, {"metadata": {"name": f"{name}-x", "labels": {
                 "job-name": name}}, "spec": {"containers": [container]}})  # fmt: skip
             terminated = {"exitCode": 0, "message": '{"passed": true}'}
@@ -191,3 +189,27 @@ def test_api_view_reads_jobs_and_termination_messages(target) -> None:
         assert view.report(ns, "jobs", unique("none")) is None
     finally:
         batch.delete_namespaced_job(name, ns, propagation_policy="Background")
+
+
+def test_a_restarted_containers_last_termination_message_is_read() -> None:
+    """OnFailure restarts the container in place (CrashLoopBackOff between runs): its last
+    run's message is in lastState; the current state's wins when both have one."""
+    last = {"terminated": {"exitCode": 1, "message": '{"error": "boom"}'}}
+    waiting = {"waiting": {"reason": "CrashLoopBackOff"}}
+    pod = {"status": {"containerStatuses": [{"name": "c", "state": waiting, "lastState": last}]}}
+    assert cache.termination_message(pod) == '{"error": "boom"}'
+    now = {"terminated": {"exitCode": 0, "message": '{"main_metric": "auc"}'}}
+    pod["status"]["containerStatuses"][0]["state"] = now
+    assert cache.termination_message(pod) == '{"main_metric": "auc"}'
+    assert cache.termination_message({"status": {}}) is None
+
+
+def test_a_failed_trainings_message_gains_the_trainers_error() -> None:
+    from recjob_operator.kube.backend import with_trainer_error
+
+    assert with_trainer_error("1 Master replica(s) failed.", {"error": "ValueError: x"}) == (
+        "1 Master replica(s) failed.; trainer: ValueError: x"
+    )
+    assert with_trainer_error(None, {"error": "ValueError: x"}) == "trainer: ValueError: x"
+    assert with_trainer_error("failed", None) == "failed"
+    assert with_trainer_error("failed", {"main_metric": "auc"}) == "failed"

@@ -1,5 +1,5 @@
-"""Leader election on a coordination.k8s.io/v1 Lease, against an API server (the fake one,
-or a real cluster: see kube_target.py). Candidates get fake monotonic clocks: expiry is
+"""Leader election on a coordination.k8s.io/v1 Lease, against a real API server (envtest,
+or a whole cluster: see kube_target.py). Candidates get fake monotonic clocks: expiry is
 judged by each candidate's own clock, so the tests move time instead of waiting for it,
 and the API server's optimistic concurrency (resourceVersion, 409) is the real one."""
 
@@ -20,15 +20,13 @@ from kubernetes.client.exceptions import ApiException
 from recjob_operator.kube.health import HealthServer
 from recjob_operator.kube.leader import LeaseConfig, LeaseElector, micro_time
 from recjob_operator.local.backend import free_port
-from tests.operator.kube_target import start_target, unique
+from tests.operator.kube_target import kube_target, unique
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    target, server = start_target(tmp_path_factory.mktemp("leader"))
-    yield target
-    if server is not None:
-        server.stop()
+    with kube_target(tmp_path_factory.mktemp("leader")) as target:
+        yield target
 
 
 class Clock:

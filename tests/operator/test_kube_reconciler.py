@@ -2,9 +2,9 @@
 refused child writes surfaced (condition, event, backoff), no writes without leadership.
 
 The first tests use an in-memory backend (the logic alone); the last ones run the real
-KubeBackend against an API server (the fake one, or a real cluster: see kube_target.py),
+KubeBackend against a real API server (envtest or a whole cluster: see kube_target.py),
 where the conflict is a genuine concurrent write and the refusal a genuine API answer
-(a ResourceQuota on a real cluster; on the fake one, PyTorchJobs not being served)."""
+(a ResourceQuota)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from recjob_operator.kube.reconciler import (
 )
 from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
-from tests.operator.kube_target import start_target, unique
+from tests.operator.kube_target import kube_target, unique
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 QUOTA_MESSAGE = (
@@ -251,11 +251,9 @@ def test_without_leadership_nothing_is_written() -> None:
 # --------------------------------------------------------------------------- API server
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    target, server = start_target(tmp_path_factory.mktemp("reconciler"))
-    target.require("recjob.dev", "v1alpha1", "recjobs")
-    yield target
-    if server is not None:
-        server.stop()
+    with kube_target(tmp_path_factory.mktemp("reconciler")) as target:
+        target.require("recjob.dev", "v1alpha1", "recjobs")
+        yield target
 
 
 RECJOBS = ("recjob.dev", "v1alpha1")
@@ -308,15 +306,14 @@ def test_a_refused_create_gets_a_condition_and_an_event(target) -> None:
     name = unique("refused")
     core = client.CoreV1Api(target.api)
     quota = unique("no-pytorchjobs")
-    if target.fake:  # PyTorchJobs not served: the API server answers 404 to the create
-        store = target.server.store
-        served = store.resources
-        store.resources = tuple(r for r in served if r.plural != "pytorchjobs")
-    else:
-        target.require("kubeflow.org", "v1", "pytorchjobs")
-        core.create_namespaced_resource_quota(target.namespace, {
-            "metadata": {"name": quota},
-            "spec": {"hard": {"count/pytorchjobs.kubeflow.org": "0"}}})  # fmt: skip
+    target.require("kubeflow.org", "v1", "pytorchjobs")
+    hard = {"count/pytorchjobs.kubeflow.org": "0"}
+    core.create_namespaced_resource_quota(target.namespace, {
+        "metadata": {"name": quota}, "spec": {"hard": hard}})  # fmt: skip
+    if target.env is not None:  # no quota controller: write the usage it would
+        core.patch_namespaced_resource_quota_status(
+            quota, target.namespace, {"status": {"hard": hard, "used": {k: "0" for k in hard}}}
+        )
     recjob = parse_recjob(recjob_document(create_recjob(target, name)))
     try:
         result = reconcile_pass(KubeBackend(target.api), ApiView(target.api), recjob, Backoff())
@@ -328,14 +325,11 @@ def test_a_refused_create_gets_a_condition_and_an_event(target) -> None:
         refused = conditions[CHILDREN_CONDITION]
         assert refused["status"] == "False" and refused["reason"] == "CreateFailed"
         assert f"create PyTorchJob {name}-g1-train" in refused["message"]
-        assert ("exceeded quota" if not target.fake else "could not find") in refused["message"]
+        assert "exceeded quota" in refused["message"]
         events = core.list_namespaced_event(target.namespace).items
         mine = [e for e in events if e.involved_object.name == name]
         assert [(e.type, e.reason) for e in mine] == [("Warning", "CreateFailed")]
         assert mine[0].message == refused["message"]
     finally:
-        if target.fake:
-            target.server.store.resources = served
-        else:
-            core.delete_namespaced_resource_quota(quota, target.namespace)
+        core.delete_namespaced_resource_quota(quota, target.namespace)
         delete_recjob(target, name)

@@ -500,3 +500,33 @@ def test_every_spec_field_has_a_declared_edit_behaviour() -> None:
     from recjob_operator.controller.identity import IN_PLACE_FIELDS, MODEL_FIELDS
 
     assert set(RecJobSpec.model_fields) <= {*MODEL_FIELDS, "export", *IN_PLACE_FIELDS}
+
+
+def test_a_pass_cut_short_before_its_status_still_records_its_events() -> None:
+    """The operator created a child and died before writing the status: the repeated pass
+    finds the child, creates nothing, and still emits the creation event (the backend
+    names events by content, so one the dead pass did post is not posted twice)."""
+    job = make()
+    running = ChildObservation("minimal-g1-train", "Running")
+    decision = reconcile(job, Observed(training=running), None, T0)
+    assert kinds(decision) == []
+    assert [e.reason for e in decision.actions if isinstance(e, EmitEvent)] == ["TrainingCreated"]
+    step(job, Observed(training=running), T0)
+    converting = ChildObservation("minimal-g1-convert", "Running")
+    decision = reconcile(job, Observed(training=trained(), conversion=converting), None, T0)
+    assert CreateConversion not in kinds(decision)
+    reasons = [e.reason for e in decision.actions if isinstance(e, EmitEvent)]
+    assert reasons == ["TrainingSucceeded", "ConversionCreated"]
+
+
+def test_events_are_named_by_what_they_say() -> None:
+    from recjob_operator.kube.backend import event_name
+
+    job = make()
+    job.metadata.uid = "0b1c"
+    first = event_name(job, EmitEvent("Normal", "TrainingCreated", "created training x"))
+    assert first == event_name(job, EmitEvent("Normal", "TrainingCreated", "created training x"))
+    assert first.startswith("minimal.") and len(first) == len("minimal.") + 16
+    assert first != event_name(job, EmitEvent("Normal", "TrainingCreated", "created training y"))
+    job.metadata.generation = 2
+    assert first != event_name(job, EmitEvent("Normal", "TrainingCreated", "created training x"))

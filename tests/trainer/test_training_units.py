@@ -228,3 +228,27 @@ def test_stage_digests_keep_the_teacher_when_only_compression_changes() -> None:
     # recovery (and the pruning decision) on everything
     assert training_digest(pruned, "recover") != training_digest(distilled, "recover")
     assert training_digest(pruned, "recover").endswith("/recover")
+
+
+def test_a_failed_trainer_leaves_its_error_once(tmp_path, monkeypatch) -> None:
+    """The first failing rank's error is the container's termination message (the
+    kubelet's empty file, or none yet); later ranks do not overwrite it; long errors fit."""
+    import json as _json
+
+    from recjob_trainer.cli import MAX_ERROR_CHARS, write_error_message
+    from recjob_trainer.finish import TERMINATION_LOG_ENV
+
+    target = tmp_path / "termination-log"
+    target.touch()  # as the kubelet leaves it
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(target))
+    write_error_message("FileNotFoundError: /data/train.inter")
+    write_error_message("RuntimeError: rank 0 is gone")
+    assert _json.loads(target.read_text()) == {"error": "FileNotFoundError: /data/train.inter"}
+    target.unlink()
+    write_error_message("x" * 10_000)
+    error = _json.loads(target.read_text())["error"]
+    assert len(error) == MAX_ERROR_CHARS and error.endswith("...")
+    monkeypatch.delenv(TERMINATION_LOG_ENV)
+    target.unlink()
+    write_error_message("not in a pod")
+    assert not target.exists()

@@ -4,6 +4,7 @@ PyTorchJob pod and in local mode)."""
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -102,8 +103,35 @@ def cli(
     except Exception as error:  # one clear line, then the traceback for the logs
         click.echo(f"recjob-train: {type(error).__name__}: {error}", err=True)
         traceback.print_exc()
+        write_error_message(f"{type(error).__name__}: {error}")
         exit_cleanly(1)
     exit_cleanly(0)
+
+
+#: Most characters of an error left as the termination message (Kubernetes keeps 4096 bytes).
+MAX_ERROR_CHARS = 2000
+
+
+def write_error_message(error: str) -> None:
+    """With $RECJOB_TERMINATION_LOG set (a PyTorchJob's container), leave ``{"error": ...}``
+    there for the operator, unless a process of this container already left one (the
+    first rank to fail says why; the others often fail because it did)."""
+    from .finish import TERMINATION_LOG_ENV
+
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if not path:
+        return
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[: MAX_ERROR_CHARS - 3] + "..."
+    try:
+        with open(path, "x" if not Path(path).exists() else "r+", encoding="utf-8") as handle:
+            if handle.mode == "r+" and handle.read().strip():
+                return
+            handle.seek(0)
+            handle.write(json.dumps({"error": error}))
+            handle.truncate()
+    except OSError:  # not writable, or another rank created it first: theirs stands
+        return
 
 
 def main() -> None:

@@ -258,9 +258,9 @@ def _on_spec(plan: Plan, previous: RecJobStatus | None, observed: Observed) -> N
 # --------------------------------------------------------------------------- phases
 def _pending(plan: Plan, observed: Observed) -> None:
     name = training_name(plan.recjob)
-    if observed.training is None:
+    if observed.training is None:  # else created by a pass that ended before its status
         plan.actions.append(CreateTraining(name))
-        plan.event("Normal", "TrainingCreated", f"created training {name}")
+    plan.event("Normal", "TrainingCreated", f"created training {name}")
     plan.status.phase = "Training"
     plan.status.message = f"training {name}"
     training = plan.recjob.spec.training
@@ -339,9 +339,9 @@ def _start_conversion(plan: Plan, create: bool) -> None:
     status.conversion = ConversionStatus(
         job_name=name, state="Created", target=target, start_time=plan.now
     )
-    if create:
+    if create:  # else created by a pass that ended before its status was written
         plan.actions.append(CreateConversion(name))
-        plan.event("Normal", "ConversionCreated", f"created conversion {name}")
+    plan.event("Normal", "ConversionCreated", f"created conversion {name}")
     plan.condition("Converted", False, "ConversionStarted", f"converting with {name}")
     plan.requeue(POLL_SECONDS)
 

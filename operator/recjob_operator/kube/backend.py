@@ -13,6 +13,7 @@ and recomputes, see :mod:`.reconciler`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -60,6 +61,23 @@ STABLE_ANNOTATION = f"{GROUP}/stable-model-version"
 VERSION_ANNOTATION = f"{GROUP}/model-version"
 RECJOBS = (GROUP, "v1alpha1", "recjobs")
 MANAGED_LABEL, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
+
+
+def event_name(recjob: RecJob, event: EmitEvent) -> str:
+    """``<recjob>.<digest>``: the digest of the RecJob's uid and generation and the event's
+    type, reason and message, so one event of one generation has one name."""
+    key = "\x00".join((recjob.metadata.uid or "", str(recjob.generation), event.type,
+                        event.reason, event.message))  # fmt: skip
+    return f"{recjob.metadata.name}.{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def with_trainer_error(message: str | None, report: dict | None) -> str | None:
+    """A failed PyTorchJob's message with the error the trainer left in its master's
+    termination message (``{"error": ...}``), if it left one."""
+    error = (report or {}).get("error")
+    if not isinstance(error, str) or not error:
+        return message
+    return f"{message}; trainer: {error}" if message else f"trainer: {error}"
 
 
 class StatusConflict(Exception):
@@ -127,6 +145,8 @@ class KubeBackend:
         result = None
         if state == "Succeeded":
             result = view.report(ns, "pytorchjobs", name) or {}
+        elif state == "Failed":  # the Training Operator says which replica; the trainer, why
+            message = with_trainer_error(message, view.report(ns, "pytorchjobs", name))
         return ChildObservation(name, state, message=message, restarts=restarts, result=result)
 
     @staticmethod
@@ -294,13 +314,16 @@ class KubeBackend:
                 raise ChildWriteError("delete", kind, name, error) from None
 
     def emit_event(self, recjob: RecJob, event: EmitEvent) -> None:
-        """A Kubernetes Event on the RecJob (best effort: a failure is only logged)."""
+        """A Kubernetes Event on the RecJob (best effort: a failure is only logged). Its
+        name is derived from what it says (:func:`event_name`): the same event emitted
+        again by a pass that repeats one cut short before its status write (operator
+        killed, 409) meets 409 AlreadyExists and is recorded once."""
         ns = recjob.metadata.namespace or "default"
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{recjob.metadata.name}.", "namespace": ns},
+            "metadata": {"name": event_name(recjob, event), "namespace": ns},
             "involvedObject": {
                 "apiVersion": recjob.api_version,
                 "kind": recjob.kind,
@@ -319,7 +342,8 @@ class KubeBackend:
         try:
             api_call("create", "events", self.core.create_namespaced_event, ns, body)
         except ApiException as error:  # events are best effort
-            log.warning("event %s not recorded: %s", event.reason, error.reason)
+            if error.status != 409:  # 409: recorded by an earlier attempt of this pass
+                log.warning("event %s not recorded: %s", event.reason, error.reason)
 
     # ------------------------------------------------------------------ the RecJob
     def read_recjob(self, namespace: str, name: str) -> dict | None:

@@ -108,12 +108,15 @@ def pod_child(labels: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def termination_message(pod: Mapping) -> str | None:
-    """The first termination message a container of ``pod`` left, if any."""
+    """The first termination message a container of ``pod`` left, if any: of its current
+    state, else of its last one (a container restarted in place, e.g. ``OnFailure``, or
+    waiting in CrashLoopBackOff, keeps the message of its last run there)."""
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    for container in statuses:
-        terminated = (container.get("state") or {}).get("terminated") or {}
-        if terminated.get("message"):
-            return str(terminated["message"])
+    for state in ("state", "lastState"):
+        for container in statuses:
+            terminated = (container.get(state) or {}).get("terminated") or {}
+            if terminated.get("message"):
+                return str(terminated["message"])
     return None
 
 
@@ -178,7 +181,9 @@ class ChildView(Protocol):
 
 
 class ApiView:
-    """The children read through the API server (GET / LIST on every call)."""
+    """The children read through the API server (a LIST on every call). One child is
+    listed by ``metadata.name`` field selector rather than fetched with GET: the shipped
+    roles grant the children's kinds list/watch (what the caches need), not get."""
 
     def __init__(self, api: client.ApiClient):
         self.api = api
@@ -186,31 +191,31 @@ class ApiView:
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
 
-    def _get_custom(self, kind: tuple[str, str, str], namespace: str, name: str) -> dict | None:
+    def _list_custom(self, kind: tuple[str, str, str], namespace: str, name: str) -> dict | None:
         try:
-            return api_call(
-                "get", kind[2], self.custom.get_namespaced_custom_object,
-                kind[0], kind[1], namespace, kind[2], name,
+            found = api_call(
+                "list", kind[2], self.custom.list_namespaced_custom_object,
+                kind[0], kind[1], namespace, kind[2], field_selector=f"metadata.name={name}",
             )  # fmt: skip
         except ApiException as error:
-            if error.status == 404:
+            if error.status == 404:  # the kind is not served (its CRD is not installed)
                 return None
             raise
+        items = found.get("items") or []
+        return items[0] if items else None
 
     def pytorchjob(self, namespace: str, name: str) -> dict | None:
-        return self._get_custom(KUBEFLOW, namespace, name)
+        return self._list_custom(KUBEFLOW, namespace, name)
 
     def inferenceservice(self, namespace: str, name: str) -> dict | None:
-        return self._get_custom(KSERVE, namespace, name)
+        return self._list_custom(KSERVE, namespace, name)
 
     def job(self, namespace: str, name: str) -> dict | None:
-        try:
-            job = api_call("get", "jobs", self.batch.read_namespaced_job, name, namespace)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return self.api.sanitize_for_serialization(job)
+        found = api_call(
+            "list", "jobs", self.batch.list_namespaced_job, namespace,
+            field_selector=f"metadata.name={name}",
+        ).items  # fmt: skip
+        return self.api.sanitize_for_serialization(found[0]) if found else None
 
     def report(self, namespace: str, kind: str, name: str) -> dict | None:
         if kind == "pytorchjobs":

@@ -1,1 +1,0 @@
-"""Test infrastructure the project owns (a fake Kubernetes API server)."""

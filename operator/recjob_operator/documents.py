@@ -1,5 +1,11 @@
 """Reading RecJob YAML files: several documents per file, syntax errors and duplicate keys
-reported with line numbers instead of raised."""
+reported with line numbers instead of raised.
+
+Hostile input is refused before it costs anything: files over :data:`MAX_FILE_BYTES`
+(before reading), YAML aliases and anchors (an alias bomb of a few hundred bytes expands to
+gigabytes; a RecJob has no use for them), nesting deeper than :data:`MAX_DEPTH`, integers
+longer than :data:`MAX_INT_DIGITS` digits and mapping keys that are not scalars, each with a
+line and column, never a traceback."""
 
 from __future__ import annotations
 
@@ -11,9 +17,53 @@ import yaml
 
 from .validation import Problem
 
+#: Largest RecJob file (or text) read: the API server keeps no object over ~1.5 MiB, and no
+#: RecJob comes near this.
+MAX_FILE_BYTES = 1024 * 1024
+#: Deepest nesting of mappings and sequences (a RecJob needs fewer than 10 levels).
+MAX_DEPTH = 64
+#: Longest integer accepted, in digits (the API's largest bound has 20).
+MAX_INT_DIGITS = 40
+
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the API server would reject them too)."""
+    """SafeLoader that refuses duplicate keys (the API server would reject them too),
+    aliases and anchors, deep nesting, huge integers and non-scalar keys."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"YAML anchors and aliases ({sign}{event.anchor}) are not accepted in a "
+                "RecJob: write the value out", event.start_mark,
+            )  # fmt: skip
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = len(str(node.value).replace("_", "").lstrip("+-"))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS})",
+                node.start_mark,
+            )  # fmt: skip
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -21,9 +71,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, list | dict):
+        if key is not None and not isinstance(key, str | int | float | bool):
             raise yaml.constructor.ConstructorError(
-                None, None, "mapping keys must be scalars", key_node.start_mark
+                None, None, "mapping keys must be strings or numbers", key_node.start_mark
             )
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -58,15 +108,25 @@ def load_documents(path: str | Path) -> list[Document]:
     """Every non-empty YAML document in ``path``; unreadable files give one problem document."""
     source = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:
+            return [Document(source, 0, problems=[Problem("", _too_large(size))])]
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         return [Document(source, 0, problems=[Problem("", f"cannot read file: {error}")])]
     return parse_documents(text, source)
 
 
+def _too_large(size: int) -> str:
+    return f"the file is {size:,} bytes; a RecJob file may have at most {MAX_FILE_BYTES:,}"
+
+
 def parse_documents(text: str, source: str = "<string>") -> list[Document]:
     """Parse YAML text into documents (see :func:`load_documents`)."""
     documents: list[Document] = []
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "replace")) > MAX_FILE_BYTES:
+        size = len(text.encode("utf-8", "replace"))
+        return [Document(source, 0, problems=[Problem("", _too_large(size))])]
     try:
         for content in yaml.load_all(text, Loader=_StrictLoader):
             if content is not None:

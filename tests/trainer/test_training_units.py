@@ -252,3 +252,39 @@ def test_a_failed_trainer_leaves_its_error_once(tmp_path, monkeypatch) -> None:
     target.unlink()
     write_error_message("not in a pod")
     assert not target.exists()
+
+
+def test_random_states_round_trip_without_pickle(tmp_path) -> None:
+    """torch and NumPy states saved as arrays come back bit for bit; the file holds no
+    pickle (np.load refuses object arrays), so a planted file cannot run code."""
+    import numpy as np
+    import torch
+
+    from recjob_trainer.checkpoints import load_rng_state, rng_file, save_rng_state
+
+    torch.manual_seed(7)
+    np.random.seed(7)
+    np.random.normal()  # a cached Gaussian in the NumPy state
+    path = rng_file(tmp_path, 3)
+    save_rng_state(path)
+    expected = (torch.rand(4), np.random.rand(4), np.random.normal())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    load_rng_state(path)
+    assert torch.equal(torch.rand(4), expected[0])
+    assert np.array_equal(np.random.rand(4), expected[1]) and np.random.normal() == expected[2]
+    with np.load(path, allow_pickle=False) as saved:
+        assert all(saved[k].dtype != object for k in saved.files)
+    np.savez(path, torch=np.array([{"evil": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_rng_state(path)
+
+
+def test_a_corrupt_marker_is_skipped_not_fatal(tmp_path, capsys) -> None:
+    for step in (10, 20, 30):
+        (tmp_path / f"step-{step:08d}").mkdir()
+        (tmp_path / f"step-{step:08d}" / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
+    (tmp_path / "step-00000030" / CHECKPOINT_MARKER).write_text('{"step": 3')  # torn
+    (tmp_path / "step-00000040").mkdir()  # being written when the pod died: no marker
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [10, 20]
+    assert "skipping checkpoint step-00000030: unreadable marker" in capsys.readouterr().err

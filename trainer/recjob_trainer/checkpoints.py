@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +18,54 @@ from .context import RunContext, Stage
 from .distributed import barrier
 from .models import RankingModel, base_model_path, build_model, model_from_config
 from .objective import apply_lora, merge_lora
-from .storage import write_json_atomic
+from .storage import fsync_tree, write_json_atomic
 
 CHECKPOINT_MARKER = "COMPLETE.json"
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every checkpoint that was fully written, oldest first. A checkpoint
-    that was being written when its pod died has no marker and is never used."""
+    that was being written when its pod died has no marker and is never used; one whose
+    marker cannot be read (a damaged disk, a hand edit) is skipped with a warning, so it
+    does not block resuming from the others."""
     found = []
     for path in root.glob("step-*"):
-        if (path / CHECKPOINT_MARKER).exists():
-            found.append((json.loads((path / CHECKPOINT_MARKER).read_text())["step"], path))
+        marker = path / CHECKPOINT_MARKER
+        if not marker.exists():
+            continue
+        try:
+            step = json.loads(marker.read_text(encoding="utf-8"))["step"]
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"step {step!r} is not a step number")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            print(f"recjob-train: skipping checkpoint {path.name}: unreadable marker "
+                  f"({type(error).__name__}: {error})", file=sys.stderr)  # fmt: skip
+            continue
+        found.append((step, path))
     return sorted(found)
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's torch and NumPy random states as arrays (``.npz``, no pickle)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    np.savez(path, torch=torch.get_rng_state().numpy(), numpy_keys=keys,
+             numpy_meta=np.array([position, has_gauss]), numpy_gauss=np.array([cached]),
+             numpy_name=np.array([name]))  # fmt: skip
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore what :func:`save_rng_state` saved (arrays only: ``allow_pickle=False``, so
+    a file planted on shared storage cannot run code)."""
+    with np.load(path, allow_pickle=False) as saved:
+        torch.set_rng_state(torch.from_numpy(saved["torch"].copy()))
+        position, has_gauss = (int(v) for v in saved["numpy_meta"])
+        np.random.set_state((str(saved["numpy_name"][0]), saved["numpy_keys"], position,
+                             has_gauss, float(saved["numpy_gauss"][0])))  # fmt: skip
+
+
+def rng_file(checkpoint: Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its random state in ``checkpoint``."""
+    return checkpoint / f"rng-rank{rank}.npz"
 
 
 def training_digest(config: TrainerConfig, stage: str = "train") -> str:
@@ -56,10 +92,8 @@ def save_checkpoint(
     tag = f"step-{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=state)
     # each rank's random state (dropout masks), so a resumed run continues bit for bit
-    torch.save(
-        {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-        root / tag / f"rng-rank{rank}.pt",
-    )
+    save_rng_state(rng_file(root / tag, rank))
+    fsync_tree(root / tag)  # all on disk before the marker says the checkpoint is complete
     barrier()
     if rank == 0:
         write_json_atomic(

@@ -26,6 +26,8 @@ from .checkpoints import (
     CHECKPOINT_MARKER,
     complete_checkpoints,
     consolidate,
+    load_rng_state,
+    rng_file,
     save_checkpoint,
     training_digest,
 )
@@ -164,11 +166,9 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
             load_lr_scheduler_states=same_world,
         )
         state.update({k: v for k, v in (client or {}).items() if k in state})  # ours only
-        rng_file = path / f"rng-rank{rank}.pt"
-        if same_world and rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+        rng = rng_file(path, rank)
+        if same_world and rng.exists():
+            load_rng_state(rng)
         state["resumed_from_step"] = step
         progress.event(
             "resumed",

@@ -31,6 +31,7 @@ from .api.v1alpha1.common import (
     URI_PATTERN,
     URL_PATTERN,
 )
+from .api.v1alpha1.deepspeed_overrides import override_problems
 from .api.v1alpha1.recjob import NAME_PATTERN
 from .api.v1alpha1.spec import RecJobSpec
 from .api.v1alpha1.spec_base import METRIC_PATTERN
@@ -409,6 +410,10 @@ def _training_rules(spec: RecJobSpec) -> list[Problem]:
                 f"{p}.deepspeed.configOverrides.{key}",
                 f"owned by the spec; set {owner} instead",
             )
+    for where, message in override_problems(ds.config_overrides or {}):
+        if where in _OWNED_DEEPSPEED_KEYS:  # reported below, naming the spec field to use
+            continue
+        out.add(f"{p}.deepspeed.configOverrides.{where}".rstrip("."), message)
     zero = (ds.config_overrides or {}).get("zero_optimization")
     if isinstance(zero, dict) and "stage" in zero:
         out.add(

@@ -41,7 +41,8 @@ from tests.conftest import CLUSTER_SAMPLES, EXAMPLES, REPO, load_yaml
 re2 = pytest.importorskip("re2")
 
 #: Invalid cases only the operator refuses: CEL cannot read the free-form configOverrides.
-OPERATOR_ONLY = {"override-owned-key", "override-zero-stage"}
+OPERATOR_ONLY = {"override-owned-key", "override-zero-stage", "override-writes-files",
+                 "override-profiler-file", "override-nvme-path"}  # fmt: skip
 #: Rule functions of validation.py that the CEL rules mirror (not the storage checks).
 MIRRORED = (
     validation._data_rules,

@@ -303,6 +303,31 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "precision",
     ),
     (
+        "override-writes-files",
+        S,
+        {"spec.training.deepspeed.configOverrides": {"tensorboard": {"output_path": "/etc"}}},
+        "spec.training.deepspeed.configOverrides.tensorboard",
+        "not an allowed DeepSpeed override",
+    ),
+    (
+        "override-profiler-file",
+        S,
+        {"spec.training.deepspeed.configOverrides": {"flops_profiler": {"output_file": "/x"}}},
+        "spec.training.deepspeed.configOverrides.flops_profiler.output_file",
+        "not an allowed option of flops_profiler",
+    ),
+    (
+        "override-nvme-path",
+        S,
+        {
+            "spec.training.deepspeed.configOverrides": {
+                "zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/var/lib"}}
+            }
+        },
+        "spec.training.deepspeed.configOverrides.zero_optimization.offload_param.nvme_path",
+        "not an allowed offload option",
+    ),
+    (
         "override-zero-stage",
         S,
         {"spec.training.deepspeed.configOverrides": {"zero_optimization": {"stage": 3}}},

@@ -119,7 +119,7 @@ def test_training_config_map_carries_the_trainer_config() -> None:
     data = training_config_map(recjob)["data"]
     assert set(data) == {"trainer.yaml"}  # the trainer derives its DeepSpeed config itself
     trainer = TrainerConfig.model_validate(yaml.safe_load(data["trainer.yaml"]))
-    assert trainer.output_uri == "pvc://recjob-artifacts/minimal/g3/train"
+    assert trainer.output_uri == "pvc://recjob-artifacts/minimal/5f0c1e6e/g3/train"
     assert trainer.name == "minimal-g3" and trainer.base_dir is None
     assert trainer.data == recjob.spec.data and trainer.training == recjob.spec.training
     assert trainer.compression == recjob.spec.compression
@@ -203,13 +203,13 @@ def test_conversion_job_reports_through_its_termination_message() -> None:
     rule = obj["spec"]["podFailurePolicy"]["rules"][0]
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2, 3]
     config = yaml.safe_load(conversion_config_map(recjob)["data"]["convert.yaml"])
-    assert config["modelDir"] == "pvc://recjob-artifacts/minimal/g3/train/model"
+    assert config["modelDir"] == "pvc://recjob-artifacts/minimal/5f0c1e6e/g3/train/model"
     assert config["modelName"] == "minimal"
     assert "teacherDir" not in config  # no compression: no separate teacher
     document = copy.deepcopy(MINIMAL)
     document["spec"]["compression"] = {"distillation": {"student": {"numLayers": 2}}}
     compressed = yaml.safe_load(conversion_config_map(job(document))["data"]["convert.yaml"])
-    assert compressed["teacherDir"] == "pvc://recjob-artifacts/minimal/g3/train/teacher"
+    assert compressed["teacherDir"] == "pvc://recjob-artifacts/minimal/5f0c1e6e/g3/train/teacher"
 
 
 def test_inference_service_canary_and_snapshot() -> None:
@@ -260,3 +260,14 @@ def test_the_schema_check_catches_what_an_api_server_would_reject() -> None:
     )
     with pytest.raises(AssertionError, match="canaryTraficPercent"):
         assert_valid_against(typo, "serving.kserve.io_inferenceservices.yaml", "v1beta1")
+
+
+def test_a_recjob_created_again_under_its_name_gets_fresh_folders() -> None:
+    """Deleted and created again (new input files, say): another uid, so none of the old
+    object's prepared data or checkpoints is resumed."""
+    from recjob_operator.controller.children import generation_uri
+
+    first, again = job(), job()
+    again.metadata.uid = "0d6f3f1b-9b1e-4a4b-2a4e-5f0c1e6e2c3d"
+    assert generation_uri(first, "train") == "pvc://recjob-artifacts/minimal/5f0c1e6e/g3/train"
+    assert generation_uri(again, "train") == "pvc://recjob-artifacts/minimal/0d6f3f1b/g3/train"

@@ -92,9 +92,12 @@ def artifacts_uri(recjob: RecJob, *parts: str) -> str:
 
 def generation_uri(recjob: RecJob, part: str) -> str:
     """Where the ``train`` output of the spec's model generation, or the ``convert`` output
-    of its conversion revision, goes (``g<model generation>/train``, ``.../convert``,
-    ``.../convert-<revision>``; see ``identity``)."""
-    return artifacts_uri(recjob, recjob.metadata.name, *generation_parts(recjob, part))
+    of its conversion revision, goes (``<name>/<uid[:8]>/g<model generation>/train``,
+    ``.../convert``, ``.../convert-<revision>``; see ``identity``). The RecJob's uid keeps
+    a RecJob deleted and created again under the same name (new data, say) from resuming
+    the old one's prepared data and checkpoints."""
+    owner = [recjob.metadata.uid[:8]] if recjob.metadata.uid else []
+    return artifacts_uri(recjob, recjob.metadata.name, *owner, *generation_parts(recjob, part))
 
 
 def repository_uri(recjob: RecJob) -> str:

@@ -382,3 +382,26 @@ def test_ranks_that_do_not_share_the_run_directory_stop(tmp_path: Path, shared: 
     else:  # every rank stops, naming the one that is blind
         assert all("rank(s) [1] do not see rank 0's run directory" in a for a in answers)
     assert not list(dirs[0].glob(".shared-*"))
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(tmp_path) -> None:
+    """SIGKILL between creating and renaming leaves .partial/.old folders and .tmp files;
+    the next start removes them and nothing else."""
+    from recjob_trainer.storage import clean_leftovers
+
+    (tmp_path / "data" / ".shards-4.0a1b.partial").mkdir(parents=True)
+    (tmp_path / "data" / ".shards-4.0a1b.partial" / "train-0.parquet").write_bytes(b"x")
+    (tmp_path / "ckpt" / ".step-00000010.9f.old").mkdir(parents=True)
+    (tmp_path / ".deepspeed.json.77.tmp").write_text("{")
+    kept = [tmp_path / "data" / "report.json", tmp_path / ".hidden", tmp_path / "model.partial"]
+    for path in kept:
+        path.write_text("keep")
+    removed = clean_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == [
+        ".deepspeed.json.77.tmp",
+        ".shards-4.0a1b.partial",
+        ".step-00000010.9f.old",
+    ]
+    assert all(path.exists() for path in kept)
+    assert not any(p.name.endswith((".partial", ".old", ".tmp")) and p.name.startswith(".")
+                   for p in tmp_path.rglob("*"))  # fmt: skip

@@ -288,6 +288,26 @@ def fsync_tree(root: Path) -> None:
         fsync_directory(Path(folder))
 
 
+#: Names of what an interrupted :func:`atomic_directory` or :func:`write_json_atomic`
+#: leaves behind (the process was killed between creating and renaming).
+LEFTOVER_SUFFIXES = (".partial", ".old", ".tmp")
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+    """Remove the half-written folders and files an interrupted run left under ``root``
+    (``.<name>.<hex>.partial|.old|.tmp``); returns what was removed. Run it before any
+    process of this run writes (rank 0, before the first barrier)."""
+    removed = []
+    for path in sorted(root.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if path.name.startswith(".") and path.name.endswith(LEFTOVER_SUFFIXES) and path.exists():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place when the block

@@ -42,7 +42,7 @@ from .optimisation import deepspeed_config, lr_lambda
 from .outputs import check_shared, publish_run, run_directory
 from .progress import Progress
 from .run_data import prepared_data, rank_shard
-from .storage import write_json_atomic
+from .storage import clean_leftovers, write_json_atomic
 
 
 def train(config: TrainerConfig) -> dict:
@@ -54,6 +54,8 @@ def train(config: TrainerConfig) -> dict:
     run_dir = outputs.local
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in clean_leftovers(run_dir):  # of a run killed mid-write
+            print(f"recjob-train: removed {leftover} (left by an interrupted run)", flush=True)
         # derived here, not by the operator: it depends on the world size found at start
         write_json_atomic(run_dir / "deepspeed.json", deepspeed_config(config, world))
     barrier()

@@ -107,6 +107,35 @@ def write_termination_log(path: str, report: dict) -> None:
     help="Serve this version of every model (default: each model's newest).",
 )
 @click.option("--grace-period", default=10, show_default=True, help="Seconds to drain on stop.")
+@click.option(
+    "--max-body-bytes",
+    default=16 << 20,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="Largest request body (HTTP: 413 before parsing; gRPC: largest message).",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client has to send complete request headers (else 408, closed).",
+)
+@click.option(
+    "--read-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client has to send a request's body once its headers are in.",
+)
+@click.option(
+    "--model-control-mode",
+    type=click.Choice(["none", "explicit"]),
+    default="none",
+    show_default=True,
+    help="none: /v2/repository/models/<m>/load|unload answer 403; explicit: allowed "
+    "(unauthenticated: trusted networks only), readiness false while a model is unloaded.",
+)
 def serve(
     repository: str,
     host: str,
@@ -114,9 +143,14 @@ def serve(
     grpc_port: int,
     model_version: int | None,
     grace_period: int,
+    max_body_bytes: int,
+    header_timeout: float,
+    read_timeout: float,
+    model_control_mode: str,
 ) -> None:
     """Serve a Triton model repository over the Open Inference Protocol v2 (HTTP + gRPC)."""
     sys.argv = sys.argv[:1]  # kserve parses the process's arguments when imported
+    from .limits import ServerLimits
     from .server import RepositoryError
     from .server import serve as run_server
 
@@ -128,6 +162,7 @@ def serve(
             grpc_port=grpc_port,
             version=model_version,
             grace_period=grace_period,
+            limits=ServerLimits(max_body_bytes, header_timeout, read_timeout, model_control_mode),
         )
     except RepositoryError as error:
         click.echo(f"recjob-serve serve: {error}", err=True)

@@ -5,6 +5,8 @@ KServe 0.21 always binds 0.0.0.0: here only the single-process path of
 server binds ``host:port`` instead of ``[::]:port``. KServe's REST decoder also lets some
 malformed requests escape as 500s (a binary body whose JSON lacks ``inputs``, binary
 BYTES that are not UTF-8, data that does not fill its shape): those become 400s.
+The limits of ``limits.py`` (body size, header/read timeouts, model control) are applied
+here too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 
+from .limits import (
+    BodyLimit,
+    ControlledModelRepository,
+    ModelControl,
+    ModelControlDisabled,
+    ServerLimits,
+    deadline_protocol,
+    model_control_disabled_handler,
+)
+
 
 class ClientErrorDataPlane(DataPlane):
     """KServe's data plane whose request decoding reports failures as the client's (400)."""
@@ -38,13 +50,33 @@ class ClientErrorDataPlane(DataPlane):
         except (InferenceError, KeyError, ValueError, TypeError, IndexError) as error:
             raise InvalidInput(f"malformed request: {type(error).__name__}: {error}") from None
 
+    async def ready(self) -> bool:
+        """Not ready while a model of the repository is unloaded (model control)."""
+        return not getattr(self.model_registry, "unloaded", None) and await super().ready()
+
+
+class LimitedRESTServer(RESTServer):
+    """KServe's REST server with a body limit and 403 for disabled model control."""
+
+    def __init__(self, *args, max_body_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_body_bytes = max_body_bytes
+
+    def create_application(self) -> None:
+        """As RESTServer's, plus the body limit (outermost) and the 403 handler."""
+        super().create_application()
+        from kserve.model_server import app
+
+        app.add_exception_handler(ModelControlDisabled, model_control_disabled_handler)
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)
+
 
 class LoopbackGRPCServer(GRPCServer):
     """KServe's gRPC server bound to one host."""
 
-    def __init__(self, host: str, *args, **kwargs):
+    def __init__(self, host: str, *args, max_message_bytes: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self._host = host
+        self._host, self._max_message_bytes = host, max_message_bytes
 
     async def start(self, max_workers: int) -> None:
         """As GRPCServer.start, but listening on ``host:port``."""
@@ -54,6 +86,7 @@ class LoopbackGRPCServer(GRPCServer):
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[("grpc.max_receive_message_length", self._max_message_bytes)],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         address = f"{self._host}:{self._port}"
@@ -65,17 +98,20 @@ class LoopbackGRPCServer(GRPCServer):
 
 
 class LoopbackModelServer(ModelServer):
-    """ModelServer whose REST and gRPC servers listen on ``host`` only."""
+    """ModelServer whose REST and gRPC servers listen on ``host`` only, within ``limits``."""
 
-    def __init__(self, host: str = "127.0.0.1", **kwargs):
-        super().__init__(workers=1, **kwargs)
-        self.host = host
+    def __init__(self, host: str = "127.0.0.1", limits: ServerLimits | None = None, **kwargs):
+        super().__init__(workers=1, registered_models=ControlledModelRepository(), **kwargs)
+        self.host, self.limits = host, limits or ServerLimits()
         self.dataplane = ClientErrorDataPlane(model_registry=self.registered_models)
+        self.model_repository_extension = ModelControl(
+            self.registered_models, enabled=self.limits.model_control == "explicit"
+        )
 
     def start(self, models: list) -> None:
         """Register the models and serve REST (+ gRPC) until stopped."""
         self._register_and_check_atleast_one_model_is_ready(models)
-        self._rest_server = RESTServer(
+        self._rest_server = LimitedRESTServer(
             FASTAPI_APP_IMPORT_STRING,
             self.dataplane,
             self.model_repository_extension,
@@ -83,8 +119,12 @@ class LoopbackModelServer(ModelServer):
             grace_period=self.grace_period,
             event_loop=self.event_loop,
             timeout_keep_alive=self.timeout_keep_alive,
+            max_body_bytes=self.limits.max_body_bytes,
         )
         self._rest_server.config.host = self.host
+        self._rest_server.config.http = deadline_protocol(
+            self.limits.header_timeout, self.limits.read_timeout
+        )
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
             self._grpc_server = LoopbackGRPCServer(
@@ -94,6 +134,7 @@ class LoopbackModelServer(ModelServer):
                 self.model_repository_extension,
                 kwargs={},
                 grace_period=self.grace_period,
+                max_message_bytes=self.limits.max_body_bytes,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()

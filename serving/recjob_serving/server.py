@@ -12,7 +12,8 @@ the binary tensor extension and tritonclient work). Every input is checked again
 model's ``config.pbtxt`` before it reaches a model: bad input gets a 400 naming the tensor
 and what was expected, an unknown model a 404, never a 500. Metrics, labelled by model
 and version, are on ``/metrics``. Servers listen on 127.0.0.1 unless told otherwise and
-stop gracefully on SIGTERM/SIGINT.
+stop gracefully on SIGTERM/SIGINT. Request bodies, header and body read times and model
+control (load/unload, off by default) are limited as ``limits.ServerLimits`` says.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Histogram
 
 from .export import session
+from .limits import ServerLimits
 from .python_backend import PythonBackendModel, TritonError
 from .repository import model_config_module, parse_config, published_versions
 
@@ -415,13 +417,18 @@ def serve(
     grpc_port: int = 8081,
     version: int | None = None,
     grace_period: int = 10,
+    limits: ServerLimits | None = None,
 ) -> None:
-    """Serve ``repository`` until SIGTERM/SIGINT (blocking)."""
+    """Serve ``repository`` within ``limits`` until SIGTERM/SIGINT (blocking)."""
     from .loopback import LoopbackModelServer
 
     models = load_repository(repository, version)
     for model in models:
         log.info("serving %s version %s", model.name, model.version)
     LoopbackModelServer(
-        host=host, http_port=http_port, grpc_port=grpc_port, grace_period=grace_period
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        grace_period=grace_period,
+        limits=limits,
     ).start(models)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/operator_scale.py              # 200 and 2,000; writes results
     .venv/bin/python bench/operator_scale.py --sizes 20 --settle 10 --window 30   # quick
+    .venv/bin/python bench/operator_scale.py --operator-env RECJOB_API_THREADS=6   # a setting
 
 The in-cluster operator and the Training Operator are scaled to zero (no pods run; the
 PyTorchJob webhook, without endpoints then, skips the bench namespaces), restored after.
@@ -12,6 +13,7 @@ watch); the operator's peak RSS (children included, sampled every 0.2 s); after 
 time, its API requests per RecJob per minute over a window, from the audit log (a watch
 counts once, when it ends) or else its ``recjob_api_requests_total`` (without kopf's own
 watches and patches). Refuses to start while a cluster test (namespace ``t-*``) has pods.
+``--operator-env`` runs are only printed (results/ holds the default configuration's).
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def delete_namespaces(timeout: float = 900) -> float:
 
 
 # ----------------------------------------------------------------------------- the operator
-def start_operator(workdir: Path) -> tuple[subprocess.Popen, int, int]:
-    """``kopf run`` as in the Deployment, with the operator's ServiceAccount token."""
+def start_operator(workdir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, int, int]:
+    """``kopf run`` as in the Deployment, with the operator's ServiceAccount token (and
+    ``extra_env`` on top of the Deployment's environment)."""
     token = kubectl("-n", OPERATOR_NS, "create", "token", OPERATOR_SA, "--duration=2h").strip()
     (workdir / "kubeconfig").write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "operator",
@@ -169,7 +172,7 @@ def start_operator(workdir: Path) -> tuple[subprocess.Popen, int, int]:
             "RECJOB_METRICS_PORT": str(metrics_port), "RECJOB_METRICS_ADDRESS": "127.0.0.1",
             "RECJOB_HEALTH_PORT": str(health_port), "RECJOB_HEALTH_ADDRESS": "127.0.0.1",
             "KUBECONFIG": str(workdir / "kubeconfig"), "PATH": os.environ["PATH"],
-            "HOME": os.environ.get("HOME", "/root")}  # fmt: skip
+            "HOME": os.environ.get("HOME", "/root")} | extra_env  # fmt: skip
     command = [str(REPO / ".venv/bin" / container["command"][0]), *container["command"][1:]]
     log = (workdir / "operator.log").open("w")
     operator = subprocess.Popen(command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
@@ -265,7 +268,8 @@ def audit_counts(offset: int, start: datetime, end: datetime) -> Counter:
 
 
 # ----------------------------------------------------------------------------- one size
-def run(size: int, settle: float, window: float, threads: int = 8) -> dict:
+def run(size: int, settle: float, window: float, threads: int = 8,
+        extra_env: dict[str, str] | None = None) -> dict:  # fmt: skip
     """One size: a fresh operator, N RecJobs, the steady-state window, cleanup."""
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
     cfg = client.Configuration()
@@ -276,8 +280,10 @@ def run(size: int, settle: float, window: float, threads: int = 8) -> dict:
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
         for ns in NAMESPACES))  # fmt: skip
-    operator, metrics_port, health_port = start_operator(workdir)
+    operator, metrics_port, health_port = start_operator(workdir, extra_env or {})
     stop, rss, jobs, result = threading.Event(), {}, {}, {"recjobs": size}
+    if extra_env:
+        result["operator_env"] = extra_env
     sampler = threading.Thread(target=sample_rss, args=(operator.pid, stop, rss), daemon=True)
     sampler.start()
     try:
@@ -352,20 +358,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--settle", type=float, default=30, help="seconds before the window")
     parser.add_argument("--window", type=float, default=120, help="steady-state seconds")
+    parser.add_argument("--operator-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra environment variable of the operator (repeatable), "
+                        "e.g. RECJOB_API_THREADS=6")  # fmt: skip
     parser.add_argument("--out", type=Path, help="default: results/operator_scale.json for "
                         "the default sizes; other sizes are only printed")  # fmt: skip
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.operator_env)
     if busy := busy_tests():
         raise SystemExit(f"a cluster test is running ({', '.join(busy[:4])}); try later")
     delete_namespaces()  # an interrupted run's (the in-cluster operator still runs)
     saved: dict = {}
     try:
         prepare(saved)
-        results = [run(size, args.settle, args.window) for size in args.sizes]
+        results = [run(size, args.settle, args.window, extra_env=extra_env) for size in args.sizes]
     finally:
         restore(saved)
     table(results)
-    default = REPO / "bench/results/operator_scale.json" if args.sizes == [200, 2000] else None
+    defaults = args.sizes == [200, 2000] and not extra_env
+    default = REPO / "bench/results/operator_scale.json" if defaults else None
     if out := args.out or default:
         report = {"api_server": SERVER, "bench_namespaces": len(NAMESPACES), "runs": results}
         out.write_text(json.dumps(report, indent=2) + "\n")

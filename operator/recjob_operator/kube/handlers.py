@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import kopf
@@ -46,6 +47,14 @@ log = logging.getLogger("recjob_operator.kube")
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
 MAX_SLEEP = float(os.environ.get("RECJOB_MAX_SLEEP_SECONDS", "10"))
 FINALIZER = "recjob.dev/finalizer"
+#: kopf's record of the last spec it handled, written to a new RecJob after its finalizer.
+DIFFBASE_ANNOTATION = "recjob.dev/last-handled-configuration"
+#: Longest wait for kopf's two writes to a new RecJob before its first pass.
+SETTLE_SECONDS = 5.0
+#: Threads for the blocking API calls (the reconcile passes run in asyncio's default
+#: executor) and as many pooled connections to the API server; asyncio's own default,
+#: min(32, cpus + 4), made RecJobs queue for a thread while others waited on the API server.
+API_THREADS = max(1, int(os.environ.get("RECJOB_API_THREADS", "32")))
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -58,7 +67,12 @@ def _api() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # one kept-alive connection per thread (urllib3 discards connections beyond the pool)
+    configuration.connection_pool_maxsize = max(
+        configuration.connection_pool_maxsize or 1, API_THREADS
+    )
+    return client.ApiClient(configuration)
 
 
 class Runtime:
@@ -117,7 +131,7 @@ async def start(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="recjob.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="recjob.dev", key="last-handled-configuration"
+        prefix="recjob.dev", key=DIFFBASE_ANNOTATION.split("/", 1)[1]
     )
     settings.posting.enabled = False  # our events come from the core, with reasons
     watch_crds = _flag("RECJOB_WATCH_CRDS", True)
@@ -129,6 +143,9 @@ async def start(settings: kopf.OperatorSettings, **_) -> None:
     backend()
     if not Runtime.serving:  # once: kopf retries a startup handler that raised
         Runtime.serving = True
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(API_THREADS, thread_name_prefix="recjob-api")
+        )
         port = int(os.environ.get("RECJOB_METRICS_PORT", "8000"))
         if port:
             from prometheus_client import start_http_server
@@ -215,6 +232,20 @@ async def _sleep(stopped: kopf.DaemonStopped, body: kopf.Body, seconds: float) -
             return
 
 
+async def _kopf_settled(stopped: kopf.DaemonStopped, body: kopf.Body) -> None:
+    """Until kopf has added its finalizer and diff-base annotation to a new RecJob (at most
+    :data:`SETTLE_SECONDS`): a status written before them would conflict (409, re-read,
+    recompute) and their annotation would wake the daemon for another pass."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while not stopped and (left := deadline - time.monotonic()) > 0:
+        meta = body.get("metadata") or {}
+        if FINALIZER in (meta.get("finalizers") or []) and DIFFBASE_ANNOTATION in (
+            meta.get("annotations") or {}
+        ):
+            return
+        await stopped.wait(min(left, 0.1))
+
+
 @kopf.daemon("recjob.dev", "v1alpha1", "recjobs", cancellation_timeout=10.0)
 async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwargs) -> None:
     """Reconcile one RecJob until it is deleted (``body`` is kopf's live view)."""
@@ -224,6 +255,7 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
                            Runtime.uncached)  # fmt: skip
     backoff = Backoff()
     written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
+    await _kopf_settled(stopped, body)
     while not stopped:
         if not may_act():
             await stopped.wait(MAX_SLEEP)

@@ -226,7 +226,10 @@ def refused(result: subprocess.CompletedProcess) -> str:
 def test_the_cases_are_many() -> None:
     """Most invalid cases are the CRD's; only the free-form configOverrides are not."""
     assert len(SCHEMA_CASES) >= 30 and len(CEL_CASES) >= 40
-    assert set(OPERATOR_ONLY_CASES) == {"override-owned-key", "override-zero-stage"}
+    assert set(OPERATOR_ONLY_CASES) == {
+        "override-owned-key", "override-zero-stage", "override-writes-files",
+        "override-profiler-file", "override-nvme-path",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(("document", "expected"), CEL_CASES)

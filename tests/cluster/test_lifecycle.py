@@ -204,7 +204,8 @@ def test_failed_training_fails_the_recjob_with_its_reason(operator: Cluster, nam
     assert job_failed["message"] and job_failed["message"] in failed["message"], failed["message"]
     assert failed["message"].startswith(f"training {job_name} failed: ")
     assert "; trainer: " in failed["message"], failed["message"]
-    assert "missing/Scientific.train.inter" in failed["message"], failed["message"]
+    assert "data preparation failed" in failed["message"], failed["message"]
+    assert "pvc://data/" in failed["message"] and "no such file" in failed["message"]
     assert failed["training"]["state"] == "Failed"
     assert failed["training"]["message"].startswith(job_failed["message"] + "; trainer: ")
     trained = condition(failed, "Trained")

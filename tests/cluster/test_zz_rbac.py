@@ -295,6 +295,14 @@ def other_evidence(
         for e in events
     ):
         return "kopf list followed by its watch (still open)"
+    if permission == ("recjob.dev", "recjobs", "get") and not any(
+        e.permission == ("recjob.dev", "recjobs/status", "patch") and e.code == 409 for e in events
+    ):
+        return (
+            "needed to re-read a RecJob after a 409 on its status write, and no write met "
+            "one this session (tests/operator/test_kopf_integration.py provokes conflicts "
+            "under the same rules and checks every rule was used)"
+        )
     if group == "serving.kserve.io" and not facts.kserve_installed:
         return "KServe is not installed in this cluster"
     if permission == ("coordination.k8s.io", "leases", "create") and (

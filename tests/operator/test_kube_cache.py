@@ -213,3 +213,22 @@ def test_a_failed_trainings_message_gains_the_trainers_error() -> None:
     assert with_trainer_error(None, {"error": "ValueError: x"}) == "trainer: ValueError: x"
     assert with_trainer_error("failed", None) == "failed"
     assert with_trainer_error("failed", {"main_metric": "auc"}) == "failed"
+
+
+def test_a_deleted_master_pods_message_is_still_read() -> None:
+    """The Training Operator deletes the pods of a PyTorchJob past its backoff limit: the
+    index forgets the pod, the remembered message of its DELETED event still answers,
+    without an API call."""
+    deleted = cache.DeletedPodMessages()
+    labels = {"training.kubeflow.org/job-name": "a-g1-train",
+              "training.kubeflow.org/replica-type": "master"}  # fmt: skip
+    last = {"terminated": {"exitCode": 1, "message": '{"error": "DataError: no such file"}'}}
+    pod = {"metadata": {"name": "a-master-0", "namespace": "shop", "labels": labels},
+           "status": {"containerStatuses": [{"name": "c", "lastState": last}]}}  # fmt: skip
+    deleted.remember(pod)
+    deleted.remember({"metadata": {"name": "other", "namespace": "shop", "labels": {}}})
+    fallback = CountingView()
+    view = cache.IndexView(indexes(), fallback, frozenset(), deleted)
+    assert view.report("shop", "pytorchjobs", "a-g1-train") == {"error": "DataError: no such file"}
+    assert fallback.calls == []
+    assert deleted.get(("shop", "pytorchjobs", "b-g1-train")) is None

@@ -211,7 +211,7 @@ def test_two_pods_of_two_processes_train_one_world_of_four(tmp_path: Path) -> No
     logs = [(tmp_path / f"{p}.log").read_text() for p in ("master-0", "worker-0")]
     assert [pod.returncode for pod in pods] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
 
-    run = tmp_path / "pvc" / "recjob-artifacts" / "launch" / "g1" / "train"
+    run = tmp_path / "pvc" / "recjob-artifacts" / "launch" / "0f0c1e6e" / "g1" / "train"
     card = json.loads((run / "model-card.json").read_text())
     assert card["world_size"] == 4 and card["steps"] == 2
     metrics = json.loads((run / "metrics.json").read_text())

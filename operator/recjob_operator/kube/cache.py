@@ -242,6 +242,31 @@ def _first(index: Any, key: Any) -> Any:
     return values[0] if values else None
 
 
+class DeletedPodMessages:
+    """The termination messages of child pods that were deleted, remembered (at most
+    :attr:`LIMIT`, oldest forgotten first): the Training Operator deletes a PyTorchJob's
+    pods when it exceeds its backoff limit, taking the trainer's error with them before the
+    RecJob's pass reads it. Kept in memory: an operator restarted meanwhile has only the
+    Training Operator's own message."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._messages: dict[tuple[str, str, str], str] = {}
+
+    def remember(self, pod: Mapping) -> None:
+        """Keep what :func:`index_pod` finds in ``pod`` (its last state, on deletion)."""
+        for key, message in index_pod(pod).items():
+            self._messages.pop(key, None)
+            if len(self._messages) >= self.LIMIT:
+                del self._messages[next(iter(self._messages))]
+            self._messages[key] = message
+
+    def get(self, key: tuple[str, str, str]) -> str | None:
+        """The remembered message of a deleted pod of child ``key``, if any."""
+        return self._messages.get(key)
+
+
 class IndexView:
     """The children read from kopf's indexes (see the module docstring)."""
 
@@ -253,12 +278,14 @@ class IndexView:
         indexes: Mapping[str, Any],
         fallback: ChildView,
         uncached: frozenset[str] = frozenset(),
+        deleted: DeletedPodMessages | None = None,
     ):
         """``indexes``: kopf's indexes by id (:data:`INDEXES`); ``uncached``: plurals of
         kinds whose watch is not running (read through ``fallback``)."""
         self.indexes = indexes
         self.fallback = fallback
         self.uncached = uncached
+        self.deleted = deleted
         self._reports: dict[tuple[str, str, str], dict | None] = {}
 
     def _entry(self, index: str, namespace: str, name: str) -> dict | None:
@@ -285,6 +312,8 @@ class IndexView:
         cached = "pods" not in self.uncached
         if cached:
             message = _first(self.indexes["recjob_pods"], key)
+            if message is None and self.deleted is not None:
+                message = self.deleted.get(key)
             if message is not None:
                 return parse_report(message, f"a pod of {kind}/{name}")
         if key in self._reports:

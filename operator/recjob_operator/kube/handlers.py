@@ -208,6 +208,17 @@ async def recjob_pods(body: kopf.Body, **_) -> dict:
     return cache.index_pod(body)
 
 
+#: Termination messages of child pods deleted before a pass read them.
+DELETED_POD_MESSAGES = cache.DeletedPodMessages()
+
+
+@kopf.on.event("v1", "pods")
+async def remember_deleted_pods(event: dict, body: kopf.Body, **_) -> None:
+    """A deleted child pod's termination message (the index forgets the pod)."""
+    if event.get("type") == "DELETED":
+        DELETED_POD_MESSAGES.remember(body)
+
+
 # ------------------------------------------------------------------ the RecJobs
 def _invalid_status(body: dict, problems: list) -> RecJobStatus:
     status = RecJobStatus.model_validate(body.get("status") or {}) if body.get("status") else None
@@ -252,7 +263,7 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
     kube = backend()
     assert Runtime.api_view is not None
     view = cache.IndexView({i: kwargs[i] for i in cache.INDEXES}, Runtime.api_view,
-                           Runtime.uncached)  # fmt: skip
+                           Runtime.uncached, DELETED_POD_MESSAGES)  # fmt: skip
     backoff = Backoff()
     written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
     await _kopf_settled(stopped, body)

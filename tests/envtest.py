@@ -200,8 +200,16 @@ class EnvTest:
         for path in paths:
             self.kubectl("apply", "--server-side", "-f", str(path))
             applied = self.kubectl("get", "-f", str(path), "-o", "name").stdout.split()
-            for name in applied:
-                self.kubectl("wait", "--for=condition=Established", "--timeout=60s", name)
+            for name in applied:  # polled: `kubectl wait` fails while status has no conditions
+                jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+                deadline = time.monotonic() + 60
+                while (
+                    self.kubectl("get", name, "-o", f"jsonpath={jsonpath}", check=False).stdout
+                    != "True"
+                ):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{name} not Established within 60 s")
+                    time.sleep(0.2)
 
     def namespace(self, name: str) -> None:
         """Create namespace ``name`` with its ``default`` ServiceAccount (which the

@@ -64,14 +64,16 @@ def run_trainer(config: dict, workdir: Path, processes: int = 2) -> dict:
 
 
 @contextlib.contextmanager
-def model_server(repository: Path, work: Path) -> Iterator[int]:
-    """`recjob-serve serve REPOSITORY` on 127.0.0.1 until the block ends; yields its gRPC
-    port once it reports ready."""
+def served(
+    repository: Path, work: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen, int, int]]:
+    """`recjob-serve serve REPOSITORY [EXTRA...]` on 127.0.0.1 until the block ends; yields
+    (process, HTTP port, gRPC port) once it reports ready."""
     http, grpc = free_port(), free_port()
     log = (work / "server.log").open("w")
     server = subprocess.Popen(
         [str(BIN / "recjob-serve"), "serve", str(repository), "--http-port", str(http),
-         "--grpc-port", str(grpc)],
+         "--grpc-port", str(grpc), *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -82,10 +84,43 @@ def model_server(repository: Path, work: Path) -> Iterator[int]:
             if time.time() > deadline or server.poll() is not None:
                 raise SystemExit(f"server did not start; see {work / 'server.log'}")
             time.sleep(0.5)
-        yield grpc
+        yield server, http, grpc
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def model_server(repository: Path, work: Path) -> Iterator[int]:
+    """`recjob-serve serve REPOSITORY` on 127.0.0.1 until the block ends; yields its gRPC
+    port once it reports ready."""
+    with served(repository, work) as (_, _, grpc):
+        yield grpc
+
+
+def small_repository(work: Path, name: str = "search") -> Path:
+    """A model repository without training (seconds): all-MiniLM-L6-v2 with a fresh
+    regression head (seed 0) exported to ONNX fp32 as ``name``, with its tokenizer model
+    and raw-text ensemble (``<name>-text``), max_length 32: what tests/serving serve."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from recjob_serving.export import export_onnx
+    from recjob_serving.repository import publish, publish_text_models
+    from recjob_trainer.models import ModelInfo, base_model_path, build_model, save_model
+
+    repository, model_dir = work / "repository", work / "model"
+    shutil.rmtree(repository, ignore_errors=True)
+    path = base_model_path("all-MiniLM-L6-v2")
+    info = ModelInfo("cross-encoder", "regression", max_length=32, label_min=1.0, label_max=3.0)
+    torch.manual_seed(0)
+    model = build_model(info, path).eval()
+    save_model(model, model.state_dict(), AutoTokenizer.from_pretrained(path), model_dir)
+    exported = export_onnx(model_dir, work / "model.onnx")
+    card = {"kind": "cross-encoder", "max_length": 32}
+    version = publish(repository, name, exported.path, card, max_batch_size=16)
+    publish_text_models(repository, name, model_dir / "tokenizer", "cross-encoder", 32, 16, version)
+    return repository
 
 
 def load_test(

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import ssl
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from recjob_operator.local.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("RECJOB_CLUSTER_BIN", Path.home() / ".cache" / "recjob" / "cluster-bin"))
@@ -55,13 +56,6 @@ def _pki_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EnvTest:

@@ -124,8 +124,8 @@ def _too_large(size: int) -> str:
 def parse_documents(text: str, source: str = "<string>") -> list[Document]:
     """Parse YAML text into documents (see :func:`load_documents`)."""
     documents: list[Document] = []
-    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "replace")) > MAX_FILE_BYTES:
-        size = len(text.encode("utf-8", "replace"))
+    size = len(text.encode("utf-8", "replace"))  # files were measured before reading
+    if size > MAX_FILE_BYTES:
         return [Document(source, 0, problems=[Problem("", _too_large(size))])]
     try:
         for content in yaml.load_all(text, Loader=_StrictLoader):

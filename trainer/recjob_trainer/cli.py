@@ -123,14 +123,12 @@ def write_error_message(error: str) -> None:
         return
     if len(error) > MAX_ERROR_CHARS:
         error = error[: MAX_ERROR_CHARS - 3] + "..."
+    target = Path(path)
     try:
-        with open(path, "x" if not Path(path).exists() else "r+", encoding="utf-8") as handle:
-            if handle.mode == "r+" and handle.read().strip():
-                return
-            handle.seek(0)
-            handle.write(json.dumps({"error": error}))
-            handle.truncate()
-    except OSError:  # not writable, or another rank created it first: theirs stands
+        if target.exists() and target.read_text(encoding="utf-8").strip():
+            return  # another rank's error stands
+        target.write_text(json.dumps({"error": error}), encoding="utf-8")
+    except OSError:  # not writable here: the exit code and the logs still tell
         return
 
 

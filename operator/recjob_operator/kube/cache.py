@@ -242,6 +242,13 @@ def _first(index: Any, key: Any) -> Any:
     return values[0] if values else None
 
 
+def _remember(memory: dict, key: Any, value: Any, limit: int) -> None:
+    """``memory[key] = value``, forgetting the oldest entry when ``limit`` is reached."""
+    if len(memory) >= limit:
+        del memory[next(iter(memory))]
+    memory[key] = value
+
+
 class DeletedPodMessages:
     """The termination messages of child pods that were deleted, remembered (at most
     :attr:`LIMIT`, oldest forgotten first): the Training Operator deletes a PyTorchJob's
@@ -258,9 +265,7 @@ class DeletedPodMessages:
         """Keep what :func:`index_pod` finds in ``pod`` (its last state, on deletion)."""
         for key, message in index_pod(pod).items():
             self._messages.pop(key, None)
-            if len(self._messages) >= self.LIMIT:
-                del self._messages[next(iter(self._messages))]
-            self._messages[key] = message
+            _remember(self._messages, key, message, self.LIMIT)
 
     def get(self, key: tuple[str, str, str]) -> str | None:
         """The remembered message of a deleted pod of child ``key``, if any."""
@@ -322,7 +327,5 @@ class IndexView:
         # a pod cache, listed until a report is found
         report = self.fallback.report(namespace, kind, name)
         if cached or report is not None:
-            if len(self._reports) >= self.MAX_REMEMBERED:
-                del self._reports[next(iter(self._reports))]
-            self._reports[key] = report
+            _remember(self._reports, key, report, self.MAX_REMEMBERED)
         return copy.deepcopy(report)

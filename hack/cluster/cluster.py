@@ -31,9 +31,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import images
+import kserve
 import pki
 
 HERE = Path(__file__).resolve().parent
@@ -108,6 +111,7 @@ def build() -> None:
     module = "github.com/kubeflow/training-operator/cmd/training-operator.v1"
     operator = f"{module}@{VERSIONS['TRAINING_OPERATOR']}"
     subprocess.run([GO, "install", operator], check=True, env={**env, "GOBIN": str(BIN)})
+    kserve.build(GO, VERSIONS["KSERVE"], BIN / "kserve-manager", env)
     log(f"binaries ready in {BIN} ({time.monotonic() - started:.0f} s)")
 
 
@@ -296,7 +300,7 @@ def up(skip_build: bool = False) -> None:
     if not skip_build:
         build()
     module = training_operator_module()
-    catalog = images.build(STATE, BIN / "training-operator.v1", log)
+    catalog = images.build(STATE, BIN / "training-operator.v1", BIN / "kserve-manager", log)
     pki.ensure(STATE / "pki", HOST_IP, SERVICE_IP, NODES)
     p = STATE / "pki"
     for name in ("admin", "controller-manager", "scheduler", "kube-proxy", "dns"):
@@ -330,10 +334,34 @@ def up(skip_build: bool = False) -> None:
     wait_for("the Training Operator", lambda: kubectl(
         "-n", "kubeflow", "wait", "--for=condition=Available", "deployment/training-operator",
         "--timeout=5s", check=False).returncode == 0, 300)  # fmt: skip
+    install_kserve()
     log(
         f"cluster up in {time.monotonic() - started:.0f} s; "
         f"export KUBECONFIG={STATE / 'kubeconfig'}"
     )
+
+
+def install_kserve() -> None:
+    """The KServe controller and its ClusterServingRuntimes (see kserve.py)."""
+    version = VERSIONS["KSERVE"]
+    module = kserve.module_dir(GO, version)
+    service = f"{kserve.WEBHOOK_SERVICE}.{kserve.NAMESPACE}.svc"
+    names = [service, f"{service}.cluster.local"]
+    cert, key = pki.serving_cert(STATE / "pki", "kserve-webhook", names)
+    ca_bundle = (STATE / "pki" / "ca.crt").read_bytes()
+    docs = kserve.manifests(kubectl, module, version, ca_bundle)
+    crds = [d for d in docs if d["kind"] in ("Namespace", "CustomResourceDefinition")]
+    kserve.apply(kubectl, crds)
+    kserve.apply(kubectl, [kserve.webhook_secret(cert, key)])
+    kserve.apply(kubectl, [d for d in docs if d not in crds])
+    available = ("-n", kserve.NAMESPACE, "wait", "--for=condition=Available",
+                 f"deployment/{kserve.CONTROLLER}", "--timeout=5s")  # fmt: skip
+    wait_for("the KServe controller", lambda: kubectl(*available, check=False).returncode == 0, 300)
+    # the runtimes pass KServe's validating webhook: the controller must answer first
+    runtimes = yaml.safe_dump_all(kserve.runtimes(kubectl, module))
+    apply = ("apply", "--server-side", "--force-conflicts", "-f", "-")
+    wait_for("KServe's ClusterServingRuntimes",
+             lambda: kubectl(*apply, check=False, input=runtimes).returncode == 0, 120)  # fmt: skip
 
 
 def down() -> None:

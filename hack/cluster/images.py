@@ -13,6 +13,8 @@ image fails here as it would in a cluster):
 - ``alpine:3.10`` (the Training Operator's ``init-pytorch`` container): BusyBox.
 - ``ghcr.io/kubeflow/training-v1/training-operator``: ``/manager``, the Training
   Operator built from its Go module at the pinned version.
+- ``kserve/kserve-controller``: ``/manager``, the KServe controller built from its Go
+  module at the pinned version (distroless, USER 65532).
 
 Python environments are made with uv from Debian's /usr/bin/python3.11 (world-readable,
 as an image's interpreter is to its non-root user), from uv's cache (hard links: a
@@ -86,7 +88,7 @@ def _python_env(
     stamp.write_text(digest)
 
 
-def build(state: Path, training_operator: Path, log=print) -> Path:
+def build(state: Path, training_operator: Path, kserve_manager: Path, log=print) -> Path:
     """Build every image environment under ``state/images``; return the catalog path."""
     images = state / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,13 @@ def build(state: Path, training_operator: Path, log=print) -> Path:
                 "files": {"/manager": str(training_operator)},
                 "entrypoint": ["/manager"],
                 "user": "",
+            },
+            # KServe's Dockerfile: distroless/static:nonroot, COPY manager, USER 65532
+            "kserve/kserve-controller:*": {
+                "env": {"PATH": SYSTEM_PATH},
+                "files": {"/manager": str(kserve_manager)},
+                "entrypoint": ["/manager"],
+                "user": "65532:65532",
             },
         }
     }

@@ -76,6 +76,15 @@ def ensure(pki: Path, host_ip: str, service_ip: str, nodes: list[str]) -> None:
         )  # fmt: skip
 
 
+def serving_cert(pki: Path, name: str, dns_names: list[str]) -> tuple[Path, Path]:
+    """A serving certificate signed by the cluster CA (e.g. a webhook's); (crt, key)."""
+    usage = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+    sans = ",".join(f"DNS:{n}" for n in dns_names)
+    _sign(pki, name, f"/CN={dns_names[0]}",
+          f"{usage}extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n")  # fmt: skip
+    return pki / f"{name}.crt", pki / f"{name}.key"
+
+
 def kubeconfig(path: Path, server: str, ca: Path, cert: Path | None, key: Path | None,
                token: str | None = None, user: str = "user") -> None:  # fmt: skip
     """Write a kubeconfig with a client certificate or a bearer token."""

@@ -136,6 +136,16 @@ def write_termination_log(path: str, report: dict) -> None:
     help="none: /v2/repository/models/<m>/load|unload answer 403; explicit: allowed "
     "(unauthenticated: trusted networks only), readiness false while a model is unloaded.",
 )
+@click.option(
+    "--revision",
+    envvar="RECJOB_REVISION",
+    default="",
+    show_envvar=True,
+    callback=lambda _ctx, _param, value: _revision(value),
+    help="Serving revision this server runs as: the 'revision' label of its metrics, the "
+    "x-recjob-revision response header, and the only revision POST /v2/feedback counts "
+    "(default: none; label empty, no header, feedback refused).",
+)
 def serve(
     repository: str,
     host: str,
@@ -147,6 +157,7 @@ def serve(
     header_timeout: float,
     read_timeout: float,
     model_control_mode: str,
+    revision: str,
 ) -> None:
     """Serve a Triton model repository over the Open Inference Protocol v2 (HTTP + gRPC)."""
     sys.argv = sys.argv[:1]  # kserve parses the process's arguments when imported
@@ -163,10 +174,21 @@ def serve(
             version=model_version,
             grace_period=grace_period,
             limits=ServerLimits(max_body_bytes, header_timeout, read_timeout, model_control_mode),
+            revision=revision,
         )
     except RepositoryError as error:
         click.echo(f"recjob-serve serve: {error}", err=True)
         sys.exit(2)
+
+
+def _revision(value: str | None) -> str:
+    """A checked ``--revision`` ("" when not given)."""
+    from .feedback import check_revision
+
+    try:
+        return check_revision(value or "")
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @cli.command()

@@ -92,6 +92,7 @@ class _Deadlines(AutoHTTPProtocol):
 
     header_timeout = ServerLimits.header_timeout
     read_timeout = ServerLimits.read_timeout
+    extra_headers = b""  # more "name: value\r\n" lines for the 408
 
     def connection_made(self, transport) -> None:
         """A new connection: its headers are due within ``header_timeout``."""
@@ -142,14 +143,23 @@ class _Deadlines(AutoHTTPProtocol):
             body = json.dumps({"error": f"request {phase} not received within {timeout:g} s"})
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                + self.extra_headers
                 + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n{body}".encode()
             )
         self.transport.close()
 
 
-def deadline_protocol(header_timeout: float, read_timeout: float) -> type:
-    """A uvicorn HTTP protocol class (``Config.http``) with these timeouts in seconds."""
-    attributes = {"header_timeout": header_timeout, "read_timeout": read_timeout}
+def deadline_protocol(
+    header_timeout: float, read_timeout: float, headers: dict[str, str] | None = None
+) -> type:
+    """A uvicorn HTTP protocol class (``Config.http``) with these timeouts in seconds;
+    its 408s also carry ``headers`` (names and values of plain ASCII)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    attributes = {
+        "header_timeout": header_timeout,
+        "read_timeout": read_timeout,
+        "extra_headers": extra.encode("ascii"),
+    }
     return type("DeadlineHTTPProtocol", (_Deadlines,), attributes)
 
 

@@ -6,7 +6,8 @@ server binds ``host:port`` instead of ``[::]:port``. KServe's REST decoder also 
 malformed requests escape as 500s (a binary body whose JSON lacks ``inputs``, binary
 BYTES that are not UTF-8, data that does not fill its shape): those become 400s.
 The limits of ``limits.py`` (body size, header/read timeouts, model control) are applied
-here too.
+here too, and so is the serving revision of ``revision.py`` (response header, gRPC
+metadata, ``POST /v2/feedback``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .limits import (
     deadline_protocol,
     model_control_disabled_handler,
 )
+from .revision import FEEDBACK_PATH, HEADER, RevisionHeader, RevisionInterceptor, feedback_handler
 
 
 class ClientErrorDataPlane(DataPlane):
@@ -56,36 +58,45 @@ class ClientErrorDataPlane(DataPlane):
 
 
 class LimitedRESTServer(RESTServer):
-    """KServe's REST server with a body limit and 403 for disabled model control."""
+    """KServe's REST server with a body limit, 403 for disabled model control, the
+    feedback endpoint and the revision header."""
 
-    def __init__(self, *args, max_body_bytes: int, **kwargs):
+    def __init__(self, *args, max_body_bytes: int, revision: str = "", **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.revision = max_body_bytes, revision
 
     def create_application(self) -> None:
-        """As RESTServer's, plus the body limit (outermost) and the 403 handler."""
+        """As RESTServer's, plus the 403 handler, ``POST /v2/feedback``, the body limit
+        and (outermost, with a revision) the revision header."""
         super().create_application()
         from kserve.model_server import app
 
         app.add_exception_handler(ModelControlDisabled, model_control_disabled_handler)
+        app.add_route(FEEDBACK_PATH, feedback_handler(self.revision), methods=["POST"])
         app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)
+        if self.revision:
+            app.add_middleware(RevisionHeader, revision=self.revision)
 
 
 class LoopbackGRPCServer(GRPCServer):
     """KServe's gRPC server bound to one host."""
 
-    def __init__(self, host: str, *args, max_message_bytes: int, **kwargs):
+    def __init__(self, host: str, *args, max_message_bytes: int, revision: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self._host, self._max_message_bytes = host, max_message_bytes
+        self._revision = revision
 
     async def start(self, max_workers: int) -> None:
         """As GRPCServer.start, but listening on ``host:port``."""
         from concurrent import futures
 
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        interceptors = [LoggingInterceptor(), ExceptionToStatusInterceptor()]
+        if self._revision:
+            interceptors.insert(0, RevisionInterceptor(self._revision))
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", self._max_message_bytes)],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
@@ -98,11 +109,18 @@ class LoopbackGRPCServer(GRPCServer):
 
 
 class LoopbackModelServer(ModelServer):
-    """ModelServer whose REST and gRPC servers listen on ``host`` only, within ``limits``."""
+    """ModelServer whose REST and gRPC servers listen on ``host`` only, within ``limits``,
+    as serving revision ``revision`` ("" for none)."""
 
-    def __init__(self, host: str = "127.0.0.1", limits: ServerLimits | None = None, **kwargs):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        limits: ServerLimits | None = None,
+        revision: str = "",
+        **kwargs,
+    ):
         super().__init__(workers=1, registered_models=ControlledModelRepository(), **kwargs)
-        self.host, self.limits = host, limits or ServerLimits()
+        self.host, self.limits, self.revision = host, limits or ServerLimits(), revision
         self.dataplane = ClientErrorDataPlane(model_registry=self.registered_models)
         self.model_repository_extension = ModelControl(
             self.registered_models, enabled=self.limits.model_control == "explicit"
@@ -120,10 +138,13 @@ class LoopbackModelServer(ModelServer):
             event_loop=self.event_loop,
             timeout_keep_alive=self.timeout_keep_alive,
             max_body_bytes=self.limits.max_body_bytes,
+            revision=self.revision,
         )
         self._rest_server.config.host = self.host
         self._rest_server.config.http = deadline_protocol(
-            self.limits.header_timeout, self.limits.read_timeout
+            self.limits.header_timeout,
+            self.limits.read_timeout,
+            {HEADER: self.revision} if self.revision else None,
         )
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
@@ -135,6 +156,7 @@ class LoopbackModelServer(ModelServer):
                 kwargs={},
                 grace_period=self.grace_period,
                 max_message_bytes=self.limits.max_body_bytes,
+                revision=self.revision,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()

@@ -10,10 +10,11 @@ for), as Triton's default version policy does:
 Requests speak the Open Inference Protocol v2 over HTTP and gRPC (KServe's data plane, so
 the binary tensor extension and tritonclient work). Every input is checked against the
 model's ``config.pbtxt`` before it reaches a model: bad input gets a 400 naming the tensor
-and what was expected, an unknown model a 404, never a 500. Metrics, labelled by model
-and version, are on ``/metrics``. Servers listen on 127.0.0.1 unless told otherwise and
-stop gracefully on SIGTERM/SIGINT. Request bodies, header and body read times and model
-control (load/unload, off by default) are limited as ``limits.ServerLimits`` says.
+and what was expected, an unknown model a 404, never a 500. Metrics, labelled by model,
+version and serving revision (``--revision``, see ``revision.py``, which also adds the
+feedback endpoint), are on ``/metrics``. Servers listen on 127.0.0.1 unless told otherwise
+and stop gracefully on SIGTERM/SIGINT. Request bodies, header and body read times and
+model control (load/unload, off by default) are limited as ``limits.ServerLimits`` says.
 """
 
 from __future__ import annotations
@@ -41,21 +42,21 @@ from .repository import model_config_module, parse_config, published_versions
 
 log = logging.getLogger("recjob_serving.server")
 
-REQUESTS = Counter(
-    "recjob_inference_requests_total", "Inference requests received", ["model", "version"]
-)
+#: Labels of every inference series (revision: the serving revision, "" when not set).
+LABELS = ["model", "version", "revision"]
+REQUESTS = Counter("recjob_inference_requests_total", "Inference requests received", LABELS)
 ERRORS = Counter(
     "recjob_inference_errors_total",
     "Inference requests that failed (kind: invalid_input -> 400, internal -> 500)",
-    ["model", "version", "kind"],
+    [*LABELS, "kind"],
 )
 LATENCY = Histogram(
     "recjob_inference_latency_seconds",
     "Time to answer a successful inference request (validation, model, encoding)",
-    ["model", "version"],
+    LABELS,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
-ROWS = Counter("recjob_inference_rows_total", "Rows (batch entries) scored", ["model", "version"])
+ROWS = Counter("recjob_inference_rows_total", "Rows (batch entries) scored", LABELS)
 
 #: Triton config data types -> Open Inference Protocol datatypes.
 OIP_TYPES = {
@@ -179,7 +180,7 @@ def decode_inputs(
 class RepositoryModel(kserve.Model):
     """One version of one model of the repository, served through KServe's data plane."""
 
-    def __init__(self, model_dir: Path, version: int, config) -> None:
+    def __init__(self, model_dir: Path, version: int, config, revision: str = "") -> None:
         super().__init__(config.name)
         self.model_dir, self.version, self.config = model_dir, version, config
         self.inputs = tensor_specs(config.input)
@@ -193,7 +194,7 @@ class RepositoryModel(kserve.Model):
             if config.platform == "ensemble"
             else threading.BoundedSemaphore(instances)
         )
-        self._labels = {"model": config.name, "version": str(version)}
+        self._labels = {"model": config.name, "version": str(version), "revision": revision}
         for kind in ("invalid_input", "internal"):  # so the series exist before a failure
             ERRORS.labels(**self._labels, kind=kind)
         REQUESTS.labels(**self._labels)
@@ -277,8 +278,8 @@ def _embedding_rows(graph: onnx.GraphProto, input_name: str) -> int | None:
 class OnnxModel(RepositoryModel):
     """An ``onnxruntime_onnx`` model version (token ids in, scores or embeddings out)."""
 
-    def __init__(self, model_dir: Path, version: int, config) -> None:
-        super().__init__(model_dir, version, config)
+    def __init__(self, model_dir: Path, version: int, config, revision: str = "") -> None:
+        super().__init__(model_dir, version, config, revision)
         path = model_dir / str(version) / "model.onnx"
         self.session = session(path)
         card = model_dir / str(version) / "recjob.json"
@@ -322,8 +323,8 @@ class OnnxModel(RepositoryModel):
 class PythonModel(RepositoryModel):
     """A Python-backend model version (the tokenizer)."""
 
-    def __init__(self, model_dir: Path, version: int, config) -> None:
-        super().__init__(model_dir, version, config)
+    def __init__(self, model_dir: Path, version: int, config, revision: str = "") -> None:
+        super().__init__(model_dir, version, config, revision)
         self.backend = PythonBackendModel(model_dir, version, config)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -337,8 +338,10 @@ class PythonModel(RepositoryModel):
 class EnsembleModel(RepositoryModel):
     """An ensemble: each step's inputs taken from the tensors so far, outputs added."""
 
-    def __init__(self, model_dir: Path, version: int, config, models: dict) -> None:
-        super().__init__(model_dir, version, config)
+    def __init__(
+        self, model_dir: Path, version: int, config, models: dict, revision: str = ""
+    ) -> None:
+        super().__init__(model_dir, version, config, revision)
         self.steps = []
         for step in config.ensemble_scheduling.step:
             if step.model_name not in models:
@@ -372,9 +375,12 @@ def _version_to_serve(model_dir: Path, version: int | None) -> int:
     return version
 
 
-def load_repository(repository: Path, version: int | None = None) -> list[RepositoryModel]:
+def load_repository(
+    repository: Path, version: int | None = None, revision: str = ""
+) -> list[RepositoryModel]:
     """Load every model of a Triton repository at ``version`` (default: each model's
-    newest). TensorRT plans are skipped with a warning (they need Triton on a GPU node)."""
+    newest), its metrics labelled with ``revision``. TensorRT plans are skipped with a
+    warning (they need Triton on a GPU node)."""
     if not repository.is_dir():
         raise RepositoryError(f"model repository {repository} does not exist")
     configs = {}
@@ -393,9 +399,11 @@ def load_repository(repository: Path, version: int | None = None) -> list[Reposi
         if config.platform == "ensemble":
             ensembles.append((model_dir, config))
         elif config.platform == "onnxruntime_onnx":
-            models[name] = OnnxModel(model_dir, _version_to_serve(model_dir, version), config)
+            served = _version_to_serve(model_dir, version)
+            models[name] = OnnxModel(model_dir, served, config, revision)
         elif config.backend == "python":
-            models[name] = PythonModel(model_dir, _version_to_serve(model_dir, version), config)
+            served = _version_to_serve(model_dir, version)
+            models[name] = PythonModel(model_dir, served, config, revision)
         else:
             log.warning(
                 "skipping model %s: %s needs Triton (a GPU node)",
@@ -404,7 +412,7 @@ def load_repository(repository: Path, version: int | None = None) -> list[Reposi
             )
     for model_dir, config in ensembles:
         ensemble_version = _version_to_serve(model_dir, version)
-        models[config.name] = EnsembleModel(model_dir, ensemble_version, config, models)
+        models[config.name] = EnsembleModel(model_dir, ensemble_version, config, models, revision)
     if not models:
         raise RepositoryError(f"model repository {repository} has no model this server can run")
     return list(models.values())
@@ -418,17 +426,20 @@ def serve(
     version: int | None = None,
     grace_period: int = 10,
     limits: ServerLimits | None = None,
+    revision: str = "",
 ) -> None:
-    """Serve ``repository`` within ``limits`` until SIGTERM/SIGINT (blocking)."""
+    """Serve ``repository`` within ``limits`` as serving revision ``revision`` (metric
+    label, response header, feedback; "" for none) until SIGTERM/SIGINT (blocking)."""
     from .loopback import LoopbackModelServer
 
-    models = load_repository(repository, version)
+    models = load_repository(repository, version, revision)
     for model in models:
-        log.info("serving %s version %s", model.name, model.version)
+        log.info("serving %s version %s (revision %r)", model.name, model.version, revision)
     LoopbackModelServer(
         host=host,
         http_port=http_port,
         grpc_port=grpc_port,
         grace_period=grace_period,
         limits=limits,
+        revision=revision,
     ).start(models)

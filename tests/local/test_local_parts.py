@@ -101,6 +101,62 @@ def test_router_splits_by_weight_and_counts_per_revision(tmp_path: Path) -> None
     asyncio.run(scenario())
 
 
+def test_router_feedback_is_checked_and_counted_for_served_revisions_only(
+    tmp_path: Path,
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def scenario() -> None:
+        routes = tmp_path / "routes.json"
+        routes.write_text(json.dumps({
+            "stable": {"url": "http://127.0.0.1:9", "revision": "fb-v1"},
+            "canary": {"url": "http://127.0.0.1:9", "revision": "fb-v2"}, "weight": 10,
+        }))  # fmt: skip
+        client = TestClient(TestServer(make_app(Routes(routes))))
+        await client.start_server()
+
+        async def post(body: bytes) -> tuple[int, dict]:
+            response = await client.post(
+                "/feedback", data=body, headers={"Content-Type": "application/json"}
+            )
+            return response.status, await response.json()
+
+        for body, message in (
+            (b'{"revision": "fb-v1", "clicked": true, "gain": NaN}', "finite number >= 0"),
+            (b'{"revision": "fb-v1", "clicked": true, "gain": Infinity}', "finite number >= 0"),
+            (b'{"revision": "fb-v1", "clicked": true, "gain": -0.5}', "finite number >= 0"),
+            (b'{"revision": "fb-v1", "clicked": true, "gain": 1e400}', "finite number >= 0"),
+            (b'{"revision": "fb-v1", "clicked": true, "gain": "1"}', "gain must be a number"),
+            (b'{"revision": "fb-v1", "gain": 0.5}', "lacks clicked"),
+            (b'{"revision": "fb-v1", "clicked": 1, "gain": 0.5}', "clicked must be"),
+            (b'{"revision": ["fb-v1"], "clicked": true, "gain": 0.5}', "revision must be"),
+            (b"[]", "JSON object"),
+            (b"{not json", "not JSON"),
+        ):
+            status, answer = await post(body)
+            assert status == 400 and message in answer["error"], (body, status, answer)
+        status, answer = await post(b'{"revision": "fb-v9", "clicked": true, "gain": 0.5}')
+        assert status == 409, answer
+        assert all(name in answer["error"] for name in ("'fb-v9'", "fb-v1", "fb-v2")), answer
+        for revision, clicked, gain in (("fb-v1", True, 0.5), ("fb-v2", False, 0.25)):
+            event = {"revision": revision, "clicked": clicked, "gain": gain}
+            status, answer = await post(json.dumps(event).encode())
+            assert status == 200, answer
+        metrics = await (await client.get("/metrics")).text()
+        live = live_business_metrics(metrics)
+        assert live["fb-v1"]["impressions"] == 1 and live["fb-v1"]["clicks"] == 1
+        assert live["fb-v1"]["gain"] == 0.5 and live["fb-v2"]["gain"] == 0.25
+        feedback_lines = [x for x in metrics.splitlines() if x.startswith("recjob_feedback_")]
+        assert not any("fb-v9" in x or "NaN" in x or "Inf" in x for x in feedback_lines)
+        routes.write_text(json.dumps({"stable": None, "canary": None, "weight": 0}))
+        time.sleep(0.01)  # a new mtime: the table is re-read
+        status, answer = await post(b'{"revision": "fb-v1", "clicked": true, "gain": 0.5}')
+        assert status == 409 and "none" in answer["error"], answer
+        await client.close()
+
+    asyncio.run(scenario())
+
+
 class _FakePrometheus(BaseHTTPRequestHandler):
     answers: dict = {}
 

@@ -34,6 +34,7 @@ def exposed_metric_names() -> set[str]:
         REPO / "operator/recjob_operator/kube/metrics.py",
         REPO / "operator/recjob_operator/local/router.py",
         REPO / "serving/recjob_serving/server.py",
+        REPO / "serving/recjob_serving/revision.py",
     ):
         names |= set(re.findall(r'"(recjob_[a-z_]+)"', path.read_text()))
     return names

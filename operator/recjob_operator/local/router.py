@@ -5,7 +5,9 @@
 Open Inference Protocol requests to ``/v2/...`` are sent to the stable or the canary server
 by the current canary weight (re-read from ROUTES.json whenever it changes) and answered
 with the server's response plus an ``x-recjob-revision`` header. ``POST /feedback``
-records what the user did with a served ranking. ``/metrics`` has, per revision:
+records what the user did with a served ranking: ``{"revision": str, "clicked": bool,
+"gain": number}``, the revision one the router serves now (else 409), gain finite, >= 0
+and at most 1e6 (else 400, as anything malformed). ``/metrics`` has, per revision:
 ``recjob_inference_requests_total``, ``recjob_inference_errors_total`` (5xx and
 unreachable server), ``recjob_inference_latency_seconds`` (histogram, through the
 router), ``recjob_feedback_impressions_total``, ``recjob_feedback_clicks_total`` and
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -44,6 +47,45 @@ IMPRESSIONS = Counter(
 CLICKS = Counter("recjob_feedback_clicks_total", "Rankings the user clicked", ["revision"])
 GAIN = Counter("recjob_feedback_gain_total", "Sum of ranking gain (e.g. NDCG@k)", ["revision"])
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+#: Largest gain one feedback event may add (a counter at infinity stays poisoned).
+MAX_GAIN = 1e6
+FEEDBACK_FIELDS = ("revision", "clicked", "gain")
+
+
+def parse_feedback(body: bytes) -> tuple[str, bool, float]:
+    """``(revision, clicked, gain)`` of a valid feedback body, else ``ValueError`` saying
+    why. The model server checks its ``POST /v2/feedback`` the same way
+    (``recjob_serving.feedback.parse_feedback``; neither package may import the other, and
+    ``tests/serving/test_server_revision.py`` holds the two to the same verdicts)."""
+    try:
+        event = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"feedback is not JSON: {error}") from None
+    if not isinstance(event, dict):
+        raise ValueError('feedback must be a JSON object {"revision", "clicked", "gain"}')
+    fields = ", ".join(FEEDBACK_FIELDS)
+    missing = [name for name in FEEDBACK_FIELDS if name not in event]
+    if missing:
+        raise ValueError(f"feedback lacks {', '.join(missing)} (it needs {fields})")
+    unknown = sorted(set(event) - set(FEEDBACK_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown feedback field(s) {', '.join(unknown)}")
+    revision, clicked, gain = event["revision"], event["clicked"], event["gain"]
+    if not isinstance(revision, str) or not revision:
+        raise ValueError("revision must be a non-empty string")
+    if not isinstance(clicked, bool):
+        raise ValueError("clicked must be true or false")
+    if isinstance(gain, bool) or not isinstance(gain, int | float):
+        raise ValueError("gain must be a number")
+    try:
+        gain = float(gain)
+    except OverflowError:  # an integer too large for a float
+        gain = math.inf
+    if not math.isfinite(gain) or gain < 0:
+        raise ValueError("gain must be a finite number >= 0")
+    if gain > MAX_GAIN:
+        raise ValueError(f"gain must be at most {MAX_GAIN:g}")
+    return revision, clicked, gain
 
 
 class Routes:
@@ -72,6 +114,11 @@ class Routes:
             except (OSError, ValueError):
                 pass  # a half-written file: keep the last table (writers replace atomically)
         return self.table
+
+    def revisions(self) -> list[str]:
+        """The revisions served now (stable first, then canary)."""
+        table = self.current()
+        return [table[side]["revision"] for side in ("stable", "canary") if table.get(side)]
 
     def choose(self) -> dict | None:
         table = self.current()
@@ -135,13 +182,17 @@ def make_app(routes: Routes) -> web.Application:
 
     async def feedback(request: web.Request) -> web.Response:
         try:
-            event = await request.json()
-            revision = str(event["revision"])
-            clicked = bool(event.get("clicked", False))
-            gain = float(event.get("gain", 0.0))
-        except (ValueError, KeyError, TypeError) as error:
+            revision, clicked, gain = parse_feedback(await request.read())
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        known = routes.revisions()
+        if revision not in known:
             return web.json_response(
-                {"error": f"feedback needs revision, clicked, gain: {error}"}, status=400
+                {
+                    "error": f"feedback for revision '{revision}', which this router does not "
+                    f"serve (its revisions: {', '.join(known) or 'none'})"
+                },
+                status=409,
             )
         IMPRESSIONS.labels(revision=revision).inc()
         if clicked:

@@ -40,7 +40,7 @@ test: $(STAMP) prometheus cluster ## Lint, then run the whole test suite (cluste
 # and two node agents that run pods as local processes (hack/cluster/README.md). Root.
 CLUSTER := $(BIN)/python hack/cluster/cluster.py
 
-cluster: $(STAMP) ## Build (Go build cache: seconds after the first) and start the test cluster
+cluster: $(STAMP) prometheus ## Build (Go build cache: seconds after the first) and start the test cluster
 	$(CLUSTER) up
 
 cluster-down: ## Stop the test cluster (state kept in .cluster/; `cluster.py reset` forgets it)

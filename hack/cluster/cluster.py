@@ -35,9 +35,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gateway
 import images
 import kserve
 import pki
+import prometheus
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -62,6 +64,7 @@ GO_PACKAGES = [
     "k8s.io/kubernetes/cmd/kubectl",
     "./cmd/recjob-node",
     "./cmd/recjob-dns",
+    "./cmd/recjob-gateway",
 ]
 
 
@@ -112,6 +115,7 @@ def build() -> None:
     operator = f"{module}@{VERSIONS['TRAINING_OPERATOR']}"
     subprocess.run([GO, "install", operator], check=True, env={**env, "GOBIN": str(BIN)})
     kserve.build(GO, VERSIONS["KSERVE"], BIN / "kserve-manager", env)
+    prometheus.build(GO, VERSIONS["PROMETHEUS"], BIN, env)
     log(f"binaries ready in {BIN} ({time.monotonic() - started:.0f} s)")
 
 
@@ -335,6 +339,10 @@ def up(skip_build: bool = False) -> None:
         "-n", "kubeflow", "wait", "--for=condition=Available", "deployment/training-operator",
         "--timeout=5s", check=False).returncode == 0, 300)  # fmt: skip
     install_kserve()
+    gateway.install(kubectl, log)
+    start("recjob-gateway", gateway.argv(BIN, STATE))
+    wait_for("the test Gateway", lambda: gateway.programmed(kubectl), 60)
+    start("prometheus", prometheus.argv(STATE, BIN))
     log(
         f"cluster up in {time.monotonic() - started:.0f} s; "
         f"export KUBECONFIG={STATE / 'kubeconfig'}"
@@ -366,8 +374,9 @@ def install_kserve() -> None:
 
 def down() -> None:
     """Stop every component (node agents stop their pods first) and clean the network."""
-    for name in [*NODES, "recjob-dns", "kube-proxy", "kube-scheduler", "kube-controller-manager",
-                 "kube-apiserver", "etcd"]:  # fmt: skip
+    components = ["prometheus", "recjob-gateway", *NODES, "recjob-dns", "kube-proxy"]
+    components += ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+    for name in components:
         stop(name)
     for line in _sh("ip", "netns", "list").stdout.splitlines():
         if line.startswith("rj-"):
@@ -392,7 +401,7 @@ def reset() -> None:
 def status() -> int:
     """Which components run."""
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-             "kube-proxy", "recjob-dns", *NODES]  # fmt: skip
+             "kube-proxy", "recjob-dns", *NODES, "recjob-gateway", "prometheus"]  # fmt: skip
     for name in names:
         print(f"{name:26} {'running' if _alive(name) else 'stopped'}")
     return 0 if all(_alive(n) for n in names) else 1

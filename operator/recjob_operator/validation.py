@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .api.v1alpha1 import RecJob, parse_duration
-from .api.v1alpha1.cel import PLACEHOLDER_PATTERN
+from .api.v1alpha1.cel import PLACEHOLDER_PATTERN, RAW_NEEDS_GATEWAY
 from .api.v1alpha1.common import (
     BUNDLED_MODELS,
     DNS_LABEL_PATTERN,
@@ -544,8 +544,10 @@ def _serving_rules(spec: RecJobSpec) -> list[Problem]:
             f"{p}.minReplicas",
             f"must not exceed maxReplicas ({s.max_replicas}), got {s.min_replicas}",
         )
-    if s.deployment_mode == "RawDeployment" and s.min_replicas < 1:
-        out.add(f"{p}.minReplicas", "RawDeployment cannot scale to zero: at least 1")
+    if s.raw and s.min_replicas < 1:
+        out.add(f"{p}.minReplicas", "RawDeployment/Standard cannot scale to zero: at least 1")
+    if s.raw and s.gateway is None:
+        out.add(f"{p}.gateway", RAW_NEEDS_GATEWAY)
     return out
 
 

@@ -265,7 +265,8 @@ SETTINGS: dict[str, list[Any]] = {
     ],
     "spec.serving.minReplicas": [0, 1, 5],
     "spec.serving.maxReplicas": [1, 3],
-    "spec.serving.deploymentMode": ["Serverless", "RawDeployment"],
+    "spec.serving.deploymentMode": ["Serverless", "RawDeployment", "Standard"],
+    "spec.serving.gateway": [DELETE, {"name": "shop"}],
     "spec.rollout.steps": [
         [10, 100],
         [50, 25, 100],

@@ -529,9 +529,30 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
     (
         "raw-deployment-scale-to-zero",
         S,
-        {"spec.serving.deploymentMode": "RawDeployment", "spec.serving.minReplicas": 0},
+        {
+            "spec.serving.deploymentMode": "RawDeployment",
+            "spec.serving.minReplicas": 0,
+            "spec.serving.gateway": {"name": "shop"},
+        },
         "spec.serving.minReplicas",
         "scale to zero",
+    ),
+    (
+        "raw-deployment-without-gateway",
+        S,
+        {"spec.serving.deploymentMode": "Standard"},
+        "spec.serving.gateway",
+        "KServe splits canary traffic only in Serverless mode",
+    ),
+    (
+        "gateway-hostname-not-a-hostname",
+        S,
+        {
+            "spec.serving.deploymentMode": "RawDeployment",
+            "spec.serving.gateway": {"name": "shop", "hostname": "Shop_Front"},
+        },
+        "spec.serving.gateway.hostname",
+        "expected text matching",
     ),
 ]
 

@@ -16,12 +16,11 @@ from recjob_operator.api.v1alpha1.trainer import TrainerConfig
 from recjob_operator.controller.children import (
     conversion_config_map,
     conversion_job,
-    inference_service,
     pytorch_job,
     pytorch_job_state,
-    snapshot_uri,
     training_config_map,
 )
+from recjob_operator.controller.serving_objects import serverless_inference_service
 from recjob_operator.schema import apply_defaults, openapi_to_jsonschema, prune_nulls
 from recjob_operator.validation import parse_recjob
 from tests.conftest import CLUSTER_SAMPLES, EXAMPLES, MINIMAL, SHARED, load_yaml
@@ -63,7 +62,7 @@ def test_every_example_builds_valid_children(example: Path) -> None:
     training = pytorch_job(recjob)
     assert_valid_against(training, "kubeflow.org_pytorchjobs.yaml", "v1")
     for canary in (None, 10):
-        isvc = inference_service(recjob, 4, canary)
+        isvc = serverless_inference_service(recjob, 4, canary)
         assert_valid_against(isvc, "serving.kserve.io_inferenceservices.yaml", "v1beta1")
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for obj in (training_config_map(recjob), conversion_config_map(recjob), conversion_job(recjob)):
@@ -157,7 +156,7 @@ def test_child_pods_are_locked_down(example: Path) -> None:
                 assert "emptyDir" in volumes[mounts[path]], path
             for name in ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "HF_HOME", "MPLCONFIGDIR"):
                 assert env[name].startswith(env["HOME"] + "/"), name
-    isvc = inference_service(recjob, 1, None)["spec"]["predictor"]
+    isvc = serverless_inference_service(recjob, 1, None)["spec"]["predictor"]
     assert isvc["automountServiceAccountToken"] is False
     limits = isvc["model"]["resources"]["limits"]
     assert {"cpu", "memory"} <= set(limits)
@@ -212,18 +211,6 @@ def test_conversion_job_reports_through_its_termination_message() -> None:
     assert compressed["teacherDir"] == "pvc://recjob-artifacts/minimal/5f0c1e6e/g3/train/teacher"
 
 
-def test_inference_service_canary_and_snapshot() -> None:
-    recjob = job()
-    stable = inference_service(recjob, 1, None)
-    canary = inference_service(recjob, 2, 25)
-    assert "canaryTrafficPercent" not in stable["spec"]["predictor"]
-    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 25
-    model = canary["spec"]["predictor"]["model"]
-    assert model["modelFormat"] == {"name": "triton"} and model["protocolVersion"] == "v2"
-    assert model["storageUri"] == snapshot_uri(recjob, 2) != snapshot_uri(recjob, 1)
-    assert canary["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
-
-
 def test_a_recjob_without_uid_cannot_own_children() -> None:
     recjob = parse_recjob(copy.deepcopy(MINIMAL))
     with pytest.raises(ValueError, match="uid"):
@@ -254,7 +241,7 @@ def test_the_schema_check_catches_what_an_api_server_would_reject() -> None:
     broken["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
     with pytest.raises(AssertionError, match="replicas"):
         assert_valid_against(broken, "kubeflow.org_pytorchjobs.yaml", "v1")
-    typo = inference_service(recjob, 1, 10)
+    typo = serverless_inference_service(recjob, 1, 10)
     typo["spec"]["predictor"]["canaryTraficPercent"] = typo["spec"]["predictor"].pop(
         "canaryTrafficPercent"
     )

@@ -197,6 +197,13 @@ def conversion_done(client: httpx.Client, name: str, ok: bool = True, message: s
             condition("Failed", message, "BackoffLimitExceeded")]})  # fmt: skip
 
 
+def record(client: httpx.Client, service: str) -> dict:
+    """The service record's data (ConfigMap ``<service>-recjob``)."""
+    response = client.get(f"/api/v1/namespaces/{NS}/configmaps/{service}-recjob")
+    assert response.status_code == 200, response.text
+    return response.json().get("data") or {}
+
+
 def phase(name: str, *phases: str):
     return lambda o: (o.get("status") or {}).get("phase") in phases
 
@@ -221,8 +228,9 @@ def test_happy_path_to_succeeded(cluster) -> None:
     finish_pod(client, "happy-convert-x", {"job-name": "happy-g1-convert"}, GATE_OK)
     conversion_done(client, "happy-g1-convert")
     isvc = wait_for(client, f"{ISVCS}/happy")
-    assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "1"
+    assert record(client, "happy")["stableModelVersion"] == "1"
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    assert "ownerReferences" not in isvc["metadata"]  # the service outlives its RecJobs
     ready = {
         "conditions": [condition("Ready")],
         "components": {"predictor": {"latestReadyRevision": "happy-predictor-00001"}},
@@ -426,10 +434,18 @@ def start_canary(client: httpx.Client, name: str, service: str, url: str, versio
     conversion_done(client, f"{name}-g1-convert")
     wait_for(client, f"{ISVCS}/{service}", lambda o: o["spec"]["predictor"].get(
         "canaryTrafficPercent") == 50)  # fmt: skip
+    # KServe's status of a Serverless canary whose new revision is ready: the 100% revision
+    # stays latestRolledoutRevision (as in KServe's own controller tests)
     traffic = {
-        "latestCreatedRevision": f"{service}-0000{version}",
-        "previousRolledoutRevision": f"{service}-00001",
-    }
+        "latestCreatedRevision": f"{service}-predictor-0000{version}",
+        "latestReadyRevision": f"{service}-predictor-0000{version}",
+        "latestRolledoutRevision": f"{service}-predictor-00001",
+        "traffic": [
+            {"revisionName": f"{service}-predictor-00001", "percent": 50, "latestRevision": False},
+            {"revisionName": f"{service}-predictor-0000{version}", "percent": 50,
+             "latestRevision": True, "tag": "latest"},
+        ],
+    }  # fmt: skip
     patch_status(client, f"{ISVCS}/{service}", {
         "conditions": [condition("Ready")], "components": {"predictor": traffic}})  # fmt: skip
 
@@ -438,24 +454,27 @@ def test_good_canary_is_promoted(cluster, prometheus) -> None:
     _, client, _ = cluster
     url, exporter, _ = prometheus
     deploy_first(client, "stable", "svc-a")
-    exporter.error_share.update({"svc-a-00001": 0.0, "svc-a-00002": 0.0})
+    exporter.error_share.update({"svc-a-v1": 0.0, "svc-a-v2": 0.0})
     start_canary(client, "better", "svc-a", url, version=2)
     done = wait_for(client, f"{RECJOBS}/better", phase("better", "Succeeded", "RolledBack"),
                     timeout=60)  # fmt: skip
     assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
     history = done["status"]["rollout"]["history"]
     assert {h["weight"] for h in history} == {50, 100}
-    assert history[-1]["verdict"] == "pass" and history[-1]["revision"] == "svc-a-00002"
+    assert history[-1]["verdict"] == "pass" and history[-1]["revision"] == "svc-a-v2"
+    assert done["status"]["lineage"]["inferenceServiceRevision"] == "svc-a-predictor-00002"
     isvc = client.get(f"{ISVCS}/svc-a").json()
-    assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "2"
+    assert record(client, "svc-a") == {"stableModelVersion": "2"}  # and released
+    # promotion is a traffic change only: the revision template is the canary's, untouched
     assert isvc["spec"]["predictor"].get("canaryTrafficPercent") is None
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v2")
 
 
 def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) -> None:
     _, client, operator = cluster
     url, exporter, _ = prometheus
     deploy_first(client, "base", "svc-b")
-    exporter.error_share.update({"svc-b-00003": 0.5})
+    exporter.error_share.update({"svc-b-v3": 0.5})
     start_canary(client, "broken", "svc-b", url, version=3)
     done = wait_for(client, f"{RECJOBS}/broken", phase("broken", "Succeeded", "RolledBack"),
                     timeout=60)  # fmt: skip
@@ -463,8 +482,12 @@ def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) 
     assert "error-rate = 0.5 (wanted <= 0.05): fail" in done["status"]["message"]
     assert done["status"]["rollout"]["failedChecks"] == 2
     isvc = client.get(f"{ISVCS}/svc-b").json()
-    assert isvc["metadata"]["annotations"]["recjob.dev/stable-model-version"] == "1"
-    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v1")
+    assert record(client, "svc-b") == {"stableModelVersion": "1"}
+    # KServe's documented rollback: canaryTrafficPercent 0 sends everything back to the
+    # last rolled-out revision; no new revision (a re-pointed storageUri would be one,
+    # routed 100% to the failed model until it is ready)
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v3")
     exposed = httpx.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
     assert 'recjob_rollbacks_total{namespace="shop",recjob="broken"} 1.0' in exposed
     assert ('recjob_analysis_threshold{bound="max",metric="error-rate",namespace="shop",'
@@ -501,7 +524,7 @@ def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_
     wait_ready(url)
     time.sleep(3)  # a few scrapes, so the 5s rate windows have data
     deploy_first(client, "dark-base", "svc-d")
-    exporter.error_share.update({"svc-d-00005": 0.0})
+    exporter.error_share.update({"svc-d-v5": 0.0})
     start_canary(client, "dark", "svc-d", url, version=5, analysesPerStep=100,
                  noData={"action": "hold", "deadline": "6s"})  # fmt: skip
     wait_for(client, f"{RECJOBS}/dark", lambda o: any(
@@ -517,6 +540,40 @@ def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_
     verdicts = [h["verdict"] for h in rollout["history"]]
     assert verdicts[0] == "pass" and verdicts[-1] == "error" and "fail" not in verdicts
     assert "unreachable" in rollout["history"][-1]["message"]
+
+
+def test_an_inference_service_the_operator_did_not_create_is_never_modified(cluster) -> None:
+    """Someone's own InferenceService of the service's name: the RecJob stops and says
+    why; the service is left exactly as it was."""
+    _, client, _ = cluster
+    theirs = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+              "metadata": {"name": "svc-f", "namespace": NS, "labels": {"team": "search"}},
+              "spec": {"predictor": {"model": {"modelFormat": {"name": "sklearn"},
+                                               "storageUri": "gs://theirs/model"}}}}  # fmt: skip
+    assert client.post(ISVCS, json=theirs).status_code == 201
+    before = client.get(f"{ISVCS}/svc-f").json()
+    create_recjob(client, "intruder", serving={"name": "svc-f"})
+    wait_for(client, f"{PYTORCHJOBS}/intruder-g1-train")
+    training(client, "intruder-g1-train", condition("Succeeded"))
+    wait_for(client, f"{JOBS}/intruder-g1-convert")
+    finish_pod(client, "intruder-convert-x", {"job-name": "intruder-g1-convert"}, GATE_OK)
+    conversion_done(client, "intruder-g1-convert")
+    refused = wait_for(client, f"{RECJOBS}/intruder", lambda o: any(
+        c["type"] == "ChildrenCreated" and c["status"] == "False"
+        for c in (o.get("status") or {}).get("conditions", [])))  # fmt: skip
+    message = next(c["message"] for c in refused["status"]["conditions"]
+                   if c["type"] == "ChildrenCreated")  # fmt: skip
+    assert "InferenceService svc-f exists and was not created by the RecJob operator" in message
+    after = client.get(f"{ISVCS}/svc-f").json()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    client.delete(f"{RECJOBS}/intruder")  # it retries with backoff until then
+    deadline = time.time() + 30
+    while client.get(f"{RECJOBS}/intruder").status_code != 404:
+        assert time.time() < deadline, "the finalizer was never released"
+        time.sleep(0.1)
+    assert client.get(f"{ISVCS}/svc-f").json()["metadata"]["resourceVersion"] == (
+        before["metadata"]["resourceVersion"]
+    )
 
 
 def test_status_conflicts_are_retried(cluster) -> None:
@@ -600,7 +657,7 @@ def test_recjob_deleted_mid_rollout_rolls_back_and_goes(cluster, prometheus) -> 
     _, client, _ = cluster
     url, exporter, _ = prometheus
     deploy_first(client, "keep", "svc-e")
-    exporter.error_share.update({"svc-e-00006": 0.0})
+    exporter.error_share.update({"svc-e-v6": 0.0})
     start_canary(client, "doomed", "svc-e", url, version=6, analysesPerStep=100,
                  noData={"action": "hold", "deadline": "10m"})  # fmt: skip
     wait_for(client, f"{RECJOBS}/doomed", lambda o: (o.get("status") or {}).get(
@@ -611,8 +668,8 @@ def test_recjob_deleted_mid_rollout_rolls_back_and_goes(cluster, prometheus) -> 
         assert time.time() < deadline, "the finalizer was never released"
         time.sleep(0.1)
     isvc = client.get(f"{ISVCS}/svc-e").json()
-    assert isvc["spec"]["predictor"].get("canaryTrafficPercent") is None
-    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("-snapshots/v1")
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert record(client, "svc-e") == {"stableModelVersion": "1"}  # released
 
 
 def test_children_are_read_from_watches_not_polled(cluster) -> None:
@@ -705,6 +762,12 @@ def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
     used = used_permissions(requests)
     # checked by the API server's admission (blockOwnerDeletion), never requested
     never_requested = {("recjob.dev", "recjobs/finalizers", "update")}
+    # RawDeployment/Standard serving (HTTPRoutes; per-version InferenceServices deleted at
+    # promotion and rollback) runs on the real cluster with real KServe instead
+    # (tests/cluster/test_serving.py; tests/cluster/test_zz_rbac.py checks those rules)
+    never_requested |= {("gateway.networking.k8s.io", "httproutes", v)
+                        for v in ("list", "watch", "create", "patch")}  # fmt: skip
+    never_requested.add(("serving.kserve.io", "inferenceservices", "delete"))
     unused = []
     for grant in grants(build("overlays/namespaced")):
         rule = grant.rule

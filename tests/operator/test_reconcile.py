@@ -18,6 +18,7 @@ from recjob_operator.controller.reconcile import (
     EmitEvent,
     Observed,
     Promote,
+    ReleaseService,
     RollBack,
     ServingObservation,
     SetCanary,
@@ -174,7 +175,7 @@ def test_first_model_goes_straight_to_100_percent() -> None:
     serving = ServingObservation(stable_version=2, ready=True, stable_revision="minimal-v2")
     done = step(job, Observed(serving=serving), T0 + timedelta(seconds=5))
     assert job.status.phase == "Succeeded" and job.status.lineage.model_version == 2
-    assert kinds(done) == []
+    assert kinds(done) == [ReleaseService]
     ready = next(c for c in job.status.conditions if c.type == "Ready")
     assert ready.status == "True"
 

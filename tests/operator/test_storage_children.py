@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 from recjob_operator.api.v1alpha1.storage import GCP_KEY_PATH, WORK_DIR
-from recjob_operator.controller.children import conversion_job, inference_service, pytorch_job
+from recjob_operator.controller.children import conversion_job, pytorch_job
+from recjob_operator.controller.serving_objects import serverless_inference_service
 from recjob_operator.validation import parse_recjob
 from tests.conftest import CLUSTER_SAMPLES, MINIMAL, load_yaml
 
@@ -56,7 +57,7 @@ def test_service_account_and_gcs_key_file() -> None:
         assert "RECJOB_WORK_DIR" not in env  # artifacts stay on the pvc
         key = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName"))
         assert key["secret"]["items"] == [{"key": "key.json", "path": "key.json"}]
-    predictor = inference_service(recjob, 1, None)["spec"]["predictor"]
+    predictor = serverless_inference_service(recjob, 1, None)["spec"]["predictor"]
     assert predictor["serviceAccountName"] == "recjob-workload"
 
 

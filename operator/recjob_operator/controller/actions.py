@@ -41,6 +41,15 @@ class ServingObservation:
     ready: bool = False
     stable_revision: str | None = None
     canary_revision: str | None = None
+    canary_ready: bool = True
+    """The version being rolled out (canary, or first model) has ready pods (Serverless:
+    its revision is KServe's latest ready one; Raw: its InferenceService is Ready)."""
+    failure: str | None = None
+    """Why the version being rolled out cannot become ready, as KServe reports it
+    (PredictorReady=False, ``modelStatus.lastFailureInfo``)."""
+    waiting_for: str | None = None
+    """Why this RecJob may not roll out to the service now: another RecJob holds it, or
+    older ones wait first (one rollout per service, oldest first)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,11 @@ class RollBack:
 
 
 @dataclass(frozen=True)
+class ReleaseService:
+    """This RecJob's rollout to its service is over: let the next RecJob have it."""
+
+
+@dataclass(frozen=True)
 class CleanupGeneration:
     """Stop and remove superseded children of model generation ``generation``: its
     training child (when ``training``) and its conversion child of revision
@@ -128,6 +142,7 @@ Action = (
     | SetCanary
     | Promote
     | RollBack
+    | ReleaseService
     | CleanupGeneration
     | EmitEvent
 )

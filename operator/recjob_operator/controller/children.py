@@ -10,11 +10,9 @@
 - ``<name>-g<gen>-convert`` ConfigMap and batch/v1 Job running ``recjob-serve convert``
   (``spec.export.image`` and ``resources``); the quality gate's summary comes back in the
   container's termination message;
-- the InferenceService (serving.kserve.io/v1beta1) of ``spec.serving`` on the Triton
-  runtime, serving one model version's repository snapshot; ``canaryTrafficPercent`` for
-  a canary.
+- the serving objects: ``serving_objects``.
 
-Every object carries an ownerReference to the RecJob (garbage-collected with it) and the
+Every object here carries an ownerReference to the RecJob (garbage-collected with it) and the
 ``recjob.dev/*`` labels. Pods get no service-account token (they never call the API
 server), cpu and memory requests and limits, and the trainer and conversion containers a
 read-only root filesystem with emptyDirs for /tmp and a HOME holding every cache.
@@ -376,40 +374,4 @@ def conversion_job(recjob: RecJob) -> dict:
                 ),
             },
         },
-    }
-
-
-# --------------------------------------------------------------------------- serving
-def inference_service(recjob: RecJob, model_version: int, canary_percent: int | None) -> dict:
-    """The InferenceService serving ``model_version`` (its own repository snapshot) on the
-    Triton runtime; ``canary_percent`` sends that share to it and the rest to the
-    previous ready revision (None: all traffic, i.e. first rollout or promotion)."""
-    serving = recjob.spec.serving
-    predictor: dict = {
-        "automountServiceAccountToken": False,  # Triton needs no API access
-        "minReplicas": serving.min_replicas,
-        "maxReplicas": serving.max_replicas,
-        "model": {
-            "modelFormat": {"name": "triton"},
-            "runtime": serving.runtime_name,
-            "protocolVersion": "v2",
-            "storageUri": snapshot_uri(recjob, model_version),
-            "resources": _resources(serving.resources),
-        },
-    }
-    if canary_percent is not None:
-        predictor["canaryTrafficPercent"] = canary_percent
-    account = pod_storage(recjob.spec).service_account_name
-    if account:  # spec.storage: KServe's storage initializer reads the snapshot as it
-        predictor["serviceAccountName"] = account
-    metadata = _metadata(recjob, recjob.service_name, "serving")
-    metadata["annotations"] = {
-        "serving.kserve.io/deploymentMode": serving.deployment_mode,
-        f"{GROUP}/model-version": str(model_version),
-    }
-    return {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": metadata,
-        "spec": {"predictor": predictor},
     }

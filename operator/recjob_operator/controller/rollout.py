@@ -15,6 +15,7 @@ from .actions import (
     DeployStable,
     Observed,
     Promote,
+    ReleaseService,
     RollBack,
     ServingObservation,
     SetCanary,
@@ -24,7 +25,8 @@ from .plan import Plan
 
 
 def revision_name(service: str, model_version: int) -> str:
-    """The serving revision that carries ``model_version`` (local mode's naming)."""
+    """The serving revision that carries ``model_version``: its metrics label (local mode,
+    both KServe modes), and in RawDeployment/Standard mode its InferenceService's name."""
     return f"{service}-v{model_version}"
 
 
@@ -38,6 +40,9 @@ def rolling_out(plan: Plan, observed: Observed, readings: list[Reading] | None) 
         return
     serving = observed.serving or ServingObservation()
     service = recjob.service_name
+    if serving.waiting_for:  # another RecJob's rollout to the service goes first
+        _wait_for_service(plan, service, serving.waiting_for)
+        return
     rollout = status.rollout
     if rollout is None:
         rollout = status.rollout = RolloutStatus(started_at=now)
@@ -52,15 +57,19 @@ def rolling_out(plan: Plan, observed: Observed, readings: list[Reading] | None) 
             rollout.state = "Progressing"
             rollout.stable_model_version = serving.stable_version
             rollout.canary_model_version = version
-            rollout.stable_revision = serving.stable_revision or revision_name(
-                service, serving.stable_version
-            )
+            rollout.stable_revision = revision_name(service, serving.stable_version)
             rollout.canary_revision = revision_name(service, version)
             set_step(plan, rollout, 0)
         plan.condition("Deployed", False, "RolloutStarted", f"model version {version}")
     if rollout.canary_model_version is None:  # first model: straight to 100%
-        if serving.stable_version == version and serving.ready:
-            _succeed(plan, version, serving.stable_revision or revision_name(service, version))
+        if serving.failure:
+            reason = f"model version {version} cannot serve: {serving.failure}"
+            plan.condition("Deployed", False, "ModelFailed", reason)
+            plan.event("Warning", "ModelFailed", reason)
+            plan.actions.append(ReleaseService())
+            plan.finish("Failed", reason)
+        elif serving.stable_version == version and serving.ready:
+            _succeed(plan, version, revision_name(service, version), serving.stable_revision)
         else:
             plan.actions.append(DeployStable(version))
             status.message = f"deploying model version {version} (first model of {service})"
@@ -71,7 +80,12 @@ def rolling_out(plan: Plan, observed: Observed, readings: list[Reading] | None) 
     mismatch = serving.canary_version != version or serving.canary_weight != rollout.canary_weight
     if mismatch and desired not in plan.actions:
         plan.actions.append(desired)
-    rollout.canary_revision = serving.canary_revision or rollout.canary_revision
+    if serving.failure:  # KServe says the canary cannot start: no need to wait for data
+        _roll_back(plan, rollout, version, f"canary cannot serve: {serving.failure}")
+        return
+    if not serving.canary_ready:
+        _await_canary(plan, rollout, version)
+        return
     if rollout.state == "AwaitingApproval":
         if observed.approved_generation == recjob.generation:
             plan.event("Normal", "Approved", f"generation {recjob.generation} approved")
@@ -89,7 +103,35 @@ def rolling_out(plan: Plan, observed: Observed, readings: list[Reading] | None) 
         else:
             plan.requeue(POLL_SECONDS)
         return
-    _analyse(plan, rollout, readings, version)
+    _analyse(plan, rollout, readings, version, serving.canary_revision)
+
+
+def _wait_for_service(plan: Plan, service: str, why: str) -> None:
+    """Another RecJob's rollout to ``service`` goes first: wait, saying for whom."""
+    status = plan.status
+    message = f"waiting to roll out to {service}: {why}"
+    if status.message != message:
+        plan.event("Normal", "WaitingForService", message)
+    status.rollout = None  # started afresh (from the then stable model) once it is free
+    status.message = message
+    plan.condition("Deployed", False, "WaitingForService", message)
+    plan.requeue(POLL_SECONDS)
+
+
+def _await_canary(plan: Plan, rollout: RolloutStatus, version: int) -> None:
+    """The canary's pods are not ready yet: no traffic, no analysis; roll back once the
+    no-data deadline has passed since the step began."""
+    spec = plan.recjob.spec.rollout
+    waited = seconds_between(plan.now, rollout.step_started_at)
+    deadline = parse_duration(spec.no_data.deadline).total_seconds()
+    if waited >= deadline:
+        _roll_back(plan, rollout, version,
+                   f"canary version {version} not ready after {waited:.0f}s "
+                   f"(deadline {spec.no_data.deadline})")  # fmt: skip
+        return
+    rollout.next_analysis_time = plan.now + parse_duration(spec.interval)
+    plan.status.message = f"canary version {version}: waiting for its pods to be ready"
+    plan.requeue(POLL_SECONDS)
 
 
 def set_step(plan: Plan, rollout: RolloutStatus, step: int) -> None:
@@ -114,7 +156,13 @@ def set_step(plan: Plan, rollout: RolloutStatus, step: int) -> None:
     plan.requeue(parse_duration(spec.interval).total_seconds())
 
 
-def _analyse(plan: Plan, rollout: RolloutStatus, readings: list[Reading], version: int) -> None:
+def _analyse(
+    plan: Plan,
+    rollout: RolloutStatus,
+    readings: list[Reading],
+    version: int,
+    kserve_revision: str | None,
+) -> None:
     spec, now = plan.recjob.spec.rollout, plan.now
     interval = parse_duration(spec.interval)
     outcome = analyse(spec, readings)
@@ -155,7 +203,7 @@ def _analyse(plan: Plan, rollout: RolloutStatus, readings: list[Reading], versio
             return
         if rollout.step == len(spec.steps) - 1:
             plan.actions.append(Promote(version))
-            _succeed(plan, version, rollout.canary_revision)
+            _succeed(plan, version, rollout.canary_revision, kserve_revision)
             return
         nxt = rollout.step + 1
         if spec.manual_approval and nxt == len(spec.steps) - 1:
@@ -208,6 +256,7 @@ def _analyse(plan: Plan, rollout: RolloutStatus, readings: list[Reading], versio
 
 def _roll_back(plan: Plan, rollout: RolloutStatus, version: int, reason: str) -> None:
     plan.actions.append(RollBack(version, rollout.stable_model_version, reason))
+    plan.actions.append(ReleaseService())
     rollout.state = "RolledBack"
     rollout.canary_weight = 0
     rollout.next_analysis_time = None
@@ -218,7 +267,11 @@ def _roll_back(plan: Plan, rollout: RolloutStatus, version: int, reason: str) ->
     plan.finish("RolledBack", f"rolled back: {reason}")
 
 
-def _succeed(plan: Plan, version: int, revision: str | None) -> None:
+def _succeed(plan: Plan, version: int, revision: str | None, kserve_revision: str | None) -> None:
+    """``version`` serves all traffic: lineage, conditions, the service released.
+    ``revision`` is the serving revision (metrics label); ``kserve_revision`` KServe's own
+    revision name where it has one (Serverless)."""
+    plan.actions.append(ReleaseService())
     status = plan.status
     rollout = status.rollout
     assert rollout is not None
@@ -228,7 +281,7 @@ def _succeed(plan: Plan, version: int, revision: str | None) -> None:
     status.lineage = status.lineage or Lineage()
     status.lineage.previous_model_version = previous if previous != version else None
     status.lineage.model_version = version
-    status.lineage.inference_service_revision = revision
+    status.lineage.inference_service_revision = kserve_revision or revision
     plan.condition("Deployed", True, "Serving", f"model version {version} serves all traffic")
     plan.condition("Promoted", True, "Promoted", f"model version {version} promoted")
     plan.event("Normal", "Promoted", f"model version {version} serves 100% of traffic")

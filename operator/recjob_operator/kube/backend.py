@@ -1,8 +1,7 @@
 """The Kubernetes backend: observes and acts for the reconcile core through the API server.
 
 Training is a Kubeflow PyTorchJob, conversion a batch Job (its quality-gate summary read
-from the pod's termination message), serving a KServe InferenceService whose annotations
-record which model version is stable and which is the canary. Observation reads a
+from the pod's termination message), serving KServe (:mod:`.serving`). Observation reads a
 :class:`~.cache.ChildView` (the watch caches in the operator). Every create is
 create-if-absent by deterministic name (409 AlreadyExists = done); any other refusal
 (quota 403, admission webhook 4xx, 422 Invalid, ...) raises :class:`ChildWriteError`
@@ -14,7 +13,6 @@ and recomputes, see :mod:`.reconciler`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -29,7 +27,6 @@ from ..controller.analysis import Reading
 from ..controller.children import (
     conversion_config_map,
     conversion_job,
-    inference_service,
     pytorch_job,
     pytorch_job_state,
     training_config_map,
@@ -44,21 +41,21 @@ from ..controller.reconcile import (
     EmitEvent,
     Observed,
     Promote,
+    ReleaseService,
     RollBack,
-    ServingObservation,
     SetCanary,
     analysis_query_values,
     conversion_name,
     training_name,
 )
 from ..prometheus import PrometheusSource
-from .cache import KSERVE, KUBEFLOW, MANAGED_SELECTOR, ChildView
+from .cache import KUBEFLOW, MANAGED_SELECTOR, ChildView
+from .errors import ChildWriteError
 from .metrics import api_call
+from .serving import KubeServing
 
 log = logging.getLogger("recjob_operator.kube")
 
-STABLE_ANNOTATION = f"{GROUP}/stable-model-version"
-VERSION_ANNOTATION = f"{GROUP}/model-version"
 RECJOBS = (GROUP, "v1alpha1", "recjobs")
 MANAGED_LABEL, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
 
@@ -84,28 +81,10 @@ class StatusConflict(Exception):
     """The RecJob changed since it was read (409 on the status write)."""
 
 
-class ChildWriteError(Exception):
-    """The API server refused to create, patch or delete a child."""
-
-    def __init__(self, verb: str, kind: str, name: str, error: ApiException):
-        self.verb, self.kind, self.name = verb, kind, name
-        self.status = error.status or 0
-        self.reason, self.message = api_error_text(error)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"{self.verb} {self.kind} {self.name}: {self.status} {self.reason}: {self.message}"
-
-
-def api_error_text(error: ApiException) -> tuple[str, str]:
-    """(reason, message) of an API error: the Status object's, else the HTTP reason."""
-    try:
-        status = json.loads(error.body or "")
-    except (TypeError, ValueError):
-        status = None
-    if isinstance(status, dict) and status.get("message"):
-        return str(status.get("reason") or error.reason or ""), str(status["message"])
-    return str(error.reason or ""), str(error.body or error.reason or "no message")
+def _rolling_out(recjob: RecJob) -> bool:
+    """Whether the RecJob's service matters to this pass: rolling out, or converting (a
+    finished conversion starts the rollout in the same pass)."""
+    return recjob.status is not None and recjob.status.phase in ("Converting", "RollingOut")
 
 
 def _missing(error: ApiException) -> bool:
@@ -119,6 +98,7 @@ class KubeBackend:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.serving = KubeServing(api)
         self.prometheus_url = prometheus_url
 
     # ------------------------------------------------------------------ observe
@@ -131,7 +111,7 @@ class KubeBackend:
         return Observed(
             training=self._training(recjob, ns, view),
             conversion=self._conversion(recjob, ns, view),
-            serving=self._serving(recjob, ns, view),
+            serving=self.serving.observe(recjob, view) if _rolling_out(recjob) else None,
             approved_generation=int(approved) if numeric else None,
         )
 
@@ -165,30 +145,6 @@ class KubeBackend:
             return ChildObservation(name, "Failed", message=message, result=report)
         return ChildObservation(name, "Running")
 
-    @staticmethod
-    def _serving(recjob: RecJob, ns: str, view: ChildView) -> ServingObservation | None:
-        isvc = view.inferenceservice(ns, recjob.service_name)
-        if isvc is None:
-            return None
-        annotations = (isvc.get("metadata") or {}).get("annotations") or {}
-        stable = annotations.get(STABLE_ANNOTATION)
-        current = annotations.get(VERSION_ANNOTATION)
-        predictor = (isvc.get("spec") or {}).get("predictor") or {}
-        conditions = {c.get("type"): c for c in (isvc.get("status") or {}).get("conditions") or []}
-        ready = (conditions.get("Ready") or {}).get("status") == "True"
-        traffic = ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
-        canary_version = int(current) if current and current != stable else None
-        return ServingObservation(
-            stable_version=int(stable) if stable else None,
-            canary_version=canary_version,
-            canary_weight=int(predictor.get("canaryTrafficPercent") or 0) if canary_version else 0,
-            ready=ready,
-            stable_revision=traffic.get("previousRolledoutRevision")
-            if canary_version
-            else traffic.get("latestReadyRevision"),
-            canary_revision=traffic.get("latestCreatedRevision") if canary_version else None,
-        )
-
     # ------------------------------------------------------------------ metrics
     def read_metrics(self, recjob: RecJob) -> list[Reading]:
         """The canary checks, read from Prometheus for the current revisions."""
@@ -216,14 +172,16 @@ class KubeBackend:
                 for obj in self.child_objects(recjob, action):
                     kind = {"ConfigMap": "configmaps", "Job": "jobs"}.get(obj["kind"], KUBEFLOW)
                     self._create(ns, kind, obj)
-            elif isinstance(action, DeployStable | Promote):
-                self._serve(recjob, ns, action.model_version, None, stable=action.model_version)
+            elif isinstance(action, DeployStable):
+                self.serving.deploy_stable(recjob, action.model_version)
             elif isinstance(action, SetCanary):
-                self._serve(recjob, ns, action.model_version, action.weight, stable=None)
+                self.serving.set_canary(recjob, action.model_version, action.weight)
+            elif isinstance(action, Promote):
+                self.serving.promote(recjob, action.model_version)
             elif isinstance(action, RollBack):
-                if action.stable_version is not None:
-                    self._serve(recjob, ns, action.stable_version, None,
-                                stable=action.stable_version)  # fmt: skip
+                self.serving.roll_back(recjob, action.canary_version, action.stable_version)
+            elif isinstance(action, ReleaseService):
+                self.serving.release(recjob)
             elif isinstance(action, CleanupGeneration):
                 self._cleanup(recjob, ns, action)
             if done is not None:
@@ -253,39 +211,6 @@ class KubeBackend:
             if error.status != 409:
                 kind_, name = obj["kind"], obj["metadata"]["name"]
                 raise ChildWriteError("create", kind_, name, error) from None
-
-    def _serve(
-        self, recjob: RecJob, ns: str, version: int, canary: int | None, stable: int | None
-    ) -> None:
-        desired = inference_service(recjob, version, canary)
-        annotations = desired["metadata"]["annotations"]
-        name = recjob.service_name
-        try:
-            current = api_call(
-                "get", KSERVE[2], self.custom.get_namespaced_custom_object,
-                *KSERVE[:2], ns, KSERVE[2], name,
-            )  # fmt: skip
-        except ApiException as error:
-            if not _missing(error):
-                raise
-            annotations[STABLE_ANNOTATION] = str(stable if stable is not None else version)
-            self._create(ns, KSERVE, desired)
-            return
-        previous = (current["metadata"].get("annotations") or {}).get(STABLE_ANNOTATION)
-        annotations[STABLE_ANNOTATION] = str(stable) if stable is not None else previous
-        predictor = desired["spec"]["predictor"]
-        patch = {
-            # the label brings a service made by someone else into the operator's cache
-            "metadata": {"annotations": annotations, "labels": {MANAGED_LABEL: MANAGED_VALUE}},
-            "spec": {"predictor": {**predictor, "canaryTrafficPercent": canary}},
-        }
-        try:
-            api_call(
-                "patch", KSERVE[2], self.custom.patch_namespaced_custom_object,
-                *KSERVE[:2], ns, KSERVE[2], name, patch,
-            )  # fmt: skip
-        except ApiException as error:
-            raise ChildWriteError("patch", "InferenceService", name, error) from None
 
     def _cleanup(self, recjob: RecJob, ns: str, action: CleanupGeneration) -> None:
         """Delete a superseded model generation's training and/or conversion child."""

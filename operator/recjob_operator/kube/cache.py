@@ -45,11 +45,19 @@ KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 BATCH_JOBS = ("batch", "v1", "jobs")
 PODS = ("", "v1", "pods")
+CONFIGMAPS = ("", "v1", "configmaps")
+HTTPROUTES = ("gateway.networking.k8s.io", "v1", "httproutes")
+RECJOBS = ("recjob.dev", "v1alpha1", "recjobs")
+#: ConfigMaps worth watching: the service records (not the children's configs).
+RECORD_SELECTOR = f"{MANAGED_SELECTOR},app.kubernetes.io/component=serving"
 #: The kinds cached, by the name of their index (the kopf handler id).
 INDEXES = {
     "recjob_pytorchjobs": KUBEFLOW,
     "recjob_jobs": BATCH_JOBS,
     "recjob_inferenceservices": KSERVE,
+    "recjob_records": CONFIGMAPS,
+    "recjob_httproutes": HTTPROUTES,
+    "recjob_services": RECJOBS,
     "recjob_pods": PODS,
 }
 
@@ -90,6 +98,37 @@ def index_inferenceservice(obj: Mapping) -> dict[Key, Entry]:
             "metadata": {"annotations": _copy(meta.get("annotations")) or {}},
             "spec": {"predictor": {"canaryTrafficPercent": predictor.get("canaryTrafficPercent")}},
             "status": _copy(obj.get("status")) or {},
+        }
+    }
+
+
+def index_record(obj: Mapping) -> dict[Key, Entry]:
+    """A service record's data (see ``controller.serving_objects``)."""
+    return {_key(obj): {"data": dict(obj.get("data") or {})}}
+
+
+def index_httproute(obj: Mapping) -> dict[Key, Entry]:
+    """An HTTPRoute's rules (the weights) and status."""
+    return {
+        _key(obj): {
+            "spec": {"rules": _copy((obj.get("spec") or {}).get("rules")) or []},
+            "status": _copy(obj.get("status")) or {},
+        }
+    }
+
+
+def index_recjob_service(obj: Mapping) -> dict[Key, Entry]:
+    """A RecJob under ``(namespace, its service)``: what waiting in line for the service
+    needs (name, uid, phase, creation time)."""
+    meta = obj.get("metadata") or {}
+    serving = (obj.get("spec") or {}).get("serving") or {}
+    service = serving.get("name") or meta.get("name") or ""
+    return {
+        (meta.get("namespace") or "default", service): {
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "created": meta.get("creationTimestamp") or "",
+            "phase": (obj.get("status") or {}).get("phase"),
         }
     }
 
@@ -179,6 +218,15 @@ class ChildView(Protocol):
         """The JSON termination message of a finished child (``kind``: pytorchjobs for
         its master pod, jobs for its pods)."""
 
+    def httproute(self, namespace: str, name: str) -> dict | None:
+        """A service's HTTPRoute (rules, status)."""
+
+    def record(self, namespace: str, name: str) -> dict | None:
+        """A service record (``{"data": ...}``)."""
+
+    def service_recjobs(self, namespace: str, service: str) -> list[dict]:
+        """The RecJobs of ``service`` (:func:`index_recjob_service` entries)."""
+
 
 class ApiView:
     """The children read through the API server (a LIST on every call). One child is
@@ -210,6 +258,9 @@ class ApiView:
     def inferenceservice(self, namespace: str, name: str) -> dict | None:
         return self._list_custom(KSERVE, namespace, name)
 
+    def httproute(self, namespace: str, name: str) -> dict | None:
+        return self._list_custom(HTTPROUTES, namespace, name)
+
     def job(self, namespace: str, name: str) -> dict | None:
         found = api_call(
             "list", "jobs", self.batch.list_namespaced_job, namespace,
@@ -231,6 +282,22 @@ class ApiView:
             if report is not None:
                 return report
         return None
+
+    def record(self, namespace: str, name: str) -> dict | None:
+        found = api_call(
+            "list", "configmaps", self.core.list_namespaced_config_map, namespace,
+            field_selector=f"metadata.name={name}",
+        ).items  # fmt: skip
+        return index_record(self.api.sanitize_for_serialization(found[0]))[
+            (namespace, name)] if found else None  # fmt: skip
+
+    def service_recjobs(self, namespace: str, service: str) -> list[dict]:
+        items = api_call(
+            "list", "recjobs", self.custom.list_namespaced_custom_object, *RECJOBS[:2],
+            namespace, RECJOBS[2],
+        ).get("items", [])  # fmt: skip
+        entries = [next(iter(index_recjob_service(item).items())) for item in items]
+        return [entry for key, entry in entries if key == (namespace, service)]
 
 
 def _first(index: Any, key: Any) -> Any:
@@ -311,6 +378,24 @@ class IndexView:
         if "inferenceservices" in self.uncached:
             return self.fallback.inferenceservice(namespace, name)
         return self._entry("recjob_inferenceservices", namespace, name)
+
+    def httproute(self, namespace: str, name: str) -> dict | None:
+        if "httproutes" in self.uncached:
+            return self.fallback.httproute(namespace, name)
+        return self._entry("recjob_httproutes", namespace, name)
+
+    def record(self, namespace: str, name: str) -> dict | None:
+        if "configmaps" in self.uncached:
+            return self.fallback.record(namespace, name)
+        return self._entry("recjob_records", namespace, name)
+
+    def service_recjobs(self, namespace: str, service: str) -> list[dict]:
+        if "recjobs" in self.uncached:
+            return self.fallback.service_recjobs(namespace, service)
+        try:
+            return copy.deepcopy(list(self.indexes["recjob_services"][(namespace, service)]))
+        except KeyError:
+            return []
 
     def report(self, namespace: str, kind: str, name: str) -> dict | None:
         key = (namespace, kind, name)

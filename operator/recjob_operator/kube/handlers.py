@@ -34,7 +34,7 @@ import kopf
 from kubernetes import client, config
 
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
-from ..controller.reconcile import RollBack, set_condition
+from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..validation import validate_document
 from . import cache, metrics
 from .backend import KubeBackend
@@ -136,10 +136,12 @@ async def start(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.enabled = False  # our events come from the core, with reasons
     watch_crds = _flag("RECJOB_WATCH_CRDS", True)
     settings.scanning.disabled = not watch_crds  # namespaced mode: no cluster-wide lists
+    selectors = {"pods": cache.POD_SELECTOR, "configmaps": cache.RECORD_SELECTOR}
     for group, version, plural in cache.INDEXES.values():
+        if plural == "recjobs":  # the RecJobs themselves: all of them
+            continue
         key = (version, plural) if not group else (group, version, plural)
-        selector = cache.POD_SELECTOR if plural == "pods" else cache.MANAGED_SELECTOR
-        settings.watching.label_selectors[key] = selector
+        settings.watching.label_selectors[key] = selectors.get(plural, cache.MANAGED_SELECTOR)
     backend()
     if not Runtime.serving:  # once: kopf retries a startup handler that raised
         Runtime.serving = True
@@ -200,6 +202,24 @@ async def recjob_jobs(body: kopf.Body, **_) -> dict:
 async def recjob_inferenceservices(body: kopf.Body, **_) -> dict:
     """InferenceServices by (namespace, name)."""
     return cache.index_inferenceservice(body)
+
+
+@kopf.index("v1", "configmaps", id="recjob_records")
+async def recjob_records(body: kopf.Body, **_) -> dict:
+    """Service records by (namespace, name)."""
+    return cache.index_record(body)
+
+
+@kopf.index(*cache.HTTPROUTES, id="recjob_httproutes")
+async def recjob_httproutes(body: kopf.Body, **_) -> dict:
+    """HTTPRoutes by (namespace, name)."""
+    return cache.index_httproute(body)
+
+
+@kopf.index("recjob.dev", "v1alpha1", "recjobs", id="recjob_services")
+async def recjob_services(body: kopf.Body, **_) -> dict:
+    """RecJobs by (namespace, service): who waits for a service."""
+    return cache.index_recjob_service(body)
 
 
 @kopf.index("v1", "pods", id="recjob_pods")
@@ -327,19 +347,25 @@ async def _write_invalid(kube: KubeBackend, body: kopf.Body, status: RecJobStatu
 
 @kopf.on.delete("recjob.dev", "v1alpha1", "recjobs")
 async def finalize(body: kopf.Body, logger, **_) -> None:
-    """Roll an in-flight canary back before the RecJob goes (children are owned)."""
+    """Roll an in-flight canary back and let go of the service before the RecJob goes
+    (its other children are owned and garbage-collected)."""
     status = body.get("status") or {}
     rollout = status.get("rollout") or {}
     metrics.forget(body["metadata"].get("namespace") or "default", body["metadata"]["name"])
-    if status.get("phase") != "RollingOut" or not rollout.get("canaryModelVersion"):
+    if status.get("phase") != "RollingOut":
         return
     if not may_act():
         raise kopf.TemporaryError("not the leader", delay=MAX_SLEEP)
     recjob, _ = validate_document(recjob_document(dict(body)))
     if recjob is None:
         return
-    action = RollBack(
-        rollout["canaryModelVersion"], rollout.get("stableModelVersion"), "RecJob deleted"
-    )
-    await asyncio.to_thread(backend().apply, recjob, [action])
+    actions: list = [ReleaseService()]
+    if rollout.get("canaryModelVersion"):
+        actions.insert(0, RollBack(
+            rollout["canaryModelVersion"], rollout.get("stableModelVersion"), "RecJob deleted"
+        ))  # fmt: skip
+    await asyncio.to_thread(backend().apply, recjob, actions)
+    if len(actions) == 1:
+        logger.info("released its service: RecJob deleted")
+        return
     logger.info(f"rolled back canary version {rollout['canaryModelVersion']}: RecJob deleted")

@@ -3,6 +3,12 @@ what the user really chose reported back as clicks.
 
     python -m recjob_operator.local.replay --router URL --model NAME --data DIR --task T
 
+On a cluster the same driver plays the storefront against the Gateway: ``--router`` the
+Gateway's address, ``--host`` the HTTPRoute's hostname, ``--feedback-path /v2/feedback``
+(the model servers' own feedback endpoint). Feedback carries the ``x-recjob-revision``
+header of the response it is about, so the HTTPRoute's pinning rule delivers it to a pod
+of that revision.
+
 Recommendation: each impression is a held-out user (history as text) and 20 candidates
 (the item the user really chose next + 19 random catalog items); the served embeddings
 rank them; a click is the chosen item in the top ``k``, the gain its NDCG@k. Search: each
@@ -119,7 +125,10 @@ async def replay(args: argparse.Namespace) -> None:
     infer = f"{args.router}/v2/models/{args.model}/infer"
     sent = ok = failed = 0
     window = asyncio.Semaphore(args.concurrency)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    headers = {"Host": args.host} if args.host else {}
+    feedback_url = f"{args.router}{args.feedback_path}"
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
 
         async def one(impression: dict) -> None:
             nonlocal ok, failed
@@ -140,10 +149,14 @@ async def replay(args: argparse.Namespace) -> None:
                 clicked = best > 0 and best in gains[: args.k]
                 feedback = {"revision": revision, "clicked": clicked,
                             "gain": ndcg_at_k(gains, args.k)}  # fmt: skip
+                pin = {"x-recjob-revision": revision}
                 try:
-                    async with session.post(f"{args.router}/feedback", json=feedback):
-                        ok += 1
-                except aiohttp.ClientError:
+                    async with session.post(feedback_url, json=feedback, headers=pin) as answer:
+                        if answer.status == 200:
+                            ok += 1
+                        else:
+                            failed += 1
+                except (aiohttp.ClientError, TimeoutError):
                     failed += 1
 
         started = time.monotonic()
@@ -157,6 +170,10 @@ async def replay(args: argparse.Namespace) -> None:
             sent += 1
             target = started + sent / args.rate
             await asyncio.sleep(max(0.0, target - time.monotonic()))
+            if args.duration is not None and time.monotonic() - started > args.duration:
+                await asyncio.gather(*tasks, return_exceptions=True)
+                print(json.dumps({"sent": sent, "ok": ok, "failed": failed}), flush=True)
+                return
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
                 print(json.dumps({"sent": sent, "ok": ok, "failed": failed}), flush=True)
@@ -173,6 +190,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host", default=None, help="Host header (a Gateway's HTTPRoute)")
+    parser.add_argument(
+        "--feedback-path",
+        default="/feedback",
+        help="/feedback (local router) or /v2/feedback (model servers)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until SIGTERM)",
+    )
     asyncio.run(replay(parser.parse_args()))
 
 

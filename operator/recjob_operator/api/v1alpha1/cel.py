@@ -359,12 +359,22 @@ QUALITY_BUDGET_RULES = schema_rules(
     )
 )
 
+RAW_NEEDS_GATEWAY = (
+    "RawDeployment/Standard mode needs a Gateway: KServe splits canary traffic only in "
+    "Serverless mode, so RecJob splits it with a Gateway API HTTPRoute on this Gateway"
+)
 SERVING_RULES = schema_rules(
     rule("self.minReplicas <= self.maxReplicas", "must not exceed maxReplicas", ".minReplicas"),
     rule(
-        "self.deploymentMode != 'RawDeployment' || self.minReplicas >= 1",
-        "RawDeployment cannot scale to zero: at least 1",
+        "self.deploymentMode == 'Serverless' || self.minReplicas >= 1",
+        "RawDeployment/Standard cannot scale to zero: at least 1",
         ".minReplicas",
+    ),
+    rule(
+        "self.deploymentMode == 'Serverless' || has(self.gateway)",
+        RAW_NEEDS_GATEWAY,
+        ".gateway",
+        "FieldValueRequired",
     ),
 )
 

@@ -46,23 +46,55 @@ class ExportSpec(SpecModel):
 
 
 # --------------------------------------------------------------------------- serving
+DeploymentMode = Literal["Serverless", "RawDeployment", "Standard"]
+#: KServe's modes without Knative: RawDeployment (up to 0.16), Standard (0.17 and later).
+RAW_MODES = ("RawDeployment", "Standard")
+#: The ServingRuntime each export target is served by by default (manifests/serving).
+DEFAULT_RUNTIMES = {"onnxruntime": "recjob-oip", "tensorrt": "recjob-triton"}
+HOSTNAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class GatewayRef(SpecModel):
+    """The Gateway API Gateway whose HTTPRoute splits a canary's traffic in
+    RawDeployment/Standard mode (KServe itself splits traffic only in Serverless mode)."""
+
+    name: DnsLabel
+    namespace: DnsLabel | None = None
+    """Default: the RecJob's namespace."""
+    hostname: str | None = Field(default=None, pattern=HOSTNAME_PATTERN, max_length=253)
+    """Host the HTTPRoute answers; default ``<service>-<namespace>.example.com`` (KServe's
+    default domain template)."""
+
+
 class ServingSpec(SpecModel):
-    """The KServe InferenceService (Triton runtime) that serves the model."""
+    """The KServe InferenceService that serves the model."""
 
     model_config = with_rules(cel.SERVING_RULES)
 
     name: DnsLabel | None = Field(default=None, max_length=45)
-    """InferenceService name; default: the RecJob's name. RecJobs naming the same service
-    roll out one after another: the first goes to 100%, later ones are canaried."""
+    """Service name; default: the RecJob's name. RecJobs naming the same service roll out
+    one after another (oldest first): the first goes to 100%, later ones are canaried."""
     runtime: Literal["triton"] = "triton"
-    runtime_name: str = Field(default="kserve-tritonserver", min_length=1, max_length=253)
-    """The (Cluster)ServingRuntime KServe uses."""
+    """Model repository layout (a Triton model repository)."""
+    runtime_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """The (Cluster)ServingRuntime KServe uses; default: recjob-oip (the project's own
+    Open Inference Protocol server) for ONNX Runtime targets, recjob-triton for TensorRT."""
     storage_uri: StorageUri | None = None
     """Model repository root; default: <artifactsUri>/<service>/repository."""
-    deployment_mode: Literal["Serverless", "RawDeployment"] = "Serverless"
+    deployment_mode: DeploymentMode = "Serverless"
+    """Serverless: one InferenceService, canaryTrafficPercent steps (Knative). RawDeployment
+    (KServe <= 0.16) or Standard (>= 0.17): one InferenceService per model version and a
+    Gateway API HTTPRoute (``gateway``) weighting their predictors."""
+    gateway: GatewayRef | None = None
+    """Required in RawDeployment/Standard mode."""
     min_replicas: int = Field(default=1, ge=0, le=1000)
     max_replicas: int = Field(default=3, ge=1, le=1000)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
+
+    @property
+    def raw(self) -> bool:
+        """KServe without Knative (RawDeployment / Standard)."""
+        return self.deployment_mode in RAW_MODES
 
 
 # --------------------------------------------------------------------------- rollout

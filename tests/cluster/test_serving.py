@@ -1,0 +1,235 @@
+"""Serving on the real cluster through the real KServe controller (RawDeployment mode):
+a first model to 100%, a good canary promoted and a bad canary rolled back, with real
+model-server pods answering the replay driver (the storefront) through the test cluster's
+Gateway API data plane, analysis read from a real Prometheus that found the pods through
+the API server, and one service shared by RecJobs that come and go.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from tests.cluster.conftest import REPO, Cluster
+from tests.cluster.recjobs import AMAZON, open_claim, put_dataset, recjob, storage
+
+sys.path.insert(0, str(REPO / "hack" / "cluster"))
+import gateway
+import prometheus
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(not AMAZON.exists(), reason="../shared/data not present"),
+]
+
+SERVICE = "shop"
+ERROR_RATE = {
+    "name": "error-rate",
+    "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}",'
+    'namespace="{{namespace}}"}[{{interval}}])) / sum(rate(recjob_inference_requests_total'
+    '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
+    "max": 0.05,
+}
+LIVE_GAIN = {  # the storefront's feedback, counted by the pods of the revision that served
+    "name": "live-ndcg",
+    "query": 'sum(rate(recjob_feedback_gain_total{revision="{{revision}}",'
+    'namespace="{{namespace}}"}[{{interval}}])) / sum(rate(recjob_feedback_impressions_total'
+    '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
+    "min": 0.05,
+}
+
+
+def serving_recjob(name: str, namespace: str, **export) -> dict:
+    """A small recommendation RecJob rolling out to SERVICE in RawDeployment mode."""
+    document = recjob(name, namespace)
+    spec = document["spec"]
+    spec["export"].update(export)
+    spec["serving"] = {
+        "name": SERVICE,
+        "deploymentMode": "RawDeployment",
+        "gateway": {"name": gateway.GATEWAY_NAME, "namespace": gateway.GATEWAY_NAMESPACE},
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "resources": {"cpu": "1", "memory": "2Gi"},
+    }
+    spec["rollout"] = {
+        "steps": [50, 100],
+        "interval": "10s",
+        "failureLimit": 1,
+        "metrics": [ERROR_RATE, LIVE_GAIN],
+        "noData": {"action": "hold", "deadline": "3m"},
+        "prometheusUrl": prometheus.URL,
+    }
+    return document
+
+
+def _status(cluster: Cluster, name: str, namespace: str) -> dict:
+    return (cluster.get("recjob", name, namespace) or {}).get("status") or {}
+
+
+def _diagnose(cluster: Cluster, namespace: str) -> str:
+    return "\n".join([
+        cluster.kubectl("get", "recjobs,inferenceservices,httproutes,deployments,pods,configmaps",
+                        "-n", namespace, "-o", "wide", check=False).stdout,
+        cluster.kubectl("get", "recjobs", "-n", namespace, "-o", "yaml",
+                        check=False).stdout[-6000:],
+        cluster.kubectl("get", "inferenceservices,httproutes", "-n", namespace, "-o", "yaml",
+                        check=False).stdout[-6000:],
+        cluster.pod_logs(namespace, "app.kubernetes.io/component=serving"),
+        cluster.pod_logs("recjob-system", "app.kubernetes.io/name=recjob-operator")[-6000:],
+    ])  # fmt: skip
+
+
+def _phase(cluster: Cluster, name: str, namespace: str, *phases: str, timeout: float = 600):
+    return cluster.wait(
+        f"RecJob {name} in {phases}",
+        lambda: (s := _status(cluster, name, namespace)).get("phase") in phases and s,
+        timeout=timeout, on_timeout=lambda: _diagnose(cluster, namespace),
+    )  # fmt: skip
+
+
+def _get(url: str, host: str, body: bytes | None = None, headers: dict | None = None):
+    request = urllib.request.Request(url, data=body, headers={"Host": host, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def _served_revisions(host: str, count: int = 20) -> Counter:
+    """Which revisions answer ``count`` inference requests through the Gateway."""
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 1],
+                                   "data": ["a microscope", "a lab coat"]}]}).encode()  # fmt: skip
+    seen: Counter = Counter()
+    for _ in range(count):
+        code, headers, _ = _get(f"{gateway.GATEWAY_URL}/v2/models/{SERVICE}-text/infer", host,
+                                body, {"Content-Type": "application/json"})  # fmt: skip
+        seen[(code, headers.get("x-recjob-revision"))] += 1
+    return seen
+
+
+def _query(promql: str) -> list:
+    url = f"{prometheus.URL}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())["data"]["result"]
+
+
+def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster, namespace):
+    cluster = operator
+    cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "serving"))
+    cluster.apply(*storage(namespace))
+    put_dataset(cluster.claim_path(namespace, "data"))
+    open_claim(cluster.claim_path(namespace, "artifacts"))
+    host = f"{SERVICE}-{namespace}.example.com"
+
+    # 1. the first model: straight to 100% through KServe's Deployment and Service
+    cluster.apply(serving_recjob("first", namespace))
+    first = _phase(cluster, "first", namespace, "Succeeded", "Failed", "RolledBack")
+    assert first["phase"] == "Succeeded", first.get("message")
+    v1 = first["lineage"]["modelVersion"]
+    isvc = cluster.get("inferenceservice", f"{SERVICE}-v{v1}", namespace)
+    assert {c["type"]: c["status"] for c in isvc["status"]["conditions"]}["Ready"] == "True"
+    assert "ownerReferences" not in isvc["metadata"]  # outlives the RecJob
+    deployment = cluster.get("deployment", f"{SERVICE}-v{v1}-predictor", namespace)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]  # KServe kept ours: schedulable
+    route = cluster.get("httproute", SERVICE, namespace)
+    split = route["spec"]["rules"][-1]["backendRefs"]
+    assert [(b["name"], b["weight"]) for b in split] == [(f"{SERVICE}-v{v1}-predictor", 100)]
+    parents = route["status"]["parents"]
+    assert {c["type"]: c["status"] for c in parents[0]["conditions"]}["Accepted"] == "True"
+    assert _served_revisions(host, 5) == Counter({(200, f"{SERVICE}-v{v1}"): 5})
+
+    # 2. the storefront: the replay driver through the Gateway, feedback pinned by revision
+    uid = cluster.get("recjob", "first", namespace)["metadata"]["uid"][:8]
+    data = cluster.claim_path(namespace, "artifacts") / "runs" / "first" / uid / "g1" / "train"
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "recjob_operator.local.replay", "--router", gateway.GATEWAY_URL,
+         "--host", host, "--model", f"{SERVICE}-text", "--data", str(data / "data"),
+         "--task", "recommendation", "--rate", "6", "--feedback-path", "/v2/feedback"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        # 3. a good canary held before its last step (manual approval) keeps the service;
+        #    a second RecJob for the same service waits for it, saying so
+        good = serving_recjob("better", namespace)
+        good["spec"]["rollout"]["manualApproval"] = True
+        cluster.apply(good)
+        cluster.wait(
+            "better awaiting approval at 50%",
+            lambda: (_status(cluster, "better", namespace).get("rollout") or {}).get("state")
+            == "AwaitingApproval",
+            timeout=600, on_timeout=lambda: _diagnose(cluster, namespace),
+        )  # fmt: skip
+        v2 = _status(cluster, "better", namespace)["rollout"]["canaryModelVersion"]
+        seen = _served_revisions(host, 40)
+        assert {rev for (_, rev) in seen} == {f"{SERVICE}-v{v1}", f"{SERVICE}-v{v2}"}, seen
+        assert all(code == 200 for (code, _) in seen), seen
+        # the bad one: a model version that refuses the storefront's batches (20 candidates
+        # and the user, over its maxBatchSize of 4): its pods answer 400 to real traffic
+        cluster.apply(serving_recjob("worse", namespace, maxBatchSize=4))
+        waiting = cluster.wait(
+            "worse waiting for the service",
+            lambda: next((c for c in _status(cluster, "worse", namespace).get("conditions", [])
+                          if c["reason"] == "WaitingForService"), None),
+            timeout=600, on_timeout=lambda: _diagnose(cluster, namespace),
+        )  # fmt: skip
+        assert "RecJob better is rolling out to it" in waiting["message"]
+        cluster.kubectl("annotate", "-n", namespace, "recjob/better",
+                        "recjob.dev/approve-generation=1")  # fmt: skip
+        better = _phase(cluster, "better", namespace, "Succeeded", "RolledBack", "Failed")
+        assert better["phase"] == "Succeeded", better.get("message")
+        assert better["lineage"]["modelVersion"] == v2
+        passes = [h for h in better["rollout"]["history"] if h["verdict"] == "pass"]
+        assert {h["metric"] for h in passes} == {"error-rate", "live-ndcg"}
+        assert all(h["revision"] == f"{SERVICE}-v{v2}" for h in passes)
+        cluster.wait("the old stable InferenceService gone", lambda: cluster.get(
+            "inferenceservice", f"{SERVICE}-v{v1}", namespace) is None, timeout=120)  # fmt: skip
+
+        # 4. the bad canary: real errors in real metrics, rolled back by the analysis
+        worse = _phase(cluster, "worse", namespace, "Succeeded", "RolledBack", "Failed")
+        assert worse["phase"] == "RolledBack", worse.get("message")
+        assert "error-rate" in worse["message"] and ": fail" in worse["message"]
+        v3 = worse["rollout"]["canaryModelVersion"]
+        failed = [h for h in worse["rollout"]["history"] if h["verdict"] == "fail"]
+        assert failed and failed[0]["revision"] == f"{SERVICE}-v{v3}" and failed[0]["value"] > 0.05
+        # Prometheus found the canary's pod and its errors through the API server
+        errors = _query(f'sum(recjob_inference_errors_total{{revision="{SERVICE}-v{v3}",'
+                        f'namespace="{namespace}"}})')  # fmt: skip
+        assert errors and float(errors[0]["value"][1]) > 0
+    finally:
+        replay.terminate()
+        output = replay.communicate(timeout=30)[0]
+    assert '"ok"' in output, output[-2000:]
+
+    # 5. after the rollback: the stable model serves 100%, no pod of the failed one is left
+    route = cluster.get("httproute", SERVICE, namespace)
+    split = route["spec"]["rules"][-1]["backendRefs"]
+    assert [(b["name"], b["weight"]) for b in split] == [(f"{SERVICE}-v{v2}-predictor", 100)]
+    cluster.wait("the failed model's pods gone", lambda: not [
+        p for p in cluster.get("pods", namespace=namespace)["items"]
+        if p["metadata"].get("labels", {}).get("recjob.dev/revision") == f"{SERVICE}-v{v3}"
+    ], timeout=120, on_timeout=lambda: _diagnose(cluster, namespace))  # fmt: skip
+    assert cluster.get("inferenceservice", f"{SERVICE}-v{v3}", namespace) is None
+    assert _served_revisions(host, 20) == Counter({(200, f"{SERVICE}-v{v2}"): 20})
+
+    # 6. the service outlives the RecJobs that rolled out to it (GitOps pruning old runs)
+    for name in ("first", "better", "worse"):
+        cluster.kubectl("delete", "recjob", name, "-n", namespace, "--wait=true",
+                        "--timeout=120s")  # fmt: skip
+    time.sleep(5)  # the garbage collector had its chance
+    assert cluster.get("inferenceservice", f"{SERVICE}-v{v2}", namespace) is not None
+    assert _served_revisions(host, 5) == Counter({(200, f"{SERVICE}-v{v2}"): 5})
+    record = cluster.get("configmap", f"{SERVICE}-recjob", namespace)
+    assert record["data"] == {"stableModelVersion": str(v2)}  # released by everyone

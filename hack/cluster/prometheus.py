@@ -4,7 +4,8 @@ API server (``kubernetes_sd_configs``, role pod) and scrapes them on their pod I
 The relabelling is manifests/monitoring/podmonitor.yaml's (what the Prometheus Operator
 would generate from it): pods annotated ``prometheus.io/scrape`` with a
 ``recjob.dev/revision`` label, at their ``prometheus.io/port`` and ``/path``; every series
-labelled ``revision`` and ``namespace``. It listens on the bridge (10.244.0.1:9090), so
+labelled ``revision``, ``service`` (the RecJob service, from ``recjob.dev/service``) and
+``namespace``. It listens on the bridge (10.244.0.1:9090), so
 pods (the operator) reach it too. Built from its Go module (``build``): Debian's
 prometheus package leaves the Kubernetes service discovery out ("field
 kubernetes_sd_configs not found in type config.ScrapeConfig").
@@ -37,6 +38,8 @@ def config(kubeconfig: Path) -> dict:
          "regex": r"(.+);(\d+)", "replacement": "$1:$2", "target_label": "__address__"},
         {"source_labels": ["__meta_kubernetes_pod_label_recjob_dev_revision"],
          "target_label": "revision"},
+        {"source_labels": ["__meta_kubernetes_pod_label_recjob_dev_service"],
+         "target_label": "service"},
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
     ]  # fmt: skip

@@ -9,6 +9,9 @@ from tests.local.test_local_mode import tiny_dataset
 
 AMAZON = SHARED / "data" / "amazon-scientific"
 DATA = "pvc://data/amazon"
+#: The test cluster's Gateway (namespace, name) and Prometheus (hack/cluster).
+GATEWAY = ("recjob-gateway", "recjob")
+PROMETHEUS_URL = "http://10.244.0.1:9090"
 
 
 def storage(namespace: str, claims: tuple[str, ...] = ("data", "artifacts")) -> list[dict]:
@@ -78,3 +81,44 @@ def recjob(name: str, namespace: str, nodes: int = 1, processes: int = 1, **trai
             "artifactsUri": "pvc://artifacts/runs",
         },
     }
+
+
+SERVICE = "shop"
+ERROR_RATE = {
+    "name": "error-rate",
+    "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}",'
+    'namespace="{{namespace}}"}[{{interval}}])) / sum(rate(recjob_inference_requests_total'
+    '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
+    "max": 0.05,
+}
+LIVE_GAIN = {  # the storefront's feedback, counted by the pods of the revision that served
+    "name": "live-ndcg",
+    "query": 'sum(rate(recjob_feedback_gain_total{revision="{{revision}}",'
+    'namespace="{{namespace}}"}[{{interval}}])) / sum(rate(recjob_feedback_impressions_total'
+    '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
+    "min": 0.05,
+}
+
+
+def serving_recjob(name: str, namespace: str, **export) -> dict:
+    """A small recommendation RecJob rolling out to SERVICE in RawDeployment mode."""
+    document = recjob(name, namespace)
+    spec = document["spec"]
+    spec["export"].update(export)
+    spec["serving"] = {
+        "name": SERVICE,
+        "deploymentMode": "RawDeployment",
+        "gateway": {"name": GATEWAY[1], "namespace": GATEWAY[0]},
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "resources": {"cpu": "1", "memory": "2Gi"},
+    }
+    spec["rollout"] = {
+        "steps": [50, 100],
+        "interval": "10s",
+        "failureLimit": 1,
+        "metrics": [ERROR_RATE, LIVE_GAIN],
+        "noData": {"action": "hold", "deadline": "3m"},
+        "prometheusUrl": PROMETHEUS_URL,
+    }
+    return document

@@ -17,9 +17,21 @@ import urllib.request
 from collections import Counter
 
 import pytest
+import yaml
 
+from recjob_operator.api.v1alpha1.spec_delivery import RolloutSpec
+from recjob_operator.controller.analysis import query_values, render_query
 from tests.cluster.conftest import REPO, Cluster
-from tests.cluster.recjobs import AMAZON, open_claim, put_dataset, recjob, storage
+from tests.cluster.recjobs import (
+    AMAZON,
+    GATEWAY,
+    PROMETHEUS_URL,
+    SERVICE,
+    open_claim,
+    put_dataset,
+    serving_recjob,
+    storage,
+)
 
 sys.path.insert(0, str(REPO / "hack" / "cluster"))
 import gateway
@@ -30,46 +42,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not AMAZON.exists(), reason="../shared/data not present"),
 ]
-
-SERVICE = "shop"
-ERROR_RATE = {
-    "name": "error-rate",
-    "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}",'
-    'namespace="{{namespace}}"}[{{interval}}])) / sum(rate(recjob_inference_requests_total'
-    '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
-    "max": 0.05,
-}
-LIVE_GAIN = {  # the storefront's feedback, counted by the pods of the revision that served
-    "name": "live-ndcg",
-    "query": 'sum(rate(recjob_feedback_gain_total{revision="{{revision}}",'
-    'namespace="{{namespace}}"}[{{interval}}])) / sum(rate(recjob_feedback_impressions_total'
-    '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
-    "min": 0.05,
-}
-
-
-def serving_recjob(name: str, namespace: str, **export) -> dict:
-    """A small recommendation RecJob rolling out to SERVICE in RawDeployment mode."""
-    document = recjob(name, namespace)
-    spec = document["spec"]
-    spec["export"].update(export)
-    spec["serving"] = {
-        "name": SERVICE,
-        "deploymentMode": "RawDeployment",
-        "gateway": {"name": gateway.GATEWAY_NAME, "namespace": gateway.GATEWAY_NAMESPACE},
-        "minReplicas": 1,
-        "maxReplicas": 1,
-        "resources": {"cpu": "1", "memory": "2Gi"},
-    }
-    spec["rollout"] = {
-        "steps": [50, 100],
-        "interval": "10s",
-        "failureLimit": 1,
-        "metrics": [ERROR_RATE, LIVE_GAIN],
-        "noData": {"action": "hold", "deadline": "3m"},
-        "prometheusUrl": prometheus.URL,
-    }
-    return document
 
 
 def _status(cluster: Cluster, name: str, namespace: str) -> dict:
@@ -101,9 +73,9 @@ def _get(url: str, host: str, body: bytes | None = None, headers: dict | None = 
     request = urllib.request.Request(url, data=body, headers={"Host": host, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()  # case-insensitive
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
 
 
 def _served_revisions(host: str, count: int = 20) -> Counter:
@@ -118,14 +90,27 @@ def _served_revisions(host: str, count: int = 20) -> Counter:
     return seen
 
 
+def _shipped_queries() -> list[tuple[str, str]]:
+    """(where, query) of the API's default checks and of every example's checks."""
+    out = [(f"default {m.name}", m.query) for m in RolloutSpec().metrics]
+    for path in sorted((REPO / "examples").glob("recjob-*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            rollout = ((document or {}).get("spec") or {}).get("rollout") or {}
+            out += [(f"{path.name} {m['name']}", m["query"]) for m in rollout.get("metrics", [])]
+    return out
+
+
 def _query(promql: str) -> list:
     url = f"{prometheus.URL}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())["data"]["result"]
 
 
+@pytest.mark.timeout(1800)
 def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster, namespace):
     cluster = operator
+    assert (GATEWAY, PROMETHEUS_URL) == ((gateway.GATEWAY_NAMESPACE, gateway.GATEWAY_NAME),
+                                         prometheus.URL)  # fmt: skip
     cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "serving"))
     cluster.apply(*storage(namespace))
     put_dataset(cluster.claim_path(namespace, "data"))
@@ -162,7 +147,9 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
     )  # fmt: skip
     try:
         # 3. a good canary held before its last step (manual approval) keeps the service;
-        #    a second RecJob for the same service waits for it, saying so
+        #    a second RecJob for the same service waits for it, saying so. The second is
+        #    bad: a model version that refuses the storefront's batches (the user and 20
+        #    candidates, over its maxBatchSize of 4): its pods answer real traffic with 400
         good = serving_recjob("better", namespace)
         good["spec"]["rollout"]["manualApproval"] = True
         cluster.apply(good)
@@ -170,22 +157,27 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
             "better awaiting approval at 50%",
             lambda: (_status(cluster, "better", namespace).get("rollout") or {}).get("state")
             == "AwaitingApproval",
-            timeout=600, on_timeout=lambda: _diagnose(cluster, namespace),
+            timeout=900, on_timeout=lambda: _diagnose(cluster, namespace),
         )  # fmt: skip
         v2 = _status(cluster, "better", namespace)["rollout"]["canaryModelVersion"]
+        cluster.apply(serving_recjob("worse", namespace, maxBatchSize=4))
+        # every default query of the API and every query of the examples finds data here
+        values = query_values(f"{SERVICE}-v{v2}", f"{SERVICE}-v{v1}", namespace, SERVICE, 60)
+        for check, query in _shipped_queries():
+            found = _query(render_query(query, values))
+            number = float(found[0]["value"][1]) if found else float("nan")
+            assert number == number, f"{check}: no data in the cluster's Prometheus: {query}"
         seen = _served_revisions(host, 40)
         assert {rev for (_, rev) in seen} == {f"{SERVICE}-v{v1}", f"{SERVICE}-v{v2}"}, seen
         assert all(code == 200 for (code, _) in seen), seen
-        # the bad one: a model version that refuses the storefront's batches (20 candidates
-        # and the user, over its maxBatchSize of 4): its pods answer 400 to real traffic
-        cluster.apply(serving_recjob("worse", namespace, maxBatchSize=4))
         waiting = cluster.wait(
             "worse waiting for the service",
             lambda: next((c for c in _status(cluster, "worse", namespace).get("conditions", [])
                           if c["reason"] == "WaitingForService"), None),
-            timeout=600, on_timeout=lambda: _diagnose(cluster, namespace),
+            timeout=900, on_timeout=lambda: _diagnose(cluster, namespace),
         )  # fmt: skip
         assert "RecJob better is rolling out to it" in waiting["message"]
+        assert _status(cluster, "worse", namespace)["phase"] == "RollingOut"
         cluster.kubectl("annotate", "-n", namespace, "recjob/better",
                         "recjob.dev/approve-generation=1")  # fmt: skip
         better = _phase(cluster, "better", namespace, "Succeeded", "RolledBack", "Failed")

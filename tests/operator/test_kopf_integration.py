@@ -432,7 +432,7 @@ def start_canary(client: httpx.Client, name: str, service: str, url: str, versio
     gate = dict(GATE_OK, published_version=version)
     finish_pod(client, f"{name}-convert-x", {"job-name": f"{name}-g1-convert"}, gate)
     conversion_done(client, f"{name}-g1-convert")
-    wait_for(client, f"{ISVCS}/{service}", lambda o: o["spec"]["predictor"].get(
+    canary = wait_for(client, f"{ISVCS}/{service}", lambda o: o["spec"]["predictor"].get(
         "canaryTrafficPercent") == 50)  # fmt: skip
     # KServe's status of a Serverless canary whose new revision is ready: the 100% revision
     # stays latestRolledoutRevision (as in KServe's own controller tests)
@@ -447,6 +447,7 @@ def start_canary(client: httpx.Client, name: str, service: str, url: str, versio
         ],
     }  # fmt: skip
     patch_status(client, f"{ISVCS}/{service}", {
+        "observedGeneration": canary["metadata"]["generation"],
         "conditions": [condition("Ready")], "components": {"predictor": traffic}})  # fmt: skip
 
 

@@ -5,7 +5,7 @@ for one whose revision is not ready yet, and read the rolled-out revision KServe
 
 from __future__ import annotations
 
-from recjob_operator.kube.serving import failure, is_ready, serverless_readiness
+from recjob_operator.kube.serving import failure, is_ready, observed, serverless_readiness
 
 
 def _isvc(**status) -> dict:
@@ -68,3 +68,15 @@ def test_serverless_canary_is_ready_when_its_revision_is_the_latest_ready_one() 
     }})  # fmt: skip
     assert serverless_readiness(ready)
     assert not serverless_readiness(_isvc(conditions=READY))
+
+
+def test_a_status_from_before_the_last_spec_change_says_nothing_about_the_new_model() -> None:
+    """After a rollback to 0% the old revision's failure stays in modelStatus until KServe
+    reconciles the next change: the next canary must not be failed by it."""
+    failed = {"transitionStatus": "BlockedByFailedLoad",
+              "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "old"}}  # fmt: skip
+    stale = {"metadata": {"generation": 5}, "status": {
+        "observedGeneration": 4, "conditions": NOT_READY, "modelStatus": failed}}  # fmt: skip
+    assert not observed(stale) and failure(stale) is None
+    stale["status"]["observedGeneration"] = 5
+    assert observed(stale) and failure(stale) == "ModelLoadFailed: old"

@@ -90,12 +90,15 @@ def index_job(obj: Mapping) -> dict[Key, Entry]:
 
 
 def index_inferenceservice(obj: Mapping) -> dict[Key, Entry]:
-    """An InferenceService's annotations, predictor spec and status."""
+    """An InferenceService's annotations, generation, canaryTrafficPercent and status."""
     meta = obj.get("metadata") or {}
     predictor = (obj.get("spec") or {}).get("predictor") or {}
     return {
         _key(obj): {
-            "metadata": {"annotations": _copy(meta.get("annotations")) or {}},
+            "metadata": {
+                "annotations": _copy(meta.get("annotations")) or {},
+                "generation": meta.get("generation"),
+            },
             "spec": {"predictor": {"canaryTrafficPercent": predictor.get("canaryTrafficPercent")}},
             "status": _copy(obj.get("status")) or {},
         }

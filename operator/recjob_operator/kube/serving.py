@@ -50,8 +50,19 @@ def is_ready(isvc: Mapping | None) -> bool:
     return (_conditions(isvc).get("Ready") or {}).get("status") == "True"
 
 
+def observed(isvc: Mapping | None) -> bool:
+    """KServe's status describes the current spec (its observedGeneration caught up): a
+    status from before the last change says nothing about the new model."""
+    generation = ((isvc or {}).get("metadata") or {}).get("generation")
+    seen = ((isvc or {}).get("status") or {}).get("observedGeneration")
+    return generation is None or seen == generation
+
+
 def failure(isvc: Mapping | None) -> str | None:
-    """Why KServe says the InferenceService's model cannot serve, if it says so."""
+    """Why KServe says the InferenceService's model cannot serve, if it says so (about
+    its current spec)."""
+    if not observed(isvc):
+        return None
     model = ((isvc or {}).get("status") or {}).get("modelStatus") or {}
     info = model.get("lastFailureInfo") or {}
     if model.get("transitionStatus") not in FAILED_TRANSITIONS:
@@ -167,7 +178,7 @@ class KubeServing:
             target_isvc = isvc
             predictor = (isvc or {}).get("spec", {}).get("predictor") or {}
             ready = is_ready(isvc)
-            canary_ready = ready and serverless_readiness(isvc)
+            canary_ready = ready and observed(isvc) and serverless_readiness(isvc)
             weights = {}
             if canary is not None:
                 weights = {canary: int(predictor.get("canaryTrafficPercent") or 0)}

@@ -161,6 +161,10 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
         )  # fmt: skip
         v2 = _status(cluster, "better", namespace)["rollout"]["canaryModelVersion"]
         cluster.apply(serving_recjob("worse", namespace, maxBatchSize=4))
+        split = cluster.get("httproute", SERVICE, namespace)["spec"]["rules"][-1]["backendRefs"]
+        assert {(b["name"], b["weight"]) for b in split} == {
+            (f"{SERVICE}-v{v1}-predictor", 50), (f"{SERVICE}-v{v2}-predictor", 50)
+        }  # fmt: skip
         # every default query of the API and every query of the examples finds data here
         values = query_values(f"{SERVICE}-v{v2}", f"{SERVICE}-v{v1}", namespace, SERVICE, 60)
         for check, query in _shipped_queries():
@@ -197,8 +201,9 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
         failed = [h for h in worse["rollout"]["history"] if h["verdict"] == "fail"]
         assert failed and failed[0]["revision"] == f"{SERVICE}-v{v3}" and failed[0]["value"] > 0.05
         # Prometheus found the canary's pod and its errors through the API server
-        errors = _query(f'sum(recjob_inference_errors_total{{revision="{SERVICE}-v{v3}",'
-                        f'namespace="{namespace}"}})')  # fmt: skip
+        # (over a range: the rolled-back pod is gone, its series are marked stale)
+        errors = _query(f'sum(max_over_time(recjob_inference_errors_total{{revision='
+                        f'"{SERVICE}-v{v3}",namespace="{namespace}"}}[30m]))')  # fmt: skip
         assert errors and float(errors[0]["value"][1]) > 0
     finally:
         replay.terminate()

@@ -572,8 +572,9 @@ def test_an_inference_service_the_operator_did_not_create_is_never_modified(clus
     while client.get(f"{RECJOBS}/intruder").status_code != 404:
         assert time.time() < deadline, "the finalizer was never released"
         time.sleep(0.1)
-    assert client.get(f"{ISVCS}/svc-f").json()["metadata"]["resourceVersion"] == (
-        before["metadata"]["resourceVersion"]
+    assert (
+        client.get(f"{ISVCS}/svc-f").json()["metadata"]["resourceVersion"]
+        == (before["metadata"]["resourceVersion"])
     )
 
 

@@ -8,8 +8,10 @@ import json
 
 import pytest
 
+from recjob_operator.api.v1alpha1.status import ConversionStatus, RecJobStatus
 from recjob_operator.kube import cache
 from recjob_operator.kube.backend import KubeBackend
+from recjob_operator.kube.serving import KubeServing
 from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 from tests.operator.kube_target import kube_target, unique
@@ -70,12 +72,13 @@ def test_index_functions_keep_what_observation_reads() -> None:
     assert cache.index_pytorchjob(job) == {
         ("shop", "a-g1-train"): {"status": {"conditions": [{"type": "Running"}]}}
     }
-    isvc = {"metadata": {"name": "svc", "namespace": "shop", "annotations": {"a": "1"}},
+    isvc = {"metadata": {"name": "svc", "namespace": "shop", "annotations": {"a": "1"},
+                         "generation": 4},
             "spec": {"predictor": {"canaryTrafficPercent": 10, "model": {"x": 1}}},
             "status": {"url": "u"}}  # fmt: skip
     assert cache.index_inferenceservice(isvc) == {
         ("shop", "svc"): {
-            "metadata": {"annotations": {"a": "1"}},
+            "metadata": {"annotations": {"a": "1"}, "generation": 4},
             "spec": {"predictor": {"canaryTrafficPercent": 10}},
             "status": {"url": "u"},
         }
@@ -137,24 +140,42 @@ def test_backend_observes_through_a_view() -> None:
     idx["recjob_pods"].add({("shop", "pytorchjobs", "obs-g2-train"): '{"main_metric": "m"}'})
     idx["recjob_jobs"].add({("shop", "obs-g2-convert"): {"status": {"conditions": [
         {"type": "Failed", "status": "True", "message": "exit 2"}]}}})  # fmt: skip
-    annotations = {"recjob.dev/stable-model-version": "1", "recjob.dev/model-version": "2"}
-    traffic = {"latestCreatedRevision": "obs-2", "previousRolledoutRevision": "obs-1"}
+    # a Serverless canary of version 2 against stable 1: the service record says which is
+    # which, the InferenceService's status (as KServe writes it) how far the canary is
+    recjob.status = RecJobStatus(phase="RollingOut",
+                                 conversion=ConversionStatus(model_version=2))  # fmt: skip
+    idx["recjob_records"].add({("shop", "obs-recjob"): {"data": {
+        "stableModelVersion": "1", "canaryModelVersion": "2",
+        "holder": "obs", "holderUid": "u"}}})  # fmt: skip
+    me = {"name": "obs", "uid": "u", "phase": "RollingOut", "created": ""}
+    idx["recjob_services"].add({("shop", "obs"): me})
+    traffic = {"latestCreatedRevision": "obs-predictor-2", "latestReadyRevision": "obs-predictor-2",
+               "latestRolledoutRevision": "obs-predictor-1"}  # fmt: skip
     isvc = {
-        "metadata": {"annotations": annotations},
+        "metadata": {"annotations": {}, "generation": 2},
         "spec": {"predictor": {"canaryTrafficPercent": 20}},
         "status": {
+            "observedGeneration": 2,
             "conditions": [{"type": "Ready", "status": "True"}],
             "components": {"predictor": traffic},
         },
     }
     idx["recjob_inferenceservices"].add({("shop", "obs"): isvc})
     fallback = CountingView()
-    observed = KubeBackend.__new__(KubeBackend).observe(recjob, cache.IndexView(idx, fallback))
+    backend = KubeBackend.__new__(KubeBackend)
+    backend.serving = KubeServing.__new__(KubeServing)  # observation reads the view only
+    view = cache.IndexView(idx, fallback)
+    observed = backend.observe(recjob, view)
+    assert observed.serving.canary_version == 2 and observed.serving.canary_weight == 20
+    assert observed.serving.stable_version == 1 and observed.serving.waiting_for is None
+    assert observed.serving.stable_revision == "obs-predictor-1" and observed.serving.ready
+    assert observed.serving.canary_ready and observed.serving.failure is None
+    recjob.status = None
+    observed = backend.observe(recjob, view)
     assert observed.training.state == "Succeeded"
     assert observed.training.result == {"main_metric": "m"}
     assert observed.conversion.state == "Failed" and observed.conversion.message == "exit 2"
-    assert observed.serving.canary_version == 2 and observed.serving.canary_weight == 20
-    assert observed.serving.stable_revision == "obs-1" and observed.serving.ready
+    assert observed.serving is None  # not rolling out: the service is not looked at
     assert fallback.calls == [("report", "jobs", "obs-g2-convert")]  # not in the pod cache
 
 

@@ -53,7 +53,7 @@ def test_overlays_build_and_core_objects_validate(overlay: str) -> None:
     assert {"CustomResourceDefinition", "Deployment", "Role", "ServiceAccount"} <= kinds
     assert ("ClusterRole" in kinds) == (overlay != "overlays/namespaced")
     for obj in objects:
-        if obj["kind"] in ("ServiceMonitor", "PrometheusRule"):
+        if obj["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
             continue  # Prometheus Operator CRDs: checked below
         kubernetes_validate.validate(obj, "1.32", strict=True)
     deployment = next(o for o in objects if o["kind"] == "Deployment")

@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from recjob_operator.controller import children
+from recjob_operator.controller import children, serving_objects
 from recjob_operator.validation import parse_recjob
 from tests.conftest import CLUSTER_SAMPLES, REPO, load_yaml
 
@@ -66,7 +66,7 @@ def build_children(recjob) -> dict:
         "pytorchJob": children.pytorch_job(recjob),
         "conversionConfigMap": children.conversion_config_map(recjob),
         "conversionJob": children.conversion_job(recjob),
-        "inferenceService": children.inference_service(recjob, 2, 10),
+        "inferenceService": serving_objects.serverless_inference_service(recjob, 2, 10),
     }
 
 
@@ -93,7 +93,7 @@ SCRIPT = textwrap.dedent(
     sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
     import recjob_operator.kube.backend
     import recjob_operator.kube.handlers
-    from recjob_operator.controller import children
+    from recjob_operator.controller import children, serving_objects
     from recjob_operator.validation import parse_recjob
 
     out = {}
@@ -105,7 +105,7 @@ SCRIPT = textwrap.dedent(
             "pytorchJob": children.pytorch_job(recjob),
             "conversionConfigMap": children.conversion_config_map(recjob),
             "conversionJob": children.conversion_job(recjob),
-            "inferenceService": children.inference_service(recjob, 2, 10),
+            "inferenceService": serving_objects.serverless_inference_service(recjob, 2, 10),
         }
     loaded = sorted({m.partition(".")[0] for m in sys.modules} & BLOCKED)
     print(json.dumps({"children": out, "loaded": loaded}))

@@ -178,7 +178,9 @@ class KubeServing:
             target_isvc = isvc
             predictor = (isvc or {}).get("spec", {}).get("predictor") or {}
             ready = is_ready(isvc)
-            canary_ready = ready and observed(isvc) and serverless_readiness(isvc)
+            # (a status not yet caught up with a new storageUri still shows the old revision
+            # ready: analyses then find no data for the canary and hold, never pass)
+            canary_ready = ready and serverless_readiness(isvc)
             weights = {}
             if canary is not None:
                 weights = {canary: int(predictor.get("canaryTrafficPercent") or 0)}

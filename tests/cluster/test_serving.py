@@ -117,8 +117,13 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
     open_claim(cluster.claim_path(namespace, "artifacts"))
     host = f"{SERVICE}-{namespace}.example.com"
 
-    # 1. the first model: straight to 100% through KServe's Deployment and Service
+    # 1. the first model: straight to 100% through KServe's Deployment and Service. The
+    #    next RecJob trains meanwhile (once the first holds the service: it then waits)
     cluster.apply(serving_recjob("first", namespace))
+    _phase(cluster, "first", namespace, "RollingOut", "Succeeded", "Failed", "RolledBack")
+    good = serving_recjob("better", namespace)
+    good["spec"]["rollout"]["manualApproval"] = True
+    cluster.apply(good)
     first = _phase(cluster, "first", namespace, "Succeeded", "Failed", "RolledBack")
     assert first["phase"] == "Succeeded", first.get("message")
     v1 = first["lineage"]["modelVersion"]
@@ -150,9 +155,15 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
         #    a second RecJob for the same service waits for it, saying so. The second is
         #    bad: a model version that refuses the storefront's batches (the user and 20
         #    candidates, over its maxBatchSize of 4): its pods answer real traffic with 400
-        good = serving_recjob("better", namespace)
-        good["spec"]["rollout"]["manualApproval"] = True
-        cluster.apply(good)
+        # (worse trains while better canaries: applied once better holds the service)
+        _phase(cluster, "better", namespace, "RollingOut", "Succeeded", "Failed", "RolledBack")
+        cluster.wait(
+            "better holding the service",
+            lambda: (_status(cluster, "better", namespace).get("rollout") or {}).get("state")
+            in ("Progressing", "Holding", "AwaitingApproval"),
+            timeout=600, on_timeout=lambda: _diagnose(cluster, namespace),
+        )  # fmt: skip
+        cluster.apply(serving_recjob("worse", namespace, maxBatchSize=4))
         cluster.wait(
             "better awaiting approval at 50%",
             lambda: (_status(cluster, "better", namespace).get("rollout") or {}).get("state")
@@ -160,7 +171,6 @@ def test_first_model_then_a_promoted_and_a_rolled_back_canary(operator: Cluster,
             timeout=900, on_timeout=lambda: _diagnose(cluster, namespace),
         )  # fmt: skip
         v2 = _status(cluster, "better", namespace)["rollout"]["canaryModelVersion"]
-        cluster.apply(serving_recjob("worse", namespace, maxBatchSize=4))
         split = cluster.get("httproute", SERVICE, namespace)["spec"]["rules"][-1]["backendRefs"]
         assert {(b["name"], b["weight"]) for b in split} == {
             (f"{SERVICE}-v{v1}-predictor", 50), (f"{SERVICE}-v{v2}-predictor", 50)

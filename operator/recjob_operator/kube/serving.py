@@ -31,7 +31,7 @@ from ..controller.serving_objects import (
     service_record,
     version_inference_service,
 )
-from .cache import HTTPROUTES, KSERVE, MANAGED_SELECTOR, ChildView
+from .cache import HTTPROUTES, KSERVE, MANAGED_SELECTOR, ApiView, ChildView
 from .errors import ChildWriteError
 from .metrics import api_call
 
@@ -109,16 +109,9 @@ class KubeServing:
     def __init__(self, api: client.ApiClient):
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.api_view = ApiView(api)  # writes read what they change through the API
 
     # ------------------------------------------------------------------ read
-    def _list(self, kind: tuple[str, str, str], ns: str, name: str) -> dict | None:
-        found = api_call(
-            "list", kind[2], self.custom.list_namespaced_custom_object,
-            kind[0], kind[1], ns, kind[2], field_selector=f"metadata.name={name}",
-        )  # fmt: skip
-        items = found.get("items") or []
-        return items[0] if items else None
-
     def record(self, recjob: RecJob) -> client.V1ConfigMap | None:
         """The service record, if the service has one."""
         found = api_call(
@@ -210,10 +203,11 @@ class KubeServing:
         if obj is not None and labels.get(MANAGED_LABEL) != MANAGED_VALUE:
             raise _foreign(kind, name)
 
-    def claim(self, recjob: RecJob, **changes: str | None) -> None:
+    def claim(self, recjob: RecJob, record=None, **changes: str | None) -> None:
         """Hold the service (and change the record's ``changes``: None removes a key), with
-        a resourceVersion precondition; a lost race raises a 409 ChildWriteError."""
-        record = self.record(recjob)
+        a resourceVersion precondition; a lost race raises a 409 ChildWriteError.
+        ``record``: the record as just read (else read here)."""
+        record = record if record is not None else self.record(recjob)
         name = record_name(recjob.service_name)
         self._managed(record, "ConfigMap", name)
         data = dict(record.data or {}) if record is not None else {}
@@ -250,7 +244,7 @@ class KubeServing:
     def _apply_custom(self, kind: tuple[str, str, str], ns: str, obj: dict) -> None:
         """Create ``obj``, or merge-patch it if the operator's own object exists."""
         name, label = obj["metadata"]["name"], obj["kind"]
-        current = self._list(kind, ns, name)
+        current = self.api_view._list_custom(kind, ns, name)
         self._managed(current, label, name)
         try:
             if current is None:
@@ -271,7 +265,7 @@ class KubeServing:
                 raise ChildWriteError("patch", "InferenceService", name, error) from None
 
     def _delete_isvc(self, ns: str, name: str) -> None:
-        current = self._list(KSERVE, ns, name)
+        current = self.api_view._list_custom(KSERVE, ns, name)
         if current is None:
             return
         self._managed(current, "InferenceService", name)
@@ -282,8 +276,8 @@ class KubeServing:
             if error.status != 404:
                 raise ChildWriteError("delete", "InferenceService", name, error) from None
 
-    def _stable(self, recjob: RecJob) -> int | None:
-        record = self.record(recjob)
+    @staticmethod
+    def _stable(record: client.V1ConfigMap | None) -> int | None:
         return _int((record.data or {}).get("stableModelVersion")) if record else None
 
     def deploy_stable(self, recjob: RecJob, version: int) -> None:
@@ -301,12 +295,13 @@ class KubeServing:
     def set_canary(self, recjob: RecJob, version: int, weight: int) -> None:
         """``version`` as the canary with ``weight`` percent (Raw: 0 until it is Ready)."""
         ns = recjob.metadata.namespace or "default"
-        stable = self._stable(recjob)
-        self.claim(recjob, canaryModelVersion=str(version))
+        record = self.record(recjob)
+        stable = self._stable(record)
+        self.claim(recjob, record, canaryModelVersion=str(version))
         if recjob.spec.serving.raw:
             self._apply_custom(KSERVE, ns, version_inference_service(recjob, version, True))
             name = revision_name(recjob.service_name, version)
-            if not is_ready(self._list(KSERVE, ns, name)):
+            if not is_ready(self.api_view._list_custom(KSERVE, ns, name)):
                 weight = 0  # no traffic to pods that cannot answer yet
             weights = {version: weight}
             if stable is not None and stable != version:
@@ -318,7 +313,8 @@ class KubeServing:
     def promote(self, recjob: RecJob, version: int) -> None:
         """The canary ``version`` becomes the stable model (no new revision, no restart)."""
         ns = recjob.metadata.namespace or "default"
-        stable = self._stable(recjob)
+        record = self.record(recjob)
+        stable = self._stable(record)
         if recjob.spec.serving.raw:
             self._apply_custom(HTTPROUTES, ns, http_route(recjob, {version: 100}))
             name = revision_name(recjob.service_name, version)
@@ -328,7 +324,7 @@ class KubeServing:
         else:  # traffic only: KServe routes 100% to the latest revision
             self._patch_isvc(ns, recjob.service_name,
                              {"spec": {"predictor": {"canaryTrafficPercent": None}}})  # fmt: skip
-        self.claim(recjob, stableModelVersion=str(version), canaryModelVersion=None)
+        self.claim(recjob, record, stableModelVersion=str(version), canaryModelVersion=None)
 
     def roll_back(self, recjob: RecJob, version: int, stable: int | None) -> None:
         """All traffic back to ``stable``; the canary ``version`` removed (Raw) or at 0%
@@ -344,4 +340,4 @@ class KubeServing:
                              {"spec": {"predictor": {"canaryTrafficPercent": 0}}})  # fmt: skip
         record = self.record(recjob)
         if record is not None and (record.data or {}).get("holderUid") == recjob.metadata.uid:
-            self.claim(recjob, canaryModelVersion=None)
+            self.claim(recjob, record, canaryModelVersion=None)

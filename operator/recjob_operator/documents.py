@@ -5,10 +5,12 @@ Hostile input is refused before it costs anything: files over :data:`MAX_FILE_BY
 (before reading), YAML aliases and anchors (an alias bomb of a few hundred bytes expands to
 gigabytes; a RecJob has no use for them), nesting deeper than :data:`MAX_DEPTH`, integers
 longer than :data:`MAX_INT_DIGITS` digits and mapping keys that are not scalars, each with a
-line and column, never a traceback."""
+line and column, never a traceback. So are characters YAML refuses (NUL, control
+characters) and values their type cannot hold (``2024-13-01`` as a timestamp, ``!!bool x``)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,9 @@ from typing import Any
 import yaml
 
 from .validation import Problem
+
+#: What PyYAML's reader counts as a line break.
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
 
 #: Largest RecJob file (or text) read: the API server keeps no object over ~1.5 MiB, and no
 #: RecJob comes near this.
@@ -55,12 +60,29 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         digits = len(str(node.value).replace("_", "").lstrip("+-"))
-        if digits > MAX_INT_DIGITS:
+        if isinstance(node, yaml.ScalarNode) and digits > MAX_INT_DIGITS:
             raise yaml.constructor.ConstructorError(
                 None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS})",
                 node.start_mark,
             )  # fmt: skip
         return super().construct_yaml_int(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """As SafeLoader's, but a scalar its type cannot hold (``2024-13-01`` read as a
+        timestamp, ``!!bool maybe``, ``!!int x``) is a ConstructorError with its place:
+        PyYAML's constructors raise ValueError, KeyError, TypeError or AttributeError."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:
+            kind = node.tag.rsplit(":", 1)[-1]
+            text = repr(node.value) if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
+            text = text if len(text) <= 60 else text[:57] + "..."
+            why = f": {error}" if isinstance(error, ValueError) and str(error) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text} is not a valid {kind}{why}", node.start_mark
+            ) from None
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
@@ -135,6 +157,11 @@ def parse_documents(text: str, source: str = "<string>") -> list[Document]:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = getattr(error, "problem", None) or str(error)
+        if isinstance(error, yaml.reader.ReaderError):
+            # a character YAML refuses anywhere in the text (NUL, most control characters):
+            # the reader gives its offset only
+            where = _line_and_column(text, error.position)
+            what = f"unacceptable character {_character(error.character)}: {error.reason}"
         documents.append(
             Document(
                 source, len(documents), problems=[Problem("", f"invalid YAML at {where}{what}")]
@@ -143,3 +170,15 @@ def parse_documents(text: str, source: str = "<string>") -> list[Document]:
     if not documents:
         documents.append(Document(source, 0, problems=[Problem("", "no YAML document found")]))
     return documents
+
+
+def _line_and_column(text: str, offset: int) -> str:
+    """``line L, column C: `` of character ``offset`` of ``text`` (1-based, with YAML's
+    line breaks, as its marks are printed)."""
+    lines = _LINE_BREAK.split(text[:offset])
+    return f"line {len(lines)}, column {len(lines[-1]) + 1}: "
+
+
+def _character(character: str | int) -> str:
+    code = character if isinstance(character, int) else ord(character)
+    return f"#x{code:04x}"

@@ -52,6 +52,27 @@ def test_hostile_yaml_is_refused_with_its_place(text: str, expected: str) -> Non
     assert message.startswith("invalid YAML at line ")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # found by tests/fuzz (fuzz_recjob_yaml): each was a traceback or named no place
+        ("kind: RecJob\nspec: {seed: 1\x00}", "line 2, column 15: unacceptable character #x0000"),
+        ("a: 1\r\nb: x\x07", "line 2, column 5: unacceptable character #x0007"),
+        ("a: 1\nb: [2001-14-14]", "line 2, column 5: '2001-14-14' is not a valid timestamp"),
+        (inject("date: !!timestamp soon"), "'soon' is not a valid timestamp"),
+        (inject("flag: !!bool maybe"), "'maybe' is not a valid bool"),
+        (inject("seed: !!int x"), "'x' is not a valid int: invalid literal"),
+        (inject("seed: !!int [1]"), "expected a scalar node, but found sequence"),
+        (inject("x: !!map [1]"), "a sequence is not a valid map"),
+    ],
+    ids=["nul", "bell-crlf", "month-14", "timestamp", "bool", "int", "int-list", "map-list"],
+)
+def test_values_yaml_cannot_read_are_refused_with_their_place(text: str, expected: str) -> None:
+    message = only_problem(text)
+    assert expected in message
+    assert message.startswith("invalid YAML at line ")
+
+
 def test_what_a_recjob_needs_still_loads() -> None:
     (document,) = parse_documents(SEARCH)
     assert document.problems == [] and document.content["kind"] == "RecJob"

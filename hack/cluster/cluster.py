@@ -343,6 +343,7 @@ def up(skip_build: bool = False) -> None:
     start("recjob-gateway", gateway.argv(BIN, STATE))
     wait_for("the test Gateway", lambda: gateway.programmed(kubectl), 60)
     start("prometheus", prometheus.argv(STATE, BIN))
+    kubectl("apply", "--server-side", "-f", "-", input=prometheus.SERVICE)
     log(
         f"cluster up in {time.monotonic() - started:.0f} s; "
         f"export KUBECONFIG={STATE / 'kubeconfig'}"

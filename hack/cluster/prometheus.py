@@ -6,7 +6,9 @@ would generate from it): pods annotated ``prometheus.io/scrape`` with a
 ``recjob.dev/revision`` label, at their ``prometheus.io/port`` and ``/path``; every series
 labelled ``revision``, ``service`` (the RecJob service, from ``recjob.dev/service``) and
 ``namespace``. It listens on the bridge (10.244.0.1:9090), so
-pods (the operator) reach it too. Built from its Go module (``build``): Debian's
+pods (the operator) reach it too, by the name the operator's manifests are configured
+with: ``prometheus-operated.monitoring.svc:9090`` (the Prometheus Operator's Service name),
+a Service without selector whose EndpointSlice points at the bridge (:data:`SERVICE`). Built from its Go module (``build``): Debian's
 prometheus package leaves the Kubernetes service discovery out ("field
 kubernetes_sd_configs not found in type config.ScrapeConfig").
 """
@@ -21,6 +23,31 @@ import yaml
 HOST, PORT = "10.244.0.1", 9090
 URL = f"http://{HOST}:{PORT}"
 SCRAPE_SECONDS = 2
+#: The in-cluster name of this Prometheus: what manifests/manager's RECJOB_PROMETHEUS_URL
+#: names (prometheus-operated, as the Prometheus Operator calls its Service).
+SERVICE = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: monitoring}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: prometheus-operated, namespace: monitoring}}
+spec:
+  ports: [{{name: web, port: {PORT}, targetPort: {PORT}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: prometheus-operated-host
+  namespace: monitoring
+  labels:
+    kubernetes.io/service-name: prometheus-operated
+    endpointslice.kubernetes.io/managed-by: recjob-test-cluster
+addressType: IPv4
+endpoints: [{{addresses: ["{HOST}"], conditions: {{ready: true}}}}]
+ports: [{{name: web, port: {PORT}, protocol: TCP}}]
+"""
 
 
 def config(kubeconfig: Path) -> dict:

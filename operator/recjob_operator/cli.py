@@ -104,6 +104,18 @@ def _load_one(file: str) -> RecJob:
     return job
 
 
+def _named_sources(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep:
+            raise click.BadParameter(
+                f"expected NAME=URL, got {item!r}", param_hint="--prometheus-source"
+            )
+        out[name] = url
+    return out
+
+
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option(
@@ -113,7 +125,19 @@ def _load_one(file: str) -> RecJob:
     show_default=True,
     help="Where artifacts, status and reports are kept (resumable).",
 )
-@click.option("--prometheus", default=None, help="Read canary metrics from this Prometheus.")
+@click.option(
+    "--prometheus",
+    default=None,
+    help="The default Prometheus for canary metrics (it must scrape the router and label "
+    "series with the RecJob's namespace); default: a private one.",
+)
+@click.option(
+    "--prometheus-source",
+    "prometheus_sources",
+    multiple=True,
+    metavar="NAME=URL",
+    help="A named Prometheus a RecJob may pick with spec.rollout.prometheus (repeatable).",
+)
 @click.option(
     "--eval-groups",
     type=click.IntRange(min=1),
@@ -130,6 +154,7 @@ def run(
     file: str,
     workdir: str,
     prometheus: str | None,
+    prometheus_sources: tuple[str, ...],
     eval_groups: int,
     replay_rate: float,
     no_baselines: bool,
@@ -151,8 +176,15 @@ def run(
         eval_groups=eval_groups,
         replay_rate=replay_rate,
         prometheus_url=prometheus,
+        prometheus_sources=_named_sources(prometheus_sources),
         baselines=not no_baselines,
     )
+    try:
+        options.sources()
+    except ValueError as error:
+        raise click.BadParameter(
+            str(error), param_hint="--prometheus/--prometheus-source"
+        ) from None
     try:
         with LiveView() as view:
             job = run_local(job, Path(file), Path(workdir), options, view=view)

@@ -32,6 +32,7 @@ from .api.v1alpha1.common import (
     URL_PATTERN,
 )
 from .api.v1alpha1.deepspeed_overrides import override_problems
+from .api.v1alpha1.promql import QueryScopeError, check_template
 from .api.v1alpha1.recjob import NAME_PATTERN
 from .api.v1alpha1.spec import RecJobSpec
 from .api.v1alpha1.spec_base import METRIC_PATTERN
@@ -267,6 +268,7 @@ def semantic_problems(job: RecJob) -> list[Problem]:
         _export_rules,
         _serving_rules,
         _rollout_rules,
+        _query_scope_rules,
     ):
         problems.extend(check(spec))
     # storage URIs (claims, file://, object stores): api/v1alpha1/storage.py
@@ -597,4 +599,19 @@ def _rollout_rules(spec: RecJobSpec) -> list[Problem]:
                 "must contain {{revision}} so the canary and the "
                 "stable revision are measured apart",
             )
+    return out
+
+
+def _query_scope_rules(spec: RecJobSpec) -> list[Problem]:
+    """Each check's query, parsed: within the RecJob's namespace, {{revision}} used in the
+    query itself (no CEL counterpart: the API server cannot parse PromQL)."""
+    out = _Problems()
+    for i, m in enumerate(spec.rollout.metrics):
+        names = set(_PLACEHOLDER_RE.findall(m.query))
+        if "revision" not in names or names - set(QUERY_PLACEHOLDERS):
+            continue  # _rollout_rules reports these
+        try:
+            check_template(m.query)
+        except QueryScopeError as error:
+            out.add(f"spec.rollout.metrics[{i}].query", str(error))
     return out

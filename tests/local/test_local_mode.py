@@ -82,16 +82,18 @@ def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s", processe
                 "metrics": [
                     {
                         "name": "error-rate",
-                        "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}"}'
+                        "query": "sum(rate(recjob_inference_errors_total"
+                        '{revision="{{revision}}",namespace="{{namespace}}"}'
                         "[{{interval}}])) / sum(rate(recjob_inference_requests_total"
-                        '{revision="{{revision}}"}[{{interval}}]))',
+                        '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))',
                         "max": 0.01,
                     },
                     {
                         "name": "ctr-vs-stable",
-                        "query": '(sum(rate(recjob_feedback_clicks_total{revision="{{revision}}"}'
+                        "query": "(sum(rate(recjob_feedback_clicks_total"
+                        '{revision="{{revision}}",namespace="{{namespace}}"}'
                         "[1m])) + 1) / (sum(rate(recjob_feedback_clicks_total"
-                        '{revision="{{stable}}"}[1m])) + 1)',
+                        '{revision="{{stable}}",namespace="{{namespace}}"}[1m])) + 1)',
                         "min": ctr_min,
                     },
                 ],

@@ -182,11 +182,11 @@ def test_prometheus_readings_value_no_data_and_errors() -> None:
             {"metric": {}, "value": [0, str(v)]} for v in values]}}  # fmt: skip
 
     _FakePrometheus.answers = {
-        'ok{revision="c"}': (200, vector(0.25)),
-        'empty{revision="c"}': (200, vector()),
-        'nan{revision="c"}': (200, vector("NaN")),
-        'many{revision="c"}': (200, vector(1, 2)),
-        'bad{revision="c"}': (
+        'ok{revision="c",namespace="n"}': (200, vector(0.25)),
+        'empty{revision="c",namespace="n"}': (200, vector()),
+        'isnan{revision="c",namespace="n"}': (200, vector("NaN")),
+        'many{revision="c",namespace="n"}': (200, vector(1, 2)),
+        'bad{revision="c",namespace="n"}': (
             400,
             {"status": "error", "errorType": "bad_data", "error": "parse error"},
         ),
@@ -196,19 +196,24 @@ def test_prometheus_readings_value_no_data_and_errors() -> None:
     try:
         source = PrometheusSource(f"http://127.0.0.1:{server.server_port}")
         checks = [
-            MetricCheck(name=name, query=name + '{revision="{{revision}}"}', max=1.0)
-            for name in ("ok", "empty", "nan", "many", "bad")
+            MetricCheck(
+                name=name,
+                query=name + '{revision="{{revision}}",namespace="{{namespace}}"}',
+                max=1.0,
+            )
+            for name in ("ok", "empty", "isnan", "many", "bad")
         ]
-        readings = {r.metric: r for r in source.read(checks, {"revision": "c"})}
+        values = {"revision": "c", "namespace": "n"}
+        readings = {r.metric: r for r in source.read(checks, values)}
         assert readings["ok"].value == 0.25 and readings["ok"].error is None
         assert readings["empty"].value is None and readings["empty"].error is None
-        assert readings["nan"].value is None and readings["nan"].error is None
+        assert readings["isnan"].value is None and readings["isnan"].error is None
         assert "aggregate it to one number" in readings["many"].error
         assert "bad_data: parse error" in readings["bad"].error
     finally:
         server.shutdown()
-    down = PrometheusSource("http://127.0.0.1:9", timeout=0.5)
-    (reading,) = down.read(checks[:1], {"revision": "c"})
+    down = PrometheusSource("http://127.0.0.1:9", budget=0.5)
+    (reading,) = down.read(checks[:1], values)
     assert reading.error and "unreachable" in reading.error
 
 

@@ -40,6 +40,11 @@ GATE_OK = {"passed": True, "metric": "ndcg@10", "source_value": 0.91, "converted
            "published_version": 1, "reasons": []}  # fmt: skip
 
 
+#: The operator's configured Prometheus servers (RECJOB_PROMETHEUS_URL / _SOURCES): the
+#: module's Prometheus on "default", a test's own (stopped mid-analysis) on "dark".
+PROMETHEUS_PORTS = {"default": free_port(), "dark": free_port()}
+
+
 class Operator:
     """`kopf run` of the operator, restartable. As the namespaced overlay runs it: no CRD /
     namespace scanning, leader election on a Lease in the operator's namespace (short
@@ -61,7 +66,9 @@ class Operator:
                  "RECJOB_HEALTH_ADDRESS": "127.0.0.1", "RECJOB_WATCH_CRDS": "false",
                  "POD_NAME": self.pod_name, "POD_NAMESPACE": OPERATOR_NS,
                  "RECJOB_LEASE_DURATION_SECONDS": "3", "RECJOB_LEASE_RENEW_DEADLINE_SECONDS": "2",
-                 "RECJOB_LEASE_RETRY_PERIOD_SECONDS": "0.5"},
+                 "RECJOB_LEASE_RETRY_PERIOD_SECONDS": "0.5",
+                 "RECJOB_PROMETHEUS_URL": f"http://127.0.0.1:{PROMETHEUS_PORTS['default']}",
+                 "RECJOB_PROMETHEUS_SOURCES": f"dark=http://127.0.0.1:{PROMETHEUS_PORTS['dark']}"},
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
 
@@ -383,8 +390,8 @@ def prometheus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prometheus")
     exporter = RevisionExporter()
     config = tmp / "prometheus.yml"
-    config.write_text(prometheus_config([f"127.0.0.1:{exporter.port}"], 0.5))
-    port = free_port()
+    config.write_text(prometheus_config([f"127.0.0.1:{exporter.port}"], 0.5, {"namespace": NS}))
+    port = PROMETHEUS_PORTS["default"]
     process = subprocess.Popen(prometheus_command(config, tmp / "data", port),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -397,8 +404,9 @@ def prometheus(tmp_path_factory):
 
 ERROR_RATE = {
     "name": "error-rate",
-    "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}"}[5s]))'
-    ' / sum(rate(recjob_inference_requests_total{revision="{{revision}}"}[5s]))',
+    "query": 'sum(rate(recjob_inference_errors_total{revision="{{revision}}",'
+    'namespace="{{namespace}}"}[5s])) / sum(rate(recjob_inference_requests_total'
+    '{revision="{{revision}}",namespace="{{namespace}}"}[5s]))',
     "max": 0.05,
 }
 
@@ -420,11 +428,12 @@ def deploy_first(client: httpx.Client, name: str, service: str) -> None:
     wait_for(client, f"{RECJOBS}/{name}", phase(name, "Succeeded"))
 
 
-def start_canary(client: httpx.Client, name: str, service: str, url: str, version: int,
+def start_canary(client: httpx.Client, name: str, service: str, version: int,
                  **rollout) -> None:  # fmt: skip
-    """RecJob ``name`` trained and converted to ``version``; KServe shows the canary."""
+    """RecJob ``name`` trained and converted to ``version``; KServe shows the canary. It
+    reads the operator's default Prometheus unless ``rollout`` names another."""
     rollout = {"steps": [50, 100], "interval": "2s", "failureLimit": 2, "metrics": [ERROR_RATE],
-               "prometheusUrl": url, **rollout}  # fmt: skip
+               **rollout}  # fmt: skip
     create_recjob(client, name, serving={"name": service}, rollout=rollout)
     wait_for(client, f"{PYTORCHJOBS}/{name}-g1-train")
     training(client, f"{name}-g1-train", condition("Succeeded"))
@@ -453,10 +462,10 @@ def start_canary(client: httpx.Client, name: str, service: str, url: str, versio
 
 def test_good_canary_is_promoted(cluster, prometheus) -> None:
     _, client, _ = cluster
-    url, exporter, _ = prometheus
+    _, exporter, _ = prometheus
     deploy_first(client, "stable", "svc-a")
     exporter.error_share.update({"svc-a-v1": 0.0, "svc-a-v2": 0.0})
-    start_canary(client, "better", "svc-a", url, version=2)
+    start_canary(client, "better", "svc-a", version=2)
     done = wait_for(client, f"{RECJOBS}/better", phase("better", "Succeeded", "RolledBack"),
                     timeout=60)  # fmt: skip
     assert done["status"]["phase"] == "Succeeded", done["status"]["message"]
@@ -473,10 +482,10 @@ def test_good_canary_is_promoted(cluster, prometheus) -> None:
 
 def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) -> None:
     _, client, operator = cluster
-    url, exporter, _ = prometheus
+    _, exporter, _ = prometheus
     deploy_first(client, "base", "svc-b")
     exporter.error_share.update({"svc-b-v3": 0.5})
-    start_canary(client, "broken", "svc-b", url, version=3)
+    start_canary(client, "broken", "svc-b", version=3)
     done = wait_for(client, f"{RECJOBS}/broken", phase("broken", "Succeeded", "RolledBack"),
                     timeout=60)  # fmt: skip
     assert done["status"]["phase"] == "RolledBack"
@@ -500,9 +509,9 @@ def test_bad_canary_is_rolled_back_after_the_failure_limit(cluster, prometheus) 
 
 def test_no_data_holds_then_rolls_back_at_the_deadline(cluster, prometheus) -> None:
     _, client, _ = cluster
-    url, _, _ = prometheus
+    _ = prometheus
     deploy_first(client, "quiet-base", "svc-c")
-    start_canary(client, "quiet", "svc-c", url, version=4,
+    start_canary(client, "quiet", "svc-c", version=4,
                  noData={"action": "hold", "deadline": "4s"})  # fmt: skip
     done = wait_for(client, f"{RECJOBS}/quiet", phase("quiet", "Succeeded", "RolledBack"),
                     timeout=60)  # fmt: skip
@@ -517,8 +526,8 @@ def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_
     _, client, _ = cluster
     _, exporter, _ = prometheus
     config = tmp_path / "prometheus.yml"  # a Prometheus of its own, to stop mid-analysis
-    config.write_text(prometheus_config([f"127.0.0.1:{exporter.port}"], 0.5))
-    port = free_port()
+    config.write_text(prometheus_config([f"127.0.0.1:{exporter.port}"], 0.5, {"namespace": NS}))
+    port = PROMETHEUS_PORTS["dark"]  # the operator's source "dark"
     own = subprocess.Popen(prometheus_command(config, tmp_path / "data", port),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -526,7 +535,7 @@ def test_prometheus_down_mid_analysis_is_counted_apart(cluster, prometheus, tmp_
     time.sleep(3)  # a few scrapes, so the 5s rate windows have data
     deploy_first(client, "dark-base", "svc-d")
     exporter.error_share.update({"svc-d-v5": 0.0})
-    start_canary(client, "dark", "svc-d", url, version=5, analysesPerStep=100,
+    start_canary(client, "dark", "svc-d", version=5, analysesPerStep=100, prometheus="dark",
                  noData={"action": "hold", "deadline": "6s"})  # fmt: skip
     wait_for(client, f"{RECJOBS}/dark", lambda o: any(
         h["verdict"] == "pass" for h in ((o.get("status") or {}).get("rollout") or {}).get(
@@ -657,10 +666,10 @@ def test_operator_killed_at_each_phase_resumes_without_duplicates(cluster) -> No
 
 def test_recjob_deleted_mid_rollout_rolls_back_and_goes(cluster, prometheus) -> None:
     _, client, _ = cluster
-    url, exporter, _ = prometheus
+    _, exporter, _ = prometheus
     deploy_first(client, "keep", "svc-e")
     exporter.error_share.update({"svc-e-v6": 0.0})
-    start_canary(client, "doomed", "svc-e", url, version=6, analysesPerStep=100,
+    start_canary(client, "doomed", "svc-e", version=6, analysesPerStep=100,
                  noData={"action": "hold", "deadline": "10m"})  # fmt: skip
     wait_for(client, f"{RECJOBS}/doomed", lambda o: (o.get("status") or {}).get(
         "rollout", {}).get("canaryWeight") == 50)  # fmt: skip

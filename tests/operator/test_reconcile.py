@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from recjob_operator.controller.analysis import Reading, render_query
+from recjob_operator.api.v1alpha1.promql import render_query
+from recjob_operator.controller.analysis import Reading
 from recjob_operator.controller.reconcile import (
     ChildObservation,
     CleanupGeneration,
@@ -60,10 +61,15 @@ def make(rollout: dict | None = None, generation: int = 1, status=None, **spec):
         "failureLimit": 2,
         "noData": {"action": "hold", "deadline": "2m"},
         "metrics": [
-            {"name": "error-rate", "query": 'errors{revision="{{revision}}"}', "max": 0.01},
+            {
+                "name": "error-rate",
+                "query": 'errors{revision="{{revision}}",namespace="{{namespace}}"}',
+                "max": 0.01,
+            },
             {
                 "name": "ctr-vs-stable",
-                "query": 'ctr{revision="{{revision}}"} / ctr{revision="{{stable}}"}',
+                "query": 'ctr{revision="{{revision}}",namespace="{{namespace}}"}'
+                ' / ctr{revision="{{stable}}",namespace="{{namespace}}"}',
                 "min": 0.95,
             },
         ],

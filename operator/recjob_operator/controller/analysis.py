@@ -16,17 +16,13 @@ One analysis passes only when every metric passes. It fails when any metric fail
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from ..api.v1alpha1.cel import PLACEHOLDER_PATTERN
 from ..api.v1alpha1.spec_delivery import MetricCheck, RolloutSpec
 
 Verdict = Literal["pass", "fail", "no-data", "error"]
-#: The placeholders validation (and the CRD's CEL rules) recognise, the same spaces allowed.
-_PLACEHOLDER = re.compile(PLACEHOLDER_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -36,12 +32,6 @@ class Reading:
     metric: str
     value: float | None = None
     error: str | None = None
-
-
-def render_query(template: str, values: dict[str, str]) -> str:
-    """Fill ``{{name}}`` placeholders (unknown names are left alone: validation refuses
-    them before a RecJob gets here)."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def query_values(

@@ -48,7 +48,7 @@ from ..controller.reconcile import (
     conversion_name,
     training_name,
 )
-from ..prometheus import PrometheusSource
+from ..prometheus import PrometheusSource, PrometheusSources
 from .cache import KUBEFLOW, MANAGED_SELECTOR, ChildView
 from .errors import ChildWriteError
 from .metrics import api_call
@@ -94,12 +94,12 @@ def _missing(error: ApiException) -> bool:
 class KubeBackend:
     """One operator's view of the cluster (a kubernetes ApiClient)."""
 
-    def __init__(self, api: client.ApiClient, prometheus_url: str | None = None):
+    def __init__(self, api: client.ApiClient, prometheus: PrometheusSources | None = None):
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.serving = KubeServing(api)
-        self.prometheus_url = prometheus_url
+        self.prometheus = prometheus or PrometheusSources({})
 
     # ------------------------------------------------------------------ observe
     def observe(self, recjob: RecJob, view: ChildView) -> Observed:
@@ -150,12 +150,10 @@ class KubeBackend:
         """The canary checks, read from Prometheus for the current revisions."""
         status = recjob.status
         assert status is not None and status.rollout is not None
-        url = recjob.spec.rollout.prometheus_url or self.prometheus_url
-        if not url:
-            return [
-                Reading(m.name, error="no Prometheus configured (spec.rollout.prometheusUrl)")
-                for m in recjob.spec.rollout.metrics
-            ]
+        try:
+            url = self.prometheus.url(recjob.spec.rollout.prometheus)
+        except LookupError as error:
+            return [Reading(m.name, error=str(error)) for m in recjob.spec.rollout.metrics]
         values = analysis_query_values(recjob)
         return PrometheusSource(url).read(recjob.spec.rollout.metrics, values)
 

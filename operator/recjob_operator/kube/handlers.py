@@ -35,6 +35,7 @@ from kubernetes import client, config
 
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..controller.reconcile import ReleaseService, RollBack, set_condition
+from ..prometheus import PrometheusSources
 from ..validation import validate_document
 from . import cache, metrics
 from .backend import KubeBackend
@@ -92,7 +93,7 @@ def backend() -> KubeBackend:
     """The process's backend (created on first use, after kopf has started)."""
     if Runtime.backend is None:
         api = _api()
-        Runtime.backend = KubeBackend(api, os.environ.get("RECJOB_PROMETHEUS_URL"))
+        Runtime.backend = KubeBackend(api, PrometheusSources.from_env())
         Runtime.api_view = cache.ApiView(api)
     return Runtime.backend
 

@@ -42,7 +42,7 @@ from ..controller.reconcile import (
     training_name,
 )
 from ..prometheus import PrometheusSource
-from .options import LocalOptions
+from .options import LocalOptions, local_namespace
 from .processes import BIN, ManagedProcess, free_port
 from .serving import LocalServing
 from .workdir import WorkDir, write_atomic
@@ -152,8 +152,12 @@ class LocalBackend(WorkDir):
 
     def read_metrics(self, recjob: RecJob) -> list[Reading]:
         """Every canary check, read for the current canary and stable revisions."""
-        values = analysis_query_values(recjob, namespace="local")
-        return self.metric_source(recjob).read(recjob.spec.rollout.metrics, values)
+        values = analysis_query_values(recjob, namespace=local_namespace(recjob))
+        try:
+            source = self.metric_source(recjob)
+        except LookupError as error:
+            return [Reading(m.name, error=str(error)) for m in recjob.spec.rollout.metrics]
+        return source.read(recjob.spec.rollout.metrics, values)
 
     # ------------------------------------------------------------------ act
     def apply(self, recjob: RecJob, actions: list) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..api.v1alpha1.recjob import RecJob
+from ..prometheus import DEFAULT_SOURCE, PrometheusSources
 
 
 @dataclass
@@ -17,6 +20,22 @@ class LocalOptions:
     """Impressions per second the replay driver sends."""
     replay_k: int = 5
     prometheus_url: str | None = None
-    """Use this Prometheus (it must scrape the router) instead of a private one."""
+    """The default Prometheus (it must scrape the router and label its series with the
+    RecJob's namespace) instead of a private one."""
+    prometheus_sources: dict[str, str] = field(default_factory=dict)
+    """Named Prometheus servers a RecJob may pick with spec.rollout.prometheus."""
     scrape_seconds: float = 1.0
     server_start_timeout: float = 180.0
+
+    def sources(self) -> PrometheusSources:
+        """The Prometheus servers this run may read, by name (ValueError if malformed)."""
+        urls = dict(self.prometheus_sources)
+        if self.prometheus_url:
+            urls[DEFAULT_SOURCE] = self.prometheus_url
+        return PrometheusSources(urls)
+
+
+def local_namespace(recjob: RecJob) -> str:
+    """The namespace a local run's series and queries carry (metadata.namespace, else
+    "local")."""
+    return recjob.metadata.namespace or "local"

@@ -16,7 +16,7 @@ import httpx
 from ..api.v1alpha1.recjob import RecJob
 from ..controller.reconcile import ServingObservation, revision_name
 from ..prometheus import PrometheusSource, prometheus_command, prometheus_config, wait_ready
-from .options import LocalOptions
+from .options import LocalOptions, local_namespace
 from .processes import BIN, ManagedProcess, free_port
 from .workdir import WorkDir, write_atomic
 
@@ -55,11 +55,15 @@ class LocalServing(WorkDir):
         )
 
     def metric_source(self, recjob: RecJob) -> PrometheusSource:
-        url = self.options.prometheus_url or recjob.spec.rollout.prometheus_url
-        if url:
-            return PrometheusSource(url)
+        """The Prometheus the RecJob's checks read: the source it names among those given
+        to ``recjob run`` (LookupError if not given), else the private one."""
+        if not self._private_prometheus(recjob):
+            return PrometheusSource(self.options.sources().url(recjob.spec.rollout.prometheus))
         record = ManagedProcess(self.run_dir(recjob), "prometheus").info() or {}
         return PrometheusSource(f"http://127.0.0.1:{record.get('meta', {}).get('port', 9)}")
+
+    def _private_prometheus(self, recjob: RecJob) -> bool:
+        return recjob.spec.rollout.prometheus is None and not self.options.prometheus_url
 
     # ------------------------------------------------------------------ processes
     def _server(self, recjob: RecJob, version: int) -> ManagedProcess:
@@ -124,7 +128,7 @@ class LocalServing(WorkDir):
                 meta={"port": port},
             )  # fmt: skip
             _wait_http(f"http://127.0.0.1:{port}/routes", router)
-        if not (self.options.prometheus_url or recjob.spec.rollout.prometheus_url):
+        if self._private_prometheus(recjob):
             prometheus = ManagedProcess(run, "prometheus")
             if not prometheus.alive():
                 port = free_port()
@@ -132,7 +136,11 @@ class LocalServing(WorkDir):
                 config = run / "prometheus.yml"
                 write_atomic(
                     config,
-                    prometheus_config([f"127.0.0.1:{router_port}"], self.options.scrape_seconds),
+                    prometheus_config(
+                        [f"127.0.0.1:{router_port}"],
+                        self.options.scrape_seconds,
+                        {"namespace": local_namespace(recjob)},
+                    ),
                 )
                 prometheus.start(
                     prometheus_command(config, run / "prometheus-data", port), meta={"port": port}

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from . import cel
-from .common import URL_PATTERN, DnsLabel, Duration, StorageUri
+from .common import DnsLabel, Duration, StorageUri
 from .spec_base import MAX_TEXT_LENGTH, METRIC_PATTERN, ResourceSpec, SpecModel, with_rules
 
 ExportTarget = Literal["onnxruntime-int8", "onnxruntime-fp32", "tensorrt-int8", "tensorrt-fp16"]
@@ -101,7 +101,9 @@ class ServingSpec(SpecModel):
 class MetricCheck(SpecModel):
     """One canary check: a PromQL query and the range its value must stay in.
 
-    The query is a template; ``{{revision}}`` becomes the canary revision under analysis,
+    Every series selector must carry namespace="{{namespace}}": a RecJob reads its own
+    namespace's metrics only (checked on the parsed query). The query is a template;
+    ``{{revision}}`` becomes the canary revision under analysis,
     ``{{stable}}`` the stable revision (to compare the canary with it, e.g. a ratio of
     click-through rates), ``{{namespace}}``, ``{{service}}`` and ``{{interval}}`` are
     filled in too. Missing data never counts as a pass."""
@@ -121,9 +123,10 @@ def _default_metrics() -> list[MetricCheck]:
         MetricCheck(
             name="error-rate",
             query=(
-                'sum(rate(recjob_inference_errors_total{revision="{{revision}}"}[{{interval}}]))'
-                ' / sum(rate(recjob_inference_requests_total{revision="{{revision}}"}'
-                "[{{interval}}]))"
+                "sum(rate(recjob_inference_errors_total"
+                '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))'
+                " / sum(rate(recjob_inference_requests_total"
+                '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}]))'
             ),
             max=0.01,
         ),
@@ -131,8 +134,8 @@ def _default_metrics() -> list[MetricCheck]:
             name="latency-p99",
             query=(
                 "histogram_quantile(0.99, sum by (le) (rate("
-                'recjob_inference_latency_seconds_bucket{revision="{{revision}}"}'
-                "[{{interval}}])))"
+                "recjob_inference_latency_seconds_bucket"
+                '{revision="{{revision}}",namespace="{{namespace}}"}[{{interval}}])))'
             ),
             max=0.5,
         ),
@@ -173,5 +176,7 @@ class RolloutSpec(SpecModel):
     manual_approval: bool = False
     """Pause before the last step until the RecJob carries the annotation
     recjob.dev/approve-generation=<its generation>."""
-    prometheus_url: str | None = Field(default=None, pattern=URL_PATTERN, max_length=2048)
-    """Prometheus to query; default: the operator's setting."""
+    prometheus: DnsLabel | None = None
+    """Which of the Prometheus servers the operator is configured with to query (its
+    RECJOB_PROMETHEUS_SOURCES names); default: the operator's default Prometheus. A RecJob
+    never names a URL."""

@@ -4,7 +4,8 @@ KServe 0.21 always binds 0.0.0.0: here only the single-process path of
 ``ModelServer.start`` is used, the REST server's uvicorn config gets the host, and the gRPC
 server binds ``host:port`` instead of ``[::]:port``. KServe's REST decoder also lets some
 malformed requests escape as 500s (a binary body whose JSON lacks ``inputs``, binary
-BYTES that are not UTF-8, data that does not fill its shape): those become 400s.
+BYTES that are not UTF-8 or whose length prefix is cut off, data that does not fill its
+shape): those become 400s.
 The limits of ``limits.py`` (body size, header/read timeouts, model control) are applied
 here too, and so is the serving revision of ``revision.py`` (response header, gRPC
 metadata, ``POST /v2/feedback``).
@@ -13,6 +14,7 @@ metadata, ``POST /v2/feedback``).
 from __future__ import annotations
 
 import asyncio
+import struct
 
 from grpc import aio
 from kserve import ModelServer
@@ -49,7 +51,16 @@ class ClientErrorDataPlane(DataPlane):
             return super().decode(body, headers, protocol_version, model_name)
         except (InvalidInput, ModelNotFound):
             raise
-        except (InferenceError, KeyError, ValueError, TypeError, IndexError) as error:
+        except (
+            InferenceError,
+            KeyError,
+            ValueError,
+            TypeError,
+            IndexError,
+            AttributeError,
+            OverflowError,
+            struct.error,  # binary BYTES whose 4-byte length prefix is cut off
+        ) as error:
             raise InvalidInput(f"malformed request: {type(error).__name__}: {error}") from None
 
     async def ready(self) -> bool:

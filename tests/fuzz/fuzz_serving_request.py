@@ -32,28 +32,30 @@ import json
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import atheris
 
-# Heavy libraries first, uninstrumented; then KServe's protocol code and ours, instrumented
-# when run as the fuzzer (pytest imports this module for the regression cases).
+# Libraries first, uninstrumented; then ours, instrumented when run as the fuzzer (pytest
+# imports this module for the regression cases), and KServe's decoding functions (all of
+# KServe would cost seconds of instrumentation per run).
 import numpy as np
 import pydantic
 import transformers  # noqa: F401
 from google.protobuf.message import DecodeError
+from kserve.errors import InvalidInput
+from kserve.protocol import dataplane, infer_type
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.infer_type import InferRequest
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
 with (
-    atheris.instrument_imports(include=["recjob_serving", "kserve"])
+    atheris.instrument_imports(include=["recjob_serving"])
     if __name__ == "__main__"
     else contextlib.nullcontext()
 ):
-    from kserve.errors import InvalidInput
-    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-    from kserve.protocol.grpc.servicer import InferenceServicer
-    from kserve.protocol.infer_type import InferRequest
-    from kserve.protocol.rest.v2_datamodels import InferenceRequest
-
     from recjob_serving.feedback import Feedback, FeedbackError, parse_feedback
     from recjob_serving.limits import ControlledModelRepository
     from recjob_serving.loopback import ClientErrorDataPlane
@@ -64,6 +66,17 @@ with (
         tokenizer_config,
     )
     from recjob_serving.server import EnsembleModel, OnnxModel, PythonModel, RepositoryModel
+
+
+def _instrument(module: types.ModuleType) -> None:
+    """Instrument the functions and methods ``module`` defines (in place)."""
+    for value in vars(module).values():
+        own_class = isinstance(value, type) and value.__module__ == module.__name__
+        for member in vars(value).values() if own_class else [value]:
+            function = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if isinstance(function, types.FunctionType) and function.__module__ == module.__name__:
+                atheris.instrument_func(function)
+
 
 #: Longest acceptable error message, in characters.
 MAX_MESSAGE = 10_000
@@ -258,6 +271,8 @@ def TestOneInput(data: bytes) -> None:  # atheris' name
 
 def main() -> None:
     """Run the fuzzer (libFuzzer flags in ``sys.argv``)."""
+    _instrument(infer_type)
+    _instrument(dataplane)
     server()  # before fuzzing starts: the tokenizer's load is not an input's time
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()

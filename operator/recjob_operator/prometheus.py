@@ -142,7 +142,8 @@ class PrometheusSource:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RuntimeError("not sent: the analysis's time was spent")
-        params = {"query": promql, "timeout": f"{max(remaining, 0.1):.1f}s"}
+        # Prometheus's own evaluation timeout (a Prometheus duration: whole milliseconds)
+        params = {"query": promql, "timeout": f"{max(int(remaining * 1000), 100)}ms"}
         body = bytearray()
         try:
             with (

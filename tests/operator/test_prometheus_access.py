@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 import time
@@ -251,7 +252,8 @@ def test_the_query_carries_the_remaining_time_as_prometheus_timeout():
         (reading,) = PrometheusSource(url, budget=3).read(_checks(1), VALUES)
     assert reading.value == 0.5
     request = seen[0].split(b"\r\n")[0].decode()
-    assert "timeout=" in request and "namespace%3D%22team-a%22" in request, request
+    assert re.search(r"[?&]timeout=\d+ms[& ]", request), request  # a Prometheus duration
+    assert "namespace%3D%22team-a%22" in request, request
 
 
 def test_excerpt_is_short_and_printable():

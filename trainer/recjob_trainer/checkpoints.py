@@ -18,6 +18,7 @@ from .context import RunContext, Stage
 from .distributed import barrier
 from .models import RankingModel, base_model_path, build_model, model_from_config
 from .objective import apply_lora, merge_lora
+from .safe_load import safe_zero_to_fp32
 from .storage import fsync_tree, write_json_atomic
 
 CHECKPOINT_MARKER = "COMPLETE.json"
@@ -110,14 +111,15 @@ def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, tor
 
     Stage 0 in fp32 keeps no ZeRO partitions: every rank's module is the whole fp32 model.
     Otherwise (ZeRO 1-3, or bf16/fp16 master weights) the fp32 weights are gathered from
-    the DeepSpeed checkpoint's partitions."""
+    the DeepSpeed checkpoint's partitions, each file read weights-only (``safe_load``)."""
     if engine.zero_optimization_stage() == 0 and not (
         engine.bfloat16_enabled() or engine.fp16_enabled()
     ):
         return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=f"step-{step:08d}")
+    with safe_zero_to_fp32() as zero_to_fp32:
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+            str(ckpt_root), tag=f"step-{step:08d}"
+        )
 
 
 def consolidate(run: RunContext, engine, step: int, stage: Stage) -> RankingModel | None:

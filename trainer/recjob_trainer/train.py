@@ -42,6 +42,7 @@ from .optimisation import deepspeed_config, lr_lambda
 from .outputs import check_shared, publish_run, run_directory
 from .progress import Progress
 from .run_data import prepared_data, rank_shard
+from .safe_load import harden_checkpoint_loading
 from .storage import clean_leftovers, write_json_atomic
 
 
@@ -138,6 +139,8 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
         lr_scheduler=scheduler,
         config=deepspeed_config(config, world),
     )
+    # checkpoints are on storage other RecJobs can write: loaded weights-only (safe_load.py)
+    harden_checkpoint_loading(engine)
 
     ckpt_root = stage.checkpoints
     state = {

@@ -8,9 +8,10 @@ labelled ``revision``, ``service`` (the RecJob service, from ``recjob.dev/servic
 ``namespace``. It listens on the bridge (10.244.0.1:9090), so
 pods (the operator) reach it too, by the name the operator's manifests are configured
 with: ``prometheus-operated.monitoring.svc:9090`` (the Prometheus Operator's Service name),
-a Service without selector whose EndpointSlice points at the bridge (:data:`SERVICE`). Built from its Go module (``build``): Debian's
-prometheus package leaves the Kubernetes service discovery out ("field
-kubernetes_sd_configs not found in type config.ScrapeConfig").
+a Service without selector whose EndpointSlice points at the bridge (:data:`SERVICE`).
+Built from its Go module (``build``): Debian's prometheus package leaves the Kubernetes
+service discovery out ("field kubernetes_sd_configs not found in type
+config.ScrapeConfig").
 """
 
 from __future__ import annotations

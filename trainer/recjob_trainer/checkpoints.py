@@ -109,12 +109,13 @@ def save_checkpoint(
 def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, torch.Tensor]:
     """A plain fp32 state_dict of the trained model.
 
-    Stage 0 in fp32 keeps no ZeRO partitions: every rank's module is the whole fp32 model.
-    Otherwise (ZeRO 1-3, or bf16/fp16 master weights) the fp32 weights are gathered from
-    the DeepSpeed checkpoint's partitions, each file read weights-only (``safe_load``)."""
-    if engine.zero_optimization_stage() == 0 and not (
-        engine.bfloat16_enabled() or engine.fp16_enabled()
-    ):
+    Stage 0 keeps no ZeRO partitions: every rank's module is the whole model, taken as
+    fp32 (under bf16/fp16, the low-precision weights the engine computed with: its fp32
+    masters are partitioned inside the optimizer, and DeepSpeed's zero_to_fp32 cannot read
+    a stage-0 checkpoint, failing on its missing param_shapes). Otherwise (ZeRO 1-3) the
+    fp32 weights are gathered from the DeepSpeed checkpoint's partitions, each file read
+    weights-only (``safe_load``)."""
+    if engine.zero_optimization_stage() == 0:
         return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     with safe_zero_to_fp32() as zero_to_fp32:
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CRD := manifests/crd/bases/recjob.dev_recjobs.yaml
 
-.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-down cluster-demo
+.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-down cluster-demo image-locks
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,10 @@ manifests: $(STAMP) ## Regenerate the CRD from the API types
 
 demo: $(STAMP) prometheus ## Baseline, promoted canary and rolled-back canary, end to end locally
 	$(BIN)/python examples/demo/demo.py --workdir runs/demo
+
+# Hashed lock files of the container images (hack/lock_images.py; needs PyPI).
+image-locks: $(STAMP) ## Regenerate the images' hashed lock files from constraints.txt
+	PIP_FIND_LINKS= $(BIN)/python hack/lock_images.py
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

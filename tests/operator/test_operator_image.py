@@ -38,11 +38,12 @@ UID = "5f0c1e6e-2a4e-4a4b-9b1e-0d6f3f1b2c3d"
 
 
 def pins(path) -> dict[str, str]:
-    """{canonical name: version} of a requirements / constraints file."""
+    """{canonical name: version} of a requirements / constraints file (a pin may go on
+    with `\\` and `--hash=sha256:...` continuation lines: operator/requirements.txt)."""
     out = {}
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
+        line = line.split("#", 1)[0].strip().removesuffix("\\").strip()
+        if line and not line.startswith("--hash="):
             name, version = line.split("==")
             out[canonicalize_name(name)] = version
     return out
@@ -177,7 +178,8 @@ def test_requirements_are_the_locked_versions_and_complete() -> None:
 def test_the_dockerfile_installs_exactly_the_requirements() -> None:
     text = (REPO / "operator" / "Dockerfile").read_text()
     (install,) = [line for line in text.splitlines() if "pip install" in line]
-    assert "--no-deps -r requirements.txt -c constraints.txt" in install
+    assert "--no-deps --require-hashes -r /tmp/requirements.txt" in install
+    assert "COPY operator/requirements.txt /tmp/requirements.txt" in text
     assert "operator/requirements.txt" in text
     assert not re.search(r"^COPY (trainer|serving)\b", text, re.MULTILINE)
     assert "COPY operator/recjob_operator " in text

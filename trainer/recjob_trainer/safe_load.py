@@ -15,9 +15,11 @@ found by saving them on CPU with world sizes 1 and 2 and listing each file's glo
 with ``torch.serialization.get_unsafe_globals_in_checkpoint``, kept so by
 tests/trainer/test_checkpoint_safety.py): the model states files need none, the ZeRO
 optimizer states files ``LossScaler`` and ``ZeroStageEnum`` (+ ``fragment_address`` for
-ZeRO 1-2). They are plain state holders: unpickling one sets attributes or calls an
-``Enum`` / dataclass constructor, nothing else. ``DynamicLossScaler`` is what fp16 (GPUs
-only; read from DeepSpeed's code, not run here) writes instead of ``LossScaler``.
+ZeRO 1-2), and ``builtins.getattr`` only as an Enum member lookup (:func:`_enum_member`:
+how Python 3.11.2 pickles ``ZeroStageEnum`` members). They are plain state holders:
+unpickling one sets attributes or calls an ``Enum`` / dataclass constructor, nothing else.
+``DynamicLossScaler`` is what fp16 (GPUs only; read from DeepSpeed's code, not run here)
+writes instead of ``LossScaler``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,27 @@ def allowed_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [
+        LossScaler,
+        DynamicLossScaler,
+        ZeroStageEnum,
+        fragment_address,
+        (_enum_member, "builtins.getattr"),
+    ]
+
+
+def _enum_member(cls: Any, name: Any) -> Any:
+    """What the pickle's ``getattr(cls, name)`` may be: a member of an allow-listed Enum.
+
+    Python 3.11.2 (Debian 12's) pickles an Enum member as ``getattr(ZeroStageEnum,
+    "gradients")`` (3.11.7 pickles it by value): the test cluster's trainer image wrote
+    that into its ZeRO optimizer states. Only that form is accepted here: ``cls`` an
+    allow-listed Enum and ``name`` one of its members; any other getattr is refused."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is ZeroStageEnum and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not a member of an allowed Enum")
 
 
 def _pickle_globals(path: Path) -> set[str]:
@@ -66,7 +88,7 @@ def _pickle_globals(path: Path) -> set[str]:
 
 
 def _names(globals_: list[Any]) -> list[str]:
-    return [f"{g.__module__}.{g.__qualname__}" for g in globals_]
+    return [g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in globals_]
 
 
 def _refusal_reason(path: Path, error: Exception) -> str:

@@ -7,10 +7,12 @@ the API server, and one service shared by RecJobs that come and go.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,9 +35,21 @@ from tests.cluster.recjobs import (
     storage,
 )
 
-sys.path.insert(0, str(REPO / "hack" / "cluster"))
-import gateway
-import prometheus
+
+def _cluster_module(name: str) -> types.ModuleType:
+    """hack/cluster/<name>.py, loaded by path under its own name: hack/cluster on sys.path
+    would shadow real packages for every test collected after this one (its kserve.py hid
+    KServe from tests/fuzz in CI)."""
+    spec = importlib.util.spec_from_file_location(
+        f"recjob_test_cluster_{name}", REPO / "hack" / "cluster" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gateway = _cluster_module("gateway")
+prometheus = _cluster_module("prometheus")
 
 pytestmark = [
     pytest.mark.cluster,

@@ -29,23 +29,48 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 
-REQUESTS = Counter("recjob_inference_requests_total", "Requests routed", ["revision"])
+#: The router's own registry: its series have the model server's names (the same queries
+#: read both), so in one process (tests) the default registry would refuse the second set.
+REGISTRY = CollectorRegistry()
+REQUESTS = Counter(
+    "recjob_inference_requests_total", "Requests routed", ["revision"], registry=REGISTRY
+)
 ERRORS = Counter(
-    "recjob_inference_errors_total", "Requests that failed (5xx or unreachable)", ["revision"]
+    "recjob_inference_errors_total",
+    "Requests that failed (5xx or unreachable)",
+    ["revision"],
+    registry=REGISTRY,
 )
 LATENCY = Histogram(
     "recjob_inference_latency_seconds",
     "Request latency through the router",
     ["revision"],
     buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
 )
 IMPRESSIONS = Counter(
-    "recjob_feedback_impressions_total", "Rankings shown (with feedback)", ["revision"]
+    "recjob_feedback_impressions_total",
+    "Rankings shown (with feedback)",
+    ["revision"],
+    registry=REGISTRY,
 )
-CLICKS = Counter("recjob_feedback_clicks_total", "Rankings the user clicked", ["revision"])
-GAIN = Counter("recjob_feedback_gain_total", "Sum of ranking gain (e.g. NDCG@k)", ["revision"])
+CLICKS = Counter(
+    "recjob_feedback_clicks_total", "Rankings the user clicked", ["revision"], registry=REGISTRY
+)
+GAIN = Counter(
+    "recjob_feedback_gain_total",
+    "Sum of ranking gain (e.g. NDCG@k)",
+    ["revision"],
+    registry=REGISTRY,
+)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 #: Largest gain one feedback event may add (a counter at infinity stays poisoned).
 MAX_GAIN = 1e6
@@ -201,7 +226,9 @@ def make_app(routes: Routes) -> web.Application:
         return web.json_response({"ok": True})
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def routes_view(_: web.Request) -> web.Response:
         return web.json_response(routes.current())

@@ -195,6 +195,7 @@ def test_argocd_health_check(obj: dict, health: str) -> None:
 def test_dockerfiles_run_as_non_root_and_pin_the_lock(component: str) -> None:
     text = (REPO / component / "Dockerfile").read_text()
     assert re.search(r"^USER \d+", text, re.MULTILINE)
-    assert "-c constraints.txt" in text
+    # hash-checked lock files whose versions are constraints.txt's (tests/test_images.py)
+    assert "--require-hashes" in text
     if component != "operator":
         assert "torch==2.13.0" in text

@@ -104,18 +104,6 @@ def _load_one(file: str) -> RecJob:
     return job
 
 
-def _named_sources(items: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, url = item.partition("=")
-        if not sep:
-            raise click.BadParameter(
-                f"expected NAME=URL, got {item!r}", param_hint="--prometheus-source"
-            )
-        out[name] = url
-    return out
-
-
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option(
@@ -170,13 +158,18 @@ def run(
     from .local.run import EXIT_CODES, Interrupted
     from .local.run import run as run_local
     from .local.view import LiveView
+    from .prometheus import named_urls
 
     job = _load_one(file)
+    try:
+        named = named_urls(prometheus_sources, "--prometheus-source")
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--prometheus-source") from None
     options = LocalOptions(
         eval_groups=eval_groups,
         replay_rate=replay_rate,
         prometheus_url=prometheus,
-        prometheus_sources=_named_sources(prometheus_sources),
+        prometheus_sources=named,
         baselines=not no_baselines,
     )
     try:

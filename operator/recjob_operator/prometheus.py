@@ -53,6 +53,17 @@ def excerpt(text: object, limit: int = _EXCERPT) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def named_urls(items, where: str) -> dict[str, str]:
+    """``name=url`` items (blank ones skipped) as a mapping; ValueError naming ``where``."""
+    urls = {}
+    for item in filter(None, (i.strip() for i in items)):
+        name, sep, url = item.partition("=")
+        if not sep:
+            raise ValueError(f"{where}: expected name=url, got {item!r}")
+        urls[name.strip()] = url.strip()
+    return urls
+
+
 class PrometheusSources:
     """The Prometheus servers the operator is configured with, by name."""
 
@@ -73,11 +84,7 @@ class PrometheusSources:
         if env.get("RECJOB_PROMETHEUS_URL"):
             urls[DEFAULT_SOURCE] = env["RECJOB_PROMETHEUS_URL"].strip()
         items = env.get("RECJOB_PROMETHEUS_SOURCES", "").split(",")
-        for item in filter(None, (i.strip() for i in items)):
-            name, sep, url = item.partition("=")
-            if not sep:
-                raise ValueError(f"RECJOB_PROMETHEUS_SOURCES: expected name=url, got {item!r}")
-            urls[name.strip()] = url.strip()
+        urls.update(named_urls(items, "RECJOB_PROMETHEUS_SOURCES"))
         return cls(urls)
 
     def url(self, name: str | None) -> str:

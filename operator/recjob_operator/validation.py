@@ -301,6 +301,18 @@ def _data_rules(spec: RecJobSpec) -> list[Problem]:
                 f"{p}.catalog",
                 "the atomic format needs the item texts: set catalog to the .text file",
             )
+        if data.validation is None and data.test is None:
+            out.add(
+                f"{p}.test",
+                "the atomic format needs the held-out .inter files: set test (and "
+                "validation, else validation is carved from the training file)",
+            )
+        if data.preprocessing.split.strategy == "by-time":
+            out.add(
+                f"{p}.preprocessing.split.strategy",
+                "the atomic format's .inter files hold item sequences without times; use "
+                "predefined, or leave-one-out to carve validation from the training file",
+            )
     elif data.task == "search-ranking":
         for name in ("query", "item_text", "label"):
             if getattr(cols, name) is None:

@@ -190,6 +190,7 @@ SETTINGS: dict[str, list[Any]] = {
     "spec.data.format": ["csv", "atomic", "parquet"],
     "spec.data.catalog": [DELETE, "items.text"],
     "spec.data.validation": [DELETE, "valid.csv"],
+    "spec.data.test": [DELETE, "test.csv"],
     **{
         f"spec.data.columns.{column}": [DELETE, "c"]
         for column in ("query", "itemText", "label", "userId", "itemId", "timestamp", "eventType")

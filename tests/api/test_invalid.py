@@ -419,6 +419,24 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "task: recommendation",
     ),
     (
+        "atomic-without-held-out-files",
+        R,
+        {"spec.data.validation": DELETE, "spec.data.test": DELETE},
+        "spec.data.test",
+        "held-out .inter files",
+    ),
+    (
+        "atomic-by-time",
+        R,
+        {
+            "spec.data.preprocessing.split.strategy": "by-time",
+            "spec.data.validation": DELETE,
+            "spec.data.columns": {"timestamp": "ts"},
+        },
+        "spec.data.preprocessing.split.strategy",
+        "without times",
+    ),
+    (
         "by-query-for-recommendation",
         R,
         {"spec.data.preprocessing.split.strategy": "by-query", "spec.data.validation": DELETE},

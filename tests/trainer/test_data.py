@@ -423,3 +423,157 @@ def test_open_bandit_impressions() -> None:
     assert prepared.catalog.height == 80
     clicks = sum(f["label"].sum() for f in prepared.splits.values())
     assert 30 <= clicks <= 80
+
+
+# --------------------------------------------------------------------------- given test files
+def test_search_test_file_without_validation_is_used(tmp_path: Path) -> None:
+    """spec.data.test alone is the test set; validation is carved from train by query
+    (the test file was once ignored and the test set carved from train)."""
+    header = "search_term,product_uid,product_title,relevance\n"
+    train = write(
+        tmp_path,
+        "train.csv",
+        header + "".join(f"q{i % 40},{i},item {i},{1 + i % 3}\n" for i in range(400)),
+    )
+    test = write(tmp_path, "test.csv", header + "hammer,9001,claw hammer,3\nhammer,9002,nail,1\n")
+    spec = DataSpec.model_validate(
+        {
+            "task": "search-ranking",
+            "train": train,
+            "test": test,
+            "columns": SEARCH_COLUMNS,
+            "preprocessing": {"split": {"validationFraction": 0.2}},
+        }
+    )
+    prepared = prepare(spec, ModelSpec(), None)
+    splits = prepared.splits
+    assert splits["test"]["item_id"].to_list() == ["9001", "9002"]
+    assert set(splits["test"]["query"]) == {"hammer"}
+    assert splits["validation"].height > 0
+    assert splits["train"].height + splits["validation"].height == 400
+    assert not set(splits["train"]["query"]) & set(splits["validation"]["query"])
+    # a test query seen in training or in the carved validation set is refused
+    for side in ("train", "validation"):
+        leaky = write(tmp_path, "leaky.csv", header + f"{splits[side]['query'][0]},9003,x,2\n")
+        where = "training" if side == "train" else "validation"
+        with pytest.raises(DataError, match=f"also appear in the {where} data") as error:
+            prepare(spec.model_copy(update={"test": leaky}), ModelSpec(), None)
+        assert leaky in str(error.value)
+
+
+def interaction_spec(tmp_path: Path, **data) -> DataSpec:
+    catalog = write(
+        tmp_path, "items.csv", "item,title\n" + "".join(f"i{i},thing {i}\n" for i in range(20))
+    )
+    return DataSpec.model_validate(
+        {
+            "task": "recommendation",
+            "catalog": catalog,
+            "columns": {"userId": "user", "itemId": "item", "itemText": "title"},
+            **data,
+        }
+    )
+
+
+def test_recommendation_test_file_without_validation(tmp_path: Path) -> None:
+    """Interaction logs: the test file's interactions are the test examples (history: the
+    user's training items); validation is each user's last training item; no training
+    history holds a held-out item. Before, validation/test files were never read."""
+    train = write(
+        tmp_path, "train.csv", "user,item\n" + "u,i1\nu,i2\nu,i3\nu,i4\nv,i5\nv,i6\nw,i7\n"
+    )
+    test = write(tmp_path, "test.csv", "user,item\nu,i9\nu,i8\nv,i10\nnew,i11\n")
+    prepared = prepare(interaction_spec(tmp_path, train=train, test=test), ModelSpec(), None)
+    splits = {name: frame.rows() for name, frame in prepared.splits.items()}
+    assert splits["test"] == [
+        ("new", [], "i11"),  # a user without training items: a cold-start example
+        ("u", ["i1", "i2", "i3", "i4"], "i9"),
+        ("u", ["i1", "i2", "i3", "i4", "i9"], "i8"),
+        ("v", ["i5", "i6"], "i10"),
+    ]
+    assert splits["validation"] == [("u", ["i1", "i2", "i3"], "i4"), ("v", ["i5"], "i6")]
+    assert splits["train"] == [("u", ["i1"], "i2"), ("u", ["i1", "i2"], "i3")]
+    steps = [s["step"] for s in prepared.report()["steps"]]
+    assert f"read {test}" in steps
+    assert "split predefined (validation carved from train: leave-one-out)" in steps
+
+
+def test_recommendation_validation_and_test_files(tmp_path: Path) -> None:
+    train = write(tmp_path, "train.csv", "user,item,ts\nu,i2,20\nu,i1,10\nv,i5,1\n")
+    valid = write(tmp_path, "valid.csv", "user,item,ts\nu,i3,30\nv,i19,2\n")
+    test = write(tmp_path, "test.csv", "user,item,ts\nu,i4,40\nu,i0,5\n")
+    spec = interaction_spec(
+        tmp_path,
+        train=train,
+        validation=valid,
+        test=test,
+        columns={"userId": "user", "itemId": "item", "itemText": "title", "timestamp": "ts"},
+    )
+    prepared = prepare(spec, ModelSpec(), None)
+    splits = {name: frame.rows() for name, frame in prepared.splits.items()}
+    assert splits["train"] == [("u", ["i1"], "i2")]
+    assert splits["validation"] == [("u", ["i1", "i2"], "i3"), ("v", ["i5"], "i19")]
+    # test items in time order, after every training and validation item of the user
+    assert splits["test"] == [
+        ("u", ["i1", "i2", "i3"], "i0"),
+        ("u", ["i1", "i2", "i3", "i0"], "i4"),
+    ]
+
+
+def test_recommendation_test_file_by_time_carves_validation(tmp_path: Path) -> None:
+    rows = "".join(f"u{t % 3},i{t % 7},{t}\n" for t in range(30))
+    train = write(tmp_path, "train.csv", "user,item,ts\n" + rows)
+    test = write(tmp_path, "test.csv", "user,item,ts\nu0,i12,100\n")
+    spec = interaction_spec(
+        tmp_path,
+        train=train,
+        test=test,
+        columns={"userId": "user", "itemId": "item", "itemText": "title", "timestamp": "ts"},
+        preprocessing={"split": {"strategy": "by-time", "validationFraction": 0.2}},
+    )
+    splits = prepare(spec, ModelSpec(historyLength=50), None).splits
+    assert splits["test"].rows() == [("u0", [f"i{t % 7}" for t in range(0, 30, 3)], "i12")]
+    assert 4 <= splits["validation"].height <= 7
+    assert splits["train"].height + splits["validation"].height == 27  # 30 minus 3 firsts
+
+
+def test_labelled_impressions_test_file(tmp_path: Path) -> None:
+    train = write(
+        tmp_path, "train.csv", "user,item,click\nu,i1,1\nu,i2,0\nu,i3,1\nv,i4,1\nv,i5,0\n"
+    )
+    test = write(tmp_path, "test.csv", "user,item,click\nu,i6,1\nv,i7,0\n")
+    spec = interaction_spec(
+        tmp_path,
+        train=train,
+        test=test,
+        columns={"userId": "user", "itemId": "item", "itemText": "title", "label": "click"},
+    )
+    splits = {n: f.rows() for n, f in prepare(spec, ModelSpec(), None).splits.items()}
+    assert splits["test"] == [("u", ["i1", "i3"], "i6", 1.0), ("v", ["i4"], "i7", 0.0)]
+    assert splits["validation"] == [("u", ["i1"], "i3", 1.0), ("v", ["i4"], "i5", 0.0)]
+    assert splits["train"] == [("u", [], "i1", 1.0), ("u", ["i1"], "i2", 0.0), ("v", [], "i4", 1.0)]
+
+
+def write_atomic(tmp_path: Path) -> dict:
+    inter = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    return {
+        "task": "recommendation",
+        "format": "atomic",
+        "train": write(tmp_path, "d.train.inter", inter + "0\t1\t2\n0\t1 2\t3\n1\t4\t5\n2\t\t6\n"),
+        "test": write(tmp_path, "d.test.inter", inter + "0\t1 2 3\t7\n1\t4 5\t8\n"),
+        "catalog": write(
+            tmp_path,
+            "d.text",
+            "item_id:token\ttext:token_seq\n" + "".join(f"{i}\titem {i}\n" for i in range(10)),
+        ),
+    }
+
+
+def test_atomic_test_file_without_validation_carves_each_users_last_example(
+    tmp_path: Path,
+) -> None:
+    prepared = prepare(DataSpec.model_validate(write_atomic(tmp_path)), ModelSpec(), None)
+    splits = {n: f.rows() for n, f in prepared.splits.items()}
+    assert splits["validation"] == [("0", ["1", "2"], "3")]
+    assert splits["train"] == [("0", ["1"], "2"), ("1", ["4"], "5"), ("2", [], "6")]
+    assert splits["test"] == [("0", ["1", "2", "3"], "7"), ("1", ["4", "5"], "8")]

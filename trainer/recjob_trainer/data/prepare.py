@@ -37,7 +37,14 @@ from .readers import (
     read_atomic_inter,
     read_table,
 )
-from .splits import by_time, labelled_examples, leave_one_out, sequences, split_by_group
+from .splits import (
+    by_time,
+    given_splits,
+    labelled_examples,
+    leave_one_out,
+    sequences,
+    split_by_group,
+)
 
 SPLITS = ("train", "validation", "test")
 
@@ -144,13 +151,25 @@ def _prepare_search(data: DataSpec, base_dir) -> PreparedData:
     pre = data.preprocessing
     frame = _read_pairs(data.train, data, base_dir, log, pre.max_rows)
     frame = _dedup_search(frame, data, log)
-    if data.validation is not None:
-        splits = {
-            "train": frame,
-            "validation": _dedup_search(
-                _read_pairs(data.validation, data, base_dir, log, None), data, log
-            ),
-        }
+    if data.validation is not None or data.test is not None:
+        if data.validation is not None:
+            splits = {
+                "train": frame,
+                "validation": _dedup_search(
+                    _read_pairs(data.validation, data, base_dir, log, None), data, log
+                ),
+            }
+        else:  # a test file alone: validation is carved from train, by query
+            split = pre.split
+            carved = split_by_group(frame, "query", split.validation_fraction, 0.0, split.seed)
+            splits = {"train": carved["train"], "validation": carved["validation"]}
+            log.record(
+                "split by query (validation carved from train)",
+                frame.height,
+                carved["train"].height + carved["validation"].height,
+                f"train={carved['train'].height}, validation={carved['validation'].height}; "
+                f"test: {data.test}",
+            )
         splits["test"] = (
             _dedup_search(_read_pairs(data.test, data, base_dir, log, None), data, log)
             if data.test
@@ -194,14 +213,15 @@ def _dedup_search(frame: pl.DataFrame, data: DataSpec, log: CleaningLog) -> pl.D
 
 
 def _check_disjoint_queries(splits: dict[str, pl.DataFrame], data: DataSpec) -> None:
-    train = set(splits["train"]["query"].to_list())
-    for name in ("validation", "test"):
-        shared = train & set(splits[name]["query"].to_list())
+    queries = {name: set(frame["query"].to_list()) for name, frame in splits.items()}
+    for name, earlier in (("validation", "train"), ("test", "train"), ("test", "validation")):
+        shared = queries[earlier] & queries[name]
         if shared:
             uri = data.validation if name == "validation" else data.test
+            where = "training" if earlier == "train" else "validation"
             raise DataError(
                 str(uri),
-                f"{len(shared)} quer(ies) also appear in the training "
+                f"{len(shared)} quer(ies) also appear in the {where} "
                 f"data (e.g. {sorted(shared)[0]!r}): held-out data would leak",
                 column=data.columns.query,
             )
@@ -279,6 +299,8 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
         frame = _map_items(frame, mapping)
         frame = _drop_unknown_items(frame, known, uri, log, f"{name}: items in catalog")
         splits[name] = frame
+    if data.validation is None and data.test is not None:
+        splits["train"], splits["validation"] = _carve_last_examples(splits["train"], log)
     if pre.min_user_interactions > 0:
         lengths = (
             pl.concat(
@@ -299,9 +321,11 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
                 out.height,
             )
             splits[name] = out
-    if data.validation is None:
+    if data.validation is None and data.test is None:
         raise DataError(
-            data.train, "the atomic format needs the validation .inter file (spec.data.validation)"
+            data.train,
+            "the atomic format needs held-out .inter files: spec.data.test (and "
+            "spec.data.validation, else validation is carved from the training file)",
         )
     splits = {
         name: frame.with_columns(pl.col("history").list.tail(model.history_length))
@@ -310,14 +334,47 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
     return PreparedData("recommendation", splits, catalog, log)
 
 
-def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
-    """Generic interaction logs (user, item[, time][, event][, click label]) + a catalog."""
-    log = CleaningLog()
+def _carve_last_examples(
+    train: pl.DataFrame, log: CleaningLog
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Atomic training examples -> (train, validation): each user's example with the
+    longest history (the last in the file among equals) is validation, for users with at
+    least 2 examples (leave-one-out on pre-built sequences)."""
+    ranked = (
+        train.with_row_index("_row")
+        .with_columns(pl.col("history").list.len().alias("_len"))
+        .sort(["user_id", "_len", "_row"])
+        .with_columns(
+            (pl.col("user_id").is_last_distinct() & (pl.len().over("user_id") >= 2)).alias(
+                "_validation"
+            )
+        )
+        .sort("_row")
+    )
+    keep = train.columns
+    out = (
+        ranked.filter(~pl.col("_validation")).select(keep),
+        ranked.filter(pl.col("_validation")).select(keep),
+    )
+    log.record(
+        "validation carved from train (each user's last example)",
+        train.height,
+        train.height,
+        f"train={out[0].height}, validation={out[1].height}",
+    )
+    return out
+
+
+def _read_interactions(
+    uri: str, data: DataSpec, base_dir, log: CleaningLog, max_rows: int | None, prefix: str = ""
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(raw table, cleaned interactions: user_id, item_id[, timestamp][, event_type][, label])
+    of one interaction log; ``prefix`` names the split in the step counts."""
     pre, cols = data.preprocessing, data.columns
-    raw = read_table(data.train, data.format, base_dir, pre.max_rows)
+    raw = read_table(uri, data.format, base_dir, max_rows)
     select = [
-        column(raw, data.train, "userId", cols.user_id).alias("user_id"),
-        column(raw, data.train, "itemId", cols.item_id).alias("item_id"),
+        column(raw, uri, "userId", cols.user_id).alias("user_id"),
+        column(raw, uri, "itemId", cols.item_id).alias("item_id"),
     ]
     for role, spec, name in (
         ("timestamp", cols.timestamp, "timestamp"),
@@ -325,20 +382,45 @@ def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> Prepare
         ("label", cols.label, "label"),
     ):
         if spec:
-            select.append(pl.col(column_name(raw, data.train, role, spec)).alias(name))
+            select.append(pl.col(column_name(raw, uri, role, spec)).alias(name))
     frame = raw.select(select)
-    log.record(f"read {data.train}", frame.height, frame.height)
-    frame = handle_missing(frame, frame.columns, pre.missing_values, log, data.train)
+    log.record(f"read {uri}", frame.height, frame.height)
+    frame = handle_missing(frame, frame.columns, pre.missing_values, log, uri)
     if "timestamp" in frame.columns:
-        frame = cast_timestamps(frame, "timestamp", log, data.train)
+        frame = cast_timestamps(frame, "timestamp", log, uri)
     if "label" in frame.columns:
-        frame = cast_numbers(frame, "label", log, data.train)
+        frame = cast_numbers(frame, "label", log, uri)
     if cols.event_type and pre.positive_events:
         before = frame.height
         frame = frame.filter(pl.col("event_type").is_in(pre.positive_events))
         log.record(
-            "positive events", before, frame.height, f"kept {', '.join(pre.positive_events)}"
+            f"{prefix}positive events",
+            before,
+            frame.height,
+            f"kept {', '.join(pre.positive_events)}",
         )
+    if pre.deduplicate.exact and "label" not in frame.columns:
+        before = frame.height
+        frame = frame.unique(maintain_order=True)
+        log.record(f"{prefix}exact duplicates", before, frame.height)
+    return raw, frame
+
+
+def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
+    """Generic interaction logs (user, item[, time][, event][, click label]) + a catalog.
+
+    Without held-out files the splits are carved by preprocessing.split; with them (given
+    validation and/or test logs, same columns) every held-out interaction is an example
+    whose history is the user's earlier interactions (training ones first), and without a
+    validation file validation is carved from the training log by the split strategy."""
+    log = CleaningLog()
+    pre, cols = data.preprocessing, data.columns
+    raw, frame = _read_interactions(data.train, data, base_dir, log, pre.max_rows)
+    held = {
+        name: (uri, _read_interactions(uri, data, base_dir, log, None, f"{name}: ")[1])
+        for name, uri in (("validation", data.validation), ("test", data.test))
+        if uri is not None
+    }
     source = data.catalog or data.train
     raw_catalog = read_table(data.catalog, data.format, base_dir) if data.catalog else raw
     catalog = raw_catalog.select(
@@ -346,44 +428,77 @@ def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> Prepare
         column(raw_catalog, source, "itemText", cols.item_text).alias("item_text"),
     )
     catalog, mapping = _clean_catalog(catalog, data, source, log)
-    if pre.deduplicate.exact and "label" not in frame.columns:
-        before = frame.height
-        frame = frame.unique(maintain_order=True)
-        log.record("exact duplicates", before, frame.height)
-    if mapping:
-        frame = frame.with_columns(pl.col("item_id").replace(mapping))
     known = catalog["item_id"].to_list()
-    log.quarantine(
-        frame.filter(~pl.col("item_id").is_in(known)),
-        data.train,
-        "item is not in the catalog (or has no text)",
-    )
-    frame = frame.filter(pl.col("item_id").is_in(known))
+
+    def in_catalog(frame: pl.DataFrame, uri: str) -> pl.DataFrame:
+        if mapping:
+            frame = frame.with_columns(pl.col("item_id").replace(mapping))
+        log.quarantine(
+            frame.filter(~pl.col("item_id").is_in(known)),
+            uri,
+            "item is not in the catalog (or has no text)",
+        )
+        return frame.filter(pl.col("item_id").is_in(known))
+
+    frame = in_catalog(frame, data.train)
+    if held:
+        frame = pl.concat(
+            [
+                frame.with_columns(pl.lit("train").alias("_side")),
+                *(
+                    in_catalog(f, uri).with_columns(pl.lit(name).alias("_side"))
+                    for name, (uri, f) in held.items()
+                ),
+            ],
+            how="vertical_relaxed",
+        )
     frame = k_core(
         frame, "user_id", "item_id", pre.min_user_interactions, pre.min_item_interactions, log
     )
     split = pre.split
     order = "timestamp" if cols.timestamp else None
-    if "label" in frame.columns:
-        splits = labelled_examples(
-            frame,
-            order,
-            model.history_length,
-            split.strategy,
-            split.validation_fraction,
-            split.test_fraction,
-        )
-    elif split.strategy == "by-time":
-        splits = by_time(
-            sequences(frame, order),
-            model.history_length,
-            split.validation_fraction,
-            split.test_fraction,
+    strategy = split.strategy if split.strategy in ("leave-one-out", "by-time") else None
+    if held:
+        carve = None if data.validation is not None else strategy or "leave-one-out"
+        if "label" in frame.columns:
+            splits = labelled_examples(
+                frame,
+                order,
+                model.history_length,
+                carve,
+                split.validation_fraction,
+                split.test_fraction,
+                carve_validation=carve is not None,
+            )
+        else:
+            splits = given_splits(
+                sequences(frame, order), model.history_length, carve, split.validation_fraction
+            )
+        step = "split predefined" + (
+            f" (validation carved from train: {carve})" if carve is not None else ""
         )
     else:
-        splits = leave_one_out(sequences(frame, order), model.history_length)
+        if "label" in frame.columns:
+            splits = labelled_examples(
+                frame,
+                order,
+                model.history_length,
+                split.strategy,
+                split.validation_fraction,
+                split.test_fraction,
+            )
+        elif split.strategy == "by-time":
+            splits = by_time(
+                sequences(frame, order),
+                model.history_length,
+                split.validation_fraction,
+                split.test_fraction,
+            )
+        else:
+            splits = leave_one_out(sequences(frame, order), model.history_length)
+        step = f"split {split.strategy or 'leave-one-out'}"
     log.record(
-        f"split {split.strategy or 'leave-one-out'}",
+        step,
         frame.height,
         sum(s.height for s in splits.values()),
         ", ".join(f"{k}={v.height}" for k, v in splits.items()),

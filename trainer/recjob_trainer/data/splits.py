@@ -37,15 +37,35 @@ def split_by_group(
     }
 
 
+#: The splits, in the order a user's items are laid out when they come from given files.
+SIDES = ("train", "validation", "test")
+
+
+def _side_rank(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with ``_rank``: the position of its ``_side`` in :data:`SIDES`."""
+    ranks = {side: n for n, side in enumerate(SIDES)}
+    return frame.with_columns(
+        pl.col("_side").replace_strict(ranks, return_dtype=pl.Int8).alias("_rank")
+    )
+
+
 def sequences(interactions: pl.DataFrame, order_by: str | None) -> pl.DataFrame:
     """Per user, the items in time order (file order when there is no timestamp):
-    (user_id, items: list[str], times: list[int] when ordered by time)."""
+    (user_id, items: list[str], times: list[int] when ordered by time).
+
+    With a ``_side`` column (interactions read from the validation / test files) a user's
+    training items come first, then the validation ones, then the test ones, each in time
+    order, and ``sides`` (list[str]) says which split each item came from."""
     frame = interactions.with_row_index("_row")
-    sort_cols = ["user_id", order_by, "_row"] if order_by else ["user_id", "_row"]
-    frame = frame.sort(sort_cols)
+    keys = ["user_id"]
+    if "_side" in frame.columns:
+        frame, keys = _side_rank(frame), ["user_id", "_rank"]
+    frame = frame.sort([*keys, order_by, "_row"] if order_by else [*keys, "_row"])
     aggs = [pl.col("item_id").alias("items")]
     if order_by:
         aggs.append(pl.col(order_by).alias("times"))
+    if "_side" in frame.columns:
+        aggs.append(pl.col("_side").alias("sides"))
     return frame.group_by("user_id", maintain_order=True).agg(aggs)
 
 
@@ -92,6 +112,45 @@ def by_time(
         for i in range(1, len(items)):
             side = "test" if ts[i] > t_test else "validation" if ts[i] > t_valid else "train"
             out[side] += _examples(user, items, i, i + 1, history_length)
+    return {name: _frame(rows) for name, rows in out.items()}
+
+
+def given_splits(
+    seqs: pl.DataFrame, history_length: int, carve: str | None, validation_fraction: float
+) -> dict[str, pl.DataFrame]:
+    """Examples from given held-out files (``seqs`` from :func:`sequences` with ``sides``):
+    each validation / test item is an example whose history is everything the user did
+    before it: their training items, then earlier held-out ones (a training example's
+    history never holds a held-out item). Held-out items of a user without training items
+    have an empty history (cold users); training examples need one earlier item.
+
+    With ``carve`` (no validation file) validation is carved from the training items:
+    "leave-one-out", each user's last one (users with at least 2); "by-time", those after
+    the ``1 - validation_fraction`` quantile of the training items' times."""
+    cut = None
+    if carve == "by-time":
+        train_times = [
+            t
+            for ts, sides in zip(seqs["times"].to_list(), seqs["sides"].to_list(), strict=True)
+            for t, side in zip(ts, sides, strict=True)
+            if side == "train"
+        ]
+        cut = float(np.quantile(train_times, 1 - validation_fraction)) if train_times else None
+    out: dict[str, list] = {side: [] for side in SIDES}
+    columns = ["user_id", "items", "sides", *(["times"] if "times" in seqs.columns else [])]
+    for row in seqs.select(columns).iter_rows(named=True):
+        user, items, sides = row["user_id"], row["items"], list(row["sides"])
+        n_train = sides.count("train")
+        if carve == "by-time" and cut is not None:
+            sides = [
+                "validation" if side == "train" and t > cut else side
+                for side, t in zip(sides, row["times"], strict=True)
+            ]
+        elif carve is not None and n_train >= 2:  # leave-one-out
+            sides[n_train - 1] = "validation"
+        for i, side in enumerate(sides):
+            if side != "train" or i > 0:
+                out[side] += _examples(user, items, i, i + 1, history_length)
     return {name: _frame(rows) for name, rows in out.items()}
 
 
@@ -142,15 +201,34 @@ def labelled_examples(
     strategy: str | None,
     validation_fraction: float,
     test_fraction: float,
+    carve_validation: bool = False,
 ) -> dict[str, pl.DataFrame]:
     """Labelled impressions (user, item, click) -> examples whose history is the user's
     earlier *clicked* items. Split by time (global cut-offs) or leave-one-out per user
-    (last impression -> test, the one before -> validation)."""
+    (last impression -> test, the one before -> validation).
+
+    With a ``_side`` column (impressions read from the validation / test files) every row
+    keeps its side and a user's training impressions come first, so no training history
+    holds a held-out click; with ``carve_validation`` validation is carved from the
+    training rows by ``strategy`` (by-time: after the ``1 - validation_fraction`` quantile
+    of their times; else each user's last one, users with at least 2)."""
     frame = impressions.with_row_index("_row")
-    frame = frame.sort(["user_id", order_by, "_row"] if order_by else ["user_id", "_row"])
+    keys = ["user_id"]
+    given = "_side" in frame.columns
+    if given:
+        frame, keys = _side_rank(frame), ["user_id", "_rank"]
+    frame = frame.sort([*keys, order_by, "_row"] if order_by else [*keys, "_row"])
     rows, sides = [], []
     times = frame[order_by].to_list() if order_by else [0.0] * frame.height
-    if strategy == "by-time":
+    given_sides = frame["_side"].to_list() if given else []
+    if given and carve_validation and strategy == "by-time":
+        train_times = [t for t, side in zip(times, given_sides, strict=True) if side == "train"]
+        t_valid = (
+            np.quantile(np.asarray(train_times, dtype=np.float64), 1 - validation_fraction)
+            if train_times
+            else np.inf
+        )
+    elif strategy == "by-time" and not given:
         t_valid, t_test = np.quantile(
             np.asarray(times, dtype=np.float64),
             [1 - validation_fraction - test_fraction, 1 - test_fraction],
@@ -163,9 +241,20 @@ def labelled_examples(
         while end < len(users) and users[end] == users[start]:
             end += 1
         clicked: list[str] = []
+        n_train = given_sides[start:end].count("train") if given else 0
         for i in range(start, end):
             rows.append((users[i], clicked[-history_length:], items[i], float(labels[i])))
-            if strategy == "by-time":
+            if given:
+                side = given_sides[i]
+                if side == "train" and carve_validation:
+                    carved = (
+                        times[i] > t_valid
+                        if strategy == "by-time"
+                        else i == start + n_train - 1 and n_train >= 2
+                    )
+                    side = "validation" if carved else side
+                sides.append(side)
+            elif strategy == "by-time":
                 sides.append(
                     "test" if times[i] > t_test else "validation" if times[i] > t_valid else "train"
                 )

@@ -150,6 +150,19 @@ DATA_RULES = schema_rules(
         ".catalog",
         REQUIRED,
     ),
+    rule(
+        "self.format != 'atomic' || has(self.validation) || has(self.test)",
+        "the atomic format needs the held-out .inter files: set test (and validation, else "
+        "validation is carved from the training file)",
+        ".test",
+        REQUIRED,
+    ),
+    rule(
+        f"self.format != 'atomic' || {_NO_STRATEGY} || {_STRATEGY} != 'by-time'",
+        "the atomic format's .inter files hold item sequences without times; use "
+        "predefined, or leave-one-out to carve validation from the training file",
+        ".preprocessing.split.strategy",
+    ),
     *[
         rule(
             f"{_CARVED} || self.task != 'search-ranking' || has(self.columns.{column})",

@@ -78,7 +78,9 @@ class Split(SpecModel):
     strategy: SplitStrategy | None = None
     """by-query (search: all pairs of a query on one side), leave-one-out or by-time
     (recommendation), predefined (use the validation/test URIs). Default: by-query for
-    search-ranking, leave-one-out for recommendation, predefined when validation is given."""
+    search-ranking, leave-one-out for recommendation, predefined when validation is given.
+    With a test URI but no validation URI the test set is that file and this strategy
+    carves only the validation set from the training data (testFraction is unused)."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     seed: int = Field(default=42, ge=0, le=SEED_MAX)
@@ -125,9 +127,13 @@ class DataSpec(SpecModel):
     train: StorageUri
     """Training logs."""
     validation: StorageUri | None = None
-    """Optional held-out logs; required by the predefined split."""
+    """Optional held-out logs, same columns as train; required by the predefined split."""
     test: StorageUri | None = None
-    """Optional test logs (predefined split)."""
+    """Optional test logs, same columns as train: the test set is this file. Without
+    validation, validation is carved from train by preprocessing.split (by-query, or for
+    recommendation each user's last training item / the latest training times); each
+    held-out interaction's history is the user's earlier interactions, training ones first.
+    The atomic format needs test or validation."""
     catalog: StorageUri | None = None
     """Item catalog with item texts (recommendation)."""
     columns: ColumnMapping = Field(default_factory=ColumnMapping)

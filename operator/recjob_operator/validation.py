@@ -331,6 +331,18 @@ def _data_rules(spec: RecJobSpec) -> list[Problem]:
                     f"required for task recommendation (name the column that holds it{where})",
                 )
 
+    if data.format != "atomic":
+        if cols.history is not None:
+            out.add(
+                f"{p}.columns.history",
+                "only the atomic format reads pre-built histories (its .inter files); "
+                "other formats build them from the interactions",
+            )
+        if data.item_index is not None:
+            out.add(
+                f"{p}.itemIndex",
+                "only the atomic format maps catalog item codes through an item index",
+            )
     if data.preprocessing.positive_events and cols.event_type is None:
         out.add(f"{p}.preprocessing.positiveEvents", "needs spec.data.columns.eventType")
     split = data.preprocessing.split

@@ -191,9 +191,13 @@ SETTINGS: dict[str, list[Any]] = {
     "spec.data.catalog": [DELETE, "items.text"],
     "spec.data.validation": [DELETE, "valid.csv"],
     "spec.data.test": [DELETE, "test.csv"],
+    "spec.data.itemIndex": [DELETE, "items.item2index"],
     **{
         f"spec.data.columns.{column}": [DELETE, "c"]
-        for column in ("query", "itemText", "label", "userId", "itemId", "timestamp", "eventType")
+        for column in (
+            *("query", "itemText", "label", "userId", "itemId", "timestamp", "eventType"),
+            "history",
+        )
     },
     "spec.data.preprocessing.positiveEvents": [DELETE, ["click"]],
     "spec.data.preprocessing.split.strategy": [

@@ -437,6 +437,20 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "without times",
     ),
     (
+        "history-column-outside-atomic",
+        S,
+        {"spec.data.columns.history": "items"},
+        "spec.data.columns.history",
+        "only the atomic format",
+    ),
+    (
+        "item-index-outside-atomic",
+        S,
+        {"spec.data.itemIndex": "items.item2index"},
+        "spec.data.itemIndex",
+        "only the atomic format",
+    ),
+    (
         "by-query-for-recommendation",
         R,
         {"spec.data.preprocessing.split.strategy": "by-query", "spec.data.validation": DELETE},

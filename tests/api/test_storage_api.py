@@ -58,7 +58,14 @@ def test_bad_uris_are_refused_naming_the_field(uri: str, fragment: str) -> None:
 
 @pytest.mark.parametrize(
     "field",
-    ["artifactsUri", "data.catalog", "data.validation", "serving.storageUri", "model.baseModel"],
+    [
+        "artifactsUri",
+        "data.catalog",
+        "data.validation",
+        "data.itemIndex",
+        "serving.storageUri",
+        "model.baseModel",
+    ],
 )
 def test_every_uri_field_is_checked(field: str) -> None:
     doc = _job()

@@ -111,6 +111,24 @@ def test_pytorch_job_shape() -> None:
     assert "Worker" not in single["spec"]["pytorchReplicaSpecs"]
 
 
+def test_every_data_claim_is_mounted() -> None:
+    """Every pvc:// file of spec.data is mounted, the atomic item index included."""
+    document = copy.deepcopy(MINIMAL)
+    document["spec"]["data"] = {
+        "task": "recommendation",
+        "format": "atomic",
+        "train": "pvc://inter/d.train.inter",
+        "test": "pvc://inter/d.test.inter",
+        "catalog": "pvc://texts/d.text",
+        "itemIndex": "pvc://mappings/d.item2index",
+    }
+    container = pytorch_job(job(document))["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "spec"
+    ]["containers"][0]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/mnt/pvc/inter", "/mnt/pvc/texts", "/mnt/pvc/mappings"} <= mounts
+
+
 def test_training_config_map_carries_the_trainer_config() -> None:
     document = copy.deepcopy(MINIMAL)
     document["spec"]["compression"] = {"pruning": {"amount": 0.5}}

@@ -577,3 +577,94 @@ def test_atomic_test_file_without_validation_carves_each_users_last_example(
     assert splits["validation"] == [("0", ["1", "2"], "3")]
     assert splits["train"] == [("0", ["1"], "2"), ("1", ["4"], "5"), ("2", [], "6")]
     assert splits["test"] == [("0", ["1", "2", "3"], "7"), ("1", ["4", "5"], "8")]
+
+
+# --------------------------------------------------------------------------- atomic columns
+def test_atomic_columns_come_from_the_recjob(tmp_path: Path) -> None:
+    """RecBole files with other column names (a .item catalog joining title and brand):
+    named in spec.data.columns; the item index is named by spec.data.itemIndex (before,
+    the catalog had to be headed text:token_seq and the index lie beside it)."""
+    inter = "session:token\tseq:token_seq\ttarget:token\n"
+    spec = DataSpec.model_validate(
+        {
+            "task": "recommendation",
+            "format": "atomic",
+            "train": write(tmp_path, "d.train.inter", inter + "s1\tA\tB\ns1\tA B\tC\n"),
+            "test": write(tmp_path, "d.test.inter", inter + "s1\tA B C\tD\n"),
+            "catalog": write(
+                tmp_path,
+                "d.item",
+                "code:token\ttitle:token_seq\tbrand:token\n"
+                "x1\tDrill\tAcme\nx2\tSaw\tAcme\nx3\tNail\tBolt\nx4\tTape\tBolt\nx5\tGlue\tNone\n",
+            ),
+            "itemIndex": write(tmp_path, "ids.tsv", "x1\tA\nx2\tB\nx3\tC\nx4\tD\n"),
+            "columns": {
+                "userId": "session:token",
+                "history": "seq:token_seq",
+                "itemId": "target:token",
+                "itemText": "title:token_seq, brand:token",
+            },
+        }
+    )
+    # the catalog's own id column differs from the .inter one: itemId names both, so a
+    # catalog with another header is refused, naming what was looked for and what is there
+    with pytest.raises(DataError) as error:
+        prepare(spec, ModelSpec(), None)
+    message = str(error.value)
+    assert message.startswith(f"{spec.catalog}: column 'target:token': missing")
+    assert "spec.data.columns.itemId" in message and "code:token, title:token_seq" in message
+    catalog = write(
+        tmp_path,
+        "d2.item",
+        "target:token\ttitle:token_seq\tbrand:token\n"
+        "x1\tDrill\tAcme\nx2\tSaw\tAcme\nx3\tNail\tBolt\nx4\tTape\tBolt\nx5\tGlue\tNone\n",
+    )
+    prepared = prepare(spec.model_copy(update={"catalog": catalog}), ModelSpec(), None)
+    assert dict(prepared.catalog.rows()) == {
+        "A": "drill acme",
+        "B": "saw acme",
+        "C": "nail bolt",
+        "D": "tape bolt",
+    }
+    assert prepared.splits["test"].rows() == [("s1", ["A", "B", "C"], "D")]
+    steps = {s["step"]: s for s in prepared.report()["steps"]}
+    mapped = steps[f"catalog: item codes mapped by {spec.item_index}"]
+    assert (mapped["rows_in"], mapped["rows_out"]) == (5, 4)
+    assert (
+        "spec.data.itemIndex; 1 catalog item(s) without an id dropped, e.g. 'x5'"
+        in (mapped["detail"])
+    )
+
+
+def test_atomic_defaults_and_what_was_looked_for(tmp_path: Path) -> None:
+    data = write_atomic(tmp_path)
+    prepared = prepare(DataSpec.model_validate(data), ModelSpec(), None)
+    steps = {s["step"]: s for s in prepared.report()["steps"]}
+    assert (
+        f"no {tmp_path / 'd.item2index'} beside the catalog"
+        in (steps["catalog: item index"]["detail"])
+    )
+    # a default column that is not there: the field to set, the default, the file's columns
+    (tmp_path / "d.text").write_text("item_id:token\ttitle:token_seq\n1\tx\n")
+    with pytest.raises(DataError) as error:
+        prepare(DataSpec.model_validate(data), ModelSpec(), None)
+    assert str(error.value) == (
+        f"{data['catalog']}: column 'text:token_seq': missing (needed as itemText: "
+        "spec.data.columns.itemText, the atomic format's default); the file has "
+        "item_id:token, title:token_seq"
+    )
+
+
+def test_atomic_item_index_errors_name_the_file(tmp_path: Path) -> None:
+    data = write_atomic(tmp_path)
+    missing = str(tmp_path / "nope.item2index")
+    with pytest.raises(DataError, match=r"cannot read the item index \(spec\.data\.itemIndex\)"):
+        prepare(DataSpec.model_validate({**data, "itemIndex": missing}), ModelSpec(), None)
+    other = write(tmp_path, "other.item2index", "B0001\t0\nB0002\t1\n")
+    with pytest.raises(DataError) as error:
+        prepare(DataSpec.model_validate({**data, "itemIndex": other}), ModelSpec(), None)
+    assert str(error.value).startswith(f"{other}: none of the 10 item id(s) of the catalog")
+    assert "codes such as 'B0001'" in str(error.value)
+    three = write(tmp_path, "three.item2index", "1\t1\tx\n")
+    with pytest.raises(DataError, match="found 3 tab-separated field"):
+        prepare(DataSpec.model_validate({**data, "itemIndex": three}), ModelSpec(), None)

@@ -31,7 +31,7 @@ import yaml
 from ..api.v1alpha1.common import GROUP
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.spec_base import ResourceSpec
-from ..api.v1alpha1.storage import pod_storage, with_pod_storage
+from ..api.v1alpha1.storage import data_uris, pod_storage, with_pod_storage
 from ..api.v1alpha1.trainer import trainer_config
 from .identity import generation_parts
 from .reconcile import conversion_name, training_name
@@ -114,8 +114,7 @@ def snapshot_uri(recjob: RecJob, model_version: int) -> str:
 def _pvc_volumes(recjob: RecJob) -> tuple[list[dict], list[dict]]:
     """Volumes and mounts for every pvc:// claim the RecJob's URIs name."""
     uris = [recjob.spec.artifacts_uri, repository_uri(recjob)]
-    data = recjob.spec.data
-    uris += [u for u in (data.train, data.validation, data.test, data.catalog) if u]
+    uris += [uri for _, uri in data_uris(recjob.spec)]
     claims = sorted(
         {u.removeprefix("pvc://").split("/", 1)[0] for u in uris if u.startswith("pvc://")}
     )

@@ -281,9 +281,10 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
     log = CleaningLog()
     pre = data.preprocessing
     assert data.catalog is not None  # guaranteed by validation
-    catalog, mapping = _clean_catalog(
-        read_atomic_catalog(data.catalog, base_dir), data, data.catalog, log
+    raw_catalog = read_atomic_catalog(
+        data.catalog, base_dir, data.columns, data.item_index, log=log
     )
+    catalog, mapping = _clean_catalog(raw_catalog, data, data.catalog, log)
     known = set(catalog["item_id"].to_list())
     splits: dict[str, pl.DataFrame] = {}
     for name, uri in (("train", data.train), ("validation", data.validation), ("test", data.test)):
@@ -292,7 +293,7 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
                 schema={"user_id": pl.String, "history": pl.List(pl.String), "item_id": pl.String}
             )
             continue
-        frame = read_atomic_inter(uri, base_dir)
+        frame = read_atomic_inter(uri, base_dir, data.columns)
         if name == "train" and pre.max_rows:
             frame = frame.head(pre.max_rows)
         log.record(f"read {uri}", frame.height, frame.height)

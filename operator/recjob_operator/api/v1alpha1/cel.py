@@ -182,6 +182,19 @@ DATA_RULES = schema_rules(
         for column in ("userId", "itemId", "itemText")
     ],
     rule(
+        f"{_CARVED} || !has(self.columns.history)",
+        "only the atomic format reads pre-built histories (its .inter files); other formats "
+        "build them from the interactions",
+        ".columns.history",
+        FORBIDDEN,
+    ),
+    rule(
+        f"{_CARVED} || !has(self.itemIndex)",
+        "only the atomic format maps catalog item codes through an item index",
+        ".itemIndex",
+        FORBIDDEN,
+    ),
+    rule(
         "!has(self.preprocessing.positiveEvents) || has(self.columns.eventType)",
         "needs spec.data.columns.eventType",
         ".preprocessing.positiveEvents",

@@ -16,8 +16,22 @@ DataFormat = Literal["csv", "parquet", "jsonl", "atomic"]
 SplitStrategy = Literal["by-query", "leave-one-out", "by-time", "predefined"]
 
 
+#: The atomic (RecBole/UniSRec) format's column names, used for the roles the RecJob's
+#: spec.data.columns leaves unset: .inter files (userId, history, itemId) and the
+#: catalog's .text file (itemId, itemText).
+ATOMIC_COLUMNS = {
+    "userId": "user_id:token",
+    "history": "item_id_list:token_seq",
+    "itemId": "item_id:token",
+    "itemText": "text:token_seq",
+}
+
+
 class ColumnMapping(SpecModel):
-    """Which column of the user's logs holds what. Unset columns are not used."""
+    """Which column of the user's logs holds what. Unset columns are not used; the atomic
+    format reads userId, history and itemId from its .inter files and itemId and itemText
+    from its catalog, by default as RecBole names them (user_id:token,
+    item_id_list:token_seq, item_id:token, text:token_seq)."""
 
     query: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_LENGTH)
     """Search query text (search-ranking)."""
@@ -36,6 +50,10 @@ class ColumnMapping(SpecModel):
     event_type: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_LENGTH)
     """Event type such as view / click / purchase (recommendation); see
     preprocessing.positiveEvents."""
+    history: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_LENGTH)
+    """The user's earlier items as one space-separated list of item ids, oldest first
+    (atomic format only: its .inter files hold pre-built histories; default
+    item_id_list:token_seq). Other formats build histories from the interactions."""
 
 
 class Deduplication(SpecModel):
@@ -136,5 +154,11 @@ class DataSpec(SpecModel):
     The atomic format needs test or validation."""
     catalog: StorageUri | None = None
     """Item catalog with item texts (recommendation)."""
+    item_index: StorageUri | None = None
+    """Atomic format: the mapping from the catalog's item codes to the item ids of the
+    .inter files, one "code<TAB>id" line each (UniSRec's .item2index). Default: the
+    .item2index file beside the catalog (Data.text -> Data.item2index) when there is one,
+    else the catalog's ids are the .inter ids. Catalog items without an id are dropped
+    and counted in the data report."""
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)

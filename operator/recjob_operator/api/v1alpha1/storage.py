@@ -114,19 +114,25 @@ def artifact_uris(spec: RecJobSpec) -> list[tuple[str, str]]:
     return out
 
 
-def storage_uris(spec: RecJobSpec) -> list[tuple[str, str]]:
-    """(field path, URI) of every storage URI in the spec, data first."""
+def data_uris(spec: RecJobSpec) -> list[tuple[str, str]]:
+    """(field path, URI) of every file the RecJob's data section names."""
     data = spec.data
-    out = [
+    return [
         (f"spec.data.{name}", uri)
         for name, uri in (
             ("train", data.train),
             ("validation", data.validation),
             ("test", data.test),
             ("catalog", data.catalog),
+            ("itemIndex", data.item_index),
         )
         if uri
     ]
+
+
+def storage_uris(spec: RecJobSpec) -> list[tuple[str, str]]:
+    """(field path, URI) of every storage URI in the spec, data first."""
+    out = data_uris(spec)
     base = spec.model.base_model
     if "://" in base:
         out.append(("spec.model.baseModel", base))

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CRD := manifests/crd/bases/recjob.dev_recjobs.yaml
 
-.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-down cluster-demo image-locks
+.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-down cluster-demo image-locks peer-recbole
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,21 @@ manifests: $(STAMP) ## Regenerate the CRD from the API types
 
 demo: $(STAMP) prometheus ## Baseline, promoted canary and rolled-back canary, end to end locally
 	$(BIN)/python examples/demo/demo.py --workdir runs/demo
+
+# The RecBole SASRec peer of the recommendation-quality benchmark (bench/peers/README.md)
+# in a virtualenv of its own: recbole 1.2.1 needs numpy<1.24 and ray<=2.6.3, which clash
+# with ours. uv (a dev tool of $(VENV)) installs the exact pins, hard-linking torch and the
+# rest from its cache where they are (else ~4 GB from PyPI: torch's wheel there is the CUDA
+# build; the peer runs it on CPU). ray 2.6.3 has wheels up to CPython 3.11 only.
+PEER_RECBOLE := .venv-recbole
+PEER_PYTHON ?= python3.11
+
+peer-recbole: $(PEER_RECBOLE)/.installed-stamp ## Create .venv-recbole for bench/peers/recbole_sasrec.py
+
+$(PEER_RECBOLE)/.installed-stamp: bench/peers/requirements-recbole.txt | $(STAMP)
+	[ -x $(PEER_RECBOLE)/bin/python ] || $(BIN)/uv venv --python $(PEER_PYTHON) $(PEER_RECBOLE)
+	$(BIN)/uv pip sync --python $(PEER_RECBOLE)/bin/python bench/peers/requirements-recbole.txt
+	touch $@
 
 # Hashed lock files of the container images (hack/lock_images.py; needs PyPI).
 image-locks: $(STAMP) ## Regenerate the images' hashed lock files from constraints.txt

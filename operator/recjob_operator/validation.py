@@ -343,6 +343,14 @@ def _data_rules(spec: RecJobSpec) -> list[Problem]:
                 f"{p}.itemIndex",
                 "only the atomic format maps catalog item codes through an item index",
             )
+    if data.candidates is not None and data.task != "recommendation":
+        out.add(
+            f"{p}.candidates",
+            "candidate lists are ranked for next-item recommendation (task recommendation); "
+            "search-ranking test files already list each query's items",
+        )
+    if cols.candidates is not None and data.candidates is None:
+        out.add(f"{p}.columns.candidates", "set, but spec.data.candidates names no file")
     if data.preprocessing.positive_events and cols.event_type is None:
         out.add(f"{p}.preprocessing.positiveEvents", "needs spec.data.columns.eventType")
     split = data.preprocessing.split

@@ -192,11 +192,12 @@ SETTINGS: dict[str, list[Any]] = {
     "spec.data.validation": [DELETE, "valid.csv"],
     "spec.data.test": [DELETE, "test.csv"],
     "spec.data.itemIndex": [DELETE, "items.item2index"],
+    "spec.data.candidates": [DELETE, "candidates.tsv"],
     **{
         f"spec.data.columns.{column}": [DELETE, "c"]
         for column in (
             *("query", "itemText", "label", "userId", "itemId", "timestamp", "eventType"),
-            "history",
+            *("history", "candidates"),
         )
     },
     "spec.data.preprocessing.positiveEvents": [DELETE, ["click"]],

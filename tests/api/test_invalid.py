@@ -451,6 +451,20 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "only the atomic format",
     ),
     (
+        "candidates-for-search",
+        S,
+        {"spec.data.candidates": "candidates.csv"},
+        "spec.data.candidates",
+        "task recommendation",
+    ),
+    (
+        "candidates-column-without-file",
+        R,
+        {"spec.data.columns.candidates": "cands"},
+        "spec.data.columns.candidates",
+        "spec.data.candidates names no file",
+    ),
+    (
         "by-query-for-recommendation",
         R,
         {"spec.data.preprocessing.split.strategy": "by-query", "spec.data.validation": DELETE},

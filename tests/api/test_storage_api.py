@@ -63,6 +63,7 @@ def test_bad_uris_are_refused_naming_the_field(uri: str, fragment: str) -> None:
         "data.catalog",
         "data.validation",
         "data.itemIndex",
+        "data.candidates",
         "serving.storageUri",
         "model.baseModel",
     ],

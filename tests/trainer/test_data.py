@@ -668,3 +668,69 @@ def test_atomic_item_index_errors_name_the_file(tmp_path: Path) -> None:
     three = write(tmp_path, "three.item2index", "1\t1\tx\n")
     with pytest.raises(DataError, match="found 3 tab-separated field"):
         prepare(DataSpec.model_validate({**data, "itemIndex": three}), ModelSpec(), None)
+
+
+# --------------------------------------------------------------------------- candidates
+def test_atomic_candidates_are_matched_to_test_rows_by_user(tmp_path: Path) -> None:
+    data = write_atomic(tmp_path)
+    data["candidates"] = write(
+        tmp_path,
+        "d.cands",
+        "user_id:token\titem_id_list:token_seq\n0\t7 8 9 7\n1\t9  2\n5\t1 2\n",
+    )
+    prepared = prepare(DataSpec.model_validate(data), ModelSpec(), None)
+    test = prepared.splits["test"]
+    # one list per user, duplicates dropped, ids as in the .inter files
+    assert test.select("user_id", "item_id", "candidates").rows() == [
+        ("0", "7", ["7", "8", "9"]),
+        ("1", "8", ["9", "2"]),
+    ]
+    steps = {s["step"]: s for s in prepared.report()["steps"]}
+    detail = steps[f"test: candidate lists from {data['candidates']}"]["detail"]
+    assert detail == (
+        "2 test row(s) with a list (matched on user), 0 without; 1 list(s) without the "
+        "true item (misses); 1 list(s) for no test row; 2-3 items a list"
+    )
+    assert "candidates" not in prepared.splits["validation"].columns
+
+
+def test_candidates_per_test_row_and_their_errors(tmp_path: Path) -> None:
+    train = write(tmp_path, "train.csv", "user,item\nu,i1\nu,i2\nu,i3\nv,i3\nv,i4\n")
+    test = write(tmp_path, "test.csv", "user,item\nu,i5\nu,i6\nv,i7\n")
+    lists = write(tmp_path, "c.csv", "user,item,cands\nu,i5,i5 i9\nu,i6,i1 i2\nv,i7,i7 i8\n")
+    columns = {"userId": "user", "itemId": "item", "itemText": "title", "candidates": "cands"}
+    spec = interaction_spec(tmp_path, train=train, test=test, candidates=lists, columns=columns)
+    prepared = prepare(spec, ModelSpec(), None)
+    # the file has the item column: one list per (user, true item)
+    assert prepared.splits["test"].select("item_id", "candidates").rows() == [
+        ("i5", ["i5", "i9"]),
+        ("i6", ["i1", "i2"]),
+        ("i7", ["i7", "i8"]),
+    ]
+
+    def refused(text: str, **columns_changes) -> str:
+        path = write(tmp_path, "bad.csv", text)
+        changed = {**columns, **columns_changes}
+        with pytest.raises(DataError) as error:
+            prepare(
+                interaction_spec(
+                    tmp_path, train=train, test=test, candidates=path, columns=changed
+                ),
+                ModelSpec(),
+                None,
+            )
+        assert str(error.value).startswith(f"{path}: ")
+        return str(error.value)
+
+    assert "1 candidate item id(s) are not in the prepared catalog (e.g. 'i99')" in refused(
+        "user,cands\nu,i5 i99\n"
+    )
+    assert "user 'u' has more than one candidate list (with the item column, spec" in refused(
+        "user,cands\nu,i5\nu,i6\n"
+    )
+    assert "no test row has a candidate list (matched on user:" in refused(
+        "user,cands\nnobody,i5\n"
+    )
+    message = refused("user,lists\nu,i5\n", candidates=None)
+    assert message.startswith(f"{tmp_path / 'bad.csv'}: column 'candidates': missing (needed ")
+    assert "spec.data.columns.candidates, default); the file has user, lists" in message

@@ -93,3 +93,44 @@ def test_paired_bootstrap() -> None:
     assert better["share_of_resamples_better"] == 1.0
     noise = m.paired_bootstrap(RNG.random(200), RNG.random(200))
     assert noise["ci95_low"] < 0 < noise["ci95_high"]
+
+
+def test_candidates_metrics_rank_the_true_item_among_its_list() -> None:
+    """spec.data.candidates: the true item ranked among its row's given list; a list
+    without it is a miss; rows without a list are left out."""
+    import polars as pl
+
+    from recjob_trainer.evaluation import PER_UNIT, ranking_part
+
+    items = ["a", "b", "c", "d", "e"]
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.1, 0.8, 0.7],  # true b: 4th of the catalog, 2nd among [a, b, c]
+            [0.1, 0.2, 0.3, 0.4, 0.5],  # true e, list [a, b]: a miss
+            [0.1, 0.2, 0.3, 0.4, 0.5],  # no list
+            [0.5, 0.5, 0.1, 0.1, 0.1],  # true a ties with b: ties count against it
+        ]
+    )
+    frame = pl.DataFrame(
+        {
+            "user_id": ["u", "v", "w", "x"],
+            "history": [[], [], [], []],
+            "item_id": ["b", "e", "c", "a"],
+            "candidates": [["a", "b", "c"], ["a", "b"], None, ["b", "c", "a"]],
+        }
+    )
+    negatives = [["c"], ["a"], ["a"], ["c"]]
+    report = ranking_part(scores, items, frame, negatives, [1, 2], full=True)
+    report.pop(PER_UNIT)
+    ranks = np.array([1, np.inf, 1])
+    assert report["candidates/users"] == 3
+    assert report["candidates/target_in_list"] == pytest.approx(2 / 3)
+    assert report["candidates/hr@1"] == 0.0
+    assert report["candidates/hr@2"] == pytest.approx(2 / 3)
+    assert report["candidates/mrr"] == pytest.approx(np.mean(1 / (ranks + 1)))
+    assert report["candidates/ndcg@2"] == pytest.approx(2 / 3 / math.log2(3))
+    assert report["full/users"] == 4  # beside the full-catalog and sampled metrics
+    assert "sampled/hr@1" in report
+    assert not any(k.startswith("candidates/") for k in ranking_part(
+        scores, items, frame.drop("candidates"), negatives, [1], full=True
+    ))  # fmt: skip

@@ -288,3 +288,35 @@ def test_a_corrupt_marker_is_skipped_not_fatal(tmp_path, capsys) -> None:
     (tmp_path / "step-00000040").mkdir()  # being written when the pod died: no marker
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [10, 20]
     assert "skipping checkpoint step-00000030: unreadable marker" in capsys.readouterr().err
+
+
+def test_test_report_has_a_candidates_block_for_the_model_and_the_baselines() -> None:
+    """What finish.py writes to metrics.json: candidates/... beside full/... and
+    sampled/... for the model and for every baseline (spec.data.candidates)."""
+    from transformers import AutoTokenizer
+
+    from recjob_trainer.batches import Batcher
+    from recjob_trainer.evaluation import evaluate_recommendation, recommendation_baselines
+    from recjob_trainer.models import ModelInfo, base_model_path, build_model
+
+    path = base_model_path("all-MiniLM-L6-v2")
+    texts = ["cordless drill", "drill bits", "hand saw", "safety goggles", "garden hose"]
+    catalog = pl.DataFrame({"item_id": list("abcde"), "item_text": texts})
+    batcher = Batcher("recommendation", AutoTokenizer.from_pretrained(path), 16, catalog)
+    test = pl.DataFrame(
+        {
+            "user_id": ["u", "v"],
+            "history": [["a"], ["c"]],
+            "item_id": ["b", "d"],
+            "candidates": [["b", "e"], None],
+        }
+    )
+    model = build_model(ModelInfo("bi-encoder", "listwise"), path).eval()
+    report = evaluate_recommendation(model, batcher, test, [1], 8, 2)
+    splits = {"train": test.drop("candidates"), "test": test}
+    baselines = recommendation_baselines(model, batcher, splits, [1], 8, 2, None)
+    for name, metrics in {"model": report, **baselines}.items():
+        assert metrics["full/users"] == 2 and "sampled/hr@1" in metrics, name
+        assert metrics["candidates/users"] == 1 and metrics["candidates/target_in_list"] == 1
+    # drill bits is closer to a drill owner than a garden hose is
+    assert report["candidates/hr@1"] == 1.0

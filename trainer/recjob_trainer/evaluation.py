@@ -6,8 +6,9 @@ the middle of the scale). Baselines: BM25, the zero-shot pretrained model (cosin
 mean-pooled embeddings) — both calibrated to grades by least squares on the validation
 split for RMSE — and the constant train-mean grade.
 
-recommendation: the true next item ranked against the whole catalog (full ranking) and
-against sampled negatives. Baselines: popularity and the zero-shot pretrained model.
+recommendation: the true next item ranked against the whole catalog (full ranking),
+against sampled negatives and, with spec.data.candidates, among its given candidate list
+(candidates/...). Baselines: popularity and the zero-shot pretrained model.
 
 During training, :func:`validation_metric` is the early-stopping metric on (a capped
 part of) the validation split.
@@ -279,6 +280,7 @@ def ranking_part(
         report.update({f"full/{k}": v for k, v in m.target_rank_report(ranks, ks).items()})
         r = np.asarray(ranks, dtype=np.float64)
         report[PER_UNIT] = np.where(r < 10, 1.0 / np.log2(r + 2), 0.0).tolist()
+        report.update(candidates_part(scores, index, frame, ks))
     sampled, pos, neg = [], [], []
     for u, (target, negs) in enumerate(zip(targets, negatives, strict=True)):
         candidate = scores[u, [target, *(index[i] for i in negs)]]
@@ -287,6 +289,36 @@ def ranking_part(
         neg.extend(candidate[1:].tolist())
     report.update({f"sampled/{k}": v for k, v in m.target_rank_report(sampled, ks).items()})
     report["auc"] = m.auc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+    return report
+
+
+def candidates_part(
+    scores: np.ndarray, index: dict[str, int], frame: pl.DataFrame, ks: list[int]
+) -> dict:
+    """Metrics on given candidate lists (the test split's ``candidates`` column, from
+    spec.data.candidates): each listed row's true item ranked among its list (ties count
+    against it); a list without the true item is a miss (infinite rank: no hit, no
+    reciprocal rank). Rows without a list are left out; ``candidates/users`` counts the
+    rows evaluated and ``candidates/target_in_list`` the share of lists holding the true
+    item. ``scores`` must cover every listed item (full ranking)."""
+    if "candidates" not in frame.columns:
+        return {}
+    ranks: list[float] = []
+    held = 0
+    rows = zip(frame["item_id"].to_list(), frame["candidates"].to_list(), strict=True)
+    for u, (target, listed) in enumerate(rows):
+        if listed is None:
+            continue
+        if target in listed:
+            held += 1
+            others = [index[i] for i in listed if i != target]
+            ranks.append(m.rank_of_target(scores[u, [index[target], *others]], 0))
+        else:
+            ranks.append(np.inf)
+    if not ranks:
+        return {}
+    report = {f"candidates/{k}": v for k, v in m.target_rank_report(ranks, ks).items()}
+    report["candidates/target_in_list"] = held / len(ranks)
     return report
 
 

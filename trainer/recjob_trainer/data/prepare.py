@@ -35,6 +35,7 @@ from .readers import (
     column_name,
     read_atomic_catalog,
     read_atomic_inter,
+    read_candidates,
     read_table,
 )
 from .splits import (
@@ -332,6 +333,7 @@ def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
         name: frame.with_columns(pl.col("history").list.tail(model.history_length))
         for name, frame in splits.items()
     }
+    _attach_candidates(splits, data, base_dir, log, known, mapping)
     return PreparedData("recommendation", splits, catalog, log)
 
 
@@ -504,7 +506,79 @@ def _prepare_interactions(data: DataSpec, model: ModelSpec, base_dir) -> Prepare
         sum(s.height for s in splits.values()),
         ", ".join(f"{k}={v.height}" for k, v in splits.items()),
     )
+    _attach_candidates(splits, data, base_dir, log, set(known), mapping)
     return PreparedData("recommendation", splits, catalog, log)
+
+
+def _attach_candidates(
+    splits: dict[str, pl.DataFrame],
+    data: DataSpec,
+    base_dir,
+    log: CleaningLog,
+    known: set[str],
+    mapping: dict[str, str],
+) -> None:
+    """Give the test split a ``candidates`` column (list[str], null for rows without a
+    list) from spec.data.candidates: rows matched by user, or by user and true item when
+    the file has the item column. Ids go through the catalog's near-duplicate merges; an
+    id the prepared catalog lacks, or two lists for one key, is a DataError."""
+    uri = data.candidates
+    if uri is None:
+        return
+    lists = read_candidates(uri, data.format, base_dir, data.columns)
+    keys = ["user_id", "item_id"] if "item_id" in lists.columns else ["user_id"]
+    matched_on = "user and true item" if "item_id" in keys else "user"
+    if mapping:
+        lists = lists.with_columns(
+            pl.col("candidates").list.eval(pl.element().replace(mapping)),
+            *([pl.col("item_id").replace(mapping)] if "item_id" in keys else []),
+        )
+    lists = lists.with_columns(pl.col("candidates").list.unique(maintain_order=True))
+    shared = lists.filter(pl.struct(keys).is_duplicated())
+    if shared.height:
+        key = " and ".join(f"{k.removesuffix('_id')} {shared[k][0]!r}" for k in keys)
+        hint = (
+            ""
+            if "item_id" in keys
+            else " (with the item column, spec.data.columns.itemId, a list is per test row)"
+        )
+        raise DataError(
+            uri,
+            f"{shared.height} rows share their key: {key} has more than one candidate list{hint}",
+        )
+    ids = lists["candidates"].explode().drop_nulls().unique(maintain_order=True)
+    unknown = ids.filter(~ids.is_in(list(known)))
+    if unknown.len():
+        raise DataError(
+            uri,
+            f"{unknown.len()} candidate item id(s) are not in the prepared catalog (e.g. "
+            f"{unknown[0]!r}): ids must be the test file's; an item the catalog "
+            f"{data.catalog or data.train} lacks, or that cleaning removed (see the "
+            "quarantine), cannot be ranked",
+        )
+    test = splits["test"]
+    joined = test.join(lists, on=keys, how="left", maintain_order="left")
+    listed = joined.filter(pl.col("candidates").is_not_null())
+    if listed.height == 0:
+        example = f"; e.g. test user {test['user_id'][0]!r}" if test.height else ""
+        raise DataError(
+            uri,
+            f"no test row has a candidate list (matched on {matched_on}: "
+            f"e.g. user {lists['user_id'][0]!r} in this file{example})",
+        )
+    hits = int(listed.select(pl.col("candidates").list.contains(pl.col("item_id")).sum()).item())
+    unused = lists.join(test.select(keys).unique(), on=keys, how="anti").height
+    sizes = listed["candidates"].list.len()
+    log.record(
+        f"test: candidate lists from {uri}",
+        test.height,
+        test.height,
+        f"{listed.height} test row(s) with a list (matched on {matched_on}), "
+        f"{test.height - listed.height} without; {listed.height - hits} list(s) without "
+        f"the true item (misses); {unused} list(s) for no test row; {sizes.min()}-"
+        f"{sizes.max()} items a list",
+    )
+    splits["test"] = joined
 
 
 # --------------------------------------------------------------------------- on disk

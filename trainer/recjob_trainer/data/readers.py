@@ -201,6 +201,47 @@ def read_atomic_catalog(
     return joined.select(pl.col("index").alias("item_id"), "item_text")
 
 
+def read_candidates(
+    uri: str, fmt: str, base_dir: str | Path | None = None, columns: ColumnMapping | None = None
+) -> pl.DataFrame:
+    """The spec.data.candidates file -> (user_id[, item_id], candidates: list[str]).
+
+    A table in the RecJob's format (atomic: tab-separated with a header) with the user id
+    (columns.userId), the list (columns.candidates: ids separated by spaces, or a list
+    column) and, when the file has it, the true item (columns.itemId). Column names
+    default as for the logs' format (atomic: user_id:token, item_id_list:token_seq,
+    item_id:token; else the list column is ``candidates``)."""
+    columns = columns or ColumnMapping()
+    if fmt == "atomic":
+        frame = read_table(uri, "csv", base_dir, tabs=True)
+        names = atomic_columns(columns)
+    else:
+        frame = read_table(uri, fmt, base_dir)
+        default = (columns.candidates, "") if columns.candidates else ("candidates", ", default")
+        names = {
+            "userId": (columns.user_id, ""),
+            "itemId": (columns.item_id, ""),
+            "candidates": default,
+        }
+    list_name, note = names["candidates"]
+    require_columns(frame, uri, {"candidates": list_name}, note)
+    select = [column(frame, uri, "userId", *names["userId"]).alias("user_id")]
+    item = names["itemId"][0]
+    if item and all(name.strip() in frame.columns for name in item.split(",") if name.strip()):
+        select.append(column(frame, uri, "itemId", *names["itemId"]).alias("item_id"))
+    if isinstance(frame.schema[list_name], pl.List):
+        lists = pl.col(list_name).cast(pl.List(pl.String))
+    else:
+        lists = (
+            pl.col(list_name)
+            .cast(pl.String)
+            .fill_null("")
+            .str.split(" ")
+            .list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != ""))
+        )
+    return frame.select(*select, lists.alias("candidates"))
+
+
 def column(
     frame: pl.DataFrame, source: str, role: str, spec: str | None, note: str = ""
 ) -> pl.Expr:

@@ -195,6 +195,19 @@ DATA_RULES = schema_rules(
         FORBIDDEN,
     ),
     rule(
+        "!has(self.candidates) || self.task == 'recommendation'",
+        "candidate lists are ranked for next-item recommendation (task recommendation); "
+        "search-ranking test files already list each query's items",
+        ".candidates",
+        FORBIDDEN,
+    ),
+    rule(
+        "!has(self.columns.candidates) || has(self.candidates)",
+        "set, but spec.data.candidates names no file",
+        ".columns.candidates",
+        FORBIDDEN,
+    ),
+    rule(
         "!has(self.preprocessing.positiveEvents) || has(self.columns.eventType)",
         "needs spec.data.columns.eventType",
         ".preprocessing.positiveEvents",

@@ -17,13 +17,14 @@ SplitStrategy = Literal["by-query", "leave-one-out", "by-time", "predefined"]
 
 
 #: The atomic (RecBole/UniSRec) format's column names, used for the roles the RecJob's
-#: spec.data.columns leaves unset: .inter files (userId, history, itemId) and the
-#: catalog's .text file (itemId, itemText).
+#: spec.data.columns leaves unset: .inter files (userId, history, itemId), the catalog's
+#: .text file (itemId, itemText) and the candidates file (userId, candidates[, itemId]).
 ATOMIC_COLUMNS = {
     "userId": "user_id:token",
     "history": "item_id_list:token_seq",
     "itemId": "item_id:token",
     "itemText": "text:token_seq",
+    "candidates": "item_id_list:token_seq",
 }
 
 
@@ -54,6 +55,10 @@ class ColumnMapping(SpecModel):
     """The user's earlier items as one space-separated list of item ids, oldest first
     (atomic format only: its .inter files hold pre-built histories; default
     item_id_list:token_seq). Other formats build histories from the interactions."""
+    candidates: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_LENGTH)
+    """The candidate-list column of the spec.data.candidates file: item ids separated by
+    spaces (or a list, in parquet / jsonl). Default: item_id_list:token_seq for the atomic
+    format, candidates otherwise."""
 
 
 class Deduplication(SpecModel):
@@ -160,5 +165,16 @@ class DataSpec(SpecModel):
     .item2index file beside the catalog (Data.text -> Data.item2index) when there is one,
     else the catalog's ids are the .inter ids. Catalog items without an id are dropped
     and counted in the data report."""
+    candidates: StorageUri | None = None
+    """Recommendation: given candidate lists for the test rows (the protocol of many
+    papers: the true next item ranked among N retrieved candidates), reported as
+    candidates/... metrics beside the full-catalog and sampled ones. A table in this
+    format (atomic: tab-separated with a header) holding the user id (columns.userId) and
+    the list (columns.candidates); a row applies to every test row of its user, or, when
+    the file also has the item column (columns.itemId), to the test row of that user and
+    true item. Item ids are those of the test file; an id the prepared catalog lacks is
+    an error; a list without its row's true item counts as a miss for every metric
+    (candidates/target_in_list says how often); test rows without a list are left out of
+    the candidates/... metrics (candidates/users counts those evaluated)."""
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)

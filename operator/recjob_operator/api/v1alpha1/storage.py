@@ -125,6 +125,7 @@ def data_uris(spec: RecJobSpec) -> list[tuple[str, str]]:
             ("test", data.test),
             ("catalog", data.catalog),
             ("itemIndex", data.item_index),
+            ("candidates", data.candidates),
         )
         if uri
     ]

@@ -24,6 +24,11 @@ from .storage import fsync_tree, write_json_atomic
 CHECKPOINT_MARKER = "COMPLETE.json"
 
 
+def checkpoint_tag(step: int) -> str:
+    """The folder (DeepSpeed tag) of the checkpoint of ``step``."""
+    return f"step-{step:08d}"
+
+
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every checkpoint that was fully written, oldest first. A checkpoint
     that was being written when its pod died has no marker and is never used; one whose
@@ -87,10 +92,19 @@ def training_digest(config: TrainerConfig, stage: str = "train") -> str:
 
 
 def save_checkpoint(
-    engine, root: Path, step: int, state: dict, keep: int, rank: int, world: int
+    engine,
+    root: Path,
+    step: int,
+    state: dict,
+    keep: int,
+    rank: int,
+    world: int,
+    protect: int | None = None,
 ) -> None:
-    """DeepSpeed checkpoint + completion marker; old complete checkpoints pruned."""
-    tag = f"step-{step:08d}"
+    """DeepSpeed checkpoint + completion marker; old complete checkpoints pruned: the
+    ``keep`` newest stay, and so does that of step ``protect`` (the best model validation
+    saw, which early stopping keeps)."""
+    tag = checkpoint_tag(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=state)
     # each rank's random state (dropout masks), so a resumed run continues bit for bit
     save_rng_state(rng_file(root / tag, rank))
@@ -101,8 +115,9 @@ def save_checkpoint(
             root / tag / CHECKPOINT_MARKER,
             {"step": step, "world_size": world, "config": state.get("config_digest")},
         )
-        for _, old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old_step, old in complete_checkpoints(root)[:-keep]:
+            if old_step != protect:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
@@ -119,13 +134,14 @@ def consolidated_state_dict(engine, ckpt_root: Path, step: int) -> dict[str, tor
         return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     with safe_zero_to_fp32() as zero_to_fp32:
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
-            str(ckpt_root), tag=f"step-{step:08d}"
+            str(ckpt_root), tag=checkpoint_tag(step)
         )
 
 
 def consolidate(run: RunContext, engine, step: int, stage: Stage) -> RankingModel | None:
-    """Rank 0: the stage's trained model as a plain fp32 module (LoRA merged); None on
-    the other ranks."""
+    """Rank 0: the stage's model at ``step`` (the kept one: ``fit``'s
+    ``state["kept_step"]``, which the engine holds) as a plain fp32 module (LoRA merged);
+    None on the other ranks."""
     if run.rank != 0:
         barrier()
         return None

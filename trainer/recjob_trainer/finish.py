@@ -124,6 +124,7 @@ def finish(
         result, {**baselines, **({"teacher": teacher_result} if teacher_result else {})}
     )
     events = read_events(run_dir)
+    selection = model_selection(state, step)
     metrics = {
         "task": config.data.task,
         "split": "test",
@@ -134,6 +135,7 @@ def finish(
         "validation": [e for e in events if e["event"] == "eval"],
         "consolidation_max_abs_diff": parity,
         "steps": step,
+        "model_selection": selection,
         "ranks": {
             "memory": [f[2] for f in fingerprints],
             "parameter_digests": [f[0] for f in fingerprints],
@@ -173,6 +175,8 @@ def finish(
         "zero_stage": config.training.deepspeed.zero_stage,
         "precision": config.training.precision,
         "steps": step,
+        "kept_step": selection["kept_step"],
+        "model_selection": selection,
         "resumed_from_step": state.get("resumed_from_step"),
         "wall_time_seconds": round(state.get("wall_time", 0.0), 2),
         "versions": {
@@ -205,6 +209,23 @@ def finish(
     )
     progress.close()
     return metrics
+
+
+def model_selection(state: dict, step: int) -> dict:
+    """Which step's model the run exported and why (``fit``'s choice: the best validation
+    step with early stopping, else the last), for metrics.json and the model card."""
+    best, metric = state.get("best"), state.get("best_metric")
+    if best is not None and metric in ("rmse", "logloss"):
+        best = -best  # early stopping compares the negated value
+    return {
+        "kept_step": state.get("kept_step", step),
+        "last_step": step,
+        "reason": state.get("kept_reason") or "last step",
+        "metric": metric,
+        "best_value": None if best is None or best != best else best,  # NaN: no value
+        "best_step": state.get("best_step"),
+        "stopped_early": bool(state.get("stopped_early")),
+    }
 
 
 #: Where a PyTorchJob's master container leaves its summary for the operator.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from .batches import Batcher, micro_batches
 from .checkpoints import (
     CHECKPOINT_MARKER,
+    checkpoint_tag,
     complete_checkpoints,
     consolidate,
     load_rng_state,
@@ -112,7 +114,8 @@ def train(config: TrainerConfig) -> dict:
         metrics = compress(run, stage)
     else:
         engine, step, state = fit(run, stage)
-        metrics = finish(run, engine, step, state, consolidate(run, engine, step, stage))
+        plain = consolidate(run, engine, state["kept_step"], stage)
+        metrics = finish(run, engine, step, state, plain)
     if rank == 0:
         publish_run(outputs)
     return metrics
@@ -120,7 +123,13 @@ def train(config: TrainerConfig) -> dict:
 
 def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
     """Train ``stage.model`` with DeepSpeed for the stage's steps, resuming from the
-    stage's newest complete checkpoint; returns (engine, step reached, state)."""
+    stage's newest complete checkpoint; returns (engine, step reached, state).
+
+    With ``earlyStopping`` the model kept is the best one validation saw: every new best
+    is checkpointed, its checkpoint is never rotated away (``state["best_step"]`` travels
+    in every checkpoint, so a resumed run knows it), and at the end the engine is
+    restored from it. ``state["kept_step"]`` is the step whose weights the engine holds
+    (the one to consolidate) and ``state["kept_reason"]`` says why."""
     import deepspeed
 
     config, rank, world, run_dir = run.config, run.rank, run.world, run.run_dir
@@ -147,7 +156,10 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
         "config_digest": training_digest(config, stage.name),
         "step": 0,
         "best": None,
+        "best_step": None,
+        "best_metric": None,
         "evals_without_improvement": 0,
+        "stopped_early": False,
         "wall_time": 0.0,
         "resumed_from_step": None,
     }
@@ -197,7 +209,9 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
     step = state["step"]
     last_saved = step if checkpoints else None
     window_loss, window_samples, window_start = 0.0, 0, time.time()
-    stop = False
+    # a run that stopped early and was killed before it finished does not train on
+    stop = bool(state.get("stopped_early"))
+    keep_best = t.early_stopping is not None
     uses_popularity = config.data.preprocessing.negative_sampling.strategy == "popularity"
     popularity = prepared.popularity if uses_popularity else None
     negatives = config.data.preprocessing.negative_sampling.per_positive
@@ -242,34 +256,90 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
                 window_loss, window_samples, window_start = 0.0, 0, time.time()
             progress.record("batch", step=step, digest=batch_digest.hexdigest(), **tag)
             batch_digest = hashlib.sha1()
+            new_best = False
             if step % t.eval_interval_steps == 0 or step == total_steps:
                 metric, value = validation_metric(engine.module, batcher, prepared, config)
                 progress.event("eval", step=step, metric=metric, value=value, **tag)
-                stop = _early_stop(config, state, value)
+                stop = _early_stop(config, state, value, step)
+                state["best_metric"], state["stopped_early"] = metric, stop
+                new_best = keep_best and state["best_step"] == step
             state["step"] = step
-            if step % t.checkpoint.interval_steps == 0 or step == total_steps or stop:
+            due = step % t.checkpoint.interval_steps == 0 or step == total_steps
+            if due or stop or new_best:  # a new best is kept on disk until a better one
+                protect = state["best_step"] if keep_best else None
                 state["wall_time"] = state.get("wall_time", 0.0) + (time.time() - started)
                 started = time.time()
-                save_checkpoint(
-                    engine, ckpt_root, step, dict(state), t.checkpoint.keep, rank, world
-                )
+                save_checkpoint(engine, ckpt_root, step, dict(state), t.checkpoint.keep,
+                                rank, world, protect)  # fmt: skip
                 last_saved = step
                 progress.event("checkpoint", step=step, **tag)
             if step >= total_steps or stop:
                 break
     if last_saved != step:
-        save_checkpoint(engine, ckpt_root, step, dict(state), t.checkpoint.keep, rank, world)
+        save_checkpoint(engine, ckpt_root, step, dict(state), t.checkpoint.keep, rank, world,
+                        state["best_step"] if keep_best else None)  # fmt: skip
     state["wall_time"] = state.get("wall_time", 0.0) + (time.time() - started)
+    kept = broadcast(_kept_model(state, step, keep_best, ckpt_root))  # one answer for all
+    state["kept_step"], state["kept_reason"] = kept
+    if state["kept_step"] != step:
+        _restore(engine, ckpt_root, state["kept_step"], world)
+        progress.event("kept", step=state["kept_step"], reason=state["kept_reason"], **tag)
     return engine, step, state
 
 
-def _early_stop(config: TrainerConfig, state: dict, value: float) -> bool:
-    """Track the best validation value; True when patience has run out (same on all ranks)."""
+def _kept_model(state: dict, step: int, keep_best: bool, ckpt_root) -> tuple[int, str]:
+    """(step whose model the stage keeps, why): the best validation step with early
+    stopping (when its checkpoint is there), else the last step."""
+    stopped = (
+        f"; stopped early at step {step} after {state['evals_without_improvement']} "
+        "evaluation(s) without improvement"
+        if state.get("stopped_early")
+        else ""
+    )
+    if not keep_best:
+        return step, "last step (no earlyStopping: the model of the last step is kept)"
+    best = state.get("best_step")
+    if best is None:
+        return step, f"last step (earlyStopping, but no validation value to select on){stopped}"
+    if not (ckpt_root / checkpoint_tag(best) / CHECKPOINT_MARKER).exists():
+        return step, f"last step: the best step {best}'s checkpoint is missing{stopped}"
+    metric, value = state.get("best_metric"), state["best"]
+    value = -value if metric in ("rmse", "logloss") else value  # negated for early stopping
+    why = f"best validation {metric} = {value:.6g} at step {best}"
+    return best, f"{why} (earlyStopping keeps the best evaluation){stopped}"
+
+
+def _restore(engine, ckpt_root, step: int, world: int) -> None:
+    """Load the checkpoint of ``step`` into the engine (every rank): its whole state when
+    it was written with this world size, else its weights."""
+    path = ckpt_root / checkpoint_tag(step)
+    marker = json.loads((path / CHECKPOINT_MARKER).read_text())
+    same_world = marker.get("world_size") == world
+    engine.load_checkpoint(
+        str(ckpt_root),
+        tag=path.name,
+        load_module_only=not same_world,
+        load_optimizer_states=same_world,
+        load_lr_scheduler_states=same_world,
+    )
+
+
+def _early_stop(config: TrainerConfig, state: dict, value: float, step: int | None = None) -> bool:
+    """Track the best validation value (and the ``step`` it was seen at; a NaN value, no
+    validation rows, is never a best); True when patience has run out. Rank 0's
+    bookkeeping is every rank's, so all ranks save and stop together."""
     rule = config.training.early_stopping
     best = state.get("best")
-    if best is None or value > best + (rule.min_delta if rule else 0.0):
-        state["best"], state["evals_without_improvement"] = value, 0
+    improved = not math.isnan(value) and (
+        best is None or math.isnan(best) or value > best + (rule.min_delta if rule else 0.0)
+    )
+    if improved:
+        state["best"], state["best_step"], state["evals_without_improvement"] = value, step, 0
     else:
         state["evals_without_improvement"] += 1
     decision = bool(rule and state["evals_without_improvement"] >= rule.patience)
-    return bool(broadcast(decision))
+    shared = broadcast(
+        (decision, state["best"], state.get("best_step"), state["evals_without_improvement"])
+    )
+    decision, state["best"], state["best_step"], state["evals_without_improvement"] = shared
+    return bool(decision)

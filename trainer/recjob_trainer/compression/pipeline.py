@@ -49,7 +49,7 @@ def compress(run, teacher_stage) -> dict:
     stages: list[dict] = []
 
     engine, step, state = fit(run, teacher_stage)
-    teacher_plain = consolidate(run, engine, step, teacher_stage)
+    teacher_plain = consolidate(run, engine, state["kept_step"], teacher_stage)
     _save(run, teacher_plain, run_dir / "teacher")
     stages.append(_stage_summary("train", step, state))
     last = (engine, step, state, teacher_plain)
@@ -81,7 +81,7 @@ def compress(run, teacher_stage) -> dict:
         )
         _release(last[0])
         engine, step, state = fit(run, stage)
-        plain = consolidate(run, engine, step, stage)
+        plain = consolidate(run, engine, state["kept_step"], stage)
         _save(run, plain, run_dir / "distilled")
         cached = scores.cache is not None
         stages.append({**_stage_summary("distill", step, state), "teacher_scores_cached": cached})
@@ -132,7 +132,7 @@ def compress(run, teacher_stage) -> dict:
             )
             _release(last[0])
             engine, step, state = fit(run, stage)
-            plain = consolidate(run, engine, step, stage)
+            plain = consolidate(run, engine, state["kept_step"], stage)
             if plain is not None and masks:  # ZeRO-3 updates shards: zero them once more
                 prune.enforce(plain, masks)
             stages.append(_stage_summary("recover", step, state))
@@ -296,6 +296,8 @@ def _stage_summary(name: str, step: int, state: dict) -> dict:
         "steps": step,
         "wall_time_seconds": round(state.get("wall_time", 0.0), 2),
         "resumed_from_step": state.get("resumed_from_step"),
+        "kept_step": state.get("kept_step", step),
+        "kept_reason": state.get("kept_reason"),
     }
 
 

@@ -377,6 +377,12 @@ def _data_rules(spec: RecJobSpec) -> list[Problem]:
             f"validation data is given, so the split is "
             f"predefined; remove strategy {strategy!r} or the validation URI",
         )
+    if data.validation is not None and data.test is None:
+        out.add(
+            f"{p}.test",
+            "validation data is given but no test data, so nothing would be left to "
+            "evaluate the model on: set test, or remove validation to carve both from train",
+        )
     if split.validation_fraction + split.test_fraction >= 0.9:
         out.add(
             f"{sp}.testFraction",

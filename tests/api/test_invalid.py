@@ -500,6 +500,13 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "predefined",
     ),
     (
+        "validation-without-test",
+        S,
+        {"spec.data.validation": "v.csv", "spec.data.preprocessing.split.strategy": "predefined"},
+        "spec.data.test",
+        "nothing would be left to evaluate",
+    ),
+    (
         "fractions-too-large",
         S,
         {

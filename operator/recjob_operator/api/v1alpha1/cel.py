@@ -242,6 +242,13 @@ DATA_RULES = schema_rules(
         "the validation URI",
         ".preprocessing.split.strategy",
     ),
+    rule(
+        "!has(self.validation) || has(self.test)",
+        "validation data is given but no test data, so nothing would be left to evaluate "
+        "the model on: set test, or remove validation to carve both from train",
+        ".test",
+        REQUIRED,
+    ),
 )
 
 

@@ -150,7 +150,8 @@ class DataSpec(SpecModel):
     train: StorageUri
     """Training logs."""
     validation: StorageUri | None = None
-    """Optional held-out logs, same columns as train; required by the predefined split."""
+    """Optional held-out logs, same columns as train; required by the predefined split,
+    and needs test."""
     test: StorageUri | None = None
     """Optional test logs, same columns as train: the test set is this file. Without
     validation, validation is carved from train by preprocessing.split (by-query, or for

@@ -252,7 +252,9 @@ def test_zero3_lora_recommendation_consolidates_exactly(
         }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(doc))
-    train(config)
+    out = train(config)
+    # torch 2.13 deprecates the collectives ZeRO-3 runs each step: silenced on every rank
+    assert "is deprecated. Please use `torch.distributed." not in out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["consolidation_max_abs_diff"] < 1e-4  # fp32: the same model
     assert metrics["ranks"]["agree"]

@@ -5,10 +5,27 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+#: What torch 2.13 warns (a FutureWarning from its ``@deprecated`` wrappers, attributed to
+#: torch/distributed/c10d_logger.py) on every call of the two collectives DeepSpeed 0.19.8
+#: uses for ZeRO's parameter all-gathers and gradient reduce-scatters
+#: (deepspeed/comm/torch.py ``get_all_gather_function`` / ``get_reduce_scatter_function``).
+#: Shown again and again rather than once: something in each step (subprocess's
+#: os.get_exec_path, under warnings.catch_warnings) resets Python's once-per-location
+#: registry, so a ZeRO-3 log got thousands of them.
+DEPRECATED_COLLECTIVES = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\."
+)
+
+
+def quiet_deprecated_collectives() -> None:
+    """Silence exactly those two warnings in this process (every other warning stays)."""
+    warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVES, category=FutureWarning)
 
 
 def setup_distributed() -> tuple[int, int, int]:
@@ -17,8 +34,10 @@ def setup_distributed() -> tuple[int, int, int]:
     torchrun (what a PyTorchJob pod runs too) sets every variable per process; a process
     started some other way without LOCAL_RANK (DeepSpeed then fails) gets 0, and a lone
     process a world of one. On a machine without CUDA, DeepSpeed runs on its CPU
-    accelerator over gloo.
+    accelerator over gloo. Every rank drops DeepSpeed's deprecated-collective warnings
+    (:data:`DEPRECATED_COLLECTIVES`).
     """
+    quiet_deprecated_collectives()
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

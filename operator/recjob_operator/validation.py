@@ -406,11 +406,33 @@ def _model_rules(spec: RecJobSpec) -> list[Problem]:
     tuning = model.fine_tuning
     if tuning.method == "lora" and tuning.lora is None:
         out.add(f"{p}.fineTuning.lora", "required when method is lora")
-    if tuning.method == "full" and tuning.lora is not None:
+    if tuning.method != "lora" and tuning.lora is not None:
         out.add(
             f"{p}.fineTuning.method",
-            "lora settings are given but method is full; set method: lora or remove lora",
+            "lora settings are given but method is not lora; set method: lora or remove lora",
         )
+    sequential = model.sequential
+    if sequential.hidden_size % sequential.heads:
+        out.add(f"{p}.sequential.heads", "heads must divide hiddenSize")
+    if model.architecture == "sequential":
+        if spec.data.task != "recommendation":
+            out.add(
+                f"{p}.architecture",
+                "the sequential architecture is a recommender; data.task must be recommendation",
+            )
+        if sequential.negatives == "catalog" and tuning.method != "frozen":
+            out.add(
+                f"{p}.sequential.negatives",
+                "a softmax over the whole catalog needs every item's text embedding at each "
+                "step: set model.fineTuning.method frozen, or model.sequential.negatives "
+                "sampled",
+            )
+        if spec.compression is not None:
+            out.add(
+                "spec.compression",
+                "compression (distillation, pruning) applies to the auto architectures' "
+                "encoder; the sequential architecture is not compressed",
+            )
     if model.head.objective == "listwise" and spec.data.task == "search-ranking":
         out.add(
             f"{p}.head.objective",

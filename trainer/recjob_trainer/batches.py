@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 from .data.splits import sample_negatives
+from .sequence_data import SequenceBatcher, length_bucketed_order
 
 
 def history_text(history: list[str], texts: dict[str, str]) -> str:
@@ -64,8 +65,12 @@ class Batcher:
         self.catalog_ids = list(self.texts)
 
     @classmethod
-    def for_model(cls, task: str, tokenizer, info, catalog: pl.DataFrame | None) -> Batcher:
-        """The batcher a model (its ModelInfo: length, label range, history encoding) needs."""
+    def for_model(cls, task: str, tokenizer, info, catalog: pl.DataFrame | None):
+        """The batcher a model (its ModelInfo: length, label range, history encoding) needs:
+        the sequential recommender's own (:class:`.sequence_data.SequenceBatcher`) for that
+        architecture."""
+        if info.kind == "sequential":
+            return SequenceBatcher(tokenizer, info, catalog)
         return cls(
             task,
             tokenizer,
@@ -161,11 +166,19 @@ def micro_batches(
     """Micro-batches of an epoch from micro-batch index ``start`` on, with the row indices
     (in the shard) each one holds."""
     order = epoch_order(shard.rows.height, seed, epoch)
+    sequential = isinstance(batcher, SequenceBatcher)
+    if sequential:  # batches of similar history length: each is padded to its longest
+        lengths = shard.rows["history"].list.len().to_numpy()
+        order = length_bucketed_order(
+            lengths.clip(max=batcher.shape.max_history), order, micro_batch_size, [seed, epoch]
+        )
     count = shard.rows.height // micro_batch_size
     for b in range(start, count):
         index = order[b * micro_batch_size : (b + 1) * micro_batch_size].tolist()
         rows = shard.rows[index]
-        if batcher.task == "search-ranking":
+        if sequential and batcher.shape.negatives == "catalog":
+            yield index, batcher.sequence_batch(rows, None)
+        elif batcher.task == "search-ranking":
             yield index, batcher.search_batch(rows)
         else:
             if "label" in rows.columns:  # labelled impressions bring their own negatives
@@ -179,4 +192,7 @@ def micro_batches(
                 negatives_per_positive,
                 seed=int(np.random.SeedSequence([seed, epoch, shard.rank, b]).generate_state(1)[0]),
             )
-            yield index, batcher.recommendation_batch(rows, negatives)
+            if sequential:
+                yield index, batcher.sequence_batch(rows, negatives)
+            else:
+                yield index, batcher.recommendation_batch(rows, negatives)

@@ -25,6 +25,7 @@ import torch
 from . import metrics as m
 from .batches import Batcher, history_text
 from .models import RankingModel, pool_history
+from .sequence_data import sequence_scores
 
 if TYPE_CHECKING:  # annotations only: serving's quality gate imports this module too
     from .config import TrainerConfig
@@ -326,7 +327,10 @@ def user_item_scores(
     model: RankingModel, batcher: Batcher, frame: pl.DataFrame, item_ids: list[str], batch_size: int
 ) -> np.ndarray:
     """Cosine scores of each row's user against each of ``item_ids``: the user is the
-    history text, or the mean of the history items' vectors (item-embeddings)."""
+    history text, or the mean of the history items' vectors (item-embeddings); for the
+    sequential recommender, its ordered history through the model's transformer."""
+    if model.info.kind == "sequential":
+        return sequence_scores(model, batcher, frame, item_ids, max(batch_size, 256))
     histories = frame["history"].to_list()
     if model.info.history_encoding != "item-embeddings":
         items = text_vectors(model, batcher, [batcher.texts[i] for i in item_ids], batch_size)
@@ -426,7 +430,10 @@ def validation_metric(
     valid = prepared.splits["validation"]
     if valid.height == 0:
         return metric, float("nan")
-    groups = ev.max_groups or 200
+    # the sequential recommender ranks the whole catalog from vectors computed once: cheap
+    # enough for a steadier estimate over more users, on the full-ranking protocol
+    sequential = model.info.kind == "sequential"
+    groups = ev.max_groups or (2000 if sequential else 200)
     model.eval()
     try:
         if config.data.task == "search-ranking":
@@ -445,10 +452,15 @@ def validation_metric(
                 ev.batch_size,
                 ev.sampled_negatives,
                 groups,
-                full=False,
+                full=sequential,
             )
+            protocol = "full" if sequential else "sampled"
             if "label" in valid.columns:  # labelled impressions: pointwise AUC
                 metric = "auc"
+            elif f"{protocol}/{metric}" in report:
+                metric = f"{protocol}/{metric}"
+            elif sequential:
+                metric = "full/ndcg@10"
             elif f"sampled/{metric}" in report:
                 metric = f"sampled/{metric}"
             else:

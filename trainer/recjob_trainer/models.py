@@ -2,6 +2,7 @@
 
 - search-ranking: a **cross-encoder** reads ``[CLS] query [SEP] item text [SEP]`` and
   predicts relevance (regression on the normalised grade, or a click logit);
+- recommendation (architecture sequential): see :mod:`recjob_trainer.sequential`;
 - recommendation: a **bi-encoder** embeds the user's recent history (as text) and a
   candidate item apart and scores them by scaled cosine similarity, so the whole catalog
   can be ranked from item embeddings computed once.
@@ -50,7 +51,7 @@ def base_model_path(name_or_uri: str, base_dir: str | Path | None = None) -> str
 class ModelInfo:
     """What is needed to rebuild and use a saved model."""
 
-    kind: str  # cross-encoder | bi-encoder
+    kind: str  # cross-encoder | bi-encoder | sequential
     objective: str  # regression | binary | listwise
     head_type: str = "linear"
     head_hidden: int = 256
@@ -196,7 +197,7 @@ def build_model(info: ModelInfo, encoder_path: str, *, pretrained: bool = True) 
     gets those shapes, ready for its weights."""
     if pretrained:
         encoder = AutoModel.from_pretrained(encoder_path, attn_implementation="eager")
-        return RankingModel(encoder, info)
+        return _wrap(encoder, info)
     return model_from_config(info, AutoConfig.from_pretrained(encoder_path))
 
 
@@ -204,13 +205,25 @@ def model_from_config(info: ModelInfo, encoder_config) -> RankingModel:
     """An untrained model of the architecture ``encoder_config`` and ``info`` describe."""
     config = copy.deepcopy(encoder_config)
     config._attn_implementation = "eager"
-    model = RankingModel(AutoModel.from_config(config), info)
+    model = _wrap(AutoModel.from_config(config), info)
     structure = info.extra.get("structure")
     if structure:
         from .compression.structure import resize_to
 
         resize_to(model.encoder, structure)
     return model
+
+
+def _wrap(encoder: nn.Module, info: ModelInfo) -> RankingModel:
+    """The architecture ``info.kind`` names on ``encoder``."""
+    if info.kind != "sequential":
+        return RankingModel(encoder, info)
+    from .sequential import SequentialRecommender
+
+    shape = info.extra["sequential"]
+    if not shape.get("text_dim"):
+        shape["text_dim"] = encoder.config.hidden_size
+    return SequentialRecommender(encoder, info)  # same interface where a run needs it
 
 
 def save_model(

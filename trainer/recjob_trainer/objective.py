@@ -3,11 +3,14 @@ for training, merged afterwards) and the objective's loss."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
 from .config import TrainerConfig
 from .data.prepare import PreparedData
 from .models import ModelInfo, RankingModel
+from .sequential import SequenceShape
 
 
 def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
@@ -23,6 +26,8 @@ def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
             if search
             else ("binary" if train["labelled"] else "listwise")
         )
+    if config.model.architecture == "sequential":
+        return sequential_info(config, prepared)
     return ModelInfo(
         kind="cross-encoder" if task == "search-ranking" else "bi-encoder",
         objective=objective,
@@ -37,9 +42,45 @@ def model_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
     )
 
 
+def sequential_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
+    """The sequential recommender's info: its sizes from ``model.sequential``."""
+    if prepared.train_summary.get("labelled"):
+        raise ValueError(
+            "model.architecture sequential learns from interaction sequences, but the "
+            "training data are labelled impressions (data.columns.label is set); drop the "
+            "label column or use architecture auto"
+        )
+    if prepared.catalog is None or prepared.catalog.height == 0:
+        raise ValueError("model.architecture sequential needs data.catalog (item texts)")
+    seq = config.model.sequential
+    shape = SequenceShape(
+        items=prepared.catalog.height,
+        hidden=seq.hidden_size,
+        layers=seq.layers,
+        heads=seq.heads,
+        dropout=seq.dropout,
+        max_history=config.model.history_length,
+        item_ids=seq.item_ids,
+        text_frozen=config.model.fine_tuning.method == "frozen",
+        negatives=seq.negatives,
+    )
+    return ModelInfo(
+        kind="sequential",
+        objective="listwise",
+        max_length=config.model.max_sequence_length,
+        base_model=config.model.base_model,
+        history_encoding="sequence",
+        extra={"sequential": asdict(shape)},
+    )
+
+
 def apply_lora(model: RankingModel, config: TrainerConfig) -> RankingModel:
-    """Wrap the encoder with LoRA adapters (peft) when the spec asks for it."""
+    """Wrap the encoder with LoRA adapters (peft) when the spec asks for it; freeze it
+    when the method is frozen."""
     tuning = config.model.fine_tuning
+    if tuning.method == "frozen":
+        model.encoder.requires_grad_(False)
+        return model
     if tuning.method != "lora" or tuning.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -66,6 +107,8 @@ def merge_lora(model: RankingModel) -> RankingModel:
 
 def loss_fn(info: ModelInfo, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The objective's loss, in fp32."""
+    if info.kind == "sequential":  # softmax over the candidates; labels: true positions
+        return torch.nn.functional.cross_entropy(logits.float(), labels.long())
     logits, labels = logits.float(), labels.float()
     if info.objective == "regression":
         return torch.nn.functional.mse_loss(torch.sigmoid(logits), labels)

@@ -258,9 +258,17 @@ FINE_TUNING_RULES = schema_rules(
         "self.method != 'lora' || has(self.lora)", "required when method is lora", ".lora", REQUIRED
     ),
     rule(
-        "self.method != 'full' || !has(self.lora)",
-        "lora settings are given but method is full; set method: lora or remove lora",
+        "self.method == 'lora' || !has(self.lora)",
+        "lora settings are given but method is not lora; set method: lora or remove lora",
         ".method",
+    ),
+)
+
+SEQUENTIAL_RULES = schema_rules(
+    rule(
+        "self.hiddenSize % self.heads == 0",
+        "heads must divide hiddenSize",
+        ".heads",
     ),
 )
 
@@ -476,6 +484,24 @@ ROLLOUT_RULES = schema_rules(
 
 # --------------------------------------------------------------------------- whole spec
 SPEC_RULES = schema_rules(
+    rule(
+        "self.model.architecture != 'sequential' || self.data.task == 'recommendation'",
+        "the sequential architecture is a recommender; data.task must be recommendation",
+        ".model.architecture",
+    ),
+    rule(
+        "self.model.architecture != 'sequential' || self.model.sequential.negatives != "
+        "'catalog' || self.model.fineTuning.method == 'frozen'",
+        "a softmax over the whole catalog needs every item's text embedding at each step: "
+        "set model.fineTuning.method frozen, or model.sequential.negatives sampled",
+        ".model.sequential.negatives",
+    ),
+    rule(
+        "self.model.architecture != 'sequential' || !has(self.compression)",
+        "compression (distillation, pruning) applies to the auto architectures' encoder; "
+        "the sequential architecture is not compressed",
+        ".compression",
+    ),
     rule(
         "self.model.head.objective != 'listwise' || self.data.task != 'search-ranking'",
         "listwise ranks a user's candidates (recommendation); search-ranking uses regression "

@@ -35,11 +35,14 @@ class LoraSpec(SpecModel):
 
 
 class FineTuning(SpecModel):
-    """Full fine-tuning or LoRA."""
+    """Full fine-tuning, LoRA, or a frozen encoder."""
 
     model_config = with_rules(cel.FINE_TUNING_RULES)
 
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "frozen"] = "full"
+    """full: every encoder weight trains; lora: low-rank adapters only; frozen: the encoder
+    does not train (the sequential architecture then encodes the catalog's texts once,
+    before training, and trains what sits on top)."""
     lora: LoraSpec | None = None
     """Required when method is lora."""
 
@@ -55,6 +58,28 @@ class HeadSpec(SpecModel):
     """auto: regression for graded relevance, binary for clicks / implicit feedback."""
 
 
+class SequentialSpec(SpecModel):
+    """The sequential recommender (architecture sequential): a causal transformer over the
+    user's ordered history of item vectors, each made of the item text's embedding plus a
+    learned item-ID embedding."""
+
+    model_config = with_rules(cel.SEQUENTIAL_RULES)
+
+    hidden_size: int = Field(default=128, ge=8, le=4096)
+    """Width of item vectors and of the transformer."""
+    layers: int = Field(default=2, ge=1, le=24)
+    heads: int = Field(default=2, ge=1, le=64)
+    """Attention heads; must divide hiddenSize."""
+    dropout: float = Field(default=0.3, ge=0.0, lt=1.0)
+    item_ids: bool = True
+    """Add a learned embedding per item seen in training (items never seen in training are
+    represented by their text alone)."""
+    negatives: Literal["catalog", "sampled"] = "catalog"
+    """The softmax's other items: the whole catalog (needs fineTuning.method frozen, where
+    every item's text embedding is computed once), or the batch's own items plus
+    data.preprocessing.negativeSampling's sampled ones (any fine-tuning method)."""
+
+
 class ModelSpec(SpecModel):
     """The pretrained encoder and what is fine-tuned."""
 
@@ -67,7 +92,14 @@ class ModelSpec(SpecModel):
     history_length: int = Field(default=10, ge=1, le=200)
     """Recommendation: how many of the user's most recent items describe the user."""
     history_encoding: Literal["text", "item-embeddings"] = "text"
-    """Recommendation: history as concatenated item texts, or pooled item embeddings."""
+    """Recommendation with the bi-encoder: history as concatenated item texts, or pooled
+    item embeddings."""
+    architecture: Literal["auto", "sequential"] = "auto"
+    """auto: a cross-encoder for search-ranking, a bi-encoder (history vs item) for
+    recommendation; sequential (recommendation): an order-aware text-and-ID model, see
+    sequential."""
+    sequential: SequentialSpec = Field(default_factory=SequentialSpec)
+    """Settings of the sequential architecture."""
     head: HeadSpec = Field(default_factory=HeadSpec)
     fine_tuning: FineTuning = Field(default_factory=FineTuning)
 

@@ -1,7 +1,6 @@
-"""Progress a person (rich, on a terminal) or a program (JSON lines) can follow.
-
-Every event is also appended to ``<run>/progress.jsonl``; local mode and the operator read
-the JSON lines. Only rank 0 reports.
+"""Progress a person can follow (one readable line per event on stdout, a rich progress
+bar on a terminal) and a program can read (``<run>/progress.jsonl``: every event as a JSON
+line; local mode and the benchmarks read it). Only rank 0 reports.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from recjob_operator.text import one_line
 
 
 class Progress:
@@ -56,20 +57,85 @@ class Progress:
         ``done``...)."""
         if not self.enabled:
             return
-        line = self.record(kind, **fields)
+        self.record(kind, **fields)
         if self._bar is not None:
             if kind == "progress":
                 info = f"loss {fields.get('loss', float('nan')):.4f}"
                 self._bar.update(self._task, completed=fields.get("step", 0), info=info)
-            else:
-                self._bar.console.log(line)
+            else:  # plain text: no markup, no highlighting
+                self._bar.console.log(describe(kind, fields), markup=False, highlight=False)
         else:
-            print(line, flush=True)
+            print(describe(kind, fields), flush=True)
 
     def close(self) -> None:
         """Stop the live view."""
         if self._bar is not None:
             self._bar.stop()
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def describe(kind: str, fields: dict[str, Any]) -> str:
+    """One event as one readable, printable line (what stdout and the logs show)."""
+    f = fields
+    stage = f"[{f['stage']}] " if f.get("stage") else ""
+    if kind == "progress":
+        text = (
+            f"step {f.get('step')}/{f.get('total_steps')} (epoch {f.get('epoch')}): "
+            f"loss {_number(f.get('loss'))}, lr {_number(f.get('lr'))}, "
+            f"{_number(f.get('samples_per_second'))} samples/s"
+        )
+    elif kind == "eval":
+        text = f"validation at step {f.get('step')}: {f.get('metric')} = {_number(f.get('value'))}"
+    elif kind == "checkpoint":
+        text = f"checkpoint saved at step {f.get('step')}"
+    elif kind == "start":
+        text = (
+            f"training {f.get('total_steps')} steps on {f.get('world_size')} process(es), "
+            f"ZeRO-{f.get('zero_stage')} {f.get('precision')}, "
+            f"{f.get('steps_per_epoch')} steps/epoch, {_number(f.get('train_rows'))} rows"
+        )
+    elif kind == "resumed":
+        weights = ", weights only" if f.get("weights_only") else ""
+        text = (
+            f"resumed at step {f.get('step')} ({f.get('world_size')} process(es), "
+            f"checkpoint of {f.get('saved_world_size')}{weights})"
+        )
+    elif kind == "kept":
+        text = f"keeping the model of step {f.get('step')}: {f.get('reason')}"
+    elif kind == "done":
+        text = (
+            f"done after {f.get('step')} steps: test {f.get('main_metric')} = "
+            f"{_number(f.get('value'))}"
+        )
+    elif "done" in f and "total" in f:  # work in parts (evaluation, catalog encoding)
+        total, done = f["total"], f["done"]
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        what = f" {f['phase']}" if f.get("phase") else ""
+        unit = f" {f['unit']}" if f.get("unit") else ""
+        text = f"{kind}{what}: {done}/{total}{unit}{share}"
+        if f.get("elapsed_seconds") is not None:
+            text += f", {_duration(f['elapsed_seconds'])} elapsed"
+        if f.get("eta_seconds") is not None and done < total:
+            text += f", about {_duration(f['eta_seconds'])} left"
+    else:
+        details = ", ".join(f"{k} {_number(v)}" for k, v in f.items() if k != "stage")
+        text = f"{kind}: {details}" if details else kind
+    return one_line(stage + text)
 
 
 def read_events(run_dir: Path) -> list[dict]:

@@ -7,7 +7,11 @@ from typing import Literal
 
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import Condition, RecJobStatus
+from ..text import one_line
 from .actions import EmitEvent
+
+#: Longest Event message (what the operator sends Kubernetes; the rest is cut with ...).
+MAX_EVENT_MESSAGE = 1024
 
 
 def set_condition(
@@ -49,7 +53,19 @@ class Plan:
         self.requeue_after: float | None = None
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.actions.append(EmitEvent(type_, reason, message))
+        """An Event whose message is one printable line (it often quotes a child's log or
+        error, which may hold escape codes, line breaks or a user's data)."""
+        self.actions.append(EmitEvent(type_, reason, one_line(message, MAX_EVENT_MESSAGE)))
+
+    def printable_status(self) -> RecJobStatus:
+        """The status with every message a person reads (the RecJob's, its conditions',
+        training's, conversion's, the rollout's) as one printable line."""
+        status = self.status
+        for holder in (status, status.training, status.conversion, status.rollout,
+                       *status.conditions):  # fmt: skip
+            if holder is not None and holder.message:
+                holder.message = one_line(holder.message)
+        return status
 
     def condition(self, type_: str, value: bool | None, reason: str, message: str = "") -> None:
         set_condition(self.status, type_, value, reason, message, self.now, self.recjob.generation)

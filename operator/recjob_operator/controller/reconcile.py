@@ -455,4 +455,4 @@ def reconcile(
         _converting(plan, observed)
     elif phase == "RollingOut":
         rolling_out(plan, observed, readings)
-    return Decision(plan.status, plan.actions, plan.requeue_after)
+    return Decision(plan.printable_status(), plan.actions, plan.requeue_after)

@@ -32,6 +32,7 @@ from ..controller.children import (
     training_config_map,
 )
 from ..controller.identity import conversion_child_name, training_child_name
+from ..controller.plan import MAX_EVENT_MESSAGE
 from ..controller.reconcile import (
     ChildObservation,
     CleanupGeneration,
@@ -49,6 +50,7 @@ from ..controller.reconcile import (
     training_name,
 )
 from ..prometheus import PrometheusSource, PrometheusSources
+from ..text import one_line
 from .cache import KUBEFLOW, MANAGED_SELECTOR, ChildView
 from .errors import ChildWriteError
 from .metrics import api_call
@@ -256,7 +258,7 @@ class KubeBackend:
             },
             "type": event.type,
             "reason": event.reason,
-            "message": event.message[:1024],
+            "message": one_line(event.message, MAX_EVENT_MESSAGE),  # logs, users' data
             "source": {"component": "recjob-operator"},
             "firstTimestamp": now,
             "lastTimestamp": now,

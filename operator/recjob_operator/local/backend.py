@@ -42,6 +42,7 @@ from ..controller.reconcile import (
     training_name,
 )
 from ..prometheus import PrometheusSource
+from ..text import one_line
 from .options import LocalOptions, local_namespace
 from .processes import BIN, ManagedProcess, free_port
 from .serving import LocalServing
@@ -305,16 +306,17 @@ _CLEAN_ERROR = re.compile(r"^recjob-(train|serve)[a-z ]*: ")
 def _permanent_error(log: str) -> str | None:
     """The trainer's / converter's own error line, if it wrote one: such errors (bad data,
     bad config) fail the same way again, so they are not restarted."""
-    lines = [line.strip() for line in log.splitlines() if _CLEAN_ERROR.match(line.strip())]
+    lines = [one_line(line) for line in log.splitlines()]
+    lines = [line for line in lines if _CLEAN_ERROR.match(line)]
     return lines[-1][:500] if lines else None
 
 
 def _last_error(log: str) -> str:
-    """The most telling line of a failed process's log."""
+    """The most telling line of a failed process's log (printable: no escape codes)."""
     clean = _permanent_error(log)
     if clean:
         return clean
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    lines = [text for text in (one_line(line) for line in log.splitlines()) if text]
     for line in reversed(lines):
         if any(word in line for word in ("Error", "error:", "Exception", "FAILED", "refused")):
             return line[:500]

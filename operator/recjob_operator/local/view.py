@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..api.v1alpha1.recjob import RecJob
+from ..text import one_line
 
 
 def status_table(recjob: RecJob) -> Table:
@@ -20,7 +21,7 @@ def status_table(recjob: RecJob) -> Table:
         return table
     table.add_row("RecJob", f"{recjob.metadata.name} (generation {recjob.generation})")
     table.add_row("Phase", Text(status.phase, style=_phase_style(status.phase)))
-    table.add_row("Message", status.message or "")
+    table.add_row("Message", one_line(status.message or ""))
     training = status.training
     if training and training.progress:
         p = training.progress
@@ -82,6 +83,7 @@ class LiveView:
     def __call__(self, recjob: RecJob, backend, decision) -> None:
         for event in backend.events[self._printed :]:
             style = "yellow" if event.type == "Warning" else "dim"
-            self.live.console.print(Text(f"[{event.reason}] {event.message}", style=style))
+            line = one_line(f"[{event.reason}] {event.message}")  # quotes logs, users' data
+            self.live.console.print(Text(line, style=style), markup=False, highlight=False)
         self._printed = len(backend.events)
         self.live.update(Group(status_table(recjob)))

@@ -28,6 +28,7 @@ from .evaluation import (
 )
 from .models import ModelInfo, RankingModel, base_model_path, build_model, save_model
 from .progress import plot_curves, read_events
+from .sequence_data import SequenceBatcher, encode_catalog
 from .storage import atomic_directory, write_json_atomic
 
 
@@ -72,12 +73,21 @@ def finish(
     ev = config.evaluation
     ks = sorted({*ev.ks, 10})
     model_dir = run_dir / "model"
+    if info.kind == "sequential" and not plain.shape.text_frozen:
+        # the text side trained: the saved catalog embeddings are the trained encoder's
+        plain.set_catalog_text(encode_catalog(plain, batcher, progress=progress), plain.seen[1:])
     with atomic_directory(model_dir) as tmp:
         save_model(plain, plain.state_dict(), tokenizer, tmp)
     zero_shot = build_model(
         ModelInfo(kind="bi-encoder", objective="listwise", max_length=info.max_length),
         base_model_path(config.model.base_model, config.base_dir),
     ).eval()
+    # the baselines read item texts as the bi-encoder does, whatever the model's batcher
+    text_batcher = (
+        Batcher.for_model(config.data.task, tokenizer, zero_shot.info, prepared.catalog)
+        if info.kind == "sequential"
+        else batcher
+    )
 
     def test_report(model: RankingModel) -> dict:
         if config.data.task == "search-ranking":
@@ -106,7 +116,7 @@ def finish(
         baselines = (
             recommendation_baselines(
                 zero_shot,
-                batcher,
+                text_batcher,
                 prepared.splits,
                 ks,
                 ev.batch_size,
@@ -302,6 +312,10 @@ def _probe_batch(batcher: Batcher, prepared: PreparedData) -> dict[str, torch.Te
         negatives = [
             [i for i in batcher.catalog_ids[:6] if i != t][:2] for t in rows["item_id"].to_list()
         ]
-        batch = batcher.recommendation_batch(rows, negatives)
+        if isinstance(batcher, SequenceBatcher):
+            sampled = batcher.shape.negatives == "sampled"
+            batch = batcher.sequence_batch(rows, negatives if sampled else None)
+        else:
+            batch = batcher.recommendation_batch(rows, negatives)
     batch.pop("labels")
     return batch

@@ -70,7 +70,8 @@ def sequential_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
         max_length=config.model.max_sequence_length,
         base_model=config.model.base_model,
         history_encoding="sequence",
-        extra={"sequential": asdict(shape)},
+        # the catalog in index order (index n + 1 is item_ids[n]): what serving ranks
+        extra={"sequential": asdict(shape), "item_ids": prepared.catalog["item_id"].to_list()},
     )
 
 

@@ -45,6 +45,7 @@ from .outputs import check_shared, publish_run, run_directory
 from .progress import Progress
 from .run_data import prepared_data, rank_shard
 from .safe_load import harden_checkpoint_loading
+from .sequence_data import cache_catalog, load_catalog, seen_items
 from .storage import clean_leftovers, write_json_atomic
 
 
@@ -87,6 +88,13 @@ def train(config: TrainerConfig) -> dict:
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     progress = Progress(run_dir, total_steps, enabled=rank == 0)
+    if info.kind == "sequential":  # the catalog's texts encoded once, by rank 0
+        cache = run_dir / "catalog-text.safetensors"
+        if rank == 0:
+            seen = seen_items(prepared.splits["train"], batcher)
+            cache_catalog(model, batcher, seen, cache, progress)
+        barrier()
+        load_catalog(model, cache)
     run = RunContext(
         config,
         rank,

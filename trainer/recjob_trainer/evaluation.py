@@ -12,15 +12,28 @@ against sampled negatives and, with spec.data.candidates, among its given candid
 
 During training, :func:`validation_metric` is the early-stopping metric on (a capped
 part of) the validation split.
+
+Cost: every encoding pass (:func:`_batched`) encodes each distinct text or pair once, in
+batches of similar length (less padding); within :func:`evaluating` it reports
+``evaluate`` progress events with an ETA and, with ``spread`` (validation, every rank on
+the same rows), each rank encodes a share and the ranks all-gather the results. Ranking
+a user's true item against the whole catalog or its sampled negatives is array
+arithmetic over all users at once, in row chunks.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import torch
+import torch.distributed as dist
 
 from . import metrics as m
 from .batches import Batcher, history_text
@@ -55,10 +68,110 @@ def _groups(frame: pl.DataFrame, key: str, max_groups: int | None) -> pl.DataFra
     return frame.filter(pl.col(key).is_in(keys.to_list()))
 
 
+@dataclass
+class _Evaluation:
+    phase: str
+    emit: Callable[..., None] | None
+    spread: bool
+    interval: float
+    passes: int = 0
+
+
+_EVALUATION: ContextVar[_Evaluation | None] = ContextVar("recjob_evaluation", default=None)
+
+
+@contextmanager
+def evaluating(
+    phase: str,
+    emit: Callable[..., None] | None = None,
+    *,
+    spread: bool = False,
+    interval: float = 10.0,
+) -> Iterator[None]:
+    """Within: every encoding pass reports ``emit("evaluate", phase=..., done=..., total=...,
+    unit=..., elapsed_seconds=..., eta_seconds=...)`` every ``interval`` seconds and when
+    it ends; with ``spread`` (only where every rank of the process group evaluates the
+    same rows, as validation does) the ranks share the encoding and all-gather it."""
+    token = _EVALUATION.set(_Evaluation(phase, emit, spread, interval))
+    try:
+        yield
+    finally:
+        _EVALUATION.reset(token)
+
+
+def report_evaluation(phase: str, emit: Callable[..., None], interval: float = 10.0) -> None:
+    """As :func:`evaluating` (without sharing) for the rest of this context: the end of
+    a run, where rank 0 evaluates alone until the process exits."""
+    _EVALUATION.set(_Evaluation(phase, emit, False, interval))
+
+
+def _length(item) -> int:
+    return sum(map(len, item)) if isinstance(item, tuple) else len(item)
+
+
 @torch.no_grad()
-def _batched(fn, items: list, batch_size: int) -> np.ndarray:
-    out = [fn(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    return torch.cat(out).float().cpu().numpy() if out else np.zeros(0)
+def _batched(fn, items: list, batch_size: int, unit: str = "texts") -> np.ndarray:
+    """``fn`` (a model forward over a list of items) over ``items``, as one array in the
+    items' order. Each distinct item is computed once, batched with items of similar
+    length; see :func:`evaluating` for progress and sharing the work between ranks.
+
+    Shared, every rank runs the same number of forwards (a rank out of work runs one on
+    a single item: ZeRO-3 gathers parameters collectively in each forward), then the
+    ranks exchange their rows with one all_gather."""
+    if not items:
+        return np.zeros(0)
+    unique = list(dict.fromkeys(items))
+    order = sorted(range(len(unique)), key=lambda i: _length(unique[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    context = _EVALUATION.get()
+    shared = context is not None and context.spread and dist.is_initialized()
+    world = dist.get_world_size() if shared else 1
+    rank = dist.get_rank() if shared else 0
+    rounds = -(-len(batches) // world)
+    started = last = time.time()
+    if context is not None:
+        context.passes += 1
+    local, done, total = [], 0, len(unique)
+    for n in range(rounds):
+        if n * world + rank < len(batches):
+            local.append(fn([unique[i] for i in batches[n * world + rank]]).float().cpu())
+        else:  # out of work: join the collective forwards with a throwaway one
+            shape = fn([unique[order[0]]]).float().cpu().shape[1:]
+        done += sum(len(b) for b in batches[n * world : (n + 1) * world])  # all ranks'
+        if context is not None and context.emit is not None:
+            now = time.time()
+            if done == total or now - last >= context.interval:
+                elapsed, last = now - started, now
+                eta = elapsed / done * (total - done)
+                context.emit(
+                    "evaluate",
+                    phase=f"{context.phase}, pass {context.passes}",
+                    done=done,
+                    total=total,
+                    unit=unit,
+                    elapsed_seconds=round(elapsed, 1),
+                    eta_seconds=round(eta, 1),
+                )
+    if local:
+        shape = local[0].shape[1:]
+    rows = torch.cat(local) if local else torch.zeros((0, *shape))
+    if world == 1:
+        values = rows.numpy()
+        placed = [i for b in batches for i in b]
+    else:
+        counts = [sum(len(b) for b in batches[r::world]) for r in range(world)]
+        padded = torch.zeros((max(counts), *shape))
+        padded[: len(rows)] = rows
+        if dist.get_backend() == "nccl":
+            padded = padded.cuda()
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        values = torch.cat([g[:c].cpu() for g, c in zip(gathered, counts, strict=True)]).numpy()
+        placed = [i for r in range(world) for b in batches[r::world] for i in b]
+    out = np.empty_like(values)
+    out[placed] = values
+    position = {item: n for n, item in enumerate(unique)}
+    return out[[position[item] for item in items]]
 
 
 def cross_encoder_logits(
@@ -72,7 +185,7 @@ def cross_encoder_logits(
         batch = batcher.pairs([q for q, _ in chunk], [t for _, t in chunk])
         return model.score_pairs(**{k: v.to(device) for k, v in batch.items()})
 
-    return _batched(fn, pairs, batch_size)
+    return _batched(fn, pairs, batch_size, unit="pairs")
 
 
 def text_vectors(
@@ -274,23 +387,46 @@ def ranking_part(
     ``full``, i.e. they are the whole catalog) and the sampled protocol (true item vs its
     row's negatives), plus AUC of true items against sampled negatives."""
     index = {item: n for n, item in enumerate(item_ids)}
-    targets = [index[i] for i in frame["item_id"].to_list()]
+    targets = np.asarray([index[i] for i in frame["item_id"].to_list()], dtype=np.int64)
+    users = np.arange(len(targets))
     report: dict[str, float] = {}
     if full:
-        ranks = [m.rank_of_target(scores[u], t) for u, t in enumerate(targets)]
+        ranks = target_ranks(scores, targets)
         report.update({f"full/{k}": v for k, v in m.target_rank_report(ranks, ks).items()})
         r = np.asarray(ranks, dtype=np.float64)
         report[PER_UNIT] = np.where(r < 10, 1.0 / np.log2(r + 2), 0.0).tolist()
         report.update(candidates_part(scores, index, frame, ks))
-    sampled, pos, neg = [], [], []
-    for u, (target, negs) in enumerate(zip(targets, negatives, strict=True)):
-        candidate = scores[u, [target, *(index[i] for i in negs)]]
-        sampled.append(m.rank_of_target(candidate, 0))
-        pos.append(candidate[0])
-        neg.extend(candidate[1:].tolist())
+    # the sampled protocol: each row's true item against its own negatives (rows may have
+    # fewer negatives than others: a mask), ties counting against the true item as in
+    # metrics.rank_of_target
+    width = max((len(n) for n in negatives), default=0)
+    columns = np.zeros((len(targets), width), dtype=np.int64)
+    listed = np.zeros((len(targets), width), dtype=bool)
+    for u, negs in enumerate(negatives):
+        columns[u, : len(negs)], listed[u, : len(negs)] = [index[i] for i in negs], True
+    pos = scores[users, targets] if len(targets) else np.zeros(0)
+    negative_scores = scores[users[:, None], columns] if width else np.zeros((len(targets), 0))
+    sampled = ((negative_scores >= pos[:, None]) & listed).sum(1) + (pos >= pos) - 1
+    neg = negative_scores[listed]  # row by row, each row's negatives in order
     report.update({f"sampled/{k}": v for k, v in m.target_rank_report(sampled, ks).items()})
     report["auc"] = m.auc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
     return report
+
+
+#: Users ranked at a time against the whole catalog (bounds the users x items temporaries).
+RANK_CHUNK = 1024
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's 0-based rank of its ``targets`` column among all of the row's scores,
+    ties counting against the target: :func:`metrics.rank_of_target` for every row at
+    once, :data:`RANK_CHUNK` rows at a time."""
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for start in range(0, len(targets), RANK_CHUNK):
+        chunk = scores[start : start + RANK_CHUNK]
+        own = chunk[np.arange(len(chunk)), targets[start : start + RANK_CHUNK]]
+        ranks[start : start + len(chunk)] = (chunk >= own[:, None]).sum(1) - 1
+    return ranks
 
 
 def candidates_part(
@@ -380,6 +516,14 @@ def evaluate_recommendation(
     return recommendation_report(scores, items, test, negatives, ks, full, scale)
 
 
+def cold_start_rows(splits: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """The test rows whose true item never appears in the training split (as a target or
+    in a history)."""
+    train = splits["train"]
+    seen = pl.concat([train["item_id"], train["history"].explode()]).drop_nulls().unique()
+    return splits["test"].filter(~pl.col("item_id").is_in(seen.implode()))
+
+
 def recommendation_baselines(
     zero_shot: RankingModel,
     batcher: Batcher,
@@ -401,8 +545,11 @@ def recommendation_baselines(
     for item, count in counts.iter_rows():
         if item in index:
             popularity[index[item]] = count
-    # tiny jitter breaks ties between equally popular items deterministically
-    pop_scores = np.tile(popularity + np.linspace(0, 1e-6, len(ids)), (test.height, 1))
+    # tiny jitter breaks ties between equally popular items deterministically; every user
+    # gets the same row (a read-only view, not users x items copies)
+    pop_scores = np.broadcast_to(
+        popularity + np.linspace(0, 1e-6, len(ids)), (test.height, len(ids))
+    )
     negatives = draw_negatives(test, ids, n_negatives)
     return {
         "popularity": recommendation_report(pop_scores, ids, test, negatives, ks, True),

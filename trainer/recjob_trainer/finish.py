@@ -20,10 +20,13 @@ from .context import RunContext
 from .data.prepare import PreparedData
 from .distributed import barrier
 from .evaluation import (
+    PER_UNIT,
+    cold_start_rows,
     compare_to_baselines,
     evaluate_recommendation,
     evaluate_search,
     recommendation_baselines,
+    report_evaluation,
     search_baselines,
 )
 from .models import ModelInfo, RankingModel, base_model_path, build_model, save_model
@@ -104,6 +107,7 @@ def finish(
             ev.max_groups,
         )
 
+    report_evaluation("test", progress.event)  # 'evaluate' events with an ETA per pass
     result = test_report(plain)
     if config.data.task == "search-ranking":
         baselines = (
@@ -127,6 +131,17 @@ def finish(
             else {}
         )
         main = "auc" if "label" in prepared.splits["test"].columns else "full/ndcg@10"
+    cold_start = None
+    if config.data.task == "recommendation" and "label" not in prepared.splits["test"].columns:
+        # test targets never seen in training: how the model ranks what it only knows by text
+        cold = cold_start_rows(prepared.splits)
+        cold_start = {"users": cold.height}
+        if cold.height:
+            cold_report = evaluate_recommendation(
+                plain, batcher, cold, ks, ev.batch_size, ev.sampled_negatives
+            )
+            cold_report.pop(PER_UNIT, None)
+            cold_start.update(cold_report)
     teacher_result = None
     if compression is not None:
         teacher_result = test_report(compression["teacher_model"])
@@ -141,6 +156,7 @@ def finish(
         "main_metric": main,
         "model": result,
         "baselines": baselines,
+        "cold_start": cold_start,
         "ndcg@10_vs_baselines": comparisons,
         "validation": [e for e in events if e["event"] == "eval"],
         "consolidation_max_abs_diff": parity,

@@ -407,7 +407,7 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
     (
         "sequential-catalog-softmax-with-lora",
         R,
-        {"spec.model.architecture": "sequential"},
+        {"spec.model.fineTuning": {"method": "lora", "lora": {}}},
         "spec.model.sequential.negatives",
         "fineTuning.method frozen",
     ),

@@ -11,8 +11,9 @@
 - trainer/requirements-build.lock, serving/requirements-build.lock: setuptools and wheel,
   installed before the main lock because deepspeed (an sdist only) is built with
   --no-build-isolation (its setup.py needs torch to pre-compile ops).
-- serving/triton-requirements.lock: transformers and tokenizers (constraints.txt's
-  versions) with their requirements for the Triton image's CPython 3.12.
+- serving/triton-requirements.lock: transformers and tokenizers (the tokenizer model) and
+  faiss-cpu (the top-k model's index), constraints.txt's versions, with their
+  requirements for the Triton image's CPython 3.12.
 
 Hashes are PyPI's recorded sha256 of each file (the PEP 691 JSON index, what pip checks);
 `--verify-downloads` also downloads every chosen file with `pip download` and checks that
@@ -230,10 +231,11 @@ def lock_images(files: dict) -> None:
              "those are built with --no-build-isolation (deepspeed's setup.py needs torch)."],
             tools, PY311, files,
         )  # fmt: skip
-    triton = resolve(["transformers", "tokenizers"], PY312)
+    triton = resolve(["transformers", "tokenizers", "faiss-cpu"], PY312)
     write_lock(
         REPO / "serving" / "triton-requirements.lock",
-        ["transformers and tokenizers (constraints.txt's versions) with their requirements,",
+        ["transformers and tokenizers (the tokenizer model), faiss-cpu (the top-k model),",
+         "constraints.txt's versions, with their requirements,",
          "for nvcr.io/nvidia/tritonserver:25.10-py3 (CPython 3.12, Ubuntu 24.04)."],
         triton, PY312, files,
     )  # fmt: skip

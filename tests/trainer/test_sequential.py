@@ -180,3 +180,26 @@ def _learn_what_comes_next() -> None:
 def test_heads_must_divide_the_width(bad) -> None:
     with pytest.raises((AssertionError, ValueError, RuntimeError)):
         model(**bad)
+
+
+def test_training_leaves_items_never_seen_out_of_the_softmax() -> None:
+    m = model()
+    seen = torch.ones(ITEMS)
+    seen[[2, 7]] = 0  # indices 3 and 8
+    m.set_catalog_text(m.item_text[1:].clone(), seen)
+    candidates = torch.arange(1, ITEMS + 1)
+    m.train()
+    scores = m(torch.tensor([[1, 2]]), candidates)
+    assert (scores[0, [2, 7]] == torch.finfo(scores.dtype).min).all()
+    assert (scores[0, [0, 1, 3]] > -1e6).all()
+    m.eval()  # at evaluation and serving they rank by their text
+    assert (m(torch.tensor([[1, 2]]), candidates)[0, [2, 7]] > -1e6).all()
+
+
+def test_cosine_scores_are_bounded_by_the_temperature() -> None:
+    m = model(temperature=0.1)
+    table = m.catalog_vectors()
+    assert torch.allclose(table[1:].norm(dim=-1), torch.ones(ITEMS), atol=1e-5)
+    users = m.user_vectors_from(torch.tensor([[1, 2, 3], [0, 4, 5]]), table)
+    assert torch.allclose(users.norm(dim=-1), torch.full((2,), 10.0), atol=1e-4)
+    assert (users @ table[1:].T).abs().max() <= 10.0 + 1e-4

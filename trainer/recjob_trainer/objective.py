@@ -63,6 +63,7 @@ def sequential_info(config: TrainerConfig, prepared: PreparedData) -> ModelInfo:
         item_ids=seq.item_ids,
         text_frozen=config.model.fine_tuning.method == "frozen",
         negatives=seq.negatives,
+        temperature=seq.temperature,
     )
     return ModelInfo(
         kind="sequential",

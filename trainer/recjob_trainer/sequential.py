@@ -5,8 +5,10 @@ Every catalog item gets a vector from its **text** — the pretrained encoder's 
 embedding, centred and projected — plus, for items seen in training, a learned **ID
 embedding**. A user is the output of a **causal transformer** over their ordered history
 (most recent last, positions counted back from the most recent item) at the last
-position; an item's score is the dot product of the two. Items never seen in training
-still rank: their vector is their text's.
+position; an item's score is the dot product of the two — with a ``temperature``, both
+are unit length and the user's is divided by it (cosine / temperature). Items never seen
+in training still rank: their vector is their text's; training leaves them out of the
+softmax (never seen is no evidence against an item), so they are not pushed down.
 
 The text side is either computed once (``fineTuning.method: frozen``: the catalog is
 encoded before training and kept as the ``item_text`` buffer) or trained with the rest
@@ -37,6 +39,7 @@ class SequenceShape:
     item_ids: bool = True
     text_frozen: bool = True
     negatives: str = "catalog"  # catalog | sampled (see the RecJob's model.sequential)
+    temperature: float = 0.0  # > 0: cosine similarity / temperature; 0: dot product
 
     @classmethod
     def from_dict(cls, values: dict) -> SequenceShape:
@@ -100,6 +103,8 @@ class SequentialRecommender(nn.Module):
         if self.shape.item_ids:
             ids = self.item_embedding(index) * self.seen[index].unsqueeze(-1).to(vectors.dtype)
             vectors = vectors + ids
+        if self.shape.temperature > 0:
+            vectors = nn.functional.normalize(vectors, dim=-1)
         return vectors
 
     def catalog_vectors(self) -> torch.Tensor:
@@ -111,10 +116,14 @@ class SequentialRecommender(nn.Module):
     # ------------------------------------------------------------------ user side
     def user_vectors_from(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(B, hidden) user vectors of left-padded histories (B, L) of global indices,
-        looked up in ``table`` (items + 1, hidden)."""
+        looked up in ``table`` (items + 1, hidden; :meth:`catalog_vectors`): a user's
+        score for an item is the dot product with the item's row of ``table``."""
         length = history.shape[1]
         positions = torch.arange(length - 1, -1, -1, device=history.device)  # 0 = most recent
-        h = table[history] + self.position(positions.clamp(max=self.shape.max_history - 1))
+        items = table[history]
+        if self.shape.temperature > 0:  # unit vectors in: scaled as token embeddings are
+            items = items * self.shape.hidden**0.5
+        h = items + self.position(positions.clamp(max=self.shape.max_history - 1))
         h = self.dropout(self.input_norm(h))
         # causal, and never a padded item; every position may see itself, so a padded
         # position (and a user without history) attends to something rather than nothing
@@ -123,7 +132,10 @@ class SequentialRecommender(nn.Module):
         ).unsqueeze(0) | (history == 0).unsqueeze(1)
         blocked &= ~torch.eye(length, dtype=torch.bool, device=history.device)
         h = self.transformer(h, mask=blocked.repeat_interleave(self.shape.heads, dim=0))
-        return self.output_norm(h[:, -1])
+        user = self.output_norm(h[:, -1])
+        if self.shape.temperature > 0:
+            user = nn.functional.normalize(user, dim=-1) / self.shape.temperature
+        return user
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -149,7 +161,11 @@ class SequentialRecommender(nn.Module):
             0, candidates, vectors
         )
         users = self.user_vectors_from(history, table)
-        return users @ vectors.T
+        scores = users @ vectors.T
+        if self.training:  # items training never saw are not negatives either
+            unseen = self.seen[candidates] == 0
+            scores = scores.masked_fill(unseen.unsqueeze(0), torch.finfo(scores.dtype).min)
+        return scores
 
     def scale(self) -> torch.Tensor:
         """Scores are dot products already on the logit scale."""

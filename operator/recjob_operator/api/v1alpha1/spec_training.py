@@ -74,6 +74,9 @@ class SequentialSpec(SpecModel):
     item_ids: bool = True
     """Add a learned embedding per item seen in training (items never seen in training are
     represented by their text alone)."""
+    temperature: float = Field(default=0.07, ge=0.0, le=10.0)
+    """Scores are cosine similarities divided by this (unit-length user and item vectors);
+    0: plain dot products, as SASRec."""
     negatives: Literal["catalog", "sampled"] = "catalog"
     """The softmax's other items: the whole catalog (needs fineTuning.method frozen, where
     every item's text embedding is computed once), or the batch's own items plus

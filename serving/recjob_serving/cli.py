@@ -137,6 +137,21 @@ def write_termination_log(path: str, report: dict) -> None:
     "(unauthenticated: trusted networks only), readiness false while a model is unloaded.",
 )
 @click.option(
+    "--max-k",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest k a top-k request (a sequential recommender's <model>-topk) may ask for.",
+)
+@click.option(
+    "--max-history",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most item ids in one top-k request's history row (the model keeps its own "
+    "window of the most recent ones).",
+)
+@click.option(
     "--revision",
     envvar="RECJOB_REVISION",
     default="",
@@ -157,6 +172,8 @@ def serve(
     header_timeout: float,
     read_timeout: float,
     model_control_mode: str,
+    max_k: int,
+    max_history: int,
     revision: str,
 ) -> None:
     """Serve a Triton model repository over the Open Inference Protocol v2 (HTTP + gRPC)."""
@@ -173,7 +190,14 @@ def serve(
             grpc_port=grpc_port,
             version=model_version,
             grace_period=grace_period,
-            limits=ServerLimits(max_body_bytes, header_timeout, read_timeout, model_control_mode),
+            limits=ServerLimits(
+                max_body_bytes,
+                header_timeout,
+                read_timeout,
+                model_control_mode,
+                max_k=max_k,
+                max_history=max_history,
+            ),
             revision=revision,
         )
     except RepositoryError as error:

@@ -5,8 +5,10 @@ Triton model repository version. Nothing is published when the gate fails; the r
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 from pydantic import Field
 
@@ -18,10 +20,16 @@ from recjob_trainer.data.prepare import read_prepared
 from recjob_trainer.models import load_model
 from recjob_trainer.storage import local_path, write_json_atomic
 
-from .export import export_onnx, quantize_int8
+from .export import ITEM_VECTORS, export_onnx, quantize_int8
 from .gate import quality_gate
-from .onnx_model import OnnxRankingModel
-from .repository import publish, publish_text_models, text_model_names, write_snapshot
+from .onnx_model import OnnxRankingModel, OnnxSequentialModel
+from .repository import (
+    companion_model_names,
+    publish,
+    publish_text_models,
+    publish_topk_model,
+    write_snapshot,
+)
 from .staging import convert_staged, needs_staging
 from .tensorrt import (
     EngineBuildUnavailable,
@@ -92,9 +100,28 @@ def _convert_local(config: ConvertConfig) -> dict:
     target = config.export.target
     model_dir = local_path(config.model_dir)
     source, tokenizer = load_model(model_dir)
+    sequential = source.info.kind == "sequential"
+    if sequential and target.startswith("tensorrt"):
+        raise TargetUnavailable(
+            f"export target {target}: a sequential recommender (user tower + item vectors, "
+            "top-k by Python) converts to onnxruntime-fp32 or onnxruntime-int8"
+        )
     exported = export_onnx(model_dir, out / "model.fp32.onnx", opset=config.export.opset)
     converted_path = exported.path
-    if target == "onnxruntime-int8":
+    if target == "onnxruntime-int8" and sequential:
+        # the user tower: int8 MatMuls, LayerNorm / GELU fusions (its attention is not
+        # BERT's: not fused). Its item table (the Gather) stays fp32: int8 rows moved the
+        # top item of 1.5% of users more than int8 MatMuls did (tests/serving/test_topk.py's
+        # model), and the served item vectors are fp32 anyway
+        converted_path = quantize_int8(
+            exported.path,
+            out / "model.int8.onnx",
+            source.shape.heads,
+            source.shape.hidden,
+            fuse_attention=False,
+            op_types=["MatMul"],
+        )
+    elif target == "onnxruntime-int8":
         encoder = source.encoder.config
         converted_path = quantize_int8(
             exported.path,
@@ -111,7 +138,14 @@ def _convert_local(config: ConvertConfig) -> dict:
             batcher, prepared.splits["train"], config.export.calibration_samples
         )
         converted_path = quantize_qdq(exported.path, out / "model.qdq.onnx", batches)
-    converted = OnnxRankingModel(converted_path, info, exported.scale)
+    if sequential:
+        # the source ranks from its saved catalog embeddings (the trained encoder's, as
+        # finish.py saved them) rather than encoding the catalog's texts again
+        source.shape = replace(source.shape, text_frozen=True)
+        vectors = np.load(exported.files[ITEM_VECTORS], allow_pickle=False)
+        converted = OnnxSequentialModel(converted_path, info, vectors)
+    else:
+        converted = OnnxRankingModel(converted_path, info, exported.scale)
     report = quality_gate(
         source,
         converted,
@@ -168,6 +202,7 @@ def _convert_local(config: ConvertConfig) -> dict:
             "quality_gate": {
                 k: report[k] for k in ("metric", "source_value", "converted_value", "relative_drop")
             },
+            **exported.card,
         }
         report["published_version"] = publish(
             local_path(config.repository),
@@ -175,20 +210,29 @@ def _convert_local(config: ConvertConfig) -> dict:
             converted_path,
             metadata,
             config.export.max_batch_size,
+            files=exported.files,
         )
-        publish_text_models(
-            local_path(config.repository),
-            config.model_name,
-            model_dir / "tokenizer",
-            info.kind,
-            info.max_length,
-            config.export.max_batch_size,
-            report["published_version"],
-        )
+        if sequential:
+            publish_topk_model(
+                local_path(config.repository),
+                config.model_name,
+                config.export.max_batch_size,
+                report["published_version"],
+            )
+        else:
+            publish_text_models(
+                local_path(config.repository),
+                config.model_name,
+                model_dir / "tokenizer",
+                info.kind,
+                info.max_length,
+                config.export.max_batch_size,
+                report["published_version"],
+            )
         if config.snapshots:
             snapshot = write_snapshot(
                 local_path(config.repository),
-                [config.model_name, *text_model_names(config.model_name)],
+                [config.model_name, *companion_model_names(config.model_name, info.kind)],
                 report["published_version"],
             )
             report["snapshot"] = str(snapshot)

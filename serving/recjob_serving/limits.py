@@ -11,6 +11,10 @@
   load|unload`` and gRPC ``RepositoryModelLoad|Unload``), refused (403 / PERMISSION_DENIED)
   unless enabled; when enabled, an unloaded model is kept aside so ``load`` restores it,
   and :class:`ControlledModelRepository` tells the server it is not ready meanwhile.
+- Top-k requests (a sequential recommender's ``<model>-topk``): ``max_k`` (largest k) and
+  ``max_history`` (item ids in one history row); the top-k model's own parameters of the
+  same names are lowered to these when the server loads it, and it refuses requests over
+  them with a 400.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 MiB = 1 << 20
+#: Default limits of a top-k request (also written into each top-k model's config).
+DEFAULT_MAX_K = 1000
+DEFAULT_MAX_HISTORY = 1000
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class ServerLimits:
     header_timeout: float = 10.0
     read_timeout: float = 30.0
     model_control: str = "none"  # or "explicit"
+    max_k: int = DEFAULT_MAX_K
+    max_history: int = DEFAULT_MAX_HISTORY
 
 
 class BodyTooLarge(Exception):

@@ -2,16 +2,20 @@
 
 Triton's Python backend gives a model the module ``triton_python_backend_utils``
 (``pb_utils``). This is the part of that interface the repository's models use — tensors,
-requests, responses, errors — so ``recjob-serve serve`` executes the very file Triton
-would, and tests exercise it.
+requests, responses, errors, and BLS (``pb_utils.InferenceRequest(model_name=...,
+inputs=..., requested_output_names=...).exec()``, a call to another model of the
+repository: the top-k model asks the user tower) — so ``recjob-serve serve`` executes the
+very file Triton would, and tests exercise it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import json
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +45,45 @@ class Tensor:
         return self._array
 
 
-class InferenceRequest:
-    """One request's input tensors."""
+#: How a BLS request runs a model: (model name, input tensors) -> output tensors. Set
+#: by :meth:`PythonBackendModel.execute` for the duration of a model's ``execute``.
+_BLS: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("recjob_bls", default=None)
 
-    def __init__(self, inputs: dict[str, np.ndarray]):
-        self._inputs = [Tensor(name, value) for name, value in inputs.items()]
+
+class InferenceRequest:
+    """One request's input tensors: what ``execute`` gets, or (with ``model_name``) a BLS
+    request to another model of the repository, run by :meth:`exec`."""
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray] | list[Tensor] | None = None,
+        model_name: str | None = None,
+        requested_output_names: list[str] | None = None,
+        model_version: int = -1,
+        **_: object,
+    ):
+        if isinstance(inputs, dict):
+            self._inputs = [Tensor(name, value) for name, value in inputs.items()]
+        else:
+            self._inputs = list(inputs or [])
+        self._model_name, self._requested = model_name, requested_output_names
 
     def inputs(self) -> list[Tensor]:
         """All input tensors."""
         return self._inputs
+
+    def exec(self) -> InferenceResponse:
+        """Run the named model on these inputs (Triton's BLS); failures come back as the
+        response's error, as in Triton."""
+        run = _BLS.get()
+        if run is None or self._model_name is None:
+            return InferenceResponse([], TritonError("BLS: no model server to run the request"))
+        try:
+            outputs = run(self._model_name, {t.name(): t.as_numpy() for t in self._inputs})
+        except Exception as error:  # the other model's 400 / 404 / 500, as its message
+            return InferenceResponse([], TritonError(f"{type(error).__name__}: {error}"))
+        names = self._requested or list(outputs)
+        return InferenceResponse([Tensor(name, np.asarray(outputs[name])) for name in names])
 
 
 class InferenceResponse:
@@ -76,6 +110,11 @@ def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | N
     return next((t for t in request.inputs() if t.name() == name), None)
 
 
+def get_output_tensor_by_name(response: InferenceResponse, name: str) -> Tensor | None:
+    """The response's output called ``name`` (None when absent)."""
+    return next((t for t in response.output_tensors() if t.name() == name), None)
+
+
 def _utils_module() -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
     for value in (
@@ -84,17 +123,25 @@ def _utils_module() -> types.ModuleType:
         InferenceRequest,
         InferenceResponse,
         get_input_tensor_by_name,
+        get_output_tensor_by_name,
     ):
         setattr(module, value.__name__, value)
     return module
 
 
-class PythonBackendModel:
-    """One version of a Python-backend model, loaded from its ``model.py``."""
+def install_utils() -> None:
+    """Make ``import triton_python_backend_utils`` give this module's interface."""
+    sys.modules.setdefault("triton_python_backend_utils", _utils_module())
 
-    def __init__(self, model_dir: Path, version: int, config) -> None:
+
+class PythonBackendModel:
+    """One version of a Python-backend model, loaded from its ``model.py``; ``bls`` runs
+    the BLS requests it makes ((model name, inputs) -> outputs)."""
+
+    def __init__(self, model_dir: Path, version: int, config, bls: Callable | None = None) -> None:
         path = model_dir / str(version) / "model.py"
-        sys.modules.setdefault("triton_python_backend_utils", _utils_module())
+        self.bls = bls
+        install_utils()
         spec = importlib.util.spec_from_file_location(
             f"recjob_backend_{model_dir.name.replace('-', '_')}_{version}", path
         )
@@ -116,7 +163,11 @@ class PythonBackendModel:
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; the model's error is raised as :class:`TritonError`."""
-        (response,) = self.model.execute([InferenceRequest(inputs)])
+        token = _BLS.set(self.bls)
+        try:
+            (response,) = self.model.execute([InferenceRequest(inputs)])
+        finally:
+            _BLS.reset(token)
         if response.has_error():
             raise response.error()
         return {t.name(): t.as_numpy() for t in response.output_tensors()}

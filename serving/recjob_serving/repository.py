@@ -12,6 +12,11 @@ Layout::
     <repository>/<model>-tokenizer/<version>/{model.py,tokenizer/}
     <repository>/<model>-text/config.pbtxt         (ensemble: tokenizer, then model)
     <repository>/<model>-text/<version>/           (empty, as Triton wants)
+
+A sequential recommender instead has its user tower as ``<model>`` (``history`` item
+indices -> ``user_vector``), its item vectors and ids beside it in the version folder
+(``item_vectors.npy``, ``item_ids.json``), and ``<model>-topk`` (Python backend: item ids
+in, the top-k of the catalog or of given candidates out; see ``backends/topk_model.py``).
 """
 
 from __future__ import annotations
@@ -159,8 +164,10 @@ def publish(
     metadata: dict,
     max_batch_size: int,
     version: int | None = None,
+    files: dict[str, Path] | None = None,
 ) -> int:
-    """Publish ``model_path`` as a new version of model ``name``; returns the version."""
+    """Publish ``model_path`` as a new version of model ``name`` (with ``files``, name in
+    the version folder -> file, beside it); returns the version."""
     model_root = repository / name
     version = version or next_version(model_root)
     suffix = ".plan" if model_path.suffix == ".plan" else ".onnx"
@@ -175,9 +182,8 @@ def publish(
     with tempfile.TemporaryDirectory() as tmp:
         card = Path(tmp) / "recjob.json"
         card.write_text(json.dumps(metadata, indent=2, default=float))
-        _publish_version(
-            model_root, version, {f"model{suffix}": model_path, "recjob.json": card}, config
-        )
+        contents = {f"model{suffix}": model_path, "recjob.json": card, **(files or {})}
+        _publish_version(model_root, version, contents, config)
     return version
 
 
@@ -239,6 +245,76 @@ def ensemble_config(
 def text_model_names(name: str) -> tuple[str, str]:
     """(tokenizer model, raw-text ensemble) names for model ``name``."""
     return f"{name}-tokenizer", f"{name}-text"
+
+
+#: The top-k model copied into repositories beside a sequential recommender's user tower.
+TOPK_BACKEND = Path(__file__).parent / "backends" / "topk_model.py"
+
+
+def topk_model_name(name: str) -> str:
+    """The top-k model's name for the user tower ``name``."""
+    return f"{name}-topk"
+
+
+def companion_model_names(name: str, kind: str) -> list[str]:
+    """The models published with model ``name`` of ``kind`` (each version has them all)."""
+    return [topk_model_name(name)] if kind == "sequential" else list(text_model_names(name))
+
+
+def topk_config(name: str, user_tower: str, max_batch_size: int, parameters: dict) -> str:
+    """config.pbtxt of the top-k model (Python backend; inputs and outputs in
+    ``backends/topk_model.py``'s docstring)."""
+    inputs = ",\n".join(
+        [
+            _tensor_lines("history", "TYPE_STRING", [-1], False),
+            *(
+                _tensor_lines(n, t, d, False).replace("\n  }", "\n    optional: true\n  }")
+                for n, t, d in (
+                    ("k", "TYPE_INT32", [1]),
+                    ("exclude_history", "TYPE_BOOL", [1]),
+                    ("candidates", "TYPE_STRING", [-1]),
+                )
+            ),
+        ]
+    )
+    outputs = ",\n".join(
+        _tensor_lines(n, t, [-1], False)
+        for n, t in (
+            ("item_ids", "TYPE_STRING"),
+            ("scores", "TYPE_FP32"),
+            ("unknown_items", "TYPE_STRING"),
+        )
+    )
+    values = {"user_tower": user_tower, **{k: str(v) for k, v in parameters.items()}}
+    params = "".join(
+        f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n'
+        for k, v in values.items()
+    )
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+        f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n{params}"
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+    )
+
+
+def publish_topk_model(
+    repository: Path,
+    name: str,
+    max_batch_size: int,
+    version: int,
+    parameters: dict | None = None,
+) -> None:
+    """Publish version ``version`` of the top-k model of the user tower ``name`` (which
+    must have that version, its item vectors and ids beside it). ``parameters``: the
+    search and limit settings of ``backends/topk_model.py`` (its defaults otherwise;
+    ``max_k`` and ``max_history`` are always written, so a server can lower them)."""
+    from .limits import DEFAULT_MAX_HISTORY, DEFAULT_MAX_K
+
+    settings = {"max_k": DEFAULT_MAX_K, "max_history": DEFAULT_MAX_HISTORY, **(parameters or {})}
+    topk = topk_model_name(name)
+    config = topk_config(topk, name, max_batch_size, settings)
+    parse_config(config)
+    _publish_version(repository / topk, version, {"model.py": TOPK_BACKEND}, config)
 
 
 def publish_text_models(

@@ -4,7 +4,8 @@ Every model in the repository is served at one version (the newest, or the one a
 for), as Triton's default version policy does:
 
 - ``onnxruntime_onnx`` models run in ONNX Runtime (off the event loop, in an executor);
-- Python-backend models (the tokenizer) run their own ``model.py`` (see ``python_backend``);
+- Python-backend models (the tokenizer, a sequential recommender's top-k model) run their
+  own ``model.py`` (see ``python_backend``; their BLS requests run this server's models);
 - ensembles run their steps in order, mapping tensors as their config says.
 
 Requests speak the Open Inference Protocol v2 over HTTP and gRPC (KServe's data plane, so
@@ -82,6 +83,7 @@ class TensorSpec:
     name: str
     datatype: str
     dims: tuple[int, ...]
+    optional: bool = False
 
     def shape(self) -> list[int]:
         """The client-facing shape, batch axis first."""
@@ -92,7 +94,12 @@ def tensor_specs(values) -> list[TensorSpec]:
     """TensorSpecs of a config's ``input`` or ``output`` list."""
     types = model_config_module().DataType
     return [
-        TensorSpec(v.name, OIP_TYPES[types.Name(v.data_type)], tuple(int(d) for d in v.dims))
+        TensorSpec(
+            v.name,
+            OIP_TYPES[types.Name(v.data_type)],
+            tuple(int(d) for d in v.dims),
+            bool(getattr(v, "optional", False)),
+        )
         for v in values
     ]
 
@@ -162,7 +169,7 @@ def decode_inputs(
             ) from None
         seen[tensor.name] = array
         batch_sizes[tensor.name] = shape[0]
-    missing = [spec for spec in specs if spec.name not in seen]
+    missing = [spec for spec in specs if spec.name not in seen and not spec.optional]
     if missing:
         raise InvalidInput("missing input " + ", ".join(_describe(s) for s in missing))
     if len(set(batch_sizes.values())) > 1:
@@ -299,7 +306,13 @@ class OnnxModel(RepositoryModel):
         lengths = {name: value.shape[1] for name, value in tensors.items() if value.ndim == 2}
         if len(set(lengths.values())) > 1:
             raise InvalidInput(f"inputs disagree on the sequence length: {lengths}")
-        max_length = self.card.get("max_length")
+        window = self.card.get("max_history")  # a sequential recommender's user tower
+        if window and lengths and max(lengths.values()) > window:
+            raise InvalidInput(
+                f"history length {max(lengths.values())} is over this model's history of "
+                f"{window} items (send the most recent ones)"
+            )
+        max_length = None if window else self.card.get("max_length")
         if max_length and lengths and max(lengths.values()) > max_length:
             raise InvalidInput(
                 f"sequence length {max(lengths.values())} is over this model's max length "
@@ -320,12 +333,35 @@ class OnnxModel(RepositoryModel):
         return dict(zip(names, self.session.run(names, feed), strict=True))
 
 
-class PythonModel(RepositoryModel):
-    """A Python-backend model version (the tokenizer)."""
+#: Parameters of a Python-backend model's config that ``ServerLimits`` can lower.
+LIMITED_PARAMETERS = ("max_k", "max_history")
 
-    def __init__(self, model_dir: Path, version: int, config, revision: str = "") -> None:
+
+class PythonModel(RepositoryModel):
+    """A Python-backend model version (the tokenizer, the top-k model); ``models`` (name ->
+    model, looked up when a request runs) serve its BLS requests. Its ``max_k`` and
+    ``max_history`` parameters, where it has them, are lowered to ``limits``'."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        version: int,
+        config,
+        revision: str = "",
+        models: dict | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
         super().__init__(model_dir, version, config, revision)
-        self.backend = PythonBackendModel(model_dir, version, config)
+        if limits is not None:
+            config = _with_limits(config, limits)
+        registry = models if models is not None else {}
+
+        def bls(name: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if name not in registry:
+                raise RepositoryError(f"no model '{name}' in the repository")
+            return registry[name].infer(tensors)
+
+        self.backend = PythonBackendModel(model_dir, version, config, bls=bls)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's own ``execute``; its per-request error becomes a 400."""
@@ -333,6 +369,16 @@ class PythonModel(RepositoryModel):
             return self.backend.execute(tensors)
         except TritonError as error:
             raise InvalidInput(f"{self.name}: {error.message()}") from None
+
+
+def _with_limits(config, limits: ServerLimits):
+    """A copy of ``config`` whose limit parameters are at most ``limits``' values."""
+    config = type(config).FromString(config.SerializeToString())
+    for name in LIMITED_PARAMETERS:
+        if name in config.parameters:
+            current = int(config.parameters[name].string_value)
+            config.parameters[name].string_value = str(min(current, getattr(limits, name)))
+    return config
 
 
 class EnsembleModel(RepositoryModel):
@@ -376,11 +422,15 @@ def _version_to_serve(model_dir: Path, version: int | None) -> int:
 
 
 def load_repository(
-    repository: Path, version: int | None = None, revision: str = ""
+    repository: Path,
+    version: int | None = None,
+    revision: str = "",
+    limits: ServerLimits | None = None,
 ) -> list[RepositoryModel]:
     """Load every model of a Triton repository at ``version`` (default: each model's
-    newest), its metrics labelled with ``revision``. TensorRT plans are skipped with a
-    warning (they need Triton on a GPU node)."""
+    newest), its metrics labelled with ``revision``, Python models' limits at most
+    ``limits``'. TensorRT plans are skipped with a warning (they need Triton on a GPU
+    node)."""
     if not repository.is_dir():
         raise RepositoryError(f"model repository {repository} does not exist")
     configs = {}
@@ -403,7 +453,7 @@ def load_repository(
             models[name] = OnnxModel(model_dir, served, config, revision)
         elif config.backend == "python":
             served = _version_to_serve(model_dir, version)
-            models[name] = PythonModel(model_dir, served, config, revision)
+            models[name] = PythonModel(model_dir, served, config, revision, models, limits)
         else:
             log.warning(
                 "skipping model %s: %s needs Triton (a GPU node)",
@@ -432,7 +482,7 @@ def serve(
     label, response header, feedback; "" for none) until SIGTERM/SIGINT (blocking)."""
     from .loopback import LoopbackModelServer
 
-    models = load_repository(repository, version, revision)
+    models = load_repository(repository, version, revision, limits)
     for model in models:
         log.info("serving %s version %s (revision %r)", model.name, model.version, revision)
     LoopbackModelServer(

@@ -19,6 +19,7 @@ conversion that dies before step 4 publishes nothing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from recjob_trainer.storage import (
     write_json_atomic,
 )
 
-from .repository import snapshot_path, text_model_names
+from .repository import companion_model_names, snapshot_path
 
 if TYPE_CHECKING:
     from .convert import ConvertConfig
@@ -88,10 +89,11 @@ def convert_staged(config: ConvertConfig, run: Callable[[ConvertConfig], dict]) 
     teacher = WorkingCopy(config.teacher_dir) if config.teacher_dir else None
     output = WorkingCopy(config.output_dir)
     repository = WorkingCopy(config.repository)
-    names = [config.model_name, *text_model_names(config.model_name)]
     for copy in (model, data, teacher):
         if copy is not None:
             copy.pull()
+    kind = json.loads((model.local / "recjob-model.json").read_text())["kind"]
+    names = [config.model_name, *companion_model_names(config.model_name, kind)]
     output.local.mkdir(parents=True, exist_ok=True)
     (output.local / REPORT).unlink(missing_ok=True)  # a report from an earlier attempt
     if repository.is_remote:

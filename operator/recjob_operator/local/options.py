@@ -19,6 +19,12 @@ class LocalOptions:
     replay_rate: float = 8.0
     """Impressions per second the replay driver sends."""
     replay_k: int = 5
+    """The replayed user clicks when the chosen item is in the top ``replay_k`` of its
+    20 candidates."""
+    replay_topk: int = 10
+    """A sequential recommender is asked for the top ``replay_topk`` of the whole catalog;
+    the user clicks when the item they chose next is among them (live click-through then
+    estimates the offline full-catalog HR@10, the live gain its NDCG@10)."""
     prometheus_url: str | None = None
     """The default Prometheus (it must scrape the router and label its series with the
     RecJob's namespace) instead of a private one."""

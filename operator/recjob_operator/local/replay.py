@@ -11,7 +11,13 @@ of that revision.
 
 Recommendation: each impression is a held-out user (history as text) and 20 candidates
 (the item the user really chose next + 19 random catalog items); the served embeddings
-rank them; a click is the chosen item in the top ``k``, the gain its NDCG@k. Search: each
+rank them; a click is the chosen item in the top ``k``, the gain its NDCG@k. With
+``--topk K`` (a sequential recommender: ``--model <service>-topk``) each impression is a
+held-out user's history (item ids, oldest first, the last :data:`TOPK_HISTORY`) and the
+server's top ``K`` of the whole catalog (history items excluded, the server's default); a
+click is the item the user really chose next among them, the gain its NDCG@K
+(1 / log2(rank + 2)): so live click-through estimates the offline full-catalog HR@K and
+the live gain its NDCG@K. Search: each
 impression is a held-out query and its judged products; a click is the best-judged
 product in the top ``k``, the gain the ranking's NDCG@k. Requests go to the raw-text
 ensemble through the router, which tells which revision answered; feedback goes to the
@@ -35,6 +41,8 @@ import polars as pl
 from recjob_trainer.batches import history_text
 
 CANDIDATES = 20
+#: Most recent history items a top-k request sends (the model keeps its own window).
+TOPK_HISTORY = 200
 
 
 def ndcg_at_k(gains_in_served_order: list[float], k: int) -> float:
@@ -47,12 +55,18 @@ def ndcg_at_k(gains_in_served_order: list[float], k: int) -> float:
     return dcg(gains_in_served_order) / ideal if ideal > 0 else 0.0
 
 
-def impressions(data: Path, task: str, seed: int) -> list[dict]:
-    """The impressions to replay: texts to send and the gain of each candidate."""
+def impressions(data: Path, task: str, seed: int, topk: bool = False) -> list[dict]:
+    """The impressions to replay: texts to send and the gain of each candidate, or (with
+    ``topk``) a history of item ids and the item chosen next."""
     rng = random.Random(seed)
     test = pl.read_parquet(data / "test.parquet")
     out = []
-    if task == "recommendation":
+    if task == "recommendation" and topk:
+        catalog = set(pl.read_parquet(data / "catalog.parquet")["item_id"].to_list())
+        for history, item in zip(test["history"].to_list(), test["item_id"].to_list(), strict=True):
+            if item in catalog:
+                out.append({"history": list(history)[-TOPK_HISTORY:], "target": item})
+    elif task == "recommendation":
         catalog = pl.read_parquet(data / "catalog.parquet")
         texts = dict(zip(catalog["item_id"], catalog["item_text"], strict=True))
         ids = list(texts)
@@ -86,8 +100,18 @@ def impressions(data: Path, task: str, seed: int) -> list[dict]:
     return out
 
 
-def request_body(impression: dict) -> dict:
-    """The Open Inference Protocol request for one impression (raw text, JSON)."""
+def request_body(impression: dict, k: int = 5) -> dict:
+    """The Open Inference Protocol request for one impression (raw text, JSON; or item ids
+    and ``k`` for a top-k model)."""
+    if "target" in impression:
+        history = impression["history"] or [""]  # "" is padding: a user without history
+        return {
+            "inputs": [
+                {"name": "history", "datatype": "BYTES", "shape": [1, len(history)],
+                 "data": history},
+                {"name": "k", "datatype": "INT32", "shape": [1, 1], "data": [k]},
+            ]
+        }  # fmt: skip
     if "user" in impression:
         texts = [impression["user"], *impression["items"]]
         return {
@@ -117,9 +141,26 @@ def served_order(impression: dict, response: dict) -> list[int]:
     return list(np.argsort(-scores, kind="stable"))
 
 
+def outcome(impression: dict, response: dict, k: int) -> tuple[bool, float]:
+    """(clicked, gain) of one served answer: the chosen item in the served top ``k``, and
+    the NDCG@k of the ranking."""
+    if "target" in impression:
+        outputs = {o["name"]: o for o in response["outputs"]}
+        served = [item for item in outputs["item_ids"]["data"][:k] if item]
+        if impression["target"] not in served:
+            return False, 0.0
+        return True, 1.0 / math.log2(served.index(impression["target"]) + 2)
+    order = served_order(impression, response)
+    gains = [impression["gains"][i] for i in order]
+    best = max(impression["gains"])
+    return best > 0 and best in gains[:k], ndcg_at_k(gains, k)
+
+
 async def replay(args: argparse.Namespace) -> None:
     """Send impressions at ``rate`` per second until stopped (cycling through the data)."""
-    pool = impressions(args.data, args.task, args.seed)
+    topk = args.topk is not None
+    k = args.topk if topk else args.k
+    pool = impressions(args.data, args.task, args.seed, topk)
     if not pool:
         raise SystemExit(f"no impressions in {args.data}")
     infer = f"{args.router}/v2/models/{args.model}/infer"
@@ -134,7 +175,8 @@ async def replay(args: argparse.Namespace) -> None:
             nonlocal ok, failed
             async with window:
                 try:
-                    async with session.post(infer, json=request_body(impression)) as response:
+                    body = request_body(impression, k)
+                    async with session.post(infer, json=body) as response:
                         revision = response.headers.get("x-recjob-revision")
                         if response.status != 200 or revision is None:
                             failed += 1
@@ -143,12 +185,12 @@ async def replay(args: argparse.Namespace) -> None:
                 except (aiohttp.ClientError, TimeoutError, ValueError):
                     failed += 1
                     return
-                order = served_order(impression, body)
-                gains = [impression["gains"][i] for i in order]
-                best = max(impression["gains"])
-                clicked = best > 0 and best in gains[: args.k]
-                feedback = {"revision": revision, "clicked": clicked,
-                            "gain": ndcg_at_k(gains, args.k)}  # fmt: skip
+                try:
+                    clicked, gain = outcome(impression, body, k)
+                except (KeyError, TypeError, ValueError, IndexError):  # not the answer asked
+                    failed += 1
+                    return
+                feedback = {"revision": revision, "clicked": clicked, "gain": gain}
                 pin = {"x-recjob-revision": revision}
                 try:
                     async with session.post(feedback_url, json=feedback, headers=pin) as answer:
@@ -188,7 +230,14 @@ def main() -> None:
     parser.add_argument("--task", choices=["search-ranking", "recommendation"], required=True)
     parser.add_argument("--rate", type=float, default=8.0, help="impressions per second")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--k", type=int, default=5, help="clicks within the top k shown")
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=None,
+        help="ask a top-k model for the top K of the whole catalog (a sequential "
+        "recommender's <service>-topk) and click when the user's next item is in it",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host", default=None, help="Host header (a Gateway's HTTPRoute)")
     parser.add_argument(

@@ -152,6 +152,14 @@ class LocalServing(WorkDir):
         if replay.alive():
             return
         data = self.generation_dir(recjob) / "train" / "data"
+        # a sequential recommender is asked for the top-k of its whole catalog
+        # (<service>-topk); the other models rank 20 candidates' texts (<service>-text)
+        sequential = recjob.spec.model.architecture == "sequential"
+        how = (
+            ["--model", f"{recjob.service_name}-topk", "--topk", str(self.options.replay_topk)]
+            if sequential
+            else ["--model", f"{recjob.service_name}-text", "--k", str(self.options.replay_k)]
+        )
         replay.start(
             [
                 sys.executable,
@@ -159,8 +167,7 @@ class LocalServing(WorkDir):
                 "recjob_operator.local.replay",
                 "--router",
                 self.router_url(recjob),
-                "--model",
-                f"{recjob.service_name}-text",
+                *how,
                 "--data",
                 str(data),
                 "--task",
@@ -169,8 +176,6 @@ class LocalServing(WorkDir):
                 else "search-ranking",
                 "--rate",
                 str(self.options.replay_rate),
-                "--k",
-                str(self.options.replay_k),
             ]
         )
 

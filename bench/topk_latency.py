@@ -4,7 +4,8 @@
 
 For each catalog size a synthetic sequential model (text embeddings drawn around 1,024
 centres, so the catalog has the cluster structure real item vectors have; hidden 64, 2
-layers, history window 50) is exported as ``recjob-serve convert`` exports one (the user
+layers, history window 50, cosine / temperature 0.07 scores as the RecJob's default: unit
+item vectors) is exported as ``recjob-serve convert`` exports one (the user
 tower to ONNX with its item table, int8 MatMuls; ``item_vectors.npy`` and
 ``item_ids.json`` beside it; the ``<model>-topk`` model), published to a repository and
 served by ``recjob-serve serve`` on 127.0.0.1. One client sends one user per request
@@ -59,7 +60,13 @@ def synthetic_model(items: int, hidden: int = 64, text_dim: int = 32, seed: int 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     shape = SequenceShape(
-        items=items, text_dim=text_dim, hidden=hidden, layers=2, heads=2, max_history=WINDOW
+        items=items,
+        text_dim=text_dim,
+        hidden=hidden,
+        layers=2,
+        heads=2,
+        max_history=WINDOW,
+        temperature=0.07,
     )
     info = types.SimpleNamespace(
         kind="sequential",
@@ -242,7 +249,8 @@ def measure(
     result: dict = {
         "how": "recjob-serve serve over HTTP (JSON, keep-alive), one user per request, "
         f"sequential client on the same machine; k = {K}, histories of 1-{WINDOW} items, "
-        "history excluded; int8 user tower (hidden 64, 2 layers), float32 item vectors",
+        "history excluded; int8 user tower (hidden 64, 2 layers, temperature 0.07), float32 "
+        "unit item vectors",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "catalogs": {},
     }

@@ -67,6 +67,7 @@ class _UserTowerGraph(nn.Module):
         super().__init__()
         shape = model.shape
         self.heads, self.max_history, self.hidden = shape.heads, shape.max_history, shape.hidden
+        self.temperature = float(shape.temperature)
         with torch.no_grad():
             self.register_buffer("table", model.catalog_vectors().detach().float().clone())
         self.position, self.input_norm = model.position, model.input_norm
@@ -76,7 +77,10 @@ class _UserTowerGraph(nn.Module):
         length = history.shape[1]
         index = torch.arange(length, device=history.device)
         positions = (length - 1 - index).clamp(max=self.max_history - 1)  # 0 = most recent
-        h = self.input_norm(self.table[history] + self.position(positions))
+        items = self.table[history]
+        if self.temperature > 0:  # unit item vectors, scaled as the model scales them
+            items = items * self.hidden**0.5
+        h = self.input_norm(items + self.position(positions))
         # causal, never a padded item, always itself (as the model's mask)
         blocked = (index.unsqueeze(0) > index.unsqueeze(1)).unsqueeze(0) | (history == 0).unsqueeze(
             1
@@ -99,7 +103,10 @@ class _UserTowerGraph(nn.Module):
             out = (weights @ v).transpose(1, 2).reshape(h.shape)
             h = h + attention.out_proj(out)
             h = h + layer.linear2(layer.activation(layer.linear1(layer.norm2(h))))
-        return self.output_norm(h[:, -1])
+        user = self.output_norm(h[:, -1])
+        if self.temperature > 0:  # cosine / temperature: a dot product with unit items
+            user = nn.functional.normalize(user, dim=-1) / self.temperature
+        return user
 
 
 @dataclass

@@ -99,8 +99,15 @@ def run(tmp_path_factory) -> dict:
             intermediate_size=32,
         )
     )
-    shape = SequenceShape(
-        items=ITEMS, text_dim=16, hidden=32, layers=2, heads=2, dropout=0.0, max_history=8
+    shape = SequenceShape(  # cosine / temperature scores, the RecJob's default
+        items=ITEMS,
+        text_dim=16,
+        hidden=32,
+        layers=2,
+        heads=2,
+        dropout=0.0,
+        max_history=8,
+        temperature=0.07,
     )
     info = ModelInfo(
         "sequential",
@@ -177,6 +184,36 @@ def test_int8_user_tower_ranks_as_pytorch(run) -> None:
         ]
     )
     assert overlap >= 0.8 and correlation > 0.95
+
+
+def test_dot_product_user_tower_exports_with_dynamic_axes(tmp_path: Path) -> None:
+    """temperature 0 (plain dot products, as SASRec): the export reproduces the model on
+    other batch sizes and history lengths than it was traced with."""
+    import types
+
+    from recjob_serving.export import export_user_tower, probe_histories, session
+
+    torch.manual_seed(0)
+    shape = SequenceShape(items=30, text_dim=8, hidden=16, heads=2, max_history=6)
+    info = types.SimpleNamespace(
+        kind="sequential",
+        max_length=16,
+        extra={"sequential": asdict(shape), "item_ids": [f"i{n}" for n in range(30)]},
+    )
+    model = SequentialRecommender(None, info)
+    model.set_catalog_text(torch.randn(30, 8), torch.ones(30))
+    model.eval()
+    exported = export_user_tower(model, tmp_path / "tower.onnx")
+    assert exported.parity_max_abs_diff < 1e-4
+    tower = session(exported.path)
+    with torch.no_grad():
+        table = model.catalog_vectors()
+        for history in probe_histories(30, seed=5):
+            expected = model.user_vectors_from(torch.from_numpy(history), table).numpy()
+            (got,) = tower.run(None, {"history": history})
+            assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
+    vectors = np.load(exported.files["item_vectors.npy"])
+    assert np.allclose(vectors, table[1:].numpy())
 
 
 def _bytes(rows: list[list[str]]) -> np.ndarray:

@@ -7,8 +7,8 @@ catalog for a RecJob sequential recommender, or a ranking of given candidates.
 whose history index is n + 1, and ``recjob.json``), asks the user tower ``<model>`` for
 the user's vector through Triton's BLS (``pb_utils.InferenceRequest(...).exec()``; in
 ``recjob-serve serve`` the same call runs the loaded ONNX model) and scores with dot
-products. It runs unchanged in Triton's Python backend (with numpy, and faiss-cpu for
-large catalogs) and in ``recjob-serve serve``.
+products. It is written for Triton's Python backend (with numpy, and faiss-cpu for large
+catalogs; not run in a real Triton here) and runs in ``recjob-serve serve``.
 
 Inputs (batch first; BYTES rows shorter than the batch's widest are padded with ``""``):
 

@@ -214,6 +214,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads")
     p.add_argument("--train-batch-size", type=int, default=2048)
     p.add_argument("--eval-batch-size", type=int, default=4096)
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="no training: score this RecBole SASRec checkpoint (saved/*.pth of a run of "
+        "this script on the same data and settings)",
+    )
     return p.parse_args(argv)
 
 
@@ -275,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     data_dir = args.data.resolve()
     out = args.out.resolve()
+    checkpoint_file = args.checkpoint.resolve() if args.checkpoint else None
     out.mkdir(parents=True, exist_ok=True)
     n_items = catalog_size(data_dir, args.prefix)
     dataset_root = out / "recbole_data"
@@ -309,17 +316,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
     t_train = time.perf_counter()
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=True, show_progress=False
-    )
+    if checkpoint_file is None:
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=True, show_progress=False
+        )
+        epochs_run = len(trainer.train_loss_dict)
+        checkpoint_file = Path(trainer.saved_model_file)
     train_seconds = time.perf_counter() - t_train
-    epochs_run = len(trainer.train_loss_dict)
 
     # the best checkpoint is RecBole's own pickle (config object inside): weights_only=False
-    checkpoint = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     best_epoch = int(checkpoint["epoch"])
+    if args.checkpoint is not None:  # scored, not trained, here
+        epochs_run = None
+        best_valid_result = trainer.evaluate(valid_data, load_best_model=False)
+        best_valid_score = best_valid_result["ndcg@10"]
     recbole_test = {
         k: float(v) for k, v in trainer.evaluate(test_data, load_best_model=False).items()
     }
@@ -393,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             k: (str(config[k]) if k == "device" else config[k])
             for k in (*config_dict, "device", "MODEL_TYPE", "model", "dataset")
         },
-        "saved_model_file": trainer.saved_model_file,
+        "checkpoint": str(checkpoint_file),
+        "trained_here": args.checkpoint is None,
     }
     (out / "peer.json").write_text(
         json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8"

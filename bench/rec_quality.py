@@ -243,6 +243,11 @@ def main() -> None:
         from topk_latency import measure
 
         result["served_topk"] = measure()
+    elif (HERE / "results" / "topk_latency.json").exists():  # the last separate run
+        result["served_topk"] = {
+            "source": "bench/results/topk_latency.json (bench/topk_latency.py, not this run)",
+            **json.loads((HERE / "results" / "topk_latency.json").read_text()),
+        }
     out_path = HERE / "results" / "rec_quality.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=float))

@@ -114,3 +114,30 @@ def test_scores_land_in_catalog_columns_and_rank_like_the_project(peer) -> None:
         peer.column_index(["[PAD]", "4"], n_items=4)
     with pytest.raises(ValueError, match="same catalog index"):
         peer.column_index(["[PAD]", "1", "01"], n_items=4)
+
+
+def test_rec_quality_matches_peer_rows_by_user_and_columns_by_item(tmp_path: Path) -> None:
+    """bench/rec_quality.py reads the peer's scores.npy (rows: test file order; columns:
+    item2index order) into our test rows (any order, by user) and catalog order."""
+    spec = importlib.util.spec_from_file_location("rec_quality", REPO / "bench" / "rec_quality.py")
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    import polars as pl
+
+    (tmp_path / "X.item2index").write_text("B\t0\nA\t1\nC\t2\n")
+    (tmp_path / "X.test.inter").write_text(
+        "user_id:token\titem_id_list:token_seq\titem_id:token\n7\t0\t1\n9\t2\t0\n"
+    )
+    out = tmp_path / "peer"
+    out.mkdir()
+    # file row 0 = user 7, row 1 = user 9; columns B, A, C
+    np.save(out / "scores.npy", np.array([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]], np.float32))
+    test = pl.DataFrame({"user_id": ["9", "7"], "history": [["C"], ["B"]], "item_id": ["B", "A"]})
+    scores = module.peer_scores(out, tmp_path, "X", test, ["A", "B", "C"])
+    assert scores.tolist() == [[11.0, 10.0, 12.0], [1.0, 0.0, 2.0]]

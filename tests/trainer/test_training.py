@@ -260,6 +260,11 @@ def test_zero3_lora_recommendation_consolidates_exactly(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["consolidation_max_abs_diff"] < 1e-4  # fp32: the same model
     assert metrics["ranks"]["agree"]
+    # validation's encoding shared by the ranks (under ZeRO-3: the same number of forwards
+    # on each) and the end-of-run evaluation reporting its progress, readable in the log
+    evaluate = [e for e in read_events(run) if e["event"] == "evaluate"]
+    assert {"validation at step 6", "test"} <= {e["phase"].split(",")[0] for e in evaluate}
+    assert "evaluate test, pass 1: " in out
     curve = losses(run)
     assert curve[-1] < curve[0], curve
     assert {"popularity", "zero-shot"} <= set(metrics["baselines"])

@@ -24,10 +24,11 @@ arithmetic over all users at once, in row chunks.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,6 +76,8 @@ class _Evaluation:
     spread: bool
     interval: float
     passes: int = 0
+    vectors: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    """model -> {(batcher id, text): unit vector}: what this evaluation already encoded."""
 
 
 _EVALUATION: ContextVar[_Evaluation | None] = ContextVar("recjob_evaluation", default=None)
@@ -90,8 +93,10 @@ def evaluating(
 ) -> Iterator[None]:
     """Within: every encoding pass reports ``emit("evaluate", phase=..., done=..., total=...,
     unit=..., elapsed_seconds=..., eta_seconds=...)`` every ``interval`` seconds and when
-    it ends; with ``spread`` (only where every rank of the process group evaluates the
-    same rows, as validation does) the ranks share the encoding and all-gather it."""
+    it ends; a model's text vectors are kept, so a later pass (the cold-start rows, a
+    baseline on another split) encodes only texts it has not seen; with ``spread`` (only
+    where every rank of the process group evaluates the same rows, as validation does)
+    the ranks share the encoding and all-gather it. The model must not change within."""
     token = _EVALUATION.set(_Evaluation(phase, emit, spread, interval))
     try:
         yield
@@ -105,15 +110,29 @@ def report_evaluation(phase: str, emit: Callable[..., None], interval: float = 1
     _EVALUATION.set(_Evaluation(phase, emit, False, interval))
 
 
-def _length(item) -> int:
-    return sum(map(len, item)) if isinstance(item, tuple) else len(item)
+def _characters(items: list) -> list[int]:
+    return [sum(map(len, i)) if isinstance(i, tuple) else len(i) for i in items]
+
+
+def _token_lengths(batcher: Batcher, items: list) -> list[int]:
+    """Tokens each text (or query-item pair) will take (characters where the batcher
+    has no tokenizer): what orders them into batches of similar length."""
+    tokenizer = getattr(batcher, "tokenizer", None)
+    if tokenizer is None or not items:
+        return _characters(items)
+    pairs = isinstance(items[0], tuple)
+    left = [i[0] for i in items] if pairs else items
+    right = [i[1] for i in items] if pairs else None
+    encoded = tokenizer(left, right, truncation=True, max_length=batcher.max_length)
+    return [len(ids) for ids in encoded["input_ids"]]
 
 
 @torch.no_grad()
-def _batched(fn, items: list, batch_size: int, unit: str = "texts") -> np.ndarray:
+def _batched(fn, items: list, batch_size: int, unit: str = "texts", lengths=None) -> np.ndarray:
     """``fn`` (a model forward over a list of items) over ``items``, as one array in the
     items' order. Each distinct item is computed once, batched with items of similar
-    length; see :func:`evaluating` for progress and sharing the work between ranks.
+    length (``lengths(distinct items)``, default characters); see :func:`evaluating` for
+    progress and sharing the work between ranks.
 
     Shared, every rank runs the same number of forwards (a rank out of work runs one on
     a single item: ZeRO-3 gathers parameters collectively in each forward), then the
@@ -121,7 +140,8 @@ def _batched(fn, items: list, batch_size: int, unit: str = "texts") -> np.ndarra
     if not items:
         return np.zeros(0)
     unique = list(dict.fromkeys(items))
-    order = sorted(range(len(unique)), key=lambda i: _length(unique[i]))
+    size = (lengths or _characters)(unique)
+    order = sorted(range(len(unique)), key=size.__getitem__)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     context = _EVALUATION.get()
     shared = context is not None and context.spread and dist.is_initialized()
@@ -185,20 +205,33 @@ def cross_encoder_logits(
         batch = batcher.pairs([q for q, _ in chunk], [t for _, t in chunk])
         return model.score_pairs(**{k: v.to(device) for k, v in batch.items()})
 
-    return _batched(fn, pairs, batch_size, unit="pairs")
+    return _batched(fn, pairs, batch_size, "pairs", lambda p: _token_lengths(batcher, p))
 
 
 def text_vectors(
     model: RankingModel, batcher: Batcher, texts: list[str], batch_size: int
 ) -> np.ndarray:
-    """Unit embeddings of texts (bi-encoder, or the zero-shot pretrained encoder)."""
+    """Unit embeddings of texts (bi-encoder, or the zero-shot pretrained encoder); within
+    :func:`evaluating`, each text is encoded once per model for the whole evaluation."""
     device = next(model.parameters()).device
 
     def fn(chunk):
         batch = batcher.texts_batch(chunk, "")
         return model.item_vectors(batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
-    return _batched(fn, texts, batch_size)
+    def lengths(chunk):
+        return _token_lengths(batcher, chunk)
+
+    context = _EVALUATION.get()
+    if context is None or not texts:
+        return _batched(fn, texts, batch_size, "texts", lengths)
+    known = context.vectors.setdefault(model, {})
+    key = id(batcher)
+    missing = [t for t in dict.fromkeys(texts) if (key, t) not in known]
+    if missing:
+        vectors = _batched(fn, missing, batch_size, "texts", lengths)
+        known.update(zip([(key, t) for t in missing], vectors, strict=True))
+    return np.stack([known[key, t] for t in texts])
 
 
 # --------------------------------------------------------------------------- search

@@ -184,14 +184,15 @@ def spearman(a: ArrayLike, b: ArrayLike) -> float:
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """0-based ranks, tied values sharing the mean of their positions (array arithmetic:
+    an AUC over a million sampled scores took seconds as a loop over tie groups)."""
     order = np.argsort(x, kind="mergesort")
     ranks = np.empty(len(x), dtype=np.float64)
     sorted_x = x[order]
     boundaries = np.flatnonzero(np.diff(sorted_x)) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [len(x)]])
-    for a, b in zip(starts, ends, strict=True):
-        ranks[order[a:b]] = (a + b - 1) / 2.0
+    ranks[order] = np.repeat((starts + ends - 1) / 2.0, ends - starts)
     return ranks
 
 

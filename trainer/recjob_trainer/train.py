@@ -36,7 +36,7 @@ from .checkpoints import (
 from .config import TrainerConfig
 from .context import RunContext, Stage
 from .distributed import barrier, broadcast, setup_distributed
-from .evaluation import validation_metric
+from .evaluation import evaluating, validation_metric
 from .finish import finish
 from .models import base_model_path, build_model
 from .objective import apply_lora, loss_fn, model_info
@@ -266,7 +266,9 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
             batch_digest = hashlib.sha1()
             new_best = False
             if step % t.eval_interval_steps == 0 or step == total_steps:
-                metric, value = validation_metric(engine.module, batcher, prepared, config)
+                # every rank encodes a share of what validation needs, all-gathered
+                with evaluating(f"validation at step {step}", progress.event, spread=True):
+                    metric, value = validation_metric(engine.module, batcher, prepared, config)
                 progress.event("eval", step=step, metric=metric, value=value, **tag)
                 stop = _early_stop(config, state, value, step)
                 state["best_metric"], state["stopped_early"] = metric, stop

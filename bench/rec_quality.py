@@ -82,6 +82,16 @@ def our_config(data: Path, prefix: str, runs: Path, epochs: int) -> dict:
     }
 
 
+def _saved_config(run: Path) -> dict | None:
+    """The trainer config a reused run was started with (run_trainer writes it beside)."""
+    path = run.parent / f"{run.name}.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def run_peer(data: Path, prefix: str, out: Path) -> dict:
     """RecBole SASRec in its own virtualenv; its peer.json (scores.npy beside it)."""
     python = REPO / ".venv-recbole" / "bin" / "python"
@@ -112,10 +122,10 @@ def peer_scores(out: Path, data: Path, prefix: str, test: pl.DataFrame, ids: lis
     """The peer's (test rows x catalog) scores, rows matched to ``test`` by user and
     columns ordered as ``ids``."""
     scores = np.load(out / "scores.npy", mmap_mode="r")
-    index = {}
+    index = {}  # catalog id -> column: the item2index code, or the .inter index token itself
     for line in (data / f"{prefix}.item2index").read_text().splitlines():
         item, n = line.split("\t")
-        index[item] = int(n)
+        index[item] = index[n] = int(n)
     users = [
         line.split("\t")[0] for line in (data / f"{prefix}.test.inter").read_text().splitlines()[1:]
     ]
@@ -230,7 +240,11 @@ def main() -> None:
         "ours_minus_other_ndcg@10_bootstrap": bootstrap,
         "cold_start_ours_minus_other_bootstrap": cold_bootstrap,
         "ours": {
-            "config": our_config(data, args.prefix, runs, args.epochs) if not args.ours else None,
+            "config": (
+                our_config(data, args.prefix, runs, args.epochs)
+                if not args.ours
+                else _saved_config(run)
+            ),
             "train_wall_seconds": trained["wall_seconds"] if trained else None,
             "trainer_test_metrics": metrics["model"],
             "model_selection": metrics.get("model_selection"),

@@ -537,9 +537,9 @@ def test_sequential_recommender_zero3_trains_and_ranks_the_catalog(
             "microBatchSize": 4,
             "maxSteps": 4,
             "learningRate": 3e-3,
-            "evalIntervalSteps": 2,
+            "evalIntervalSteps": 4,
             "earlyStopping": {"patience": 5},
-            "checkpoint": {"intervalSteps": 2},
+            "checkpoint": {"intervalSteps": 4},
         },
         "evaluation": {"sampledNegatives": 20, "batchSize": 64},
     }
@@ -552,7 +552,7 @@ def test_sequential_recommender_zero3_trains_and_ranks_the_catalog(
     assert metrics["model"]["full/users"] == 30
     assert {"full/ndcg@10", "sampled/ndcg@10", "full/mrr"} <= set(metrics["model"])
     assert metrics["cold_start"]["users"] >= 0
-    assert [e["metric"] for e in metrics["validation"]] == ["full/ndcg@10"] * 2
+    assert [e["metric"] for e in metrics["validation"]] == ["full/ndcg@10"]
     assert (run / "catalog-text.safetensors").exists()
     events = read_events(run)
     assert [e for e in events if e["event"] == "encode-catalog"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,12 +178,19 @@ SAMPLES = _samples()
 @pytest.fixture(scope="module")
 def crd(cluster: Cluster) -> Cluster:
     """The repository's CRD installed (server-side apply, as manifests/default does)."""
-    # a changed CRD makes the API server recompile its CEL rules and rebuild its OpenAPI:
-    # 75 s was measured on a loaded 2-core machine, so allow well past kubectl's default
+    # right after a CRD is created its status has no conditions yet, and kubectl wait then
+    # fails at once ("accessor error: <nil>", seen in CI) instead of waiting: retry it
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD), timeout=300)
-    cluster.kubectl(
-        "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=240s", timeout=300
-    )
+    deadline = time.monotonic() + 240
+    while True:
+        result = cluster.kubectl(
+            "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s",
+            check=False, timeout=120,
+        )  # fmt: skip
+        if result.returncode == 0:
+            break
+        assert time.monotonic() < deadline, f"CRD not Established: {result.stderr.strip()}"
+        time.sleep(1)
     return cluster
 
 

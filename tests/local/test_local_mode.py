@@ -5,11 +5,13 @@ Prometheus, the reconcile core deciding. Promote, roll back, and kill/resume mid
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,10 +105,11 @@ def recjob(data: Path, name: str, ctr_min: float, interval: str = "4s", processe
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("local")
     tiny_dataset(root / "data")
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # models and checkpoints: GBs of CI's disk
 
 
 def write(root: Path, name: str, ctr_min: float, interval: str = "4s", processes: int = 1) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +44,12 @@ def saved_model(tmp: Path, kind: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory) -> tuple[Path, Path]:
+def cross_encoder(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     tmp = tmp_path_factory.mktemp("cross")
     model_dir = saved_model(tmp, "cross-encoder")
     exported = export_onnx(model_dir, tmp / "model.onnx")
-    return model_dir, exported.path
+    yield model_dir, exported.path
+    shutil.rmtree(tmp, ignore_errors=True)  # CI's disk
 
 
 @pytest.mark.parametrize("kind", ["cross-encoder", "bi-encoder"])

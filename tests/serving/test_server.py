@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -40,7 +42,7 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory) -> tuple[Path, Path]:
+def repository(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     """A repository with the search model (fp32 ONNX), its tokenizer and the ensemble."""
     tmp = tmp_path_factory.mktemp("repo")
     model_dir = saved_model(tmp, "cross-encoder")
@@ -49,7 +51,8 @@ def repository(tmp_path_factory) -> tuple[Path, Path]:
     card = {"kind": "cross-encoder", "max_length": 32}
     version = publish(repo, "search", exported.path, card, max_batch_size=16)
     publish_text_models(repo, "search", model_dir / "tokenizer", "cross-encoder", 32, 16, version)
-    return repo, model_dir
+    yield repo, model_dir
+    shutil.rmtree(tmp, ignore_errors=True)  # one per module that uses it: CI's disk
 
 
 class Server:

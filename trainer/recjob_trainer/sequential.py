@@ -40,6 +40,7 @@ class SequenceShape:
     text_frozen: bool = True
     negatives: str = "catalog"  # catalog | sampled (see the RecJob's model.sequential)
     temperature: float = 0.0  # > 0: cosine similarity / temperature; 0: dot product
+    ffn: list[int] | None = None  # FFN width of each layer (pruned); None: 4 x hidden each
 
     @classmethod
     def from_dict(cls, values: dict) -> SequenceShape:
@@ -76,6 +77,21 @@ class SequentialRecommender(nn.Module):
             norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, shape.layers, enable_nested_tensor=False)
+        if shape.ffn is not None:  # a pruned model: each layer its own FFN width
+            if len(shape.ffn) != shape.layers:
+                raise ValueError(f"{len(shape.ffn)} FFN widths for {shape.layers} layers")
+            self.transformer.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    d,
+                    shape.heads,
+                    width,
+                    shape.dropout,
+                    activation="gelu",
+                    batch_first=True,
+                    norm_first=True,
+                )
+                for width in shape.ffn
+            )
         self.output_norm = nn.LayerNorm(d)
 
     # ------------------------------------------------------------------ item side
@@ -114,10 +130,16 @@ class SequentialRecommender(nn.Module):
         return torch.cat([torch.zeros_like(vectors[:1]), vectors[1:]])
 
     # ------------------------------------------------------------------ user side
-    def user_vectors_from(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def user_vectors_from(
+        self, history: torch.Tensor, table: torch.Tensor, states: list | None = None
+    ) -> torch.Tensor:
         """(B, hidden) user vectors of left-padded histories (B, L) of global indices,
         looked up in ``table`` (items + 1, hidden; :meth:`catalog_vectors`): a user's
-        score for an item is the dot product with the item's row of ``table``."""
+        score for an item is the dot product with the item's row of ``table``.
+
+        With ``states`` (a list), the transformer's input and every layer's output
+        (B, L, hidden each) and the mask of real (unpadded) positions are appended to it
+        (hidden-state distillation)."""
         length = history.shape[1]
         positions = torch.arange(length - 1, -1, -1, device=history.device)  # 0 = most recent
         items = table[history]
@@ -131,7 +153,15 @@ class SequentialRecommender(nn.Module):
             torch.ones(length, length, dtype=torch.bool, device=history.device), diagonal=1
         ).unsqueeze(0) | (history == 0).unsqueeze(1)
         blocked &= ~torch.eye(length, dtype=torch.bool, device=history.device)
-        h = self.transformer(h, mask=blocked.repeat_interleave(self.shape.heads, dim=0))
+        mask = blocked.repeat_interleave(self.shape.heads, dim=0)
+        if states is None:
+            h = self.transformer(h, mask=mask)
+        else:  # layer by layer (what nn.TransformerEncoder does), keeping each output
+            hidden = [h]
+            for layer in self.transformer.layers:
+                h = layer(h, src_mask=mask)
+                hidden.append(h)
+            states.append((tuple(hidden), history != 0))
         user = self.output_norm(h[:, -1])
         if self.shape.temperature > 0:
             user = nn.functional.normalize(user, dim=-1) / self.shape.temperature
@@ -150,9 +180,10 @@ class SequentialRecommender(nn.Module):
         ``candidates`` (C global indices; every history item must be among them).
 
         With the text side trained, the candidates' texts come tokenized and are encoded
-        here; otherwise their stored text embeddings are used."""
-        if output_hidden_states:
-            raise ValueError("the sequential recommender has no distillation states")
+        here; otherwise their stored text embeddings are used. With
+        ``output_hidden_states``: ``(scores, (hidden_states, real_positions))`` of the
+        users' transformer (see :meth:`user_vectors_from`)."""
+        states: list | None = [] if output_hidden_states else None
         text = None
         if candidate_input_ids is not None:
             text = self.encode_texts(candidate_input_ids, candidate_attention_mask)
@@ -160,12 +191,17 @@ class SequentialRecommender(nn.Module):
         table = vectors.new_zeros(self.shape.items + 1, vectors.shape[1]).index_copy(
             0, candidates, vectors
         )
-        users = self.user_vectors_from(history, table)
+        users = self.user_vectors_from(history, table, states)
         scores = users @ vectors.T
         if self.training:  # items training never saw are not negatives either
-            unseen = self.seen[candidates] == 0
-            scores = scores.masked_fill(unseen.unsqueeze(0), torch.finfo(scores.dtype).min)
-        return scores
+            scores = self.mask_unseen(scores, candidates)
+        return (scores, states[0]) if states is not None else scores
+
+    def mask_unseen(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``scores`` (B, C) with the candidates training never saw at the dtype's minimum:
+        what training's softmax leaves out (a distillation teacher's scores get the same)."""
+        unseen = self.seen[candidates] == 0
+        return scores.masked_fill(unseen.unsqueeze(0), torch.finfo(scores.dtype).min)
 
     def scale(self) -> torch.Tensor:
         """Scores are dot products already on the logit scale."""

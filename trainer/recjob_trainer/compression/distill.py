@@ -7,6 +7,11 @@ each user's candidates (bi-encoder: the user's row of the in-batch score matrix)
 micro-batch's (query, item) pairs (cross-encoder) — so the student learns the teacher's
 ordering. KL losses are scaled by T² (Hinton et al.) and are exactly zero when the
 student's logits equal the teacher's.
+
+Entries masked out of a softmax — the sequential recommender fills the scores of items
+training never saw with the dtype's minimum — take no part: a logit at or below
+:data:`MASKED_LOGIT` in either model's scores (or outside an explicit ``valid`` mask) adds
+nothing to any loss, and neither it nor its gradient can become inf or NaN.
 """
 
 from __future__ import annotations
@@ -22,14 +27,31 @@ from ..batches import Batcher, Shard
 
 LOSSES = ("mse", "kl", "listwise-kl")
 
+#: Logits at or below this are masked entries (a dtype's minimum), never real scores.
+MASKED_LOGIT = -1e30
+
 
 def distillation_loss(
-    kind: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Loss of ``student`` logits against ``teacher`` logits (same shape), in fp32."""
+    """Loss of ``student`` logits against ``teacher`` logits (same shape), in fp32.
+
+    ``valid`` (bool, broadcastable to the logits): the entries that take part; masked
+    entries (see the module docstring) are left out in any case."""
     s, t = student.float(), teacher.detach().float()
     if s.shape != t.shape:
         raise ValueError(f"student logits {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+    if kind not in LOSSES:
+        raise ValueError(f"distillation loss {kind!r}: expected one of {', '.join(LOSSES)}")
+    keep = (s > MASKED_LOGIT) & (t > MASKED_LOGIT)
+    if valid is not None:
+        keep = keep & valid.to(torch.bool).expand_as(keep)
+    if not bool(keep.all()):
+        return _masked_loss(kind, s, t, temperature, keep)
     if kind == "mse":
         return F.mse_loss(s, t)
     if kind == "kl":  # binary KL(teacher || student) per logit, softened by T
@@ -47,7 +69,34 @@ def distillation_loss(
             reduction="batchmean",
         )
         return kl * temperature**2
-    raise ValueError(f"distillation loss {kind!r}: expected one of {', '.join(LOSSES)}")
+    raise AssertionError(kind)
+
+
+def _masked_loss(
+    kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float, keep: torch.Tensor
+) -> torch.Tensor:
+    """:func:`distillation_loss` over the ``keep`` entries only: masked values are replaced
+    before any arithmetic (so no inf/NaN reaches the loss or its gradient) and the means
+    are over the kept entries (``listwise-kl``: over the rows that keep any)."""
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    s, t = torch.where(keep, s, zero), torch.where(keep, t, zero)
+    kept = keep.sum().clamp(min=1)
+    if kind == "mse":
+        return ((s - t) ** 2 * keep).sum() / kept
+    if kind == "kl":
+        target = torch.sigmoid(t / temperature)
+        terms = F.binary_cross_entropy_with_logits(
+            s / temperature, target, reduction="none"
+        ) - F.binary_cross_entropy_with_logits(t / temperature, target, reduction="none")
+        return (terms * keep).sum() / kept * temperature**2
+    s2, t2, k2 = (x.unsqueeze(0) for x in (s, t, keep)) if s.dim() == 1 else (s, t, keep)
+    rows = k2.any(-1)
+    s2, t2, k2 = s2[rows], t2[rows], k2[rows]
+    low = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    log_s = F.log_softmax(torch.where(k2, s2 / temperature, low), dim=-1)
+    log_t = F.log_softmax(torch.where(k2, t2 / temperature, low), dim=-1)
+    terms = torch.where(k2, log_t.exp() * (log_t - log_s), zero)
+    return terms.sum() / max(1, int(rows.sum())) * temperature**2
 
 
 def hidden_state_loss(

@@ -8,7 +8,8 @@ consolidated models are written atomically (``teacher/``, ``distilled/``) and ev
 reloads them, and the pruning decision is made once by rank 0 (``pruning.json``) and
 replayed everywhere. The last stage's model becomes ``model/``: conversion, the quality
 gate and serving treat it like any other model, and ``teacher/`` stays beside it so the
-gate can compare against the teacher.
+gate can compare against the teacher. The sequential recommender goes through the same
+stages; what differs for it (student, teacher scores, pruning) is in :mod:`.sequential`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..models import ModelInfo, RankingModel, load_model, save_model
 from ..objective import loss_fn
 from ..storage import atomic_directory, write_json_atomic
 from . import pruning as prune
+from . import sequential as seq
 from .distill import TeacherScores, distillation_loss, hidden_state_loss
 from .structure import clone, structure_of
 from .student import build_student
@@ -56,22 +58,28 @@ def compress(run, teacher_stage) -> dict:
     teacher, _ = load_model(run_dir / "teacher")
     teacher.requires_grad_(False)
     current = teacher
+    sequential = seq.is_sequential(teacher)
 
     d = spec.distillation
     if d is not None:
-        student, mapping = build_student(teacher, d.student)
-        student.requires_grad_(True)
         steps = d.max_steps or teacher_stage.total_steps
         t = config.training
-        scores = TeacherScores.for_shard(
-            teacher,
-            run.shard,
-            run.batcher,
-            steps * t.micro_batch_size * t.gradient_accumulation_steps,
-            config.evaluation.batch_size,
-            d.intermediate_weight > 0,
-            run.progress.event,
-        )
+        if sequential:
+            student, mapping = seq.build_student(teacher, d.student, t.seed)
+            seq.trainable(student)
+            scores = seq.SequentialTeacherScores(teacher)
+        else:
+            student, mapping = build_student(teacher, d.student)
+            student.requires_grad_(True)
+            scores = TeacherScores.for_shard(
+                teacher,
+                run.shard,
+                run.batcher,
+                steps * t.micro_batch_size * t.gradient_accumulation_steps,
+                config.evaluation.batch_size,
+                d.intermediate_weight > 0,
+                run.progress.event,
+            )
         stage = Stage(
             "distill",
             student,
@@ -95,7 +103,8 @@ def compress(run, teacher_stage) -> dict:
         decision_path = run_dir / "pruning.json"
         digest = training_digest(config, "recover")
         if rank == 0 and not decision_path.exists():
-            decision = prune.choose(current, p.method, p.amount, held_out, _task_loss(run.info))
+            choose = seq.choose if sequential else prune.choose
+            decision = choose(current, p.method, p.amount, held_out, _task_loss(run.info))
             write_json_atomic(decision_path, {**decision, "config": digest})
         barrier()
         decision = json.loads(decision_path.read_text())
@@ -104,10 +113,16 @@ def compress(run, teacher_stage) -> dict:
                 f"{decision_path} was decided for another compression configuration; "
                 "use a new output directory (the operator uses one per RecJob generation)"
             )
-        pruned = clone(current).requires_grad_(True)
-        masks = prune.apply(pruned, decision)
-        structure = structure_of(pruned.encoder)
-        pruned.info = replace(current.info, extra={**current.info.extra, "structure": structure})
+        if sequential:  # the new shape goes to the model's info (extra["sequential"])
+            pruned = seq.trainable(clone(current))
+            masks = seq.apply(pruned, decision)
+            structure = seq.structure_of(pruned)
+        else:
+            pruned = clone(current).requires_grad_(True)
+            masks = prune.apply(pruned, decision)
+            structure = structure_of(pruned.encoder)
+            extra = {**current.info.extra, "structure": structure}
+            pruned.info = replace(current.info, extra=extra)
         pruning_report = {
             "method": p.method,
             "amount": p.amount,
@@ -115,19 +130,20 @@ def compress(run, teacher_stage) -> dict:
             "structure": structure,
             "parameters_before": _parameters(current),
             "parameters_after": _parameters(pruned),
-            "weight_sparsity": prune.sparsity(pruned),
+            "weight_sparsity": (seq.sparsity if sequential else prune.sparsity)(pruned),
         }
         if rank == 0:  # the real speed effect, measured (PyTorch on this process)
             probe = held_out[0][0]
-            pruning_report["latency_ms_before"] = prune.forward_latency_ms(current, probe)
-            pruning_report["latency_ms_after"] = prune.forward_latency_ms(pruned, probe)
+            pruning_report["latency_ms_before"] = _latency_ms(current, probe)
+            pruning_report["latency_ms_after"] = _latency_ms(pruned, probe)
         if p.recovery_steps > 0:
+            teacher_scores = (seq.SequentialTeacherScores if sequential else TeacherScores)(teacher)
             stage = Stage(
                 "recover",
                 pruned,
                 p.recovery_steps,
                 run_dir / "checkpoints-recover",
-                recovery_step_loss(run.info, d, TeacherScores(teacher)),
+                recovery_step_loss(run.info, d, teacher_scores),
                 after_step=(lambda e: prune.enforce(e.module, masks)) if masks else None,
             )
             _release(last[0])
@@ -184,20 +200,22 @@ def compression_summary(
         "teacher": {
             "metrics": teacher_metrics,
             "parameters": _parameters(teacher),
-            "layers": teacher.encoder.config.num_hidden_layers,
-            "hidden_size": teacher.encoder.config.hidden_size,
+            **_shape(teacher, structure=False),
             "model_bytes": (teacher_dir / "model.safetensors").stat().st_size,
-            "latency_ms": prune.forward_latency_ms(teacher, probe),
+            "latency_ms": _latency_ms(teacher, probe),
         },
         "student": {
             "parameters": _parameters(student),
-            "layers": student.encoder.config.num_hidden_layers,
-            "hidden_size": student.encoder.config.hidden_size,
-            "structure": structure_of(student.encoder),
+            **_shape(student, structure=True),
             "model_bytes": (model_dir / "model.safetensors").stat().st_size,
-            "latency_ms": prune.forward_latency_ms(student, probe),
+            "latency_ms": _latency_ms(student, probe),
         },
         "latency_batch_rows": int(next(iter(probe.values())).shape[0]),
+        "latency_measures": (
+            "user vectors from the histories + scores against the whole catalog table"
+            if seq.is_sequential(student)
+            else "one forward of the batch"
+        ),
         "stages": compression["stages"],
         "distillation": compression["distillation"],
         "pruning": compression["pruning"],
@@ -303,3 +321,21 @@ def _stage_summary(name: str, step: int, state: dict) -> dict:
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _shape(model: torch.nn.Module, structure: bool) -> dict:
+    """Layers, hidden size (and per-layer structure) of a teacher or student."""
+    if seq.is_sequential(model):
+        out = seq.describe(model)
+        return out if structure else {k: v for k, v in out.items() if k != "structure"}
+    config = model.encoder.config
+    out = {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
+    return {**out, "structure": structure_of(model.encoder)} if structure else out
+
+
+def _latency_ms(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> float:
+    """PyTorch latency on this process: the served path of a sequential recommender, one
+    forward of the batch otherwise."""
+    if seq.is_sequential(model):
+        return seq.latency_ms(model, probe)
+    return prune.forward_latency_ms(model, probe)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .api.v1alpha1 import RecJob, parse_duration
+from .api.v1alpha1 import RecJob, cel, parse_duration
 from .api.v1alpha1.cel import PLACEHOLDER_PATTERN, RAW_NEEDS_GATEWAY
 from .api.v1alpha1.common import (
     BUNDLED_MODELS,
@@ -427,12 +427,6 @@ def _model_rules(spec: RecJobSpec) -> list[Problem]:
                 "step: set model.fineTuning.method frozen, or model.sequential.negatives "
                 "sampled",
             )
-        if spec.compression is not None:
-            out.add(
-                "spec.compression",
-                "compression (distillation, pruning) applies to the auto architectures' "
-                "encoder; the sequential architecture is not compressed",
-            )
     if model.head.objective == "listwise" and spec.data.task == "search-ranking":
         out.add(
             f"{p}.head.objective",
@@ -526,14 +520,38 @@ def _compression_rules(spec: RecJobSpec) -> list[Problem]:
     if c.distillation is None and c.pruning is None:
         return [Problem(p, "set distillation and/or pruning, or remove compression")]
     out = _Problems()
-    teacher = BUNDLED_MODELS.get(spec.model.base_model)
+    sequential = spec.model.architecture == "sequential"
+    teacher = None if sequential else BUNDLED_MODELS.get(spec.model.base_model)
     d = c.distillation
+    if sequential and c.pruning is not None and c.pruning.method == "attention-heads":
+        out.add(f"{p}.pruning.method", cel.SEQUENTIAL_PRUNING)
     if d is not None:
         if d.task_weight + d.distillation_weight + d.intermediate_weight <= 0:
             out.add(
                 f"{p}.distillation.distillationWeight",
                 "taskWeight, distillationWeight and intermediateWeight are all 0",
             )
+        if sequential:  # its transformer is the teacher (model.sequential)
+            seq = spec.model.sequential
+            layers, hidden, heads = seq.layers, seq.hidden_size, seq.heads
+            s = d.student
+            if s.num_layers >= layers and (s.hidden_size is None or s.hidden_size >= hidden):
+                out.add(f"{p}.distillation.student.numLayers", cel.SEQUENTIAL_STUDENT_SMALLER)
+            if s.num_layers > layers:
+                out.add(
+                    f"{p}.distillation.student.numLayers",
+                    f"{cel.SEQUENTIAL_STUDENT_LAYERS} ({layers}), got {s.num_layers}",
+                )
+            if s.hidden_size is not None and s.hidden_size % heads:
+                out.add(
+                    f"{p}.distillation.student.hiddenSize",
+                    f"{cel.SEQUENTIAL_STUDENT_HEADS} ({heads}), got {s.hidden_size}",
+                )
+            if s.hidden_size is not None and s.hidden_size > hidden:
+                out.add(
+                    f"{p}.distillation.student.hiddenSize",
+                    f"{cel.SEQUENTIAL_STUDENT_WIDTH} ({hidden}), got {s.hidden_size}",
+                )
         if teacher is not None:
             layers, hidden, heads = teacher
             s = d.student

@@ -365,13 +365,15 @@ DISTILLATION_RULES = schema_rules(
 
 
 def _teacher_rules() -> Rules:
-    """The student must be smaller than a bundled teacher and shaped to fit it."""
+    """The student must be smaller than the teacher and shaped to fit it: a bundled
+    encoder (auto architecture) or the sequential recommender's transformer."""
     out: Rules = []
     student = "self.compression.distillation.student"
     hidden = f"has({student}.hiddenSize)"
     for name, (layers, width, heads) in BUNDLED_MODELS.items():
         guard = (
             f"!has(self.compression) || !has(self.compression.distillation)"
+            f" || self.model.architecture == 'sequential'"
             f" || self.model.baseModel != {cel_string(name)}"
         )
         path = ".compression.distillation.student"
@@ -399,7 +401,49 @@ def _teacher_rules() -> Rules:
                 f"{path}.hiddenSize",
             ),
         ]
+    guard = (
+        "!has(self.compression) || !has(self.compression.distillation)"
+        " || self.model.architecture != 'sequential'"
+    )
+    teacher, path = "self.model.sequential", ".compression.distillation.student"
+    out += [
+        rule(
+            f"{guard} || {student}.numLayers < {teacher}.layers"
+            f" || ({hidden} && {student}.hiddenSize < {teacher}.hiddenSize)",
+            SEQUENTIAL_STUDENT_SMALLER,
+            f"{path}.numLayers",
+        ),
+        rule(
+            f"{guard} || {student}.numLayers <= {teacher}.layers",
+            SEQUENTIAL_STUDENT_LAYERS,
+            f"{path}.numLayers",
+        ),
+        rule(
+            f"{guard} || !{hidden} || {student}.hiddenSize % {teacher}.heads == 0",
+            SEQUENTIAL_STUDENT_HEADS,
+            f"{path}.hiddenSize",
+        ),
+        rule(
+            f"{guard} || !{hidden} || {student}.hiddenSize <= {teacher}.hiddenSize",
+            SEQUENTIAL_STUDENT_WIDTH,
+            f"{path}.hiddenSize",
+        ),
+    ]
     return out
+
+
+#: Messages shared with validation.py (the sequential recommender's student and pruning).
+SEQUENTIAL_STUDENT_SMALLER = (
+    "the student must be smaller than the teacher (model.sequential: fewer layers, or a "
+    "smaller hiddenSize)"
+)
+SEQUENTIAL_STUDENT_LAYERS = "at most the teacher's model.sequential.layers"
+SEQUENTIAL_STUDENT_HEADS = "must be a multiple of the teacher's model.sequential.heads"
+SEQUENTIAL_STUDENT_WIDTH = "at most the teacher's model.sequential.hiddenSize"
+SEQUENTIAL_PRUNING = (
+    "attention-heads does not apply to the sequential architecture (nn.MultiheadAttention "
+    "ties the heads' width to the model width); use ffn-channels, layers or magnitude"
+)
 
 
 # --------------------------------------------------------------------------- export, serving
@@ -497,10 +541,11 @@ SPEC_RULES = schema_rules(
         ".model.sequential.negatives",
     ),
     rule(
-        "self.model.architecture != 'sequential' || !has(self.compression)",
-        "compression (distillation, pruning) applies to the auto architectures' encoder; "
-        "the sequential architecture is not compressed",
-        ".compression",
+        "self.model.architecture != 'sequential' || !has(self.compression)"
+        " || !has(self.compression.pruning)"
+        " || self.compression.pruning.method != 'attention-heads'",
+        SEQUENTIAL_PRUNING,
+        ".compression.pruning.method",
     ),
     rule(
         "self.model.head.objective != 'listwise' || self.data.task != 'search-ranking'",

@@ -190,12 +190,15 @@ class TrainingSpec(SpecModel):
 
 # --------------------------------------------------------------------------- compression
 class StudentSpec(SpecModel):
-    """A smaller student built from the teacher."""
+    """A smaller student built from the teacher (architecture sequential: from its
+    transformer, model.sequential)."""
 
     num_layers: int = Field(default=3, ge=1, le=48)
     """Transformer layers kept (taken from the teacher per layerSelection)."""
     hidden_size: int | None = Field(default=None, ge=32, le=4096)
-    """Narrower hidden size (unset keeps the teacher's)."""
+    """Narrower hidden size (unset keeps the teacher's). Architecture sequential: the width
+    of the transformer and of every item vector (the served item table), its weights
+    trained afresh from the teacher."""
     layer_selection: Literal["uniform", "first", "last"] = "uniform"
 
 
@@ -221,7 +224,8 @@ class PruningSpec(SpecModel):
     """Pruning after (or instead of) distillation."""
 
     method: Literal["attention-heads", "ffn-channels", "layers", "magnitude"] = "attention-heads"
-    """Structured methods shrink the graph; magnitude zeroes weights (rarely faster)."""
+    """Structured methods shrink the graph; magnitude zeroes weights (rarely faster).
+    Architecture sequential: ffn-channels, layers or magnitude (not attention-heads)."""
     amount: float = Field(default=0.3, gt=0.0, lt=1.0)
     """Fraction removed."""
     recovery_steps: int = Field(default=100, ge=0, le=MAX_STEP_COUNT)

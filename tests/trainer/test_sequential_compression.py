@@ -279,11 +279,16 @@ def test_the_report_describes_the_served_shape(tokenizer) -> None:
     assert (
         seq.describe(teacher)["item_table_bytes"] == 2 * seq.describe(student)["item_table_bytes"]
     )
-    assert seq.describe(student) | {"item_table_bytes": 0} == {
+    described = seq.describe(student)
+    assert {k: described[k] for k in ("layers", "hidden_size", "structure")} == {
         "layers": 1,
         "hidden_size": 32,
         "structure": {"heads": [2], "ffn": [128]},
-        "item_table_bytes": 0,
     }
+    own = sum(p.numel() for p in student.parameters()) - sum(
+        p.numel() for p in student.encoder.parameters()
+    )
+    assert described["parameters_without_text_encoder"] == own
+    assert own < seq.describe(teacher)["parameters_without_text_encoder"] / 3
     inputs, _ = batch()
     assert seq.latency_ms(student, inputs) > 0

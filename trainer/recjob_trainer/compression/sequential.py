@@ -256,13 +256,18 @@ def structure_of(model: SequentialRecommender) -> dict[str, list[int]]:
 
 def describe(model: SequentialRecommender) -> dict:
     """Layers, width and structure for ``metrics.json["compression"]``; ``item_table_bytes``
-    is the fp32 catalog table the served top-k searches (items x hidden)."""
+    is the fp32 catalog table the served top-k searches (items x hidden), and
+    ``parameters_without_text_encoder`` what is compressed (the text encoder is the
+    teacher's and is not served: item vectors are exported precomputed)."""
     shape = model.shape
     return {
         "layers": len(model.transformer.layers),
         "hidden_size": shape.hidden,
         "structure": structure_of(model),
         "item_table_bytes": (shape.items + 1) * shape.hidden * 4,
+        "parameters_without_text_encoder": sum(
+            p.numel() for name, p in model.named_parameters() if not name.startswith("encoder.")
+        ),
     }
 
 

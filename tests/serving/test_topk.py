@@ -8,6 +8,7 @@ few seconds that item n is followed by item n + 1, so the gate has real quality 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from dataclasses import asdict
@@ -184,6 +185,76 @@ def test_int8_user_tower_ranks_as_pytorch(run) -> None:
         ]
     )
     assert overlap >= 0.8 and correlation > 0.95
+
+
+def test_a_compressed_model_converts_and_is_gated_against_its_teacher(run) -> None:
+    """The fixture's model as a teacher: its transformer pruned (a layer, half of the FFN
+    channels), recovered by distillation, saved as the trainer saves a student (teacher/
+    beside model/); the conversion rebuilds the pruned shape, exports the user tower and
+    gates the int8 student on full-catalog NDCG@10 against itself and the teacher."""
+    from recjob_trainer.compression import sequential as seq
+    from recjob_trainer.compression.distill import distillation_loss
+
+    teacher, tokenizer = load_model(run["model_dir"])
+    student = seq.trainable(copy.deepcopy(teacher))
+    starts = torch.arange(1, ITEMS - 1)
+    held_out = [
+        ({"history": torch.stack([starts, starts + 1], 1), "candidates": torch.arange(1, 61)},
+         starts + 1)
+    ]  # fmt: skip
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(student.info, logits, labels)
+
+    for method, amount in (("layers", 0.5), ("ffn-channels", 0.5)):
+        seq.apply(student, seq.choose(student, method, amount, held_out, loss))
+    assert seq.structure_of(student) == {"heads": [2], "ffn": [64]}
+    scores = seq.SequentialTeacherScores(teacher)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    student.train()
+    batch, labels = held_out[0]
+    for _ in range(60):
+        logits = student(**batch)
+        step = 0.5 * loss(logits, labels) + 0.5 * distillation_loss(
+            "listwise-kl", logits, scores([], batch, False)[0], 2.0
+        )
+        optimizer.zero_grad()
+        step.backward()
+        optimizer.step()
+    student.eval()
+    tmp = run["tmp"] / "compressed"
+    save_model(student, student.state_dict(), tokenizer, tmp / "model")
+    config = ConvertConfig.model_validate(
+        {
+            "modelDir": str(tmp / "model"),
+            "dataDir": str(run["tmp"] / "data"),
+            "teacherDir": str(run["model_dir"]),
+            "outputDir": str(tmp / "convert"),
+            "repository": str(tmp / "repo"),
+            "modelName": "small",
+            "export": {
+                "target": "onnxruntime-int8",
+                "maxBatchSize": 8,
+                "qualityBudget": {"maxRelativeDrop": 0.02, "maxRelativeDropVsTeacher": 0.5},
+            },
+        }
+    )
+    report = convert(config)
+    assert report["passed"], report["reasons"]
+    assert report["onnx_parity_max_abs_diff"] < 1e-4
+    # the teacher is measured on the same rows: its value is the uncompressed conversion's
+    assert report["teacher_value"] == pytest.approx(run["report"]["source_value"], abs=1e-9)
+    assert report["teacher"]["full/ndcg@10"] == report["teacher_value"]
+    assert report["relative_drop_vs_teacher"] <= 0.5 and report["converted_value"] > 0.3
+    assert np.load(tmp / "repo" / "small" / "1" / "item_vectors.npy").shape == (ITEMS, 32)
+    # a budget vs the teacher the student does not meet: refused, naming the teacher
+    strict = config.model_copy(deep=True)
+    strict.output_dir, strict.repository = str(tmp / "strict"), str(tmp / "strict-repo")
+    strict.export.quality_budget.max_relative_drop_vs_teacher = 0.05
+    refused = convert(strict)
+    assert not refused["passed"] and refused["published_version"] is None
+    assert any("below the teacher's" in reason for reason in refused["reasons"])
 
 
 def test_dot_product_user_tower_exports_with_dynamic_axes(tmp_path: Path) -> None:

@@ -292,3 +292,37 @@ def test_the_report_describes_the_served_shape(tokenizer) -> None:
     assert own < seq.describe(teacher)["parameters_without_text_encoder"] / 3
     inputs, _ = batch()
     assert seq.latency_ms(student, inputs) > 0
+
+
+def test_sampled_candidates_with_a_trained_text_side(tokenizer) -> None:
+    """negatives sampled (the text side trains): the teacher scores the batch's own
+    candidates from their tokenized texts, masked as the student's; the student's text
+    encoder trains (fully), and the loss and its gradients stay finite."""
+    teacher = teacher_model(tokenizer)
+    shape = {**teacher.info.extra["sequential"], "text_frozen": False, "negatives": "sampled"}
+    teacher.info.extra["sequential"] = shape
+    teacher.shape = SequenceShape.from_dict(shape)
+    student, _ = seq.build_student(teacher, StudentSpec(numLayers=1), seed=0)
+    seq.trainable(student).train()
+    assert all(p.requires_grad for p in student.encoder.parameters())
+    candidates = torch.tensor([2, 4, 5, 8, 10, 13, 21])  # 4 and 8, 21: never seen
+    tokens = tokenizer([f"item {n}" for n in candidates.tolist()], padding=True,
+                       return_tensors="pt")  # fmt: skip
+    inputs = {
+        "history": torch.tensor([[0, 2, 5], [4, 8, 10]]),
+        "candidates": candidates,
+        "candidate_input_ids": tokens["input_ids"],
+        "candidate_attention_mask": tokens["attention_mask"],
+    }
+    teacher_logits, _ = seq.SequentialTeacherScores(teacher)([], inputs, False)
+    logits = student(**inputs)
+    floor = torch.finfo(logits.dtype).min
+    assert torch.equal(teacher_logits == floor, logits == floor)
+    assert (logits[0] == floor).tolist() == [False, True, False, True, False, False, True]
+    loss = loss_fn(student.info, logits, torch.tensor([5, 4])) + distillation_loss(
+        "listwise-kl", logits, teacher_logits, 0.5
+    )
+    loss.backward()
+    grads = [p.grad for p in student.encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(loss.detach())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 
 from recjob_trainer.batches import Batcher
 from recjob_trainer.data.prepare import read_prepared
-from recjob_trainer.evaluation import evaluate_search
+from recjob_trainer.evaluation import evaluate_recommendation, evaluate_search
 from recjob_trainer.models import load_model
 from recjob_trainer.progress import read_events
 from tests.conftest import SHARED
@@ -565,3 +566,117 @@ def test_sequential_recommender_zero3_trains_and_ranks_the_catalog(
     cached = load_file(str(run / "catalog-text.safetensors"))["text"]
     assert not torch.allclose(model.item_text[1:], cached, atol=1e-4)
     assert torch.equal(model.seen[1:], load_file(str(run / "catalog-text.safetensors"))["seen"])
+
+
+def test_sequential_distillation_and_pruning_resume_in_their_own_stage(tmp_path: Path) -> None:
+    """The sequential recommender compressed in the real loop (2 processes, ZeRO-2, the
+    frozen text side and a whole-catalog softmax): a 2-layer teacher of width 64 -> a
+    1-layer student of width 32 (listwise KL over the catalog, the unseen items masked in
+    both) -> half its FFN channels pruned -> recovery, killed mid-distillation: the rerun
+    reloads the teacher, resumes the distillation at its checkpoint on the same batches
+    and finishes; model/ reloads as the narrow pruned student and ranks as reported."""
+    files, run = atomic_slice(tmp_path), tmp_path / "run"
+    doc = {
+        "name": "seq-compressed",
+        "outputUri": str(run),
+        "logIntervalSteps": 2,
+        "data": {
+            "task": "recommendation",
+            "format": "atomic",
+            "train": files["train"],
+            "validation": files["valid"],
+            "test": files["test"],
+            "catalog": files["catalog"],
+        },
+        "model": {
+            "architecture": "sequential",
+            "maxSequenceLength": 16,
+            "historyLength": 4,
+            "fineTuning": {"method": "frozen"},
+            "sequential": {"hiddenSize": 64, "layers": 2, "heads": 2},
+        },
+        "training": {
+            "processesPerNode": 2,
+            "deepspeed": {"zeroStage": 2},
+            "precision": "fp32",
+            "microBatchSize": 4,
+            "maxSteps": 4,
+            "learningRate": 3e-3,
+            "evalIntervalSteps": 100,
+            "checkpoint": {"intervalSteps": 2, "keep": 3},
+        },
+        "compression": {
+            "distillation": {
+                "student": {"numLayers": 1, "hiddenSize": 32},
+                "loss": "listwise-kl",
+                "temperature": 0.5,  # below 1: the masked entries once gave NaN here
+                "maxSteps": 16,
+            },
+            "pruning": {"method": "ffn-channels", "amount": 0.5, "recoverySteps": 2},
+        },
+        "evaluation": {"sampledNegatives": 20, "batchSize": 64, "baselines": False},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    process = launch(config)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        saved = [
+            e["step"]
+            for e in read_events(run)
+            if e["event"] == "checkpoint" and e.get("stage") == "distill"
+        ]
+        if saved and saved[-1] >= 2:
+            break
+        time.sleep(0.05)
+    kill_tree(process.pid)
+    out, _ = process.communicate()
+    assert not (run / "metrics.json").exists(), f"not killed mid-run: {out[-3000:]}"
+    before = read_events(run)
+    first = {
+        e["step"]: e["digest"]
+        for e in before
+        if e.get("stage") == "distill" and e["event"] == "batch"
+    }
+
+    train(config)
+    events = read_events(run)[len(before) :]
+    resumed = {e.get("stage", "train"): e["step"] for e in events if e["event"] == "resumed"}
+    assert resumed["train"] == 4  # the teacher finished: reloaded, not trained again
+    start = resumed["distill"]
+    assert start >= 2 and start % 2 == 0
+    again = [e for e in events if e.get("stage") == "distill" and e["event"] == "batch"]
+    assert [e["step"] for e in again] == list(range(start + 1, 17))
+    assert all(first[e["step"]] == e["digest"] for e in again if e["step"] in first)
+    distill_losses = [e["loss"] for e in events if e.get("stage") == "distill" and "loss" in e]
+    assert distill_losses and all(math.isfinite(x) for x in distill_losses)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    compression = metrics["compression"]
+    assert [s["name"] for s in compression["stages"]] == ["train", "distill", "recover"]
+    assert compression["main_metric"] == "full/ndcg@10"
+    assert compression["teacher_value"] == compression["teacher"]["metrics"]["full/ndcg@10"]
+    assert compression["student_value"] == metrics["model"]["full/ndcg@10"]
+    assert compression["distillation"]["teacher_layers"] == [1]
+    teacher_shape = {k: compression["teacher"][k] for k in ("layers", "hidden_size")}
+    assert teacher_shape == {"layers": 2, "hidden_size": 64}
+    student = compression["student"]
+    assert (student["layers"], student["hidden_size"]) == (1, 32)
+    assert student["structure"] == {"heads": [2], "ffn": [64]}  # 128 channels -> 64
+    assert student["item_table_bytes"] * 2 == compression["teacher"]["item_table_bytes"]
+    assert student["parameters"] < compression["teacher"]["parameters"]
+    own = "parameters_without_text_encoder"  # the text encoder is the teacher's, unserved
+    assert student[own] < compression["teacher"][own] / 3
+    assert compression["pruning"]["parameters_after"] < compression["pruning"]["parameters_before"]
+    assert metrics["consolidation_max_abs_diff"] < 1e-4 and metrics["ranks"]["agree"]
+    assert "teacher" in metrics["ndcg@10_vs_baselines"]
+    # model/ is the student, rebuilt from its recorded shape; teacher/ the teacher
+    model, tokenizer = load_model(run / "model")
+    teacher, _ = load_model(run / "teacher")
+    assert model.info.extra["sequential"]["ffn"] == [64]
+    assert (len(model.transformer.layers), model.shape.hidden) == (1, 32)
+    assert (len(teacher.transformer.layers), teacher.shape.hidden) == (2, 64)
+    prepared = read_prepared(run / "data")
+    batcher = Batcher.for_model("recommendation", tokenizer, model.info, prepared.catalog)
+    measured = evaluate_recommendation(model, batcher, prepared.splits["test"], [10], 64, 20)
+    assert measured["full/ndcg@10"] == pytest.approx(metrics["model"]["full/ndcg@10"], abs=1e-6)

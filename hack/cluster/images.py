@@ -80,12 +80,45 @@ def _python_env(
         subprocess.run(
             [*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env
         )
+        _prebuilt_deepspeed_ops(target, install, env, log)
     else:
         app = target / "app"
         shutil.rmtree(app, ignore_errors=True)
         shutil.copytree(REPO / "operator" / "recjob_operator", app / "recjob_operator",
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     stamp.write_text(digest)
+
+
+#: DeepSpeed ops trainer/Dockerfile pre-builds (DS_BUILD_<OP>=1) that the cluster's pods
+#: reach: the CPU collectives every trainer process loads when DeepSpeed starts. Without
+#: them every training pod JIT-compiles the op into its emptyDir HOME, 75 s of CPU each,
+#: where the image (no compiler) loads the pre-built one. cpu_adam and async_io, which
+#: the Dockerfile also pre-builds, are reached only with optimizer / NVMe offload, which no
+#: cluster test runs: they would JIT-build here when reached (async_io needs libaio-dev).
+PREBUILT_OPS = {"DS_BUILD_SHM_COMM": "deepspeed_shm_comm"}
+
+
+def _prebuilt_deepspeed_ops(target: Path, install: list[str], env: dict, log) -> None:
+    """Reinstall DeepSpeed in ``target`` with :data:`PREBUILT_OPS` compiled, as
+    trainer/Dockerfile does (``--no-build-isolation``: its setup.py compiles against the
+    env's torch), unless they are there already; fails if setup.py skipped one."""
+    python = str(target / "bin" / "python")
+    probe = (
+        "import sys; from deepspeed.git_version_info import installed_ops as o; "
+        f"sys.exit(0 if all(o.get(n) for n in {sorted(PREBUILT_OPS.values())!r}) else 1)"
+    )
+    quiet = {**env, "DS_ACCELERATOR": "cpu"}
+    if subprocess.run([python, "-c", probe], env=quiet, capture_output=True).returncode == 0:
+        return
+    log(f"image env {target.name}: pre-building DeepSpeed ops {sorted(PREBUILT_OPS.values())}")
+    switches = {"DS_BUILD_OPS": "0", **dict.fromkeys(PREBUILT_OPS, "1")}
+    subprocess.run(  # --no-cache: uv's cached DeepSpeed wheel was built without the ops
+        [*install, "--no-deps", "--no-build-isolation", "--no-cache", "--reinstall-package",
+         "deepspeed", "-c", str(REPO / "constraints.txt"), "deepspeed"],
+        check=True, env={**env, **switches},
+    )  # fmt: skip
+    if subprocess.run([python, "-c", probe], env=quiet, capture_output=True).returncode != 0:
+        raise SystemExit(f"DeepSpeed ops not pre-built in {target}: {PREBUILT_OPS}")
 
 
 def build(state: Path, training_operator: Path, kserve_manager: Path, log=print) -> Path:
@@ -95,7 +128,8 @@ def build(state: Path, training_operator: Path, kserve_manager: Path, log=print)
     digest = _sources_digest()
     operator_env = ["--no-deps", "-r", str(REPO / "operator" / "requirements.txt")]
     _python_env(images / "recjob-operator", operator_env, digest, log, project=False)
-    _python_env(images / "recjob-full", [str(REPO)], digest, log)
+    # the ops in the stamp: an env made before they were pre-built is redone
+    _python_env(images / "recjob-full", [str(REPO)], f"{digest}+{'+'.join(PREBUILT_OPS)}", log)
 
     busybox = images / "busybox" / "bin"
     busybox.mkdir(parents=True, exist_ok=True)

@@ -67,31 +67,20 @@ class SequentialRecommender(nn.Module):
         self.position = nn.Embedding(shape.max_history, d)
         self.input_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(shape.dropout)
-        layer = nn.TransformerEncoderLayer(
-            d,
-            shape.heads,
-            4 * d,
-            shape.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
+
+        def layer(ffn: int) -> nn.TransformerEncoderLayer:
+            return nn.TransformerEncoderLayer(
+                d, shape.heads, ffn, shape.dropout, activation="gelu", batch_first=True,
+                norm_first=True,
+            )  # fmt: skip
+
+        self.transformer = nn.TransformerEncoder(
+            layer(4 * d), shape.layers, enable_nested_tensor=False
         )
-        self.transformer = nn.TransformerEncoder(layer, shape.layers, enable_nested_tensor=False)
         if shape.ffn is not None:  # a pruned model: each layer its own FFN width
             if len(shape.ffn) != shape.layers:
                 raise ValueError(f"{len(shape.ffn)} FFN widths for {shape.layers} layers")
-            self.transformer.layers = nn.ModuleList(
-                nn.TransformerEncoderLayer(
-                    d,
-                    shape.heads,
-                    width,
-                    shape.dropout,
-                    activation="gelu",
-                    batch_first=True,
-                    norm_first=True,
-                )
-                for width in shape.ffn
-            )
+            self.transformer.layers = nn.ModuleList(layer(width) for width in shape.ffn)
         self.output_norm = nn.LayerNorm(d)
 
     # ------------------------------------------------------------------ item side

@@ -76,24 +76,38 @@ def mean_loss(model: nn.Module, batches: Batches, loss_of: LossFn) -> float:
 
 def layer_importance(model: nn.Module, batches: Batches, loss_of: LossFn) -> list[float]:
     """Validation-loss increase when each layer is skipped."""
+    return skip_each_layer(model, model.encoder.encoder, "layer", batches, loss_of)
+
+
+def skip_each_layer(
+    model: nn.Module, holder: nn.Module, name: str, batches: Batches, loss_of: LossFn
+) -> list[float]:
+    """Validation-loss increase of ``model`` when each layer of the ModuleList
+    ``holder.<name>`` is skipped in turn (the list is restored afterwards)."""
     batches = list(batches)
-    encoder = model.encoder
-    layers = encoder.encoder.layer
+    layers = getattr(holder, name)
     base = mean_loss(model, batches, loss_of)
     out = []
     try:
         for i in range(len(layers)):
-            encoder.encoder.layer = nn.ModuleList([x for j, x in enumerate(layers) if j != i])
+            setattr(holder, name, nn.ModuleList([x for j, x in enumerate(layers) if j != i]))
             out.append(mean_loss(model, batches, loss_of) - base)
     finally:
-        encoder.encoder.layer = layers
+        setattr(holder, name, layers)
     return out
+
+
+def layers_to_keep(cost: list[float], amount: float) -> list[int]:
+    """The layers kept when ``amount`` of them go, those whose removal ``cost`` least
+    first (at least one dropped, at least one kept)."""
+    n = len(cost)
+    dropped = sorted(range(n), key=lambda i: cost[i])[: min(n - 1, max(1, round(amount * n)))]
+    return [i for i in range(n) if i not in dropped]
 
 
 def choose(model: nn.Module, method: str, amount: float, batches: Batches, loss_of: LossFn) -> dict:
     """Decide what to prune: the kept units per layer (a JSON-able decision that
     :func:`apply` replays on any rank or after a restart) and their importance."""
-    layers = bert_layers(model.encoder)
     if method == "attention-heads":
         scores = gate_importance(model, batches, loss_of, "heads")
         scores = [s / s.norm().clamp(min=1e-12) for s in scores]  # per-layer normalisation
@@ -118,9 +132,7 @@ def choose(model: nn.Module, method: str, amount: float, batches: Batches, loss_
         return {"method": method, "keep": keep, "importance": _rounded(scores)}
     if method == "layers":
         cost = layer_importance(model, batches, loss_of)
-        n_drop = min(len(layers) - 1, max(1, round(amount * len(layers))))
-        dropped = sorted(range(len(layers)), key=lambda i: cost[i])[:n_drop]
-        keep = [i for i in range(len(layers)) if i not in dropped]
+        keep = layers_to_keep(cost, amount)
         return {"method": method, "keep": keep, "importance": [round(c, 6) for c in cost]}
     if method == "magnitude":
         return {"method": method, "amount": amount}
@@ -170,6 +182,12 @@ def magnitude_masks(model: nn.Module, amount: float) -> dict[str, torch.Tensor]:
         for name, module in model.encoder.named_modules()
         if isinstance(module, nn.Linear)
     }
+    return masks_by_magnitude(weights, amount)
+
+
+def masks_by_magnitude(weights: dict[str, torch.Tensor], amount: float) -> dict[str, torch.Tensor]:
+    """Keep-masks of ``weights`` (by name): the global ``amount`` of smallest magnitudes
+    over all of them is dropped."""
     everything = torch.cat([w.abs().flatten() for w in weights.values()])
     k = max(1, int(amount * everything.numel()))
     threshold = torch.kthvalue(everything, k).values
@@ -198,13 +216,19 @@ def sparsity(model: nn.Module) -> float:
 @torch.no_grad()
 def forward_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5) -> float:
     """Median wall time of one eval forward of ``batch`` on this process (PyTorch)."""
+    return median_eval_ms(model, lambda: model(**batch), repeats)
+
+
+@torch.no_grad()
+def median_eval_ms(model: nn.Module, run: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``run()`` (after one warm-up) with ``model`` in eval mode."""
     was_training = model.training
     model.eval()
-    model(**batch)  # warm-up
+    run()  # warm-up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        model(**batch)
+        run()
         times.append((time.perf_counter() - started) * 1000)
     model.train(was_training)
     return sorted(times)[len(times) // 2]

@@ -33,7 +33,6 @@ The pruned shape (layer count, per-layer FFN widths) is recorded in
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, replace
 
 import torch
@@ -43,7 +42,16 @@ from recjob_operator.api.v1alpha1.spec_training import StudentSpec
 
 from ..sequential import SequentialRecommender
 from .distill import TeacherScores
-from .pruning import Batches, LossFn, channels_to_keep, enforce, mean_loss
+from .pruning import (
+    Batches,
+    LossFn,
+    channels_to_keep,
+    enforce,
+    layers_to_keep,
+    masks_by_magnitude,
+    median_eval_ms,
+    skip_each_layer,
+)
 from .structure import slice_linear
 from .student import layer_indices
 
@@ -153,17 +161,7 @@ def channel_importance(
 
 def layer_importance(model: SequentialRecommender, batches: Batches, loss_of: LossFn):
     """Held-out loss increase when each transformer layer is skipped."""
-    batches = list(batches)
-    layers = model.transformer.layers
-    base = mean_loss(model, batches, loss_of)
-    out = []
-    try:
-        for i in range(len(layers)):
-            model.transformer.layers = nn.ModuleList(x for j, x in enumerate(layers) if j != i)
-            out.append(mean_loss(model, batches, loss_of) - base)
-    finally:
-        model.transformer.layers = layers
-    return out
+    return skip_each_layer(model, model.transformer, "layers", batches, loss_of)
 
 
 def choose(
@@ -178,9 +176,7 @@ def choose(
         return {"method": method, "keep": keep, "importance": importance}
     if method == "layers":
         cost = layer_importance(model, batches, loss_of)
-        n = len(cost)
-        dropped = sorted(range(n), key=lambda i: cost[i])[: min(n - 1, max(1, round(amount * n)))]
-        keep = [i for i in range(n) if i not in dropped]
+        keep = layers_to_keep(cost, amount)
         return {"method": method, "keep": keep, "importance": [round(c, 6) for c in cost]}
     if method == "magnitude":
         return {"method": method, "amount": amount}
@@ -231,10 +227,7 @@ def _matrices(model: SequentialRecommender) -> dict[str, torch.Tensor]:
 def magnitude_masks(model: SequentialRecommender, amount: float) -> dict[str, torch.Tensor]:
     """Keep-masks of the transformer's matrix weights: the global ``amount`` of smallest
     magnitudes is dropped."""
-    weights = {name: p.detach() for name, p in _matrices(model).items()}
-    everything = torch.cat([w.abs().flatten() for w in weights.values()])
-    threshold = torch.kthvalue(everything, max(1, int(amount * everything.numel()))).values
-    return {name: w.abs() > threshold for name, w in weights.items()}
+    return masks_by_magnitude({name: p.detach() for name, p in _matrices(model).items()}, amount)
 
 
 def sparsity(model: SequentialRecommender) -> float:
@@ -276,15 +269,6 @@ def latency_ms(model: SequentialRecommender, batch: dict[str, torch.Tensor], rep
     """Median wall time (this process, PyTorch) of what serving computes per request
     batch: the users' vectors from their histories (``batch["history"]``) and their
     scores against the whole catalog table (computed once, as serving does)."""
-    was_training = model.training
-    model.eval()
     table = model.catalog_vectors()
     history = batch["history"]
-    model.user_vectors_from(history, table) @ table.T  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.user_vectors_from(history, table) @ table.T
-        times.append((time.perf_counter() - started) * 1000)
-    model.train(was_training)
-    return sorted(times)[len(times) // 2]
+    return median_eval_ms(model, lambda: model.user_vectors_from(history, table) @ table.T, repeats)

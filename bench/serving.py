@@ -174,6 +174,70 @@ def served(repository: Path, work: Path, pairs: list[tuple[str, str]]) -> dict:
     return results
 
 
+#: Concurrent batch-1 clients of the sweep.
+SWEEP = (1, 8, 32, 64)
+
+
+def without_dynamic_batching(repository: Path, target: Path) -> Path:
+    """A copy of ``repository`` whose configs declare no ``dynamic_batching`` (the model
+    versions are symlinks): the same server and models, each request run on its own."""
+    from google.protobuf import text_format
+
+    from recjob_serving.repository import parse_config
+
+    target.mkdir(parents=True)
+    for model in sorted(p for p in repository.iterdir() if p.is_dir()):
+        (target / model.name).mkdir()
+        for entry in model.iterdir():
+            if entry.name == "config.pbtxt":
+                config = parse_config(entry.read_text())
+                config.ClearField("dynamic_batching")
+                (target / model.name / entry.name).write_text(text_format.MessageToString(config))
+            else:
+                (target / model.name / entry.name).symlink_to(entry.resolve())
+    return target
+
+
+def concurrency_sweep(repository: Path, work: Path, texts: Path) -> dict:
+    """Batch-1 raw-text requests (real query/title pairs, their real lengths) from 1, 8, 32
+    and 64 concurrent gRPC clients to the int8 text ensemble, with the repository's
+    dynamic batching and without it."""
+    plain = without_dynamic_batching(repository, work / "repository-no-batching")
+    results: dict = {}
+    for mode, served_repository in (("dynamic_batching", repository), ("no_batching", plain)):
+        results[mode] = {}
+        with model_server(served_repository, work) as grpc:
+            for clients in SWEEP:
+                results[mode][f"concurrency_{clients}"] = load_test(
+                    grpc, "search-int8-text", 1, clients, max(400, 60 * clients), work,
+                    SEQUENCE_LENGTH, texts,
+                )  # fmt: skip
+                print("sweep", mode, clients, results[mode][f"concurrency_{clients}"])
+    return results
+
+
+def print_table(local: dict, remote: dict, sweep: dict, ratios: dict) -> None:
+    """The measurements as one table (rows/s, p50, p99) and the ratios with targets."""
+    print(f"{'measurement':44} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    rows = [(f"in-process {b} {k}", v) for b, ks in local.items() for k, v in ks.items()]
+    rows += [(f"served {k}", v) for k, v in remote.items()]
+    rows += [(f"sweep {m} {k}", v) for m, ks in sweep.items() for k, v in ks.items()]
+    for name, value in rows:
+        print(f"{name:44} {value['rows_per_s']:9.1f} {value['p50_ms']:8.2f} {value['p99_ms']:8.2f}")
+    for name, value in ratios.items():
+        print(f"{name:44} {value:9.3f}  target {TARGETS.get(name, '')}")
+
+
+#: What the ratios must reach (issues 4 and 17).
+TARGETS = {
+    "served_int8_vs_inprocess_eager_batch_32": ">= 3",
+    "int8_ndcg_relative_drop_vs_fp32": "<= 0.01",
+    "served_p50_vs_inprocess_int8_batch_1": "<= 1.3",
+    "dynamic_batching_vs_none_at_64": ">= 3",
+    "p99_ms_at_64_dynamic": "<= 50",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
@@ -211,6 +275,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     local = in_process(run, work / "repository", pairs)
     remote = served(work / "repository", work, pairs)
+    sweep = concurrency_sweep(work / "repository", work, work / "texts.jsonl")
     fp32_gate, int8_gate = gates["onnxruntime-fp32"], gates["onnxruntime-int8"]
     quality = {
         "metric": int8_gate["metric"],
@@ -238,6 +303,9 @@ def main() -> None:
         "served_p50_vs_inprocess_int8_batch_1": remote["int8_batch_1"]["p50_ms"]
         / local["onnxruntime-int8"]["length_32_batch_1"]["p50_ms"],
         "int8_ndcg_relative_drop_vs_fp32": quality["int8_vs_fp32_relative_drop"],
+        "dynamic_batching_vs_none_at_64": sweep["dynamic_batching"]["concurrency_64"]["rows_per_s"]
+        / sweep["no_batching"]["concurrency_64"]["rows_per_s"],
+        "p99_ms_at_64_dynamic": sweep["dynamic_batching"]["concurrency_64"]["p99_ms"],
     }
     sizes = {
         "pytorch_safetensors": (run / "model" / "model.safetensors").stat().st_size,
@@ -250,18 +318,16 @@ def main() -> None:
         "quality": quality,
         "in_process": local,
         "served": remote,
+        "concurrency_sweep": sweep,
         "model_bytes": sizes,
         "ratios": ratios,
-        "targets": {
-            "served_int8_vs_inprocess_eager_batch_32": ">= 3",
-            "int8_ndcg_relative_drop_vs_fp32": "<= 0.01",
-            "served_p50_vs_inprocess_int8_batch_1": "<= 1.3",
-        },
+        "targets": TARGETS,
     }
     out = HERE / "results" / "serving.json"
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(json.dumps({"quality": {k: v for k, v in quality.items() if k != "gate_reports"},
-                      "ratios": ratios, "model_bytes": sizes}, indent=2))  # fmt: skip
+                      "model_bytes": sizes}, indent=2))  # fmt: skip
+    print_table(local, remote, sweep, ratios)
     print(f"wrote {out}")
 
 

@@ -152,6 +152,14 @@ def write_termination_log(path: str, report: dict) -> None:
     "window of the most recent ones).",
 )
 @click.option(
+    "--log-requests/--no-log-requests",
+    default=False,
+    show_default=True,
+    help="Log every request (KServe's gRPC method line, per-request latency and the HTTP "
+    "access log). Off by default, as in Triton: at thousands of requests a second the "
+    "lines cost CPU the models need; the /metrics histograms have the latencies.",
+)
+@click.option(
     "--revision",
     envvar="RECJOB_REVISION",
     default="",
@@ -174,6 +182,7 @@ def serve(
     model_control_mode: str,
     max_k: int,
     max_history: int,
+    log_requests: bool,
     revision: str,
 ) -> None:
     """Serve a Triton model repository over the Open Inference Protocol v2 (HTTP + gRPC)."""
@@ -199,6 +208,7 @@ def serve(
                 max_history=max_history,
             ),
             revision=revision,
+            log_requests=log_requests,
         )
     except RepositoryError as error:
         click.echo(f"recjob-serve serve: {error}", err=True)
@@ -218,7 +228,13 @@ def _revision(value: str | None) -> str:
 @cli.command()
 @click.argument("url")
 @click.option("--model", required=True, help="Model name (e.g. product-search-text).")
-@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option(
+    "--protocol",
+    type=click.Choice(["http", "grpc"]),
+    default="grpc",
+    show_default=True,
+    help="gRPC (protobuf tensors) or HTTP with the binary tensor extension.",
+)
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=1, show_default=True)
 @click.option("--requests", type=click.IntRange(min=1), default=None, help="Stop after N.")

@@ -300,12 +300,17 @@ def export_user_tower(
     return exported
 
 
-def session(path: Path):
-    """An ONNX Runtime CPU session for ``path``."""
+def session(path: Path, intra_op_threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime CPU session for ``path``: ``intra_op_threads`` threads per run (0:
+    one per core), idle threads spinning for work unless ``spinning`` is False (a server
+    wants its cores back for the network and the next request's decoding)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

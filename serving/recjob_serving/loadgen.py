@@ -41,7 +41,7 @@ class LoadSpec:
 
     url: str
     model: str
-    protocol: str = "http"
+    protocol: str = "grpc"
     concurrency: int = 1
     batch_size: int = 1
     requests: int | None = None

@@ -92,17 +92,27 @@ class LimitedRESTServer(RESTServer):
 class LoopbackGRPCServer(GRPCServer):
     """KServe's gRPC server bound to one host."""
 
-    def __init__(self, host: str, *args, max_message_bytes: int, revision: str = "", **kwargs):
+    def __init__(
+        self,
+        host: str,
+        *args,
+        max_message_bytes: int,
+        revision: str = "",
+        log_requests: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self._host, self._max_message_bytes = host, max_message_bytes
-        self._revision = revision
+        self._revision, self._log_requests = revision, log_requests
 
     async def start(self, max_workers: int) -> None:
         """As GRPCServer.start, but listening on ``host:port``."""
         from concurrent import futures
 
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
-        interceptors = [LoggingInterceptor(), ExceptionToStatusInterceptor()]
+        interceptors = [ExceptionToStatusInterceptor()]
+        if self._log_requests:
+            interceptors.insert(0, LoggingInterceptor())
         if self._revision:
             interceptors.insert(0, RevisionInterceptor(self._revision))
         self._server = aio.server(
@@ -121,17 +131,25 @@ class LoopbackGRPCServer(GRPCServer):
 
 class LoopbackModelServer(ModelServer):
     """ModelServer whose REST and gRPC servers listen on ``host`` only, within ``limits``,
-    as serving revision ``revision`` ("" for none)."""
+    as serving revision ``revision`` ("" for none), logging every request only with
+    ``log_requests``."""
 
     def __init__(
         self,
         host: str = "127.0.0.1",
         limits: ServerLimits | None = None,
         revision: str = "",
+        log_requests: bool = False,
         **kwargs,
     ):
-        super().__init__(workers=1, registered_models=ControlledModelRepository(), **kwargs)
+        super().__init__(
+            workers=1,
+            registered_models=ControlledModelRepository(),
+            enable_latency_logging=log_requests,
+            **kwargs,
+        )
         self.host, self.limits, self.revision = host, limits or ServerLimits(), revision
+        self.log_requests = log_requests
         self.dataplane = ClientErrorDataPlane(model_registry=self.registered_models)
         self.model_repository_extension = ModelControl(
             self.registered_models, enabled=self.limits.model_control == "explicit"
@@ -152,6 +170,7 @@ class LoopbackModelServer(ModelServer):
             revision=self.revision,
         )
         self._rest_server.config.host = self.host
+        self._rest_server.config.access_log = self.log_requests
         self._rest_server.config.http = deadline_protocol(
             self.limits.header_timeout,
             self.limits.read_timeout,
@@ -168,6 +187,7 @@ class LoopbackModelServer(ModelServer):
                 grace_period=self.grace_period,
                 max_message_bytes=self.limits.max_body_bytes,
                 revision=self.revision,
+                log_requests=self.log_requests,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()

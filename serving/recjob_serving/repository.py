@@ -96,7 +96,7 @@ def onnx_config(
         f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch_size}\n'
         f"input [\n{inputs}\n]\n"
         f"output [\n{outputs}\n]\n"
-        "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n"
+        "dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n"
         f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
     )
 

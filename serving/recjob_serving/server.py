@@ -36,6 +36,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Histogram
 
+from .batching import BatchingPolicy, DynamicBatcher
 from .export import session
 from .limits import ServerLimits
 from .python_backend import PythonBackendModel, TritonError
@@ -202,6 +203,8 @@ class RepositoryModel(kserve.Model):
             else threading.BoundedSemaphore(instances)
         )
         self._labels = {"model": config.name, "version": str(version), "revision": revision}
+        policy = None if config.platform == "ensemble" else BatchingPolicy.from_config(config)
+        self.batcher = policy and DynamicBatcher(policy, self._run_shaped, self._labels)
         for kind in ("invalid_input", "internal"):  # so the series exist before a failure
             ERRORS.labels(**self._labels, kind=kind)
         REQUESTS.labels(**self._labels)
@@ -223,11 +226,17 @@ class RepositoryModel(kserve.Model):
         raise NotImplementedError
 
     def infer(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Checked run, outputs reshaped to the declared client-facing shapes."""
+        """Checked run (on its own, never batched), outputs reshaped to the declared
+        client-facing shapes (what BLS requests and ensemble steps off the loop call)."""
         self.check(tensors)
         with self._slots:
-            results = self.run(tensors)
-        batch = next(iter(tensors.values())).shape[0]
+            return self._run_shaped(tensors)
+
+    def _run_shaped(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._shaped(self.run(tensors), next(iter(tensors.values())).shape[0])
+
+    def _shaped(self, results: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """The declared outputs of ``results``, each in its client-facing shape."""
         shaped = {}
         for spec in self.outputs:
             value = np.asarray(results[spec.name])
@@ -236,14 +245,21 @@ class RepositoryModel(kserve.Model):
             shaped[spec.name] = value
         return shaped
 
+    async def infer_async(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``infer`` off the event loop: through the model's dynamic batcher where its
+        config declares one, else alone in an executor thread."""
+        if self.batcher is None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.infer, tensors)
+        self.check(tensors)
+        return await self.batcher.submit(tensors)
+
     async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
         """Validate, run the model in an executor, count and time the request."""
         started = time.perf_counter()
         REQUESTS.labels(**self._labels).inc()
         try:
             tensors = decode_inputs(payload, self.inputs, self.outputs, self.max_batch_size)
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(None, self.infer, tensors)
+            results = await self.infer_async(tensors)
         except InvalidInput:
             ERRORS.labels(**self._labels, kind="invalid_input").inc()
             raise
@@ -282,13 +298,29 @@ def _embedding_rows(graph: onnx.GraphProto, input_name: str) -> int | None:
     return None
 
 
+def _int_parameter(model: str, parameters: dict[str, str], key: str) -> int:
+    """A non-negative integer parameter of a model's config (0 when absent)."""
+    value = parameters.get(key, "0")
+    if not value.isdigit():
+        raise RepositoryError(
+            f"model '{model}': parameter {key} is {value!r}; expected a non-negative integer"
+        )
+    return int(value)
+
+
 class OnnxModel(RepositoryModel):
     """An ``onnxruntime_onnx`` model version (token ids in, scores or embeddings out)."""
 
     def __init__(self, model_dir: Path, version: int, config, revision: str = "") -> None:
         super().__init__(model_dir, version, config, revision)
         path = model_dir / str(version) / "model.onnx"
-        self.session = session(path)
+        parameters = {key: value.string_value for key, value in config.parameters.items()}
+        # Triton's onnxruntime backend parameters; idle ORT threads do not spin in a server
+        self.session = session(
+            path,
+            intra_op_threads=_int_parameter(config.name, parameters, "intra_op_thread_count"),
+            spinning=parameters.get("allow_spinning", "1") == "1",
+        )
         card = model_dir / str(version) / "recjob.json"
         self.card = json.loads(card.read_text()) if card.exists() else {}
         graph = onnx.load(str(path), load_external_data=False).graph
@@ -407,6 +439,17 @@ class EnsembleModel(RepositoryModel):
             values.update({outer: outputs[inner] for inner, outer in output_map.items()})
         return values
 
+    async def infer_async(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The steps in order, each through its model's own scheduler (so a step whose
+        model batches dynamically is batched with other requests of that model)."""
+        self.check(tensors)
+        values = dict(tensors)
+        for model, input_map, output_map in self.steps:
+            step_inputs = {inner: values[outer] for inner, outer in input_map.items()}
+            outputs = await model.infer_async(step_inputs)
+            values.update({outer: outputs[inner] for inner, outer in output_map.items()})
+        return self._shaped(values, next(iter(tensors.values())).shape[0])
+
 
 def _version_to_serve(model_dir: Path, version: int | None) -> int:
     versions = published_versions(model_dir)
@@ -477,9 +520,11 @@ def serve(
     grace_period: int = 10,
     limits: ServerLimits | None = None,
     revision: str = "",
+    log_requests: bool = False,
 ) -> None:
     """Serve ``repository`` within ``limits`` as serving revision ``revision`` (metric
-    label, response header, feedback; "" for none) until SIGTERM/SIGINT (blocking)."""
+    label, response header, feedback; "" for none) until SIGTERM/SIGINT (blocking);
+    every request logged only with ``log_requests``."""
     from .loopback import LoopbackModelServer
 
     models = load_repository(repository, version, revision, limits)
@@ -492,4 +537,5 @@ def serve(
         grace_period=grace_period,
         limits=limits,
         revision=revision,
+        log_requests=log_requests,
     ).start(models)

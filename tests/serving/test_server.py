@@ -3,8 +3,10 @@ with tritonclient (HTTP and gRPC) and raw HTTP for malformed requests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -354,7 +356,7 @@ def test_bench_reports_latency_percentiles(server, tmp_path: Path) -> None:
     assert report["rows_per_s"] == pytest.approx(report["requests_per_s"] * 4)
     bad = subprocess.run(
         [str(BIN / "recjob-serve"), "bench", server.url.removeprefix("http://"),
-         "--model", "nope", "--requests", "3"],
+         "--protocol", "http", "--model", "nope", "--requests", "3"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "nope" in bad.stderr
@@ -389,3 +391,54 @@ def test_serve_refuses_a_missing_repository_or_version(repository, tmp_path: Pat
         capture_output=True, text=True, timeout=120, env={**os.environ},
     )  # fmt: skip
     assert version.returncode == 2 and "has no version 9 (published: [1])" in version.stderr
+
+
+def _batch_series(metrics: str, model: str) -> tuple[float, float]:
+    """(batches, rows) of recjob_batch_size for ``model``."""
+    values = {}
+    for kind in ("count", "sum"):
+        match = re.search(rf'recjob_batch_size_{kind}{{model="{model}"[^}}]*}} (\S+)', metrics)
+        values[kind] = float(match.group(1)) if match else 0.0
+    return values["count"], values["sum"]
+
+
+def test_dynamic_batching_runs_concurrent_requests_of_different_lengths_exactly(
+    server, repository
+) -> None:
+    """Concurrent single-pair requests, each tokenized to its own length, get the scores
+    ONNX Runtime gives each alone, while the server ran them in fewer, padded batches."""
+    repo, model_dir = repository
+    _, tokenizer = load_model(model_dir)
+    onnx_path = repo / "search" / "1" / "model.onnx"
+    pairs = PAIRS * 6
+    alone, bodies = [], []
+    for query, item in pairs:
+        tokens = tokenizer([query], [item], truncation=True, max_length=32, return_tensors="np")
+        batch = {
+            k: tokens[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        alone.append(float(run_onnx(onnx_path, batch)[0].ravel()[0]))
+        bodies.append({"inputs": [
+            {"name": k, "datatype": "INT64", "shape": list(v.shape), "data": v.ravel().tolist()}
+            for k, v in batch.items()
+        ]})  # fmt: skip
+    assert len({len(b["inputs"][0]["data"]) for b in bodies}) > 1  # real, different lengths
+    url = f"http://127.0.0.1:{server.http}"
+
+    async def send_all():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(f"{url}/v2/models/search/infer", json=b) for b in bodies)
+            )
+
+    before = _batch_series(httpx.get(f"{url}/metrics").text, "search")
+    responses = asyncio.run(send_all())
+    metrics = httpx.get(f"{url}/metrics").text
+    after = _batch_series(metrics, "search")
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses][:3]
+    served = [r.json()["outputs"][0]["data"][0] for r in responses]
+    np.testing.assert_allclose(served, alone, rtol=0, atol=1e-4)
+    batches, rows = after[0] - before[0], after[1] - before[1]
+    assert rows == len(bodies)
+    assert batches < len(bodies)  # some requests shared a run
+    assert re.search(r'recjob_batch_queue_seconds_count\{model="search"[^}]*\} (\S+)', metrics)

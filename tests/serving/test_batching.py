@@ -136,6 +136,18 @@ def test_rows_nearest_in_length_to_the_oldest_join_its_batch() -> None:
     assert model.lengths == [4, 40, 6]  # each batch padded to its own longest row
 
 
+def test_a_batch_stays_within_the_padding_budget() -> None:
+    model = Recorder(seconds=0.05)
+    queue = batcher(model, max_queue_delay_s=0.0, max_batch_size=8)
+    lengths = [4, 10, 40, 12, 11, 36]
+    asyncio.run(_gather(queue, [1, 2, 3, 4, 5, 6], lengths=lengths, after_first=0.01))
+    queue.close()
+    # room for all five queued rows, but padding 10-12 to 40 would more than double the
+    # tokens run: the short ones go together, the long ones next
+    assert model.batches == [[1], [2, 5, 4], [3, 6]]
+    assert model.lengths == [4, 12, 40]
+
+
 def test_shapes_are_not_mixed_without_an_attention_mask() -> None:
     model = Recorder(seconds=0.05)
     queue = batcher(model, max_queue_delay_s=0.0, pad_to_longest=False)

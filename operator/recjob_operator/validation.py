@@ -264,6 +264,7 @@ def semantic_problems(job: RecJob) -> list[Problem]:
         _data_rules,
         _model_rules,
         _training_rules,
+        _federated_rules,
         _compression_rules,
         _export_rules,
         _serving_rules,
@@ -510,6 +511,60 @@ def _training_rules(spec: RecJobSpec) -> list[Problem]:
         reason = _metric_fits_task(t.early_stopping.metric, spec.data.task)
         if reason:
             out.add(f"{p}.earlyStopping.metric", reason)
+    return out
+
+
+def _federated_rules(spec: RecJobSpec) -> list[Problem]:
+    """spec.training.federated (messages shared with api/v1alpha1/cel.py)."""
+    fed, p = spec.training.federated, "spec.training.federated"
+    out = _Problems()
+    if fed is None:
+        return out
+    if spec.training.nodes != 1:
+        out.add("spec.training.nodes", f"{cel.FEDERATED_ONE_PROCESS} (got {spec.training.nodes})")
+    if spec.training.processes_per_node != 1:
+        out.add(
+            "spec.training.processesPerNode",
+            f"{cel.FEDERATED_ONE_PROCESS} (got {spec.training.processes_per_node})",
+        )
+    if fed.silos is None and fed.partition is None:
+        out.add(f"{p}.silos", cel.FEDERATED_SILOS_REQUIRED)
+    if fed.silos is not None and fed.partition is not None:
+        out.add(f"{p}.partition", cel.FEDERATED_SILOS_AND_PARTITION)
+    if fed.silos is not None:
+        names = [silo.name for silo in fed.silos]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            out.add(f"{p}.silos", f"{cel.FEDERATED_DUPLICATE_SILO}: {', '.join(duplicates)}")
+    count = len(fed.silos) if fed.silos is not None else None
+    if fed.partition is not None:
+        count = fed.partition.count
+        if fed.partition.by == "column" and fed.partition.column is None:
+            out.add(f"{p}.partition.column", cel.FEDERATED_COLUMN_REQUIRED)
+        if fed.partition.by != "column" and fed.partition.column is not None:
+            out.add(f"{p}.partition.column", cel.FEDERATED_COLUMN_FORBIDDEN)
+    for silos in (len(fed.silos) if fed.silos is not None else None, count):
+        if silos is not None and fed.participation.min_silos > silos:
+            out.add(
+                f"{p}.participation.minSilos",
+                f"{fed.participation.min_silos} {cel.FEDERATED_TOO_FEW_SILOS} ({silos})",
+            )
+            break
+    strategy = fed.strategy
+    if strategy.type == "FedProx" and strategy.mu is None:
+        out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_REQUIRED)
+    if strategy.type != "FedProx" and strategy.mu is not None:
+        out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_FORBIDDEN)
+    if strategy.type != "FedAdam" and strategy.server_learning_rate is not None:
+        out.add(f"{p}.strategy.serverLearningRate", cel.FEDERATED_SERVER_LR_FORBIDDEN)
+    if fed.secure_aggregation:
+        out.add(f"{p}.secureAggregation", cel.FEDERATED_SECURE_AGGREGATION)
+    if fed.exchange == "lora" and spec.model.fine_tuning.method != "lora":
+        out.add(f"{p}.exchange", cel.FEDERATED_LORA_EXCHANGE)
+    if spec.compression is not None:
+        out.add("spec.compression", cel.FEDERATED_COMPRESSION)
+    if spec.model.architecture == "sequential":
+        out.add("spec.model.architecture", cel.FEDERATED_SEQUENTIAL)
     return out
 
 

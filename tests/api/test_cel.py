@@ -48,6 +48,7 @@ MIRRORED = (
     validation._data_rules,
     validation._model_rules,
     validation._training_rules,
+    validation._federated_rules,
     validation._compression_rules,
     validation._export_rules,
     validation._serving_rules,
@@ -265,6 +266,41 @@ SETTINGS: dict[str, list[Any]] = {
         {"distillation": {"student": {"numLayers": 3, "hiddenSize": 384}}},
     ],
     "spec.model.sequential": [{}, {"layers": 4, "hiddenSize": 96, "heads": 4}],
+    "spec.model.architecture": ["auto", "sequential"],
+    "spec.training.federated": [
+        DELETE,
+        {},
+        {"partition": {"count": 2}},
+        {"partition": {"count": 4, "by": "column", "column": "region"}, "exchange": "full"},
+        {"partition": {"by": "column"}, "participation": {"minSilos": 3}},
+        {"partition": {"column": "x"}, "strategy": {"type": "FedProx"}},
+        {"partition": {"count": 3}, "strategy": {"type": "FedAdam", "mu": 0.1}},
+        {"partition": {"count": 3}, "strategy": {"type": "FedProx", "mu": 0.1}},
+        {"partition": {"count": 2}, "strategy": {"serverLearningRate": 0.5}},
+        {"partition": {"count": 2}, "strategy": {"type": "FedAdam", "serverLearningRate": 0.5}},
+        {"partition": {"count": 2}, "secureAggregation": True, "exchange": "full"},
+        {
+            "silos": [
+                {"name": "a", "data": {"train": "a.csv"}},
+                {"name": "b", "data": {"train": "b.csv"}},
+            ]
+        },
+        {
+            "silos": [
+                {"name": "a", "data": {"train": "a.csv"}},
+                {"name": "a", "data": {"train": "b.csv"}},
+            ],
+            "exchange": "full",
+        },
+        {
+            "silos": [
+                {"name": "a", "data": {"train": "a.csv"}},
+                {"name": "b", "data": {"train": "b.csv"}},
+            ],
+            "partition": {},
+            "participation": {"minSilos": 5},
+        },
+    ],
     "spec.export.target": ["onnxruntime-int8", "tensorrt-int8", "tensorrt-fp16"],
     "spec.export.resources.gpu": [0, 1],
     "spec.serving.resources.gpu": [0, 1],

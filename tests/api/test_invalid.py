@@ -33,6 +33,19 @@ def mutate(base: dict, changes: dict[str, Any]) -> dict:
 
 
 S, R, M = SEARCH, RECOMMENDATION, MINIMAL
+#: A valid federated RecJob: two silos made from spec.data, LoRA adapters exchanged.
+F = mutate(
+    MINIMAL,
+    {
+        "spec.model.fineTuning": {"method": "lora", "lora": {}},
+        "spec.training.federated": {"partition": {"count": 2}, "rounds": 3},
+    },
+)
+#: Two silos with their own data.
+SILOS = [
+    {"name": "north", "data": {"train": "pvc://north-logs/train.csv"}},
+    {"name": "south", "data": {"train": "pvc://south-logs/train.csv"}},
+]
 
 # (id, base document, changes, expected problem path, fragment of the message)
 CASES: list[tuple[str, dict, dict, str, str]] = [
@@ -673,6 +686,199 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "spec.serving.gateway.hostname",
         "expected text matching",
     ),
+    # -- training.federated
+    (
+        "federated-without-silos",
+        F,
+        {"spec.training.federated.partition": DELETE},
+        "spec.training.federated.silos",
+        "list the silos",
+    ),
+    (
+        "federated-silos-and-partition",
+        F,
+        {"spec.training.federated.silos": SILOS},
+        "spec.training.federated.partition",
+        "not both",
+    ),
+    (
+        "federated-one-silo",
+        F,
+        {"spec.training.federated.partition": DELETE, "spec.training.federated.silos": SILOS[:1]},
+        "spec.training.federated.silos",
+        "at least 2",
+    ),
+    (
+        "federated-duplicate-silo",
+        F,
+        {
+            "spec.training.federated.partition": DELETE,
+            "spec.training.federated.silos": [SILOS[0], SILOS[0]],
+        },
+        "spec.training.federated.silos",
+        "unique",
+    ),
+    (
+        "federated-silo-name-not-dns",
+        F,
+        {
+            "spec.training.federated.partition": DELETE,
+            "spec.training.federated.silos": [SILOS[0], {**SILOS[1], "name": "South_Shop"}],
+        },
+        "spec.training.federated.silos[1].name",
+        "expected text matching",
+    ),
+    (
+        "federated-silo-without-data",
+        F,
+        {
+            "spec.training.federated.partition": DELETE,
+            "spec.training.federated.silos": [SILOS[0], {"name": "south"}],
+        },
+        "spec.training.federated.silos[1].data",
+        "required",
+    ),
+    (
+        "federated-min-silos-over-silos",
+        F,
+        {"spec.training.federated.participation": {"minSilos": 3}},
+        "spec.training.federated.participation.minSilos",
+        "no round could ever complete",
+    ),
+    (
+        "federated-min-silos-over-listed-silos",
+        F,
+        {
+            "spec.training.federated.partition": DELETE,
+            "spec.training.federated.silos": SILOS,
+            "spec.training.federated.participation": {"minSilos": 4},
+        },
+        "spec.training.federated.participation.minSilos",
+        "no round could ever complete",
+    ),
+    (
+        "federated-partition-column-without-column",
+        F,
+        {"spec.training.federated.partition": {"by": "column", "count": 4}},
+        "spec.training.federated.partition.column",
+        "required when by is column",
+    ),
+    (
+        "federated-partition-hash-with-column",
+        F,
+        {"spec.training.federated.partition": {"column": "region", "count": 4}},
+        "spec.training.federated.partition.column",
+        "by is hash",
+    ),
+    (
+        "federated-partition-one-silo",
+        F,
+        {"spec.training.federated.partition": {"count": 1}},
+        "spec.training.federated.partition.count",
+        "greater than or equal to 2",
+    ),
+    (
+        "federated-fedprox-without-mu",
+        F,
+        {"spec.training.federated.strategy": {"type": "FedProx"}},
+        "spec.training.federated.strategy.mu",
+        "required by FedProx",
+    ),
+    (
+        "federated-mu-without-fedprox",
+        F,
+        {"spec.training.federated.strategy": {"type": "FedAvg", "mu": 0.1}},
+        "spec.training.federated.strategy.mu",
+        "FedProx's",
+    ),
+    (
+        "federated-server-lr-without-fedadam",
+        F,
+        {
+            "spec.training.federated.strategy": {
+                "type": "FedProx",
+                "mu": 0.1,
+                "serverLearningRate": 0.1,
+            }
+        },
+        "spec.training.federated.strategy.serverLearningRate",
+        "FedAdam's",
+    ),
+    (
+        "federated-unknown-strategy",
+        F,
+        {"spec.training.federated.strategy": {"type": "FedSGD"}},
+        "spec.training.federated.strategy.type",
+        "FedAvg",
+    ),
+    (
+        "federated-zero-rounds",
+        F,
+        {"spec.training.federated.rounds": 0},
+        "spec.training.federated.rounds",
+        "greater than or equal to 1",
+    ),
+    (
+        "federated-fraction-zero",
+        F,
+        {"spec.training.federated.participation": {"fraction": 0}},
+        "spec.training.federated.participation.fraction",
+        "greater than 0",
+    ),
+    (
+        "federated-dp-without-clipping",
+        F,
+        {"spec.training.federated.differentialPrivacy": {"noiseMultiplier": 1.0}},
+        "spec.training.federated.differentialPrivacy.clippingNorm",
+        "required",
+    ),
+    (
+        "federated-secure-aggregation",
+        F,
+        {"spec.training.federated.secureAggregation": True},
+        "spec.training.federated.secureAggregation",
+        "not supported yet",
+    ),
+    (
+        "federated-lora-exchange-full-fine-tuning",
+        F,
+        {"spec.model.fineTuning": {"method": "full"}},
+        "spec.training.federated.exchange",
+        "model.fineTuning.method is not lora",
+    ),
+    (
+        "federated-several-processes",
+        F,
+        {"spec.training.processesPerNode": 2},
+        "spec.training.processesPerNode",
+        "one process per silo",
+    ),
+    (
+        "federated-several-nodes",
+        F,
+        {"spec.training.nodes": 2},
+        "spec.training.nodes",
+        "one process per silo",
+    ),
+    (
+        "federated-compressed",
+        F,
+        {"spec.compression": {"pruning": {}}},
+        "spec.compression",
+        "not supported yet with training.federated",
+    ),
+    (
+        "federated-sequential",
+        R,
+        {
+            "spec.training.processesPerNode": 1,
+            "spec.model.architecture": "sequential",
+            "spec.model.fineTuning": {"method": "frozen"},
+            "spec.training.federated": {"partition": {"count": 2}, "exchange": "full"},
+        },
+        "spec.model.architecture",
+        "not supported yet with training.federated",
+    ),
 ]
 
 
@@ -695,6 +901,20 @@ def test_invalid_recjob_is_rejected_naming_the_field(case_id, base, changes, pat
     with pytest.raises(RecJobInvalid) as raised:
         parse_recjob(document)
     assert path in str(raised.value)
+
+
+def test_a_federated_recjob_is_valid() -> None:
+    """The base of the federated cases is itself valid, with listed silos or a partition."""
+    for document in (F, mutate(F, {"spec.training.federated.partition": DELETE,
+                                   "spec.training.federated.silos": SILOS})):  # fmt: skip
+        job, problems = validate_document(document)
+        assert problems == [], problems
+        assert job is not None and job.spec.training.federated is not None
+    job = parse_recjob(F)
+    fed = job.spec.training.federated
+    assert (fed.rounds, fed.local_steps, fed.exchange) == (3, 50, "lora")
+    assert fed.strategy.type == "FedAvg"
+    assert (fed.participation.min_silos, fed.participation.fraction) == (2, 1.0)
 
 
 def test_every_problem_is_reported_not_just_the_first() -> None:

@@ -284,6 +284,90 @@ MODEL_RULES = schema_rules(
 )
 
 
+# --------------------------------------------------------------------------- federated
+#: Messages shared with ``validation.py`` (the Python side adds the values it saw).
+FEDERATED_SILOS_REQUIRED = (
+    "required: list the silos (each with its own data) or set partition (silos made from spec.data)"
+)
+FEDERATED_SILOS_AND_PARTITION = "set silos or partition, not both"
+FEDERATED_DUPLICATE_SILO = "silo names must be unique"
+FEDERATED_TOO_FEW_SILOS = "exceeds the number of silos: no round could ever complete"
+FEDERATED_MU_REQUIRED = "required by FedProx (the weight of its proximal term)"
+FEDERATED_MU_FORBIDDEN = "mu is FedProx's; set type: FedProx or remove mu"
+FEDERATED_SERVER_LR_FORBIDDEN = (
+    "serverLearningRate is FedAdam's; set type: FedAdam or remove serverLearningRate"
+)
+FEDERATED_COLUMN_REQUIRED = "required when by is column"
+FEDERATED_COLUMN_FORBIDDEN = "set, but by is hash; set by: column or remove column"
+FEDERATED_SECURE_AGGREGATION = (
+    "not supported yet: Flower's SecAgg+ is not wired into RecJob's federation; set false"
+)
+FEDERATED_ONE_PROCESS = (
+    "federated training runs one process per silo (a Flower SuperNode each); must be 1"
+)
+FEDERATED_LORA_EXCHANGE = (
+    "exchange lora sends LoRA adapters, but model.fineTuning.method is not lora; set "
+    "model.fineTuning.method lora, or exchange full"
+)
+FEDERATED_COMPRESSION = "not supported yet with training.federated; remove compression"
+FEDERATED_SEQUENTIAL = (
+    "not supported yet with training.federated: use architecture auto (cross-encoder for "
+    "search-ranking, bi-encoder for recommendation)"
+)
+
+PARTITION_RULES = schema_rules(
+    rule(
+        "self.by != 'column' || has(self.column)",
+        FEDERATED_COLUMN_REQUIRED,
+        ".column",
+        REQUIRED,
+    ),
+    rule(
+        "self.by == 'column' || !has(self.column)",
+        FEDERATED_COLUMN_FORBIDDEN,
+        ".column",
+        FORBIDDEN,
+    ),
+)
+
+STRATEGY_RULES = schema_rules(
+    rule("self.type != 'FedProx' || has(self.mu)", FEDERATED_MU_REQUIRED, ".mu", REQUIRED),
+    rule("self.type == 'FedProx' || !has(self.mu)", FEDERATED_MU_FORBIDDEN, ".mu", FORBIDDEN),
+    rule(
+        "self.type == 'FedAdam' || !has(self.serverLearningRate)",
+        FEDERATED_SERVER_LR_FORBIDDEN,
+        ".serverLearningRate",
+        FORBIDDEN,
+    ),
+)
+
+FEDERATED_RULES = schema_rules(
+    rule("has(self.silos) || has(self.partition)", FEDERATED_SILOS_REQUIRED, ".silos", REQUIRED),
+    rule(
+        "!has(self.silos) || !has(self.partition)",
+        FEDERATED_SILOS_AND_PARTITION,
+        ".partition",
+        FORBIDDEN,
+    ),
+    rule(
+        "!has(self.silos) || self.silos.all(s, self.silos.exists_one(t, t.name == s.name))",
+        FEDERATED_DUPLICATE_SILO,
+        ".silos",
+    ),
+    rule(
+        "!has(self.silos) || self.participation.minSilos <= size(self.silos)",
+        FEDERATED_TOO_FEW_SILOS,
+        ".participation.minSilos",
+    ),
+    rule(
+        "!has(self.partition) || self.participation.minSilos <= self.partition.count",
+        FEDERATED_TOO_FEW_SILOS,
+        ".participation.minSilos",
+    ),
+    rule("!self.secureAggregation", FEDERATED_SECURE_AGGREGATION, ".secureAggregation"),
+)
+
+
 # --------------------------------------------------------------------------- training
 _NVME = "(self.offloadOptimizer == 'nvme' || self.offloadParameters == 'nvme')"
 
@@ -338,6 +422,12 @@ TRAINING_RULES = schema_rules(
         "!has(self.maxSteps) || self.checkpoint.intervalSteps <= self.maxSteps",
         "exceeds maxSteps: no checkpoint would be written, so a restarted pod would start over",
         ".checkpoint.intervalSteps",
+    ),
+    rule("!has(self.federated) || self.nodes == 1", FEDERATED_ONE_PROCESS, ".nodes"),
+    rule(
+        "!has(self.federated) || self.processesPerNode == 1",
+        FEDERATED_ONE_PROCESS,
+        ".processesPerNode",
     ),
 )
 
@@ -580,4 +670,20 @@ SPEC_RULES = schema_rules(
         ".export.qualityBudget.maxRelativeDropVsTeacher",
     ),
     *_teacher_rules(),
+    rule(
+        "!has(self.training.federated) || self.training.federated.exchange != 'lora'"
+        " || self.model.fineTuning.method == 'lora'",
+        FEDERATED_LORA_EXCHANGE,
+        ".training.federated.exchange",
+    ),
+    rule(
+        "!has(self.training.federated) || !has(self.compression)",
+        FEDERATED_COMPRESSION,
+        ".compression",
+    ),
+    rule(
+        "!has(self.training.federated) || self.model.architecture != 'sequential'",
+        FEDERATED_SEQUENTIAL,
+        ".model.architecture",
+    ),
 )

@@ -18,6 +18,7 @@ from .spec_base import (
     SpecModel,
     with_rules,
 )
+from .spec_federated import FederatedSpec
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -186,6 +187,9 @@ class TrainingSpec(SpecModel):
     max_restarts: int = Field(default=3, ge=0, le=100)
     """Pod restarts the PyTorchJob allows (backoffLimit); training resumes from checkpoints."""
     seed: int = Field(default=42, ge=0, le=SEED_MAX)
+    federated: FederatedSpec | None = None
+    """Federated fine-tuning across data silos (Flower) instead of one PyTorchJob over
+    spec.data: each silo trains on its own data only and the server aggregates updates."""
 
 
 # --------------------------------------------------------------------------- compression

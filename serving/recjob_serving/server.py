@@ -321,6 +321,7 @@ class OnnxModel(RepositoryModel):
             intra_op_threads=_int_parameter(config.name, parameters, "intra_op_thread_count"),
             spinning=parameters.get("allow_spinning", "1") == "1",
         )
+        self.output_names = [o.name for o in self.session.get_outputs()]
         card = model_dir / str(version) / "recjob.json"
         self.card = json.loads(card.read_text()) if card.exists() else {}
         graph = onnx.load(str(path), load_external_data=False).graph
@@ -359,10 +360,12 @@ class OnnxModel(RepositoryModel):
                 )
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One ONNX Runtime call."""
-        names = [o.name for o in self.session.get_outputs()]
-        feed = {k: v.astype(np.int64) if v.dtype.kind == "i" else v for k, v in tensors.items()}
-        return dict(zip(names, self.session.run(names, feed), strict=True))
+        """One ONNX Runtime call (int64 inputs passed as they are, others converted)."""
+        feed = {
+            k: np.asarray(v, dtype=np.int64) if v.dtype.kind == "i" else v
+            for k, v in tensors.items()
+        }
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
 
 
 #: Parameters of a Python-backend model's config that ``ServerLimits`` can lower.

@@ -1,0 +1,140 @@
+"""Federated fine-tuning on Flower's deployment engine, end to end on this machine.
+
+A SuperLink and two SuperNodes run as separate processes on loopback with TLS; each silo's
+data sit in a folder whose path only that silo's trainer config (read by its SuperNode's
+ClientApp) names. Two rounds of LoRA fine-tuning of the bundled MiniLM cross-encoder on
+tiny synthetic search logs, then a restart that resumes from the round checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from recjob_trainer.config import load_config
+from recjob_trainer.models import base_model_path, load_model
+
+# flwr is installed beside the lock with --no-deps (pyproject.toml, the federated extra)
+pytest.importorskip("flwr", reason="flwr is not installed (see the federated extra)")
+from recjob_trainer.federated.local import run_federation
+
+pytestmark = pytest.mark.slow
+
+TOPICS = {
+    "north": (["drill", "saw", "hammer", "wrench", "sander"], ["cordless", "steel", "heavy"]),
+    "south": (["hose", "rake", "shovel", "mower", "planter"], ["garden", "lawn", "outdoor"]),
+}
+
+
+def silo_logs(path: Path, silo: str, queries: int = 24, seed: int = 0) -> Path:
+    """Graded query-title pairs: the query's own product is relevant (3), others not."""
+    rng = random.Random(f"{silo}-{seed}")
+    nouns, adjectives = TOPICS[silo]
+    rows = ["q,title,relevance"]
+    for i in range(queries):
+        noun, adjective = nouns[i % len(nouns)], rng.choice(adjectives)
+        query = f"{adjective} {noun} {i}"
+        rows.append(f"{query},{adjective} {noun} model {i},3")
+        rows.append(f"{query},{rng.choice(nouns)} spare part {i},2")
+        rows.append(f"{query},{rng.choice(adjectives)} gift card {i},1")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train.csv").write_text("\n".join(rows) + "\n")
+    return path / "train.csv"
+
+
+def config_file(tmp: Path, data: dict[str, Path], output: Path, rounds: int) -> Path:
+    doc = {
+        "name": "fed",
+        "outputUri": str(output),
+        "data": {
+            "task": "search-ranking",
+            "train": str(data["north"]),  # spec.data: columns/format; silos bring their URIs
+            "columns": {"query": "q", "itemText": "title", "label": "relevance"},
+            "preprocessing": {"split": {"validationFraction": 0.2, "testFraction": 0.2}},
+        },
+        "model": {
+            "maxSequenceLength": 16,
+            "fineTuning": {"method": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}},
+        },
+        "training": {
+            "microBatchSize": 4,
+            "learningRate": 0.005,
+            "federated": {
+                "silos": [
+                    {"name": name, "data": {"train": str(path)}} for name, path in data.items()
+                ],
+                "rounds": rounds,
+                "localSteps": 2,
+                "participation": {"minSilos": 2, "roundDeadlineSeconds": 120},
+            },
+        },
+        "evaluation": {"baselines": False},
+    }
+    path = tmp / f"trainer-{rounds}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_two_silos_two_rounds_then_resume(tmp_path: Path) -> None:
+    owners = tmp_path / "owners"  # the data owners' premises, outside the federation's folders
+    data = {name: silo_logs(owners / name, name) for name in TOPICS}
+    output, work = tmp_path / "run", tmp_path / "federation"
+
+    metrics = run_federation(load_config(config_file(tmp_path, data, output, 2)), work, 300)
+    fed = metrics["federated"]
+
+    # two rounds, both silos in each, model updates counted both ways
+    assert fed["engine"] == "flower-deployment" and fed["silos"] == 2
+    assert fed["rounds_completed"] == 2 and [r["round"] for r in fed["rounds"]] == [1, 2]
+    for r in fed["rounds"]:
+        assert (r["sampled_silos"], r["replied_silos"], r["failed_silos"]) == (2, 2, 0)
+        assert r["bytes_to_silos"] == r["bytes_from_silos"] > 0  # the same tensors each way
+        assert r["examples"] == 2 * 2 * 4  # silos x localSteps x microBatchSize
+        assert r["mean_loss"] is not None and r["mean_loss"] > 0
+    assert fed["bytes_per_round"] == [r["bytes_total"] for r in fed["rounds"]]
+    assert fed["superlink"]["tls"] and fed["superlink"]["network_traffic"]["total-bytes"] > 0
+
+    # only LoRA adapters + the head cross the wire: a small fraction of the model's weights
+    weights = load_file(str(output / "model" / "model.safetensors"))
+    model_bytes = sum(t.numel() * 4 for t in weights.values())
+    per_silo = fed["rounds"][0]["bytes_to_silos"] / 2
+    assert per_silo < 0.05 * model_bytes, (per_silo, model_bytes)
+
+    # the global model changed: LoRA's B starts at zero, so a merged query weight differs
+    # from the pretrained one only if the silos trained and the server aggregated it
+    base = load_file(str(Path(base_model_path("all-MiniLM-L6-v2")) / "model.safetensors"))
+    key = next(k for k in base if k.endswith("layer.0.attention.self.query.weight"))
+    ours = next(v for k, v in weights.items() if k.endswith("layer.0.attention.self.query.weight"))
+    assert not torch.allclose(ours, base[key]), "LoRA deltas did not reach the global model"
+    rounds_dir = output / "federated" / "checkpoints"
+    one = load_file(str(rounds_dir / "round-000001" / "global.safetensors"))
+    two = load_file(str(rounds_dir / "round-000002" / "global.safetensors"))
+    assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)
+
+    # the trainer's model/ layout: it reloads and scores
+    model, tokenizer = load_model(output / "model")
+    batch = tokenizer(["cordless drill 0"], ["cordless drill model 0"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch)).all()
+    card = json.loads((output / "model-card.json").read_text())
+    assert card["federated"]["silos"] == 2 and card["checkpoint_digest"].startswith("sha256:")
+
+    # the server side never opened a silo's files; the hook did see the server's own files
+    opened = json.loads((output / "federated" / "server-opened-files.json").read_text())
+    assert any(p.endswith("settings.json") for p in opened)
+    private = [str(owners), str(work / "silos")]
+    assert not [p for p in opened if any(p.startswith(root) for root in private)]
+    settings = (work / "server" / "settings.json").read_text()
+    assert str(owners) not in settings and str(work / "silos") not in settings
+
+    # a restarted federation with one more round resumes after round 2
+    metrics = run_federation(load_config(config_file(tmp_path, data, output, 3)), work, 300)
+    fed3 = metrics["federated"]
+    assert fed3["resumed_from_round"] == 2 and fed3["rounds_completed"] == 3
+    assert fed3["rounds"][:2] == fed["rounds"] and fed3["rounds"][2]["round"] == 3
+    assert (rounds_dir / "round-000003" / "global.safetensors").exists()

@@ -1,0 +1,234 @@
+"""A federation on one machine: a SuperLink and one SuperNode per silo as separate
+processes on loopback, TLS between them, the run submitted with ``flwr run``.
+
+``python -m recjob_trainer.federated --config trainer.yaml --work DIR`` (the trainer config
+of a RecJob with ``training.federated``). The output directory (the config's outputUri)
+receives what the ServerApp writes; ``DIR`` holds the silos' private folders, the TLS
+files, the SuperLink's state database and every process's log. Running it again with the
+same ``DIR`` and output resumes from the last completed round."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from ..config import TrainerConfig
+from ..storage import write_json_atomic
+from .bundle import write_bundle
+from .certs import make_tls
+from .plan import SERVER_STATUS, Silo, prepare_silos, server_settings
+
+BIN = Path(sys.executable).parent
+CONNECTION = "recjob"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Federation:
+    """The processes of a local federation (all started here, all stopped by stop())."""
+
+    work: Path
+    env: dict[str, str]
+    port: int
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], cwd: Path) -> subprocess.Popen:
+        log = open(self.work / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by the process)
+        proc = subprocess.Popen(argv, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = proc
+        return proc
+
+    def stop(self, name: str | None = None) -> None:
+        """Terminate a process (or all) and everything it started (ServerApp / ClientApp
+        processes are its descendants)."""
+        names = [name] if name else list(self.processes)
+        for key in names:
+            proc = self.processes.pop(key)
+            try:
+                family = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                family = []
+            if proc.poll() is None:
+                proc.terminate()
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            _, alive = psutil.wait_procs(family, timeout=10)
+            for p in alive:
+                p.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict:
+        """A ``flwr`` CLI command with JSON output."""
+        done = subprocess.run(
+            [str(BIN / "flwr"), *args, "--format", "json"],
+            cwd=self.work,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(
+                f"flwr {' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]} "
+                f"{done.stderr[-2000:]}"
+            ) from None
+
+
+def start_superlink(fed: Federation, tls) -> None:
+    server = fed.work / "server"
+    server.mkdir(exist_ok=True)
+    fed.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            *("--ssl-ca-certfile", str(tls.ca_cert)),
+            *("--ssl-certfile", str(tls.server_cert)),
+            *("--ssl-keyfile", str(tls.server_key)),
+            *("--host", "127.0.0.1", "--port", str(fed.port)),
+            *("--database", str(server / "state.db")),
+            "--disable-runtime-dependency-installation",
+        ],
+        cwd=server,
+    )
+    deadline = time.time() + 120
+    while not _listening(fed.port):
+        if fed.processes["superlink"].poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the SuperLink did not start; see {fed.work}/logs/superlink.log")
+        time.sleep(0.2)
+
+
+def start_supernode(fed: Federation, silo: Silo, tls) -> None:
+    """The silo's SuperNode: the only process told where the silo's config (and data) are."""
+    fed.start(
+        f"supernode-{silo.name}",
+        [
+            str(BIN / "flower-supernode"),
+            *("--superlink", f"127.0.0.1:{fed.port}"),
+            *("--root-certificates", str(tls.ca_cert)),
+            *("--node-config", f'silo-config="{silo.config_path}"'),
+            *("--host", "127.0.0.1", "--port", str(free_port())),
+        ],
+        cwd=silo.directory,
+    )
+
+
+def prepare(config: TrainerConfig, work: Path) -> tuple[Federation, list[Silo], object, Path]:
+    """Silo folders, TLS files, the app, the server settings and the flwr CLI's config."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    output = Path(config.output_uri)
+    output.mkdir(parents=True, exist_ok=True)
+    silos = prepare_silos(config, work)
+    tls = make_tls(work / "tls")
+    (work / "server").mkdir(exist_ok=True)
+    settings_path = work / "server" / "settings.json"
+    server_settings(config, output).write(settings_path)
+    write_bundle(work / "app")
+    port = free_port()
+    home = work / "flwr-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{tls.ca_cert}"\n'
+    )
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    return Federation(work, env, port), silos, tls, settings_path
+
+
+def submit(fed: Federation, settings_path: Path) -> str:
+    """``flwr run`` of the app with the server's settings; returns the run id."""
+    answer = fed.flwr(
+        "run", str(fed.work / "app"), CONNECTION,
+        "--run-config", f'server-settings="{settings_path}"',
+    )  # fmt: skip
+    if not answer.get("success"):
+        raise RuntimeError(f"flwr run failed: {answer}")
+    return str(answer["run-id"])
+
+
+def wait(fed: Federation, run_id: str, output: Path, since: float, timeout: float) -> dict:
+    """Wait for the ServerApp's status file (cheap to poll; every ``flwr`` call costs a
+    second of CPU), then for the SuperLink to report the run finished; returns its
+    ``flwr ls`` entry with the ServerApp's error, if any, as ``server-error``."""
+    deadline = time.time() + timeout
+    status_file = output / "federated" / SERVER_STATUS
+    last_ls = time.time()
+    status = None
+    while status is None:
+        if status_file.exists() and status_file.stat().st_mtime >= since:
+            status = json.loads(status_file.read_text())
+            break
+        if fed.processes["superlink"].poll() is not None:
+            raise RuntimeError(f"the SuperLink exited; see {fed.work}/logs/superlink.log")
+        if time.time() - last_ls > 30:  # a ServerApp that never started writes nothing
+            last_ls = time.time()
+            runs = fed.flwr("ls", CONNECTION, "--run-id", run_id).get("runs", [])
+            if runs and str(runs[0].get("status", "")).startswith("finished"):
+                return {**runs[0], "server-error": "the ServerApp ended without a status"}
+        if time.time() > deadline:
+            raise TimeoutError(f"run {run_id} did not finish in {timeout:.0f}s")
+        time.sleep(0.5)
+    while True:
+        runs = fed.flwr("ls", CONNECTION, "--run-id", run_id).get("runs", [])
+        run = runs[0] if runs else {}
+        if str(run.get("status", "")).startswith("finished") or time.time() > deadline:
+            return {**run, "server-error": status.get("error")}
+        time.sleep(2.0)
+
+
+def run_federation(config: TrainerConfig, work: Path, timeout: float = 3600) -> dict:
+    """Start the federation, run it to the end, stop every process; returns metrics.json
+    (with the SuperLink's own count of the run's network traffic added)."""
+    fed, silos, tls, settings_path = prepare(config, work)
+    output = Path(config.output_uri)
+    try:
+        start_superlink(fed, tls)
+        for silo in silos:
+            start_supernode(fed, silo, tls)
+        since = time.time()
+        run_id = submit(fed, settings_path)
+        run = wait(fed, run_id, output, since, timeout)
+    finally:
+        fed.stop()
+    if run.get("status") != "finished:completed" or run.get("server-error"):
+        raise RuntimeError(
+            f"federated run {run_id} ended {run.get('status')}: "
+            f"{run.get('server-error') or run.get('status-details')}; "
+            f"see {work}/logs/superlink.log"
+        )
+    metrics = json.loads((output / "metrics.json").read_text())
+    metrics["federated"]["superlink"] = {
+        "run_id": run_id,
+        "network_traffic": run.get("network-traffic"),
+        "elapsed_seconds": run.get("elapsed"),
+        "tls": True,
+    }
+    write_json_atomic(output / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,157 @@
+"""The server's Flower strategy for ``training.federated.strategy``, wrapped so that every
+round's traffic is counted and every completed round is checkpointed.
+
+:class:`Ledgered` delegates the aggregation to Flower's FedAvg / FedProx / FedAdam (and
+Flower's server-side fixed-clipping differential privacy when asked); it only looks at the
+messages going out and the replies coming back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
+
+from .weights import record_bytes
+
+#: FedAdam's server step size when serverLearningRate is unset.
+FEDADAM_DEFAULT_ETA = 0.01
+
+
+@dataclass
+class RoundRecord:
+    """What one round moved and who took part (no data, only sizes and counts)."""
+
+    round: int
+    sampled_silos: int = 0
+    replied_silos: int = 0
+    failed_silos: int = 0
+    bytes_to_silos: int = 0
+    bytes_from_silos: int = 0
+    examples: int = 0
+    mean_loss: float | None = None
+    seconds: float = 0.0
+    started: float = field(default=0.0, repr=False)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("started")
+        out["bytes_total"] = self.bytes_to_silos + self.bytes_from_silos
+        return out
+
+
+class Ledgered(Strategy):
+    """A strategy that records each round's :class:`RoundRecord` and delegates the rest.
+
+    ``round_offset`` is the number of rounds completed before this ServerApp started (a
+    resumed federation numbers its rounds on from there)."""
+
+    def __init__(self, inner: Strategy, round_offset: int = 0, min_silos: int = 1):
+        self.inner = inner
+        self.round_offset = round_offset
+        self.min_silos = min_silos
+        self.rounds: list[RoundRecord] = []
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        record = RoundRecord(round=server_round + self.round_offset, started=time.time())
+        config["federated-round"] = record.round
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        record.sampled_silos = len(messages)
+        record.bytes_to_silos = sum(record_bytes(m.content["arrays"]) for m in messages)
+        self.rounds.append(record)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        record = self.rounds[-1]
+        good = [r for r in replies if not r.has_error()]
+        record.replied_silos, record.failed_silos = len(good), len(replies) - len(good)
+        if len(good) < self.min_silos:
+            errors = "; ".join(str(r.error.reason) for r in replies if r.has_error())
+            raise RuntimeError(
+                f"round {record.round}: {len(good)} of {record.sampled_silos} sampled silo(s) "
+                f"replied within the round deadline, participation.minSilos is "
+                f"{self.min_silos}" + (f" (errors: {errors})" if errors else "")
+            )
+        record.bytes_from_silos = sum(
+            record_bytes(r.content[key]) for r in good for key in r.content.array_records
+        )
+        losses, examples = [], 0
+        for reply in good:
+            metrics = reply.content["metrics"]
+            examples += int(metrics["num-examples"])
+            losses.append((float(metrics["train-loss"]), int(metrics["num-examples"])))
+        record.examples = examples
+        if examples:
+            record.mean_loss = sum(loss * n for loss, n in losses) / examples
+        arrays, metrics = self.inner.aggregate_train(server_round, good)
+        record.seconds = time.time() - record.started
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def build_strategy(fed: FederatedSpec, silos: int) -> Strategy:
+    """Flower's strategy for the spec: sampling by participation, no client-side
+    evaluation rounds (the server evaluates nothing: it has no data), DP if asked."""
+    part = fed.participation
+    common = dict(
+        fraction_train=part.fraction,
+        fraction_evaluate=0.0,
+        min_train_nodes=part.min_silos,
+        min_evaluate_nodes=part.min_silos,
+        min_available_nodes=part.min_silos,
+    )
+    kind = fed.strategy.type
+    if kind == "FedAvg":
+        strategy: Strategy = FedAvg(**common)
+    elif kind == "FedProx":
+        strategy = FedProx(**common, proximal_mu=fed.strategy.mu or 0.0)
+    elif kind == "FedAdam":
+        strategy = FedAdam(**common, eta=fed.strategy.server_learning_rate or FEDADAM_DEFAULT_ETA)
+    else:
+        raise ValueError(f"unknown strategy {kind!r}")
+    dp = fed.differential_privacy
+    if dp is not None:
+        sampled = max(part.min_silos, int(silos * part.fraction))
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy,
+            noise_multiplier=dp.noise_multiplier,
+            clipping_norm=dp.clipping_norm,
+            num_sampled_clients=sampled,
+        )
+    return strategy
+
+
+def checkpointing(save: Callable[[int, ArrayRecord], None], offset: int):
+    """An ``evaluate_fn`` for ``Strategy.start`` that checkpoints each completed round's
+    global weights (Flower calls it after every round, and with round 0 before the first)."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            save(server_round + offset, arrays)
+        return None
+
+    return evaluate

@@ -23,6 +23,10 @@ the int8 MiniLM cross-encoder in bench/serving.py), so a short query is not padd
 long title when the queue offers a choice; the others go in the next batch. Other models
 batch only requests of one shape.
 
+A Python-backend model's batch is not merged: as in Triton, its ``execute`` gets the list of
+requests and answers each (``merge_requests`` False); one request's error is that
+request's alone.
+
 Queue time and batch size are exported per model (``recjob_batch_queue_seconds``,
 ``recjob_batch_size``).
 """
@@ -69,6 +73,7 @@ class BatchingPolicy:
     max_queue_delay_s: float = 0.0
     instances: int = 1
     pad_to_longest: bool = False
+    merge_requests: bool = True
 
     @classmethod
     def from_config(cls, config) -> BatchingPolicy | None:
@@ -80,6 +85,7 @@ class BatchingPolicy:
         maximum = int(config.max_batch_size)
         inputs = {i.name: list(i.dims) for i in config.input}
         outputs_fixed = all(all(int(d) > 0 for d in o.dims) for o in config.output)
+        python = config.backend == "python"
         return cls(
             max_batch_size=maximum,
             preferred_batch_sizes=tuple(
@@ -89,7 +95,8 @@ class BatchingPolicy:
             instances=sum(int(g.count) for g in config.instance_group) or 1,
             # right padding is exact only where a mask says which tokens are real, and
             # outputs must not have a length axis to cut back
-            pad_to_longest="attention_mask" in inputs and outputs_fixed,
+            pad_to_longest="attention_mask" in inputs and outputs_fixed and not python,
+            merge_requests=not python,
         )
 
 
@@ -141,11 +148,11 @@ def split(outputs: Tensors, rows: list[int]) -> list[Tensors]:
 
 
 class DynamicBatcher:
-    """One model's queue and scheduler; ``run`` executes a merged batch (in a thread)."""
+    """One model's queue and scheduler; ``run`` executes a merged batch (in a thread), or
+    with ``merge_requests`` False the list of requests, answering each with its outputs
+    or an exception."""
 
-    def __init__(
-        self, policy: BatchingPolicy, run: Callable[[Tensors], Tensors], labels: dict
-    ) -> None:
+    def __init__(self, policy: BatchingPolicy, run: Callable, labels: dict) -> None:
         self.policy, self._run = policy, run
         self._queue: list[_Pending] = []
         self._wake: asyncio.Event | None = None
@@ -207,7 +214,9 @@ class DynamicBatcher:
         only)."""
         policy = self.policy
         oldest, rest = self._queue[0], self._queue[1:]
-        if policy.pad_to_longest:
+        if not policy.merge_requests:
+            candidates = rest
+        elif policy.pad_to_longest:
             candidates = sorted(rest, key=lambda p: (abs(p.length - oldest.length), p.arrived))
         else:
             key = _shape_key(oldest.tensors)
@@ -252,18 +261,26 @@ class DynamicBatcher:
             self._queue_seconds.observe(started - pending.arrived)
         rows = [p.rows for p in batch]
         self._batch_size.observe(sum(rows))
+        loop = asyncio.get_running_loop()
         try:
-            merged = merge([p.tensors for p in batch], self.policy.pad_to_longest)
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._run, merged)
-            results = split(outputs, rows)
+            if self.policy.merge_requests:
+                merged = merge([p.tensors for p in batch], self.policy.pad_to_longest)
+                outputs = await loop.run_in_executor(self._executor, self._run, merged)
+                results = split(outputs, rows)
+            else:
+                requests = [p.tensors for p in batch]
+                results = await loop.run_in_executor(self._executor, self._run, requests)
         except Exception as error:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
         else:
             for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    pending.future.set_exception(result)
+                else:
                     pending.future.set_result(result)
         finally:
             self._free.release()

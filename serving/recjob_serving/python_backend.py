@@ -163,11 +163,28 @@ class PythonBackendModel:
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; the model's error is raised as :class:`TritonError`."""
+        (result,) = self.execute_many([inputs])
+        if isinstance(result, TritonError):
+            raise result
+        return result
+
+    def execute_many(
+        self, requests: list[dict[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray] | TritonError]:
+        """Run several requests in one ``execute`` call, as Triton does for a model with
+        dynamic batching: each request's outputs, or its error."""
         token = _BLS.set(self.bls)
         try:
-            (response,) = self.model.execute([InferenceRequest(inputs)])
+            responses = self.model.execute([InferenceRequest(inputs) for inputs in requests])
         finally:
             _BLS.reset(token)
-        if response.has_error():
-            raise response.error()
-        return {t.name(): t.as_numpy() for t in response.output_tensors()}
+        if len(responses) != len(requests):
+            raise RuntimeError(
+                f"model.py answered {len(responses)} responses to {len(requests)} requests"
+            )
+        return [
+            response.error()
+            if response.has_error()
+            else {t.name(): t.as_numpy() for t in response.output_tensors()}
+            for response in responses
+        ]

@@ -204,7 +204,8 @@ class RepositoryModel(kserve.Model):
         )
         self._labels = {"model": config.name, "version": str(version), "revision": revision}
         policy = None if config.platform == "ensemble" else BatchingPolicy.from_config(config)
-        self.batcher = policy and DynamicBatcher(policy, self._run_shaped, self._labels)
+        run = self._run_shaped if policy is None or policy.merge_requests else self._run_each
+        self.batcher = policy and DynamicBatcher(policy, run, self._labels)
         for kind in ("invalid_input", "internal"):  # so the series exist before a failure
             ERRORS.labels(**self._labels, kind=kind)
         REQUESTS.labels(**self._labels)
@@ -234,6 +235,19 @@ class RepositoryModel(kserve.Model):
 
     def _run_shaped(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._shaped(self.run(tensors), next(iter(tensors.values())).shape[0])
+
+    def run_each(self, requests: list[dict[str, np.ndarray]]) -> list:
+        """Compute several requests at once, each answered with its outputs or its
+        exception (a Python-backend model's dynamic batch)."""
+        return [self.run(tensors) for tensors in requests]
+
+    def _run_each(self, requests: list[dict[str, np.ndarray]]) -> list:
+        return [
+            result
+            if isinstance(result, Exception)
+            else self._shaped(result, next(iter(tensors.values())).shape[0])
+            for tensors, result in zip(requests, self.run_each(requests), strict=True)
+        ]
 
     def _shaped(self, results: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         """The declared outputs of ``results``, each in its client-facing shape."""
@@ -404,6 +418,16 @@ class PythonModel(RepositoryModel):
             return self.backend.execute(tensors)
         except TritonError as error:
             raise InvalidInput(f"{self.name}: {error.message()}") from None
+
+    def run_each(self, requests: list[dict[str, np.ndarray]]) -> list:
+        """One ``execute`` call for all ``requests`` (Triton's dynamic batching of a
+        Python model); a request's error becomes its own 400."""
+        return [
+            InvalidInput(f"{self.name}: {result.message()}")
+            if isinstance(result, TritonError)
+            else result
+            for result in self.backend.execute_many(requests)
+        ]
 
 
 def _with_limits(config, limits: ServerLimits):

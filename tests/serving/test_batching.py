@@ -8,6 +8,7 @@ import asyncio
 import re
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -192,6 +193,42 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_are_answered() -> N
     assert isinstance(results[2], asyncio.CancelledError)
     assert [r["score"].ravel().tolist() for i, r in enumerate(results) if i != 2] == [[1], [2], [4]]
     assert model.batches == [[1], [2, 4]]
+
+
+def test_a_python_model_gets_the_list_of_requests_and_answers_each() -> None:
+    config = parse_config(CONFIG.replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+    policy = BatchingPolicy.from_config(config)
+    assert policy.merge_requests is False and policy.pad_to_longest is False
+    calls: list[list[int]] = []
+
+    def execute(requests: list[dict]) -> list:
+        calls.append([int(r["input_ids"][0, 0]) for r in requests])
+        time.sleep(0.05)
+        return [
+            ValueError("bad request") if r["input_ids"][0, 0] == 3 else {"score": r["input_ids"]}
+            for r in requests
+        ]
+
+    queue = DynamicBatcher(
+        replace(policy, max_queue_delay_s=0.0),
+        execute,
+        {"model": "m", "version": "1", "revision": ""},
+    )
+
+    async def scenario():
+        first = asyncio.create_task(queue.submit(request(1, 3)))
+        await asyncio.sleep(0.01)
+        rest = [
+            asyncio.create_task(queue.submit(request(v, n))) for v, n in ((2, 5), (3, 3), (4, 9))
+        ]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    queue.close()
+    # not merged: requests of any shape in one call, each with its own answer or error
+    assert calls == [[1], [2, 3, 4]]
+    assert [r["score"].shape[1] for i, r in enumerate(results) if i != 2] == [3, 5, 9]
+    assert isinstance(results[2], ValueError)
 
 
 def test_instances_run_batches_at_once() -> None:

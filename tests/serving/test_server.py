@@ -173,6 +173,16 @@ def test_tokenizer_backend_runs_its_model_py(repository) -> None:
         np.testing.assert_array_equal(out[key], expected[key])
     with pytest.raises(TritonError, match="utf-8"):
         backend.execute({"query": np.array([[b"\xff"]], np.object_), "item": items[:1]})
+    # several requests in one execute (Triton's dynamic batching of a Python model): each
+    # answered on its own, padded to its own longest text, a bad one failing alone
+    good, bad, short = backend.execute_many([
+        {"query": queries, "item": items},
+        {"query": np.array([[b"\xff"]], np.object_), "item": items[:1]},
+        {"query": queries[:1], "item": items[:1]},
+    ])  # fmt: skip
+    np.testing.assert_array_equal(good["input_ids"], expected["input_ids"])
+    assert isinstance(bad, TritonError) and "utf-8" in bad.message()
+    assert short["input_ids"].shape[1] < 32
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -442,3 +452,53 @@ def test_dynamic_batching_runs_concurrent_requests_of_different_lengths_exactly(
     assert rows == len(bodies)
     assert batches < len(bodies)  # some requests shared a run
     assert re.search(r'recjob_batch_queue_seconds_count\{model="search"[^}]*\} (\S+)', metrics)
+
+
+def test_a_python_model_with_dynamic_batching_answers_each_request_of_its_batch(
+    server, repository, tmp_path: Path
+) -> None:
+    """The tokenizer (Python backend) declared with dynamic batching: concurrent raw-text
+    requests through the ensemble reach its ``execute`` together and each gets the scores
+    the unbatched server gives; a malformed one among them gets its own 400 (a request's
+    error inside a batched ``execute`` is tested in test_tokenizer_backend_...)."""
+    repo, _ = repository
+    batched = tmp_path / "repo"
+    shutil.copytree(repo, batched, symlinks=True)
+    tokenizer, ensemble = text_model_names("search")
+    config = batched / tokenizer / "config.pbtxt"
+    config.write_text(
+        config.read_text() + "dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n"
+    )
+    bodies = [
+        {"inputs": [
+            {"name": "query", "datatype": "BYTES", "shape": [1, 1], "data": [query]},
+            {"name": "item", "datatype": "BYTES", "shape": [1, 1], "data": [item]},
+        ]}
+        for query, item in PAIRS * 4
+    ]  # fmt: skip
+
+    async def send_all(url: str, payloads: list[dict]) -> list:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(f"{url}/v2/models/{ensemble}/infer", json=b) for b in payloads)
+            )
+
+    expected = [r.json()["outputs"] for r in asyncio.run(send_all(server.url, bodies[:5]))]
+    bad = {"inputs": [{**bodies[0]["inputs"][0], "data": [[1, 2]]}, bodies[0]["inputs"][1]]}
+    running = Server(batched, tmp_path / "server.log")
+    try:
+        responses = asyncio.run(send_all(running.url, [*bodies, bad]))
+        metrics = httpx.get(f"{running.url}/metrics").text
+    finally:
+        running.stop()
+    *good, refused = responses
+    assert refused.status_code == 400
+    assert all(r.status_code == 200 for r in good), [r.text for r in good][:2]
+    for index, response in enumerate(good):
+        score = response.json()["outputs"][0]["data"]
+        want = next(
+            o for o in expected[index % 5] if o["name"] == response.json()["outputs"][0]["name"]
+        )
+        np.testing.assert_allclose(score, want["data"], atol=1e-5)
+    batches, rows = _batch_series(metrics, tokenizer)
+    assert rows == len(bodies) and batches < rows  # requests shared execute calls

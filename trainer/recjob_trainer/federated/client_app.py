@@ -9,7 +9,6 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..models import ModelInfo
 from .silo import SiloTrainer
 
 app = ClientApp()
@@ -33,6 +32,8 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Local steps from the global weights; replies with the updated exchanged weights."""
+    from ..models import ModelInfo
+
     config = message.content["config"]
     result = _silo(context).train_round(
         ModelInfo(**json.loads(str(config["model-info"]))),

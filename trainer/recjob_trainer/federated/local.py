@@ -51,9 +51,12 @@ class Federation:
     port: int
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str], cwd: Path) -> subprocess.Popen:
+    def start(
+        self, name: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = open(self.work / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by the process)
-        proc = subprocess.Popen(argv, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        env = {**self.env, **(env or {})}
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.processes[name] = proc
         return proc
 
@@ -115,6 +118,7 @@ def start_superlink(fed: Federation, tls) -> None:
             "--disable-runtime-dependency-installation",
         ],
         cwd=server,
+        env={"OMP_NUM_THREADS": "1"},  # the ServerApp averages a few tensors per round
     )
     deadline = time.time() + 120
     while not _listening(fed.port):
@@ -123,8 +127,9 @@ def start_superlink(fed: Federation, tls) -> None:
         time.sleep(0.2)
 
 
-def start_supernode(fed: Federation, silo: Silo, tls) -> None:
-    """The silo's SuperNode: the only process told where the silo's config (and data) are."""
+def start_supernode(fed: Federation, silo: Silo, tls, threads: int = 1) -> None:
+    """The silo's SuperNode: the only process told where the silo's config (and data) are.
+    Its ClientApps compute with ``threads`` threads (silos share this machine's cores)."""
     fed.start(
         f"supernode-{silo.name}",
         [
@@ -135,6 +140,7 @@ def start_supernode(fed: Federation, silo: Silo, tls) -> None:
             *("--host", "127.0.0.1", "--port", str(free_port())),
         ],
         cwd=silo.directory,
+        env={"OMP_NUM_THREADS": str(threads), "RECJOB_SILO_THREADS": str(threads)},
     )
 
 
@@ -203,17 +209,28 @@ def wait(fed: Federation, run_id: str, output: Path, since: float, timeout: floa
         time.sleep(2.0)
 
 
+def launch(config: TrainerConfig, work: Path) -> tuple[Federation, str, float]:
+    """Start the SuperLink and the SuperNodes and submit the run; returns the federation,
+    the run id and when it was submitted (the caller stops the federation)."""
+    fed, silos, tls, settings_path = prepare(config, work)
+    try:
+        start_superlink(fed, tls)
+        threads = max(1, (os.cpu_count() or 1) // len(silos))
+        for silo in silos:
+            start_supernode(fed, silo, tls, threads)
+        since = time.time()
+        return fed, submit(fed, settings_path), since
+    except BaseException:
+        fed.stop()
+        raise
+
+
 def run_federation(config: TrainerConfig, work: Path, timeout: float = 3600) -> dict:
     """Start the federation, run it to the end, stop every process; returns metrics.json
     (with the SuperLink's own count of the run's network traffic added)."""
-    fed, silos, tls, settings_path = prepare(config, work)
     output = Path(config.output_uri)
+    fed, run_id, since = launch(config, work)
     try:
-        start_superlink(fed, tls)
-        for silo in silos:
-            start_supernode(fed, silo, tls)
-        since = time.time()
-        run_id = submit(fed, settings_path)
         run = wait(fed, run_id, output, since, timeout)
     finally:
         fed.stop()

@@ -8,20 +8,19 @@ global weights the server sends each round, so a silo keeps no state the server 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from ..batches import Batcher, Shard, micro_batches
 from ..config import TrainerConfig, load_config
 from ..data.prepare import PreparedData, prepare, read_prepared, write_prepared
-from ..models import ModelInfo, RankingModel, base_model_path, build_model
-from ..objective import apply_lora, loss_fn, model_info
-from .weights import exchanged_names, load_record, record_tensors, to_record
+
+if TYPE_CHECKING:  # torch, transformers and peft load only for a training round: the
+    # ClientApp is a fresh process per message, and the summary query needs none of them
+    from ..models import ModelInfo, RankingModel
 
 #: What a silo tells the server about its data before training: counts and the label
 #: range (what ModelInfo needs), never a row.
@@ -39,6 +38,8 @@ def merged_info(config: TrainerConfig, summaries: list[dict]) -> ModelInfo:
             label_max=max(float(s["label_max"]) for s in labelled),
             label_distinct=max(int(s["label_distinct"]) for s in labelled),
         )
+    from ..objective import model_info
+
     return model_info(config, SimpleNamespace(train_summary=merged))
 
 
@@ -73,12 +74,17 @@ class SiloTrainer:
 
     def model(self, info: ModelInfo) -> RankingModel:
         """A fresh model of the federation's architecture (pretrained encoder + LoRA)."""
+        from ..models import base_model_path, build_model
+        from ..objective import apply_lora
+
         path = base_model_path(self.config.model.base_model, self.config.base_dir)
         return apply_lora(build_model(info, path), self.config)
 
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
+
+            from ..models import base_model_path
 
             path = base_model_path(self.config.model.base_model, self.config.base_dir)
             self._tokenizer = AutoTokenizer.from_pretrained(path)
@@ -97,7 +103,16 @@ class SiloTrainer:
         """``local_steps`` optimizer steps from the global weights on this silo's rows,
         continuing the silo's epoch order where the previous round stopped; FedProx adds
         mu/2 ||w - w_global||^2 over the exchanged weights."""
+        import numpy as np
+        import torch
+
+        from ..batches import Batcher, Shard, micro_batches
+        from ..objective import loss_fn
+        from .weights import exchanged_names, load_record, record_tensors, to_record
+
         started = time.time()
+        # several silos may share a machine (local mode): the launcher sets the threads
+        torch.set_num_threads(int(os.environ.get("RECJOB_SILO_THREADS", torch.get_num_threads())))
         t = self.config.training
         torch.manual_seed(t.seed + round_number)
         model = self.model(info)

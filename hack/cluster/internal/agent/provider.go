@@ -134,6 +134,14 @@ func (p *Provider) CreatePod(_ context.Context, pod *corev1.Pod) error {
 		p.mu.Unlock()
 		return nil
 	}
+	p.mu.Unlock()
+	pod = pod.DeepCopy()
+	p.ensureMasterServiceEnv(pod)
+	p.mu.Lock()
+	if _, ok := p.pods[pod.UID]; ok {
+		p.mu.Unlock()
+		return nil
+	}
 	r := newPodRuntime(p, pod)
 	p.pods[pod.UID] = r
 	p.mu.Unlock()

@@ -4,7 +4,7 @@ processes on loopback, TLS between them, the run submitted with ``flwr run``.
 ``python -m recjob_trainer.federated --config trainer.yaml --work DIR`` (the trainer config
 of a RecJob with ``training.federated``). The output directory (the config's outputUri)
 receives what the ServerApp writes; ``DIR`` holds the silos' private folders, the TLS
-files, the SuperLink's state database and every process's log. Running it again with the
+files and every process's log. Running it again with the
 same ``DIR`` and output resumes from the last completed round."""
 
 from __future__ import annotations
@@ -104,6 +104,10 @@ class Federation:
 
 
 def start_superlink(fed: Federation, tls) -> None:
+    """The SuperLink, its state in memory: every launch registers the silos afresh (a
+    database kept across a crash would still list the dead SuperNodes as connected, and
+    the next rounds would sample them); a restarted federation resumes from the
+    ServerApp's own round checkpoints."""
     server = fed.work / "server"
     server.mkdir(exist_ok=True)
     fed.start(
@@ -114,7 +118,6 @@ def start_superlink(fed: Federation, tls) -> None:
             *("--ssl-certfile", str(tls.server_cert)),
             *("--ssl-keyfile", str(tls.server_key)),
             *("--host", "127.0.0.1", "--port", str(fed.port)),
-            *("--database", str(server / "state.db")),
             "--disable-runtime-dependency-installation",
         ],
         cwd=server,

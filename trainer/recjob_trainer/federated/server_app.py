@@ -111,23 +111,33 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
         model=model_spec, data=SimpleNamespace(task=settings.task), training=training
     )
     nodes = _wait_for_silos(grid, part.min_silos, time.time() + part.round_deadline_seconds)
-    summaries = _summaries(grid, nodes, part.round_deadline_seconds, part.min_silos)
-    info = merged_info(view, summaries)
+    # what the model is: a restarted federation keeps its checkpoint's (no new query)
+    digest = hashlib.sha256(
+        json.dumps([settings.task, settings.model, fed.exchange], sort_keys=True).encode()
+    ).hexdigest()
+    done, history, state = 0, [], None
+    latest = _latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = json.loads((latest / "state.json").read_text())
+        if state.get("spec_digest") != digest:
+            raise RuntimeError(
+                f"{latest} is a checkpoint of a different model or exchange; use a new "
+                "output directory"
+            )
+        info, summaries = ModelInfo(**state["model_info"]), state["summaries"]
+        done, history = int(state["round"]), state["rounds"]
+    else:
+        summaries = _summaries(grid, nodes, part.round_deadline_seconds, part.min_silos)
+        info = merged_info(view, summaries)
 
     torch.manual_seed(training.seed)
     encoder = base_model_path(model_spec.base_model, settings.base_dir)
     model = apply_lora(build_model(info, encoder), view)
     names = exchanged_names(model, fed.exchange)
-    done, history = 0, []
-    latest = _latest_checkpoint(ckpt_dir)
-    if latest is not None:  # a restarted federation goes on from its last completed round
-        state = json.loads((latest / "state.json").read_text())
-        if state["model_info"] != asdict(info) or state["names"] != names:
-            raise RuntimeError(
-                f"{latest} is a checkpoint of a different model; use a new output directory"
-            )
+    if state is not None:  # go on from the last completed round
+        if state["names"] != names:
+            raise RuntimeError(f"{latest} holds other tensors than this model exchanges")
         load_record(model, ArrayRecord(load_file(str(latest / "global.safetensors"))), names)
-        done, history = int(state["round"]), state["rounds"]
 
     strategy = Ledgered(
         build_strategy(fed, len(nodes)), round_offset=done, min_silos=part.min_silos
@@ -147,8 +157,8 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
                 {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
                 str(tmp / "global.safetensors"),
             )
-            state = {"round": round_number, "model_info": asdict(info), "names": names,
-                     "rounds": rounds}  # fmt: skip
+            state = {"round": round_number, "spec_digest": digest, "model_info": asdict(info),
+                     "summaries": summaries, "names": names, "rounds": rounds}  # fmt: skip
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     arrays = to_record(model, names)

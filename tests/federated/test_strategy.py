@@ -1,5 +1,6 @@
-"""The server's strategy wrapper on Flower's own FedAvg, with Flower messages built in
-process: what a round counts, how it aggregates, and a round that loses a silo."""
+"""The server's strategies: Flower's own FedAvg / FedProx / FedAdam / fixed-clipping DP as
+the spec picks them, under the byte-counting wrapper, with Flower messages built in process:
+what a round counts, how it aggregates, clipping, and a round that loses a silo."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import torch
 
 pytest.importorskip("flwr", reason="flwr is not installed (see the federated extra)")
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
-from recjob_trainer.federated.strategy import Ledgered
+from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
+from recjob_trainer.federated.strategy import Ledgered, build_strategy
 from recjob_trainer.federated.weights import record_bytes
 
 
@@ -67,3 +74,40 @@ def test_a_round_below_min_silos_fails_with_the_reason() -> None:
         led.aggregate_train(1, [reply(first, 1.0, 1), lost])
     assert "silo went away" in str(raised.value)
     assert led.rounds[0].failed_silos == 1
+
+
+def spec(**strategy_and_dp) -> FederatedSpec:
+    return FederatedSpec.model_validate({"partition": {"count": 2}, **strategy_and_dp})
+
+
+def test_the_spec_picks_flowers_strategy() -> None:
+    assert type(build_strategy(spec(), 2)) is FedAvg
+    prox = build_strategy(spec(strategy={"type": "FedProx", "mu": 0.1}), 2)
+    assert type(prox) is FedProx and prox.proximal_mu == 0.1
+    adam = build_strategy(spec(strategy={"type": "FedAdam", "serverLearningRate": 0.3}), 2)
+    assert type(adam) is FedAdam and adam.eta == 0.3
+    dp = build_strategy(spec(differentialPrivacy={"clippingNorm": 0.5, "noiseMultiplier": 0}), 2)
+    assert isinstance(dp, DifferentialPrivacyServerSideFixedClipping)
+    assert (dp.clipping_norm, dp.noise_multiplier) == (0.5, 0)
+
+
+def test_fedprox_sends_mu_to_the_silos() -> None:
+    led = Ledgered(build_strategy(spec(strategy={"type": "FedProx", "mu": 0.25}), 2), 0, 2)
+    arrays = ArrayRecord(OrderedDict(w=torch.ones(4)))
+    messages = list(led.configure_train(1, arrays, ConfigRecord({}), Grid()))
+    assert {float(m.content["config"]["proximal-mu"]) for m in messages} == {0.25}
+
+
+def test_differential_privacy_clips_each_silos_update() -> None:
+    """Noise 0 isolates the clipping: each update (reply - global) is scaled to norm <= 0.5
+    before averaging, so the global model moves by at most 0.5."""
+    led = Ledgered(
+        build_strategy(spec(differentialPrivacy={"clippingNorm": 0.5, "noiseMultiplier": 0}), 2),
+        0,
+        2,
+    )
+    arrays = ArrayRecord(OrderedDict(w=torch.zeros(4)))
+    first, second = led.configure_train(1, arrays, ConfigRecord({}), Grid())
+    aggregated, _ = led.aggregate_train(1, [reply(first, 10.0, 1), reply(second, 10.0, 1)])
+    moved = aggregated.to_torch_state_dict()["w"]
+    assert torch.linalg.vector_norm(moved).item() == pytest.approx(0.5, rel=1e-5)

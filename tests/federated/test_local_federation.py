@@ -134,6 +134,13 @@ def test_two_silos_two_rounds_killed_after_round_one_then_resumed(tmp_path: Path
     two = load_file(str(rounds_dir / "round-000002" / "global.safetensors"))
     assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)
 
+    # each silo measured the final global model on its own test split; only numbers came back
+    assert len(metrics["test_per_silo"]) == 2 and metrics["split"] == "test"
+    assert all(m["groups"] >= 1 and 0 <= m["ndcg@10"] <= 1 for m in metrics["test_per_silo"])
+    groups = [m["groups"] for m in metrics["test_per_silo"]]
+    weighted = sum(m["ndcg@10"] * n for m, n in zip(metrics["test_per_silo"], groups, strict=True))
+    assert metrics["model"]["ndcg@10"] == pytest.approx(weighted / sum(groups))
+
     # the trainer's model/ layout: it reloads and scores
     model, tokenizer = load_model(output / "model")
     batch = tokenizer(["cordless drill 0"], ["cordless drill model 0"], return_tensors="pt")

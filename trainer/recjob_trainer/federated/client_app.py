@@ -51,3 +51,17 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({"arrays": result.arrays, "metrics": metrics}), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """The final global model on the silo's test split: metrics and the group count."""
+    from ..models import ModelInfo
+
+    config = message.content["config"]
+    metrics = _silo(context).evaluate(
+        ModelInfo(**json.loads(str(config["model-info"]))),
+        message.content["arrays"],
+        exchange=str(config["exchange"]),
+    )
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

@@ -173,9 +173,34 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
         )
         arrays = result.arrays
     load_record(model, arrays, names)
+    test = _evaluate_on_silos(grid, nodes, arrays, train_config, part.round_deadline_seconds)
     rounds = history + [r.to_json() for r in strategy.rounds]
     _write_outputs(out, settings, model_spec, training, info, model, rounds, summaries, done,
-                   time.time() - started)  # fmt: skip
+                   test, time.time() - started)  # fmt: skip
+
+
+def _evaluate_on_silos(
+    grid: Grid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, timeout: float
+) -> dict:
+    """Each silo measures the final global model on its own test split; the server gets
+    the metrics only and averages them weighted by the silos' test groups."""
+    messages = [
+        Message(
+            RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in nodes
+    ]
+    per_silo = [
+        {k: float(v) for k, v in r.content["metrics"].items()}
+        for r in grid.send_and_receive(messages, timeout=timeout)
+        if not r.has_error()
+    ]
+    total = sum(m["groups"] for m in per_silo)
+    keys = set.intersection(*(set(m) for m in per_silo)) - {"groups"} if per_silo else set()
+    weighted = {k: sum(m[k] * m["groups"] for m in per_silo) / total for k in sorted(keys)}
+    return {"per_silo": per_silo, "weighted": {**weighted, "groups": total}}
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -207,7 +232,7 @@ def privacy_spent(fed, rounds: int, silos: int) -> dict | None:
 
 
 def _write_outputs(out, settings, model_spec, training, info: ModelInfo, model, rounds,
-                   summaries, resumed_from, seconds) -> None:  # fmt: skip
+                   summaries, resumed_from, test, seconds) -> None:  # fmt: skip
     """model/ (LoRA merged, the trainer's layout), metrics.json and model-card.json."""
     from transformers import AutoTokenizer
 
@@ -232,6 +257,9 @@ def _write_outputs(out, settings, model_spec, training, info: ModelInfo, model, 
     }
     metrics = {
         "task": settings.task,
+        "split": "test",
+        "model": test["weighted"],  # the silos' test splits, weighted by their groups
+        "test_per_silo": test["per_silo"],
         "federated": federated,
         "steps": len(rounds) * fed.local_steps,
     }

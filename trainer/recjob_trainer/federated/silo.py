@@ -170,3 +170,42 @@ class SiloTrainer:
         return RoundResult(
             to_record(model, names), examples, float(np.mean(losses)), time.time() - started
         )
+
+    def evaluate(self, info: ModelInfo, global_arrays, *, exchange: str) -> dict[str, float]:
+        """The global model's metrics on this silo's test split, with the trainer's own
+        evaluation (search: the queries' candidates; recommendation: full catalog and
+        sampled). Only numbers leave the silo: the metrics and how many groups (queries or
+        users) they average over."""
+        import torch
+
+        from ..batches import Batcher
+        from ..evaluation import evaluate_recommendation, evaluate_search
+        from .weights import exchanged_names, load_record
+
+        torch.set_num_threads(int(os.environ.get("RECJOB_SILO_THREADS", torch.get_num_threads())))
+        model = self.model(info)
+        load_record(model, global_arrays, exchanged_names(model, exchange))
+        model.eval()
+        ev, test = self.config.evaluation, self.prepared.splits["test"]
+        batcher = Batcher.for_model(
+            self.config.data.task, self.tokenizer(), info, self.prepared.catalog
+        )
+        with torch.no_grad():
+            if self.config.data.task == "search-ranking":
+                report = evaluate_search(model, batcher, test, ev.ks, ev.batch_size, ev.max_groups)
+                key = "query"
+            else:
+                report = evaluate_recommendation(
+                    model, batcher, test, ev.ks, ev.batch_size, ev.sampled_negatives,
+                    ev.max_groups,
+                )  # fmt: skip
+                key = "user_id"
+        groups = test[key].n_unique() if key in test.columns else test.height
+        if ev.max_groups is not None:
+            groups = min(groups, ev.max_groups)
+        numbers = {
+            k: float(v)
+            for k, v in report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        }
+        return {**numbers, "groups": float(groups)}

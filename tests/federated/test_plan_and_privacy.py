@@ -100,3 +100,43 @@ def test_privacy_spent_follows_noise_and_rounds() -> None:
     assert spent(1.0, 20) > spent(1.0, 10)  # more rounds, more spent
     assert spent(1.0, 10, fraction=0.2) < spent(1.0, 10)  # sampling amplifies privacy
     assert privacy_spent(FederatedSpec.model_validate({"partition": {}}), 10, 2) is None
+
+
+def test_an_atomic_dataset_is_partitioned_by_user_across_its_splits(tmp_path: Path) -> None:
+    """RecBole/UniSRec files (the bench's Amazon Scientific): a user's train, valid and test
+    rows go to the same silo; the item texts and the item index are copied to each."""
+    header = "user_id:token\titem_id_list:token_seq\titem_id:token"
+    for part in ("train", "valid", "test"):
+        rows = [f"{u}\t{u + 1} {u + 2}\t{u + 3}" for u in range(12)]
+        (tmp_path / f"d.{part}.inter").write_text("\n".join([header, *rows]) + "\n")
+    (tmp_path / "d.text").write_text("item_id:token\ttext:token_seq\n1\tlamp\n")
+    (tmp_path / "d.item2index").write_text("1\t1\n")
+    cfg = TrainerConfig.model_validate(
+        {
+            "name": "fed",
+            "outputUri": str(tmp_path / "out"),
+            "data": {
+                "task": "recommendation",
+                "format": "atomic",
+                "train": str(tmp_path / "d.train.inter"),
+                "validation": str(tmp_path / "d.valid.inter"),
+                "test": str(tmp_path / "d.test.inter"),
+                "catalog": str(tmp_path / "d.text"),
+                "itemIndex": str(tmp_path / "d.item2index"),
+            },
+            "model": {"fineTuning": {"method": "lora", "lora": {}}},
+            "training": {"federated": {"partition": {"count": 2}}},
+        }
+    )
+    users = []
+    for silo in prepare_silos(cfg, tmp_path / "work"):
+        data = yaml.safe_load(silo.config_path.read_text())["data"]
+        per_split = [
+            {line.split("\t")[0] for line in Path(data[role]).read_text().splitlines()[1:]}
+            for role in ("train", "validation", "test")
+        ]
+        assert per_split[0] == per_split[1] == per_split[2] != set()
+        assert Path(data["catalog"]).read_text() == (tmp_path / "d.text").read_text()
+        assert Path(data["itemIndex"]).parent == silo.directory / "data"
+        users.append(per_split[0])
+    assert users[0] | users[1] == {str(u) for u in range(12)} and not users[0] & users[1]

@@ -134,7 +134,7 @@ def _partition_column(config: TrainerConfig) -> str:
     if fed.partition.by == "column":
         return fed.partition.column
     if data.format == "atomic":
-        return atomic_columns(data.columns)["user_id"][0]
+        return atomic_columns(data.columns)["userId"][0]
     key = data.columns.query if data.task == "search-ranking" else data.columns.user_id
     if key is None:
         role = "query" if data.task == "search-ranking" else "userId"
@@ -155,7 +155,9 @@ def _partition(config: TrainerConfig, silos: list[Silo]) -> dict[str, dict[str, 
         name = Path(resolve(uri, base)).name
         if data.format == "atomic":
             frame = read_table(uri, "csv", base, tabs=True)
-            column = next((c for c in frame.columns if c.split(":")[0] == key), None)
+            # "user_id:token" (RecBole's typed header) or "user_id"
+            named = key.split(":")[0]
+            column = next((c for c in frame.columns if c.split(":")[0] == named), None)
         else:
             frame = read_table(uri, data.format, base)
             column = key if key in frame.columns else None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -47,6 +49,15 @@ def silo_logs(path: Path, silo: str, queries: int = 24, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "train.csv").write_text("\n".join(rows) + "\n")
     return path / "train.csv"
+
+
+def handshake(port: int, context: ssl.SSLContext) -> dict:
+    """A TLS handshake with the local SuperLink; the subject of its certificate."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return dict(pair[0] for pair in tls.getpeercert()["subject"])
 
 
 def config_file(tmp: Path, data: dict[str, Path], output: Path, rounds: int = 2) -> Path:
@@ -93,6 +104,14 @@ def test_two_silos_two_rounds_killed_after_round_one_then_resumed(tmp_path: Path
     # ClientApps) is stopped as soon as round 1 is checkpointed
     federation, _, _ = launch(config, work)
     try:
+        # the SuperLink speaks TLS only, with the certificate of the federation's own CA
+        ca = ssl.create_default_context(cafile=str(work / "tls" / "ca.crt"))
+        assert handshake(federation.port, ca)["commonName"] == "recjob superlink"
+        with pytest.raises(ssl.SSLCertVerificationError):  # no trust without that CA
+            handshake(federation.port, ssl.create_default_context())
+        with socket.create_connection(("127.0.0.1", federation.port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # plain HTTP
+            assert not raw.recv(64).startswith(b"HTTP/")
         deadline = time.time() + 240
         while not (rounds_dir / "round-000001" / "state.json").exists():
             assert time.time() < deadline, "round 1 was not checkpointed in 240 s"

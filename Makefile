@@ -18,10 +18,21 @@ install: $(STAMP) ## Create .venv and install RecJob with its dependencies and d
 
 # Reinstall whenever the dependency list or the lock file changes. torch==2.13.0 is
 # pinned in pyproject.toml and constraints.txt (the CPU build on the local disk).
+# Flower (the federated extra) goes in after, flwr itself without its dependency caps
+# (typer, rich, packaging, fastapi/starlette/uvicorn pins below the serving lock; see
+# pyproject.toml): its other requirements and Opacus resolve normally, and tests/federated
+# runs the deployment engine on these versions.
+FEDERATED_DEPS := alembic grpcio-health-checking iterators opacus pathspec prompt-toolkit \
+	pycryptodome 'sqlalchemy[asyncio]' tomli tomli-w
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		-c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt $(FEDERATED_DEPS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		-c constraints.txt flwr==1.42.0
 	touch $(STAMP)
 
 # Prometheus (Debian's package) for the canary analysis of local mode and the tests.

@@ -21,11 +21,8 @@ import yaml
 from safetensors.torch import load_file
 
 from recjob_trainer.config import load_config
-from recjob_trainer.models import base_model_path, load_model
-
-# flwr is installed beside the lock with --no-deps (pyproject.toml, the federated extra)
-pytest.importorskip("flwr", reason="flwr is not installed (see the federated extra)")
 from recjob_trainer.federated.local import launch, run_federation
+from recjob_trainer.models import base_model_path, load_model
 
 pytestmark = pytest.mark.slow
 

@@ -83,7 +83,7 @@ class BatchingPolicy:
             return None
         batching = config.dynamic_batching
         maximum = int(config.max_batch_size)
-        inputs = {i.name: list(i.dims) for i in config.input}
+        inputs = {i.name for i in config.input}
         outputs_fixed = all(all(int(d) > 0 for d in o.dims) for o in config.output)
         python = config.backend == "python"
         return cls(

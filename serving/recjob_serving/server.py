@@ -237,9 +237,15 @@ class RepositoryModel(kserve.Model):
         return self._shaped(self.run(tensors), next(iter(tensors.values())).shape[0])
 
     def run_each(self, requests: list[dict[str, np.ndarray]]) -> list:
-        """Compute several requests at once, each answered with its outputs or its
-        exception (a Python-backend model's dynamic batch)."""
-        return [self.run(tensors) for tensors in requests]
+        """Compute several requests unmerged (a dynamic batch of a model that takes the list
+        of requests), each answered with its outputs or its own exception."""
+        results: list = []
+        for tensors in requests:
+            try:
+                results.append(self.run(tensors))
+            except Exception as error:
+                results.append(error)
+        return results
 
     def _run_each(self, requests: list[dict[str, np.ndarray]]) -> list:
         return [
@@ -329,7 +335,7 @@ class OnnxModel(RepositoryModel):
         super().__init__(model_dir, version, config, revision)
         path = model_dir / str(version) / "model.onnx"
         parameters = {key: value.string_value for key, value in config.parameters.items()}
-        # Triton's onnxruntime backend parameters; idle ORT threads do not spin in a server
+        # Triton's onnxruntime backend thread count; allow_spinning is RecJob's own
         self.session = session(
             path,
             intra_op_threads=_int_parameter(config.name, parameters, "intra_op_thread_count"),

@@ -25,10 +25,23 @@ def summarize(job: RecJob) -> str:
     if s.compression is not None:
         parts = [name for name in ("distillation", "pruning") if getattr(s.compression, name)]
         compression = f" + {' & '.join(parts)}"
+    training = (
+        f"{t.nodes} node(s) x {t.processes_per_node} process(es) ZeRO-{t.deepspeed.zero_stage} "
+        f"{t.precision}{compression}"
+    )
+    if (fed := t.federated) is not None:
+        silos = (
+            f"{len(fed.silos)} silos" if fed.silos
+            else f"{fed.partition.count} silos by {fed.partition.by}"
+        )  # fmt: skip
+        dp = ", DP" if fed.differential_privacy else ""
+        training = (
+            f"federated over {silos}: {fed.rounds} rounds x {fed.local_steps} steps, "
+            f"{fed.strategy.type}, {fed.exchange} exchanged{dp} (local mode only)"
+        )
     return (
         f"valid RecJob {ns}/{job.metadata.name}: {s.data.task} on {s.model.base_model} "
-        f"({s.model.fine_tuning.method}), {t.nodes} node(s) x {t.processes_per_node} "
-        f"process(es) ZeRO-{t.deepspeed.zero_stage} {t.precision}{compression} → "
+        f"({s.model.fine_tuning.method}), {training} → "
         f"{s.export.target} (max {s.export.quality_budget.max_relative_drop:.1%} {metric} drop) "
         f"→ {job.service_name}: canary {steps}% every {s.rollout.interval}"
     )

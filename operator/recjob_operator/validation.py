@@ -44,6 +44,7 @@ __all__ = [
     "QUERY_PLACEHOLDERS",
     "Problem",
     "RecJobInvalid",
+    "cluster_problems",
     "parse_recjob",
     "semantic_problems",
     "validate_document",
@@ -566,6 +567,22 @@ def _federated_rules(spec: RecJobSpec) -> list[Problem]:
     if spec.model.architecture == "sequential":
         out.add("spec.model.architecture", cel.FEDERATED_SEQUENTIAL)
     return out
+
+
+#: Why the Kubernetes backend refuses a federated RecJob (local mode runs it).
+FEDERATED_LOCAL_ONLY = (
+    "federated training runs in local mode only (recjob run): the operator does not yet "
+    "create its Kubernetes objects (SuperLink Deployment and Service, a SuperNode per silo, "
+    "the TLS Secret); remove training.federated to train on one dataset"
+)
+
+
+def cluster_problems(job: RecJob) -> list[Problem]:
+    """What a valid RecJob asks for that the Kubernetes backend cannot run (yet): reported
+    as Valid=False instead of a silent fallback (a PyTorchJob would train on spec.data)."""
+    if job.spec.training.federated is not None:
+        return [Problem("spec.training.federated", FEDERATED_LOCAL_ONLY)]
+    return []
 
 
 def _compression_rules(spec: RecJobSpec) -> list[Problem]:

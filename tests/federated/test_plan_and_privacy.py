@@ -9,6 +9,7 @@ from pathlib import Path
 
 import flwr  # noqa: F401  (make install puts it in; missing, these tests fail, never skip)
 import polars as pl
+import pytest
 import yaml
 
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
@@ -100,9 +101,14 @@ def test_privacy_spent_follows_noise_and_rounds() -> None:
     assert privacy_spent(FederatedSpec.model_validate({"partition": {}}), 10, 2) is None
 
 
-def test_an_atomic_dataset_is_partitioned_by_user_across_its_splits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("named_index", [True, False])
+def test_an_atomic_dataset_is_partitioned_by_user_across_its_splits(
+    tmp_path: Path, named_index: bool
+) -> None:
     """RecBole/UniSRec files (the bench's Amazon Scientific): a user's train, valid and test
-    rows go to the same silo; the item texts and the item index are copied to each."""
+    rows go to the same silo; the item texts and the item index are copied to each, the
+    index also when it is only the catalog's default .item2index sibling (without it no
+    item of a silo's rows would map: no training rows)."""
     header = "user_id:token\titem_id_list:token_seq\titem_id:token"
     for part in ("train", "valid", "test"):
         rows = [f"{u}\t{u + 1} {u + 2}\t{u + 3}" for u in range(12)]
@@ -120,7 +126,7 @@ def test_an_atomic_dataset_is_partitioned_by_user_across_its_splits(tmp_path: Pa
                 "validation": str(tmp_path / "d.valid.inter"),
                 "test": str(tmp_path / "d.test.inter"),
                 "catalog": str(tmp_path / "d.text"),
-                "itemIndex": str(tmp_path / "d.item2index"),
+                **({"itemIndex": str(tmp_path / "d.item2index")} if named_index else {}),
             },
             "model": {"fineTuning": {"method": "lora", "lora": {}}},
             "training": {"federated": {"partition": {"count": 2}}},
@@ -136,5 +142,6 @@ def test_an_atomic_dataset_is_partitioned_by_user_across_its_splits(tmp_path: Pa
         assert per_split[0] == per_split[1] == per_split[2] != set()
         assert Path(data["catalog"]).read_text() == (tmp_path / "d.text").read_text()
         assert Path(data["itemIndex"]).parent == silo.directory / "data"
+        assert Path(data["itemIndex"]).read_text() == "1\t1\n"
         users.append(per_split[0])
     assert users[0] | users[1] == {str(u) for u in range(12)} and not users[0] & users[1]

@@ -130,10 +130,10 @@ def status(root: Path, name: str) -> dict:
     return yaml.safe_load((root / "work" / name / "status.yaml").read_text())
 
 
-def listening_ports(root: Path) -> list[int]:
+def listening_ports(root: Path, service: str = "tiny") -> list[int]:
     """Ports recorded by the service's processes that still accept connections."""
     ports = []
-    for record in (root / "work" / "services" / "tiny" / "run").glob("*.json"):
+    for record in (root / "work" / "services" / service / "run").glob("*.json"):
         if record.name == "routes.json":
             continue
         meta = json.loads(record.read_text()).get("meta", {})

@@ -89,6 +89,12 @@ def cli(
         raise click.UsageError("give --config FILE or --recjob FILE")
     if max_eval_groups:
         config.evaluation.max_groups = max_eval_groups
+    if config.training.federated is not None and not prepare_only:
+        raise click.ClickException(
+            "training.federated is set: a federated run trains in its silos, each on its own "
+            "data, launched by `python -m recjob_trainer.federated --config FILE --work DIR`; "
+            "recjob-train trains on one dataset"
+        )
     if prepare_only:
         from .data.prepare import prepare
 

@@ -89,10 +89,26 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _federated(kind: str, f: dict[str, Any]) -> str:
+    if kind == "start":
+        return f"{f.get('total_steps')} rounds over {f.get('silos')} connected silo(s)"
+    if kind == "resumed":
+        return f"resumed after round {f.get('step')} (its checkpoint)"
+    if kind == "progress":
+        return (
+            f"round {f.get('step')}/{f.get('total_steps')}: mean loss "
+            f"{_number(f.get('loss'))} from {f.get('silos')} silo(s)"
+        )
+    rest = ", ".join(f"{k} {_number(v)}" for k, v in f.items() if k not in ("stage", "time"))
+    return f"{kind}: {rest}"
+
+
 def describe(kind: str, fields: dict[str, Any]) -> str:
     """One event as one readable, printable line (what stdout and the logs show)."""
     f = fields
     stage = f"[{f['stage']}] " if f.get("stage") else ""
+    if f.get("stage") == "federated":  # steps are rounds (federated/server_app.py)
+        return stage + _federated(kind, f)
     if kind == "progress":
         text = (
             f"step {f.get('step')}/{f.get('total_steps')} (epoch {f.get('epoch')}): "

@@ -36,7 +36,7 @@ from kubernetes import client, config
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..prometheus import PrometheusSources
-from ..validation import validate_document
+from ..validation import cluster_problems, validate_document
 from . import cache, metrics
 from .backend import KubeBackend
 from .health import HealthServer
@@ -293,6 +293,8 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             await stopped.wait(MAX_SLEEP)
             continue
         recjob, problems = validate_document(recjob_document(dict(body)))
+        if recjob is not None and not problems:
+            problems = cluster_problems(recjob)
         if problems or recjob is None:
             await _write_invalid(kube, body, _invalid_status(dict(body), problems))
             await _sleep(stopped, body, MAX_SLEEP)

@@ -5,6 +5,9 @@ What a cluster's controllers do, done on one machine:
 - training (Kubeflow's PyTorchJob controller): ``nodes`` torchrun launchers of
   ``processesPerNode`` trainer processes each, rendezvous on 127.0.0.1; a failed run is
   restarted (the trainer resumes from its last checkpoint) up to ``maxRestarts``;
+- federated training (``spec.training.federated``): one ``python -m
+  recjob_trainer.federated`` launcher (a SuperLink and a SuperNode per silo on loopback,
+  TLS), restarted like a training run; it resumes from the last completed round;
 - conversion (a batch Job): ``recjob-serve convert``;
 - serving (KServe): :class:`~.serving.LocalServing` (model servers, router, replay
   driver, private Prometheus).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +207,13 @@ class LocalBackend(WorkDir):
             path, yaml.safe_dump(config.model_dump(mode="json", by_alias=True, exclude_none=True))
         )
         training = recjob.spec.training
+        if training.federated is not None:  # one launcher: SuperLink, SuperNodes, the run
+            self._training_processes(recjob)[0].start(
+                [sys.executable, "-m", "recjob_trainer.federated", "--config", str(path),
+                 "--work", str(directory / "federation")],
+                env={"OMP_NUM_THREADS": "1"},
+            )  # fmt: skip
+            return
         port = free_port()
         for rank, process in enumerate(self._training_processes(recjob)):
             process.start(

@@ -17,9 +17,11 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from recjob_operator.api.v1alpha1.uris import with_suffix
+
 from ..config import TrainerConfig
 from ..data.readers import atomic_columns, read_table
-from ..storage import open_uri, resolve
+from ..storage import StorageNotFound, open_uri, resolve
 
 #: Written by the ServerApp when it ends (in federated/ of the output), completed or failed.
 SERVER_STATUS = "server-status.json"
@@ -177,8 +179,17 @@ def _partition(config: TrainerConfig, silos: list[Silo]) -> dict[str, dict[str, 
             path.parent.mkdir(exist_ok=True)
             _write_like(part, path, data.format)
             parts[silo.name][role] = str(path)
-    for role in ("catalog", "item_index"):
-        uri = getattr(data, role)
+    shared = {"catalog": data.catalog, "item_index": data.item_index}
+    if data.format == "atomic" and data.catalog and not data.item_index:
+        # the reader's default index is the catalog's .item2index sibling: it must be
+        # beside each silo's copy of the catalog too (else no item id maps: no rows)
+        sibling = with_suffix(data.catalog, ".item2index")
+        try:
+            with open_uri(sibling, "rb", base):
+                shared["item_index"] = sibling
+        except StorageNotFound:
+            pass
+    for role, uri in shared.items():
         if uri is None:
             continue
         with open_uri(uri, "rb", base) as handle:

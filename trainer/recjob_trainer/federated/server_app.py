@@ -28,6 +28,7 @@ from recjob_operator.api.v1alpha1.spec_training import ModelSpec, TrainingSpec
 
 from ..models import ModelInfo, base_model_path, build_model, save_model
 from ..objective import apply_lora, merge_lora
+from ..progress import Progress
 from ..storage import atomic_directory, write_json_atomic
 from .plan import SERVER_STATUS, ServerSettings
 from .silo import merged_info
@@ -130,6 +131,10 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
         summaries = _summaries(grid, nodes, part.round_deadline_seconds, part.min_silos)
         info = merged_info(view, summaries)
 
+    progress = Progress(out, fed.rounds, enabled=True)  # rounds are the run's steps
+    progress.event("start", stage="federated", total_steps=fed.rounds, silos=len(nodes))
+    if done:
+        progress.event("resumed", stage="federated", step=done)
     torch.manual_seed(training.seed)
     encoder = base_model_path(model_spec.base_model, settings.base_dir)
     model = apply_lora(build_model(info, encoder), view)
@@ -160,6 +165,10 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
             state = {"round": round_number, "spec_digest": digest, "model_info": asdict(info),
                      "summaries": summaries, "names": names, "rounds": rounds}  # fmt: skip
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        last = strategy.rounds[-1] if strategy.rounds else None
+        progress.event("progress", stage="federated", step=round_number,
+                       total_steps=fed.rounds, loss=last.mean_loss if last else None,
+                       silos=last.replied_silos if last else None)  # fmt: skip
 
     arrays = to_record(model, names)
     if fed.rounds > done:
@@ -177,6 +186,9 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
     rounds = history + [r.to_json() for r in strategy.rounds]
     _write_outputs(out, settings, model_spec, training, info, model, rounds, summaries, done,
                    test, time.time() - started)  # fmt: skip
+    progress.event("done", stage="federated", step=fed.rounds, **{
+        f"test/{k}": v for k, v in test["weighted"].items() if k.endswith("ndcg@10")})  # fmt: skip
+    progress.close()
 
 
 def _evaluate_on_silos(

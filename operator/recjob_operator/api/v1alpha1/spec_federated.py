@@ -98,7 +98,11 @@ class DifferentialPrivacySpec(SpecModel):
 class FederatedSpec(SpecModel):
     """Federated fine-tuning with Flower: silos train on their own data and send only model
     updates; the server aggregates them each round. The result is a model/ like any other
-    run's, converted, gated and rolled out unchanged."""
+    run's, converted, gated and rolled out unchanged. With silos, spec.data's own URIs are
+    the model owner's held-out reference data: never sent to a silo nor trained on, they
+    feed the conversion's quality gate (and local mode's replay traffic); with partition,
+    spec.data is the data split. Local mode (recjob run) only, for now: the operator
+    refuses it on Kubernetes."""
 
     model_config = with_rules(cel.FEDERATED_RULES)
 

@@ -49,8 +49,9 @@ class TrainingProgress(ApiModel):
     epoch: float | None = Field(default=None, ge=0.0)
     loss: float | None = None
     samples_per_second: float | None = Field(default=None, ge=0.0)
-    stage: Literal["train", "distill", "recover"] | None = None
-    """With compression: which training stage the step counts (each starts at 0)."""
+    stage: Literal["train", "distill", "recover", "federated"] | None = None
+    """With compression: which training stage the step counts (each starts at 0);
+    federated: the steps are federated rounds."""
 
 
 class TrainingStatus(ApiModel):

@@ -26,8 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_trainer(config: dict, workdir: Path, processes: int = 2) -> dict:
-    """Train ``config`` with ``torchrun --nproc_per_node processes``; returns its
+def run_trainer(config: dict, workdir: Path, processes: int = 2, threads: int = 1) -> dict:
+    """Train ``config`` with ``torchrun --nproc_per_node processes`` (``threads`` each); returns its
     metrics.json, model-card.json, progress events and wall time. Exits on failure."""
     run = Path(config["outputUri"])
     if run.exists():  # a fresh run: the trainer would otherwise resume the old one
@@ -51,7 +51,7 @@ def run_trainer(config: dict, workdir: Path, processes: int = 2) -> dict:
             ],
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
     if code:
         raise SystemExit(f"{config['name']} failed (exit {code}); see {log}")

@@ -19,7 +19,12 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
-from recjob_trainer.federated.strategy import Ledgered, build_strategy
+from recjob_trainer.federated.strategy import (
+    Ledgered,
+    build_strategy,
+    optimizer_state,
+    restore_optimizer_state,
+)
 from recjob_trainer.federated.weights import record_bytes
 
 
@@ -110,3 +115,41 @@ def test_differential_privacy_clips_each_silos_update() -> None:
     aggregated, _ = led.aggregate_train(1, [reply(first, 10.0, 1), reply(second, 10.0, 1)])
     moved = aggregated.to_torch_state_dict()["w"]
     assert torch.linalg.vector_norm(moved).item() == pytest.approx(0.5, rel=1e-5)
+
+
+def fedadam_rounds(rounds: range, led: Ledgered, arrays: ArrayRecord) -> ArrayRecord:
+    """Run ``rounds`` of ``led`` from ``arrays``: the silos reply with w + 1 and w + 3."""
+    for server_round in rounds:
+        messages = list(led.configure_train(server_round, arrays, ConfigRecord({}), Grid()))
+        w = arrays.to_torch_state_dict()["w"]
+        replies = [
+            reply(messages[0], float(w[0]) + 1.0, 1),
+            reply(messages[1], float(w[0]) + 3.0, 1),
+        ]
+        arrays, _ = led.aggregate_train(server_round, replies)
+    return arrays
+
+
+def test_a_resumed_fedadam_takes_the_steps_the_uninterrupted_one_takes() -> None:
+    """FedAdam's moments (and its bias correction's round number) survive a restart: three
+    rounds in one go equal one round, a checkpoint of optimizer_state, and two more rounds
+    in a fresh strategy resumed from it (without the moments they differ)."""
+    fed = spec(strategy={"type": "FedAdam", "serverLearningRate": 0.1})
+    start = ArrayRecord(OrderedDict(w=torch.zeros(4)))
+    straight = fedadam_rounds(range(1, 4), Ledgered(build_strategy(fed, 2), min_silos=2), start)
+
+    first = Ledgered(build_strategy(fed, 2), min_silos=2)
+    after_one = fedadam_rounds(range(1, 2), first, start)
+    saved = optimizer_state(first)
+    assert sorted(saved) == ["m_t/w", "v_t/w"]
+    resumed = Ledgered(build_strategy(fed, 2), round_offset=1, min_silos=2)
+    restore_optimizer_state(resumed, saved)
+    # Flower numbers a restarted run's rounds from 1 again; Ledgered adds the offset
+    finished = fedadam_rounds(range(1, 3), resumed, after_one)
+    expected = straight.to_torch_state_dict()["w"]
+    assert torch.allclose(finished.to_torch_state_dict()["w"], expected)
+
+    forgetful = Ledgered(build_strategy(fed, 2), round_offset=1, min_silos=2)
+    lost = fedadam_rounds(range(1, 3), forgetful, after_one)
+    assert not torch.allclose(lost.to_torch_state_dict()["w"], expected)
+    assert optimizer_state(Ledgered(build_strategy(spec(), 2), min_silos=2)) == {}

@@ -22,6 +22,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid, ServerApp
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from recjob_operator.api.v1alpha1.spec_training import ModelSpec, TrainingSpec
@@ -32,10 +34,18 @@ from ..progress import Progress
 from ..storage import atomic_directory, write_json_atomic
 from .plan import SERVER_STATUS, ServerSettings
 from .silo import merged_info
-from .strategy import Ledgered, build_strategy, checkpointing
+from .strategy import (
+    Ledgered,
+    build_strategy,
+    checkpointing,
+    optimizer_state,
+    restore_optimizer_state,
+)
 from .weights import exchanged_names, load_record, to_record
 
 app = ServerApp()
+#: FedAdam's moment estimates, beside a round checkpoint's global weights.
+OPTIMIZER_FILE = "server-optimizer.safetensors"
 
 
 class OpenedFiles:
@@ -147,6 +157,8 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
     strategy = Ledgered(
         build_strategy(fed, len(nodes)), round_offset=done, min_silos=part.min_silos
     )
+    if latest is not None and (latest / OPTIMIZER_FILE).exists():
+        restore_optimizer_state(strategy, load_numpy(str(latest / OPTIMIZER_FILE)))
     train_config = ConfigRecord(
         {
             "model-info": json.dumps(asdict(info)),
@@ -162,6 +174,9 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
                 {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
                 str(tmp / "global.safetensors"),
             )
+            moments = optimizer_state(strategy)
+            if moments:  # FedAdam: its moment estimates go on from here on a resume
+                save_numpy(moments, str(tmp / OPTIMIZER_FILE))
             state = {"round": round_number, "spec_digest": digest, "model_info": asdict(info),
                      "summaries": summaries, "names": names, "rounds": rounds}  # fmt: skip
             (tmp / "state.json").write_text(json.dumps(state, indent=2))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
 
@@ -71,7 +73,9 @@ class Ledgered(Strategy):
     ) -> Iterable[Message]:
         record = RoundRecord(round=server_round + self.round_offset, started=time.time())
         config["federated-round"] = record.round
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        # the inner strategy sees the federation's round number: a resumed FedAdam's bias
+        # correction goes on from there instead of restarting at round 1
+        messages = list(self.inner.configure_train(record.round, arrays, config, grid))
         record.sampled_silos = len(messages)
         record.bytes_to_silos = sum(record_bytes(m.content["arrays"]) for m in messages)
         self.rounds.append(record)
@@ -102,7 +106,7 @@ class Ledgered(Strategy):
         record.examples = examples
         if examples:
             record.mean_loss = sum(loss * n for loss, n in losses) / examples
-        arrays, metrics = self.inner.aggregate_train(server_round, good)
+        arrays, metrics = self.inner.aggregate_train(record.round, good)
         record.seconds = time.time() - record.started
         return arrays, metrics
 
@@ -155,3 +159,42 @@ def checkpointing(save: Callable[[int, ArrayRecord], None], offset: int):
         return None
 
     return evaluate
+
+
+#: The server optimizer's moment estimates FedAdam keeps between rounds (Flower's FedOpt).
+MOMENTS = ("m_t", "v_t")
+
+
+def _server_optimizer(strategy: Strategy) -> FedOpt | None:
+    """The FedOpt (FedAdam) inside the wrappers (Ledgered, DP), if any."""
+    while not isinstance(strategy, FedOpt):
+        inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+        if inner is None:
+            return None
+        strategy = inner
+    return strategy
+
+
+def optimizer_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """FedAdam's moment estimates as named arrays (``m_t/<tensor>``, ``v_t/<tensor>``),
+    checkpointed with each round's global weights; empty for other strategies."""
+    opt = _server_optimizer(strategy)
+    if opt is None:
+        return {}
+    return {
+        f"{moment}/{name}": np.ascontiguousarray(value)
+        for moment in MOMENTS
+        for name, value in (getattr(opt, moment) or {}).items()
+    }
+
+
+def restore_optimizer_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    """Put checkpointed moment estimates back into the strategy's FedAdam (a resumed
+    federation then takes the step the uninterrupted one would have)."""
+    opt = _server_optimizer(strategy)
+    if opt is None or not state:
+        return
+    for moment in MOMENTS:
+        prefix = f"{moment}/"
+        values = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        setattr(opt, moment, values or None)

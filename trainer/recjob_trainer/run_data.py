@@ -9,7 +9,7 @@ import polars as pl
 
 from .batches import Shard, shard_rows
 from .config import TrainerConfig
-from .data.prepare import SPLITS, PreparedData, prepare, read_prepared, write_prepared
+from .data.prepare import SPLITS, PreparedData, ensure_prepared, read_prepared
 from .distributed import barrier, broadcast
 from .storage import atomic_directory
 
@@ -18,9 +18,9 @@ def prepared_data(config: TrainerConfig, run_dir: Path, rank: int) -> PreparedDa
     """Rank 0 prepares (or reuses) the data; every rank then reads it."""
     data_dir = run_dir / "data"
     error = None
-    if rank == 0 and not (data_dir / "report.json").exists():
+    if rank == 0:
         try:
-            write_prepared(prepare(config.data, config.model, config.base_dir), data_dir)
+            ensure_prepared(config.data, config.model, config.base_dir, data_dir)
         except Exception as exc:  # reported on every rank, raised below
             error = f"{type(exc).__name__}: {exc}"
     error = broadcast(error)

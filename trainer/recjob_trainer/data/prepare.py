@@ -597,6 +597,15 @@ def write_prepared(prepared: PreparedData, directory: Path) -> None:
         write_json_atomic(tmp / "report.json", prepared.report())
 
 
+def ensure_prepared(
+    data: DataSpec, model: ModelSpec, base_dir: str | Path | None, directory: Path
+) -> None:
+    """Prepare ``data`` into ``directory`` unless a complete preparation is already there
+    (``report.json`` is written last): a restarted run reuses it."""
+    if not (directory / "report.json").exists():
+        write_prepared(prepare(data, model, base_dir), directory)
+
+
 def read_prepared(directory: Path, splits: tuple[str, ...] = SPLITS) -> PreparedData:
     """Read what :func:`write_prepared` wrote (only the named splits: a training rank reads
     its own shard, not the whole training split)."""

@@ -15,18 +15,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..config import TrainerConfig, load_config
+from ..config import load_config
+from ..data.prepare import ensure_prepared
 from .local import run_federation
-
-
-def prepare_reference(config: TrainerConfig) -> Path:
-    """``<outputUri>/data`` from the config's data section (once; reused on a restart)."""
-    from ..data.prepare import prepare, write_prepared
-
-    target = Path(config.output_uri) / "data"
-    if not (target / "report.json").exists():
-        write_prepared(prepare(config.data, config.model, config.base_dir), target)
-    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,17 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="trainer config with training.federated")
     parser.add_argument("--work", required=True, help="silos, TLS files, state, logs")
     parser.add_argument("--timeout", type=float, default=3600.0)
-    parser.add_argument(
-        "--no-reference", action="store_true", help="do not prepare <outputUri>/data"
-    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
     if config.training.federated is None:
         print("recjob-train federated: the config has no training.federated", file=sys.stderr)
         return 2
     try:
-        if not args.no_reference:
-            prepare_reference(config)
+        reference = Path(config.output_uri) / "data"
+        ensure_prepared(config.data, config.model, config.base_dir, reference)
     except (ValueError, OSError) as error:  # bad data fail the same way again: say so once
         print(f"recjob-train federated: reference data: {error}", file=sys.stderr)
         traceback.print_exc()

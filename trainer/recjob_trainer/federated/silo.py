@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from ..config import TrainerConfig, load_config
-from ..data.prepare import PreparedData, prepare, read_prepared, write_prepared
+from ..data.prepare import PreparedData, ensure_prepared, read_prepared
 
 if TYPE_CHECKING:  # torch, transformers and peft load only for a training round: the
     # ClientApp is a fresh process per message, and the summary query needs none of them
@@ -61,9 +61,7 @@ class SiloTrainer:
         self.run_dir = Path(self.config.output_uri)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data_dir = self.run_dir / "data"  # prepared once, reused by later rounds / restarts
-        if not (data_dir / "report.json").exists():
-            prepared = prepare(self.config.data, self.config.model, self.config.base_dir)
-            write_prepared(prepared, data_dir)
+        ensure_prepared(self.config.data, self.config.model, self.config.base_dir, data_dir)
         self.prepared: PreparedData = read_prepared(data_dir)
         self._tokenizer = None
 

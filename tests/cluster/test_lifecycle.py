@@ -18,7 +18,14 @@ import pytest
 
 from tests.cluster import audit
 from tests.cluster.conftest import OPERATOR_NS, Cluster
-from tests.cluster.recjobs import AMAZON, open_claim, put_dataset, recjob, storage
+from tests.cluster.recjobs import (
+    AMAZON,
+    open_claim,
+    put_dataset,
+    recjob,
+    serving_recjob,
+    storage,
+)
 
 pytestmark = [
     pytest.mark.cluster,
@@ -461,3 +468,77 @@ def test_export_edit_mid_conversion_replaces_the_conversion_job(operator: Cluste
         timeout=60, on_timeout=lambda: diagnose(cluster, namespace, name),
     )  # fmt: skip
     assert jobs == [f"{name}-g1-convert-2"]
+
+
+def operator_replicas(cluster: Cluster) -> int:
+    """The operator Deployment's replica count."""
+    deployment = cluster.get("deployment", "recjob-operator", OPERATOR_NS)
+    assert deployment is not None, "no operator Deployment"
+    return int(deployment["spec"].get("replicas") or 1)
+
+
+def scale_operator(cluster: Cluster, replicas: int) -> None:
+    """Scale the operator Deployment; at 0, wait until no operator process runs."""
+    cluster.kubectl("-n", OPERATOR_NS, "scale", "deployment/recjob-operator",
+                    f"--replicas={replicas}")  # fmt: skip
+    selector = "app.kubernetes.io/name=recjob-operator"
+    if replicas == 0:
+        cluster.kubectl("-n", OPERATOR_NS, "wait", "--for=delete", "pod", "-l", selector,
+                        "--timeout=120s", timeout=150)  # fmt: skip
+    else:
+        cluster.kubectl("-n", OPERATOR_NS, "rollout", "status", "deployment/recjob-operator",
+                        "--timeout=240s", timeout=300)  # fmt: skip
+
+
+def test_deleting_a_namespace_with_a_canary_in_flight_is_not_blocked(operator: Cluster):
+    """A namespace deleted while a RecJob in it rolls out: the RecJob's finalizer wants to
+    roll the canary back, but the namespace controller has already deleted the HTTPRoute,
+    and the API server refuses to create anything in a Terminating namespace (403, cause
+    NamespaceTerminating). That refusal must release the finalizer, not be retried: before,
+    kopf retried the rollback forever and the namespace stayed Terminating.
+
+    Made deterministic by deleting the namespace while the operator is scaled to zero (as
+    when it restarts or lags behind under load): the RecJob, holding the operator's
+    finalizer and a RollingOut status, is then the namespace's only content left when the
+    operator comes back and finalizes it."""
+    cluster, name = operator, "goner"
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    replicas = operator_replicas(cluster)
+    scale_operator(cluster, 0)
+    try:
+        cluster.kubectl("create", "namespace", namespace)
+        document = serving_recjob(name, namespace)
+        document["metadata"]["finalizers"] = ["recjob.dev/finalizer"]
+        cluster.apply(document)
+        rollout = {"state": "Progressing", "step": 0, "canaryWeight": 50,
+                   "stableModelVersion": 1, "canaryModelVersion": 2}  # fmt: skip
+        cluster.kubectl("-n", namespace, "patch", "recjob", name, "--subresource=status",
+                        "--type=merge", "-p", json.dumps({"status": {
+                            "phase": "RollingOut", "rollout": rollout}}))  # fmt: skip
+        assert status(cluster, namespace, name)["phase"] == "RollingOut"
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+        held = cluster.wait(
+            "the namespace Terminating, its RecJob deleted but held by the finalizer",
+            lambda: (ns := cluster.get("namespace", namespace)) is not None
+            and ns["status"].get("phase") == "Terminating"
+            and (job := cluster.get("recjob", name, namespace))
+            and job["metadata"].get("deletionTimestamp") and job,
+            timeout=60,
+        )  # fmt: skip
+        assert held["status"]["phase"] == "RollingOut"
+    finally:
+        scale_operator(cluster, replicas)
+    started = time.monotonic()
+    cluster.wait(
+        "the namespace gone",
+        lambda: cluster.get("namespace", namespace) is None,
+        timeout=120, interval=2,
+        on_timeout=lambda: cluster.kubectl("get", "namespace", namespace, "-o", "yaml",
+                                           check=False).stdout
+        + cluster.pod_logs(OPERATOR_NS, "app.kubernetes.io/name=recjob-operator")[-4000:],
+    )  # fmt: skip
+    print(f"namespace gone {time.monotonic() - started:.1f} s after the operator returned")
+    creates = audit.read_events(where=lambda e: e.namespace == namespace and e.verb == "create")
+    operator_sa = f"system:serviceaccount:{OPERATOR_NS}:"
+    refused = [e for e in creates if e.user.startswith(operator_sa) and e.code == 403]
+    assert len(refused) <= 1, [(e.resource, e.name) for e in refused]  # tried once, not retried

@@ -203,6 +203,37 @@ def test_a_refused_create_is_surfaced_backed_off_and_cleared() -> None:
     assert CreateTraining("r-g1-train") in backend.applied
 
 
+#: The API server's answer to a create in a namespace being deleted (NamespaceLifecycle).
+TERMINATING = json.dumps({
+    "kind": "Status", "reason": "Forbidden", "code": 403,
+    "message": 'configmaps "r-g1-train-config" is forbidden: unable to create new content in '
+               "namespace shop because it is being terminated",
+    "details": {"causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                            "message": "namespace shop is being terminated"}]},
+})  # fmt: skip
+
+
+def test_a_namespace_being_deleted_ends_the_creates_without_condition_event_or_retry() -> None:
+    backend = MemoryBackend(stored_recjob())
+    error = ApiException(status=403, reason="Forbidden", body=TERMINATING)
+    backend.refuse = ChildWriteError("create", "ConfigMap", "r-g1-train-config", error)
+    assert backend.refuse.namespace_terminating
+    backoff = Backoff()
+    result = run(backend, parse_recjob(copy.deepcopy(backend.stored)), backoff)
+    assert result.terminating and result.requeue_after is None
+    assert backoff.failures == 0 and backend.events == []
+    conditions = {c["type"] for c in backend.stored.get("status", {}).get("conditions", [])}
+    assert CHILDREN_CONDITION not in conditions
+
+
+def test_only_the_namespace_terminating_cause_is_final() -> None:
+    quota = ChildWriteError("create", "PyTorchJob", "r-g1-train",
+                            ApiException(status=403, reason="Forbidden", body=QUOTA))  # fmt: skip
+    no_body = ChildWriteError("create", "PyTorchJob", "r-g1-train",
+                              ApiException(status=403, reason="Forbidden"))  # fmt: skip
+    assert not quota.namespace_terminating and not no_body.namespace_terminating
+
+
 def refusing_backend() -> MemoryBackend:
     backend = MemoryBackend(stored_recjob())
     error = ApiException(status=403, reason="Forbidden", body=QUOTA)
@@ -333,3 +364,29 @@ def test_a_refused_create_gets_a_condition_and_an_event(target) -> None:
     finally:
         core.delete_namespaced_resource_quota(quota, target.namespace)
         delete_recjob(target, name)
+
+
+def test_a_create_in_a_namespace_being_deleted_is_final(target) -> None:
+    """The real API server's refusal (NamespaceLifecycle admission) carries the cause the
+    operator reads; envtest runs no namespace controller, so the namespace stays
+    Terminating, as a namespace still holding a RecJob's finalizer does."""
+    if target.env is None:
+        pytest.skip("needs a namespace that stays Terminating (no namespace controller)")
+    core = client.CoreV1Api(target.api)
+    namespace = unique("going")
+    core.create_namespace({"metadata": {"name": namespace}})
+    document = copy.deepcopy(MINIMAL)
+    document["metadata"] = {"name": "r"}
+    stored = client.CustomObjectsApi(target.api).create_namespaced_custom_object(
+        *RECJOBS, namespace, "recjobs", document
+    )
+    core.delete_namespace(namespace)
+    assert core.read_namespace(namespace).status.phase == "Terminating"
+    backoff = Backoff()
+    result = reconcile_pass(KubeBackend(target.api), ApiView(target.api),
+                            parse_recjob(recjob_document(stored)), backoff)  # fmt: skip
+    assert result.terminating and result.requeue_after is None, result.failure
+    assert result.failure is not None and result.failure.status == 403
+    assert "being terminated" in result.failure.message
+    assert backoff.failures == 0
+    assert core.list_namespaced_event(namespace).items == []

@@ -14,6 +14,7 @@ class ChildWriteError(Exception):
         self.verb, self.kind, self.name = verb, kind, name
         self.status = error.status or 0
         self.reason, self.message = api_error_text(error)
+        self.namespace_terminating = namespace_terminating(error)
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -29,3 +30,22 @@ def api_error_text(error: ApiException) -> tuple[str, str]:
     if isinstance(status, dict) and status.get("message"):
         return str(status.get("reason") or error.reason or ""), str(status["message"])
     return str(error.reason or ""), str(error.body or error.reason or "no message")
+
+
+#: The cause the API server's NamespaceLifecycle admission gives when it refuses to create
+#: an object in a namespace that is being deleted (k8s.io/api/core/v1 NamespaceTerminatingCause).
+NAMESPACE_TERMINATING = "NamespaceTerminating"
+
+
+def namespace_terminating(error: ApiException) -> bool:
+    """Whether ``error`` is the 403 refusing a create in a namespace being deleted: final,
+    since a Terminating namespace never becomes Active again."""
+    if error.status != 403:
+        return False
+    try:
+        status = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        return False
+    causes = ((status.get("details") or {}).get("causes") or []) if isinstance(status, dict) else []
+    # metav1.StatusCause serialises its Type as "reason"
+    return any(isinstance(c, dict) and c.get("reason") == NAMESPACE_TERMINATING for c in causes)

@@ -16,7 +16,9 @@ recomputed on 409), then sleeps until the core wants to look again, the RecJob's
 changes, or (after refused child writes) its backoff ends. A RecJob that fails validation
 gets Phase Failed with every problem in its message and is not acted on. Deleting a RecJob
 mid-rollout rolls its canary back before the finalizer is released; children go with it
-(ownerReferences).
+(ownerReferences). Nothing is created for a RecJob being deleted, nor in a namespace being
+deleted (the API server's 403 NamespaceTerminating is final, not retried; a canary there is
+not rolled back, its service goes with the namespace).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from ..prometheus import PrometheusSources
 from ..validation import cluster_problems, validate_document
 from . import cache, metrics
 from .backend import KubeBackend
+from .diffbase import MemoryDiffBaseStorage
+from .errors import ChildWriteError
 from .health import HealthServer
 from .leader import LeaseConfig, LeaseElector
 from .reconciler import Backoff, NotLeading, recjob_document, reconcile_pass
@@ -48,9 +52,9 @@ log = logging.getLogger("recjob_operator.kube")
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
 MAX_SLEEP = float(os.environ.get("RECJOB_MAX_SLEEP_SECONDS", "10"))
 FINALIZER = "recjob.dev/finalizer"
-#: kopf's record of the last spec it handled, written to a new RecJob after its finalizer.
-DIFFBASE_ANNOTATION = "recjob.dev/last-handled-configuration"
-#: Longest wait for kopf's two writes to a new RecJob before its first pass.
+#: kopf's record of the last spec it handled, kept in memory (see :mod:`.diffbase`).
+DIFFBASES = MemoryDiffBaseStorage()
+#: Longest wait for kopf's finalizer on a new RecJob before its first pass.
 SETTLE_SECONDS = 5.0
 #: Threads for the blocking API calls (the reconcile passes run in asyncio's default
 #: executor) and as many pooled connections to the API server; asyncio's own default,
@@ -131,9 +135,7 @@ async def start(settings: kopf.OperatorSettings, **_) -> None:
     """Configure kopf; serve health and metrics; wait until this replica leads."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="recjob.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="recjob.dev", key=DIFFBASE_ANNOTATION.split("/", 1)[1]
-    )
+    settings.persistence.diffbase_storage = DIFFBASES  # no annotation, no PATCH
     settings.posting.enabled = False  # our events come from the core, with reasons
     watch_crds = _flag("RECJOB_WATCH_CRDS", True)
     settings.scanning.disabled = not watch_crds  # namespaced mode: no cluster-wide lists
@@ -240,6 +242,13 @@ async def remember_deleted_pods(event: dict, body: kopf.Body, **_) -> None:
         DELETED_POD_MESSAGES.remember(body)
 
 
+@kopf.on.event("recjob.dev", "v1alpha1", "recjobs")
+async def forget_deleted_recjobs(event: dict, body: kopf.Body, **_) -> None:
+    """A RecJob gone for good: drop kopf's in-memory diff-base of it."""
+    if event.get("type") == "DELETED":
+        DIFFBASES.forget(body.get("metadata", {}).get("uid") or "")
+
+
 # ------------------------------------------------------------------ the RecJobs
 def _invalid_status(body: dict, problems: list) -> RecJobStatus:
     status = RecJobStatus.model_validate(body.get("status") or {}) if body.get("status") else None
@@ -265,15 +274,11 @@ async def _sleep(stopped: kopf.DaemonStopped, body: kopf.Body, seconds: float) -
 
 
 async def _kopf_settled(stopped: kopf.DaemonStopped, body: kopf.Body) -> None:
-    """Until kopf has added its finalizer and diff-base annotation to a new RecJob (at most
-    :data:`SETTLE_SECONDS`): a status written before them would conflict (409, re-read,
-    recompute) and their annotation would wake the daemon for another pass."""
+    """Until kopf has added its finalizer to a new RecJob (at most :data:`SETTLE_SECONDS`):
+    a status written before it would conflict (409, re-read, recompute)."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while not stopped and (left := deadline - time.monotonic()) > 0:
-        meta = body.get("metadata") or {}
-        if FINALIZER in (meta.get("finalizers") or []) and DIFFBASE_ANNOTATION in (
-            meta.get("annotations") or {}
-        ):
+        if FINALIZER in ((body.get("metadata") or {}).get("finalizers") or []):
             return
         await stopped.wait(min(left, 0.1))
 
@@ -289,7 +294,9 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
     written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
     await _kopf_settled(stopped, body)
     while not stopped:
-        if not may_act():
+        if not may_act() or (body.get("metadata") or {}).get("deletionTimestamp"):
+            # being deleted: kopf stops this daemon once its watch has the deletion; until
+            # then nothing is created (children being deleted would be re-created)
             await stopped.wait(MAX_SLEEP)
             continue
         recjob, problems = validate_document(recjob_document(dict(body)))
@@ -333,6 +340,9 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             for event in result.decision.actions:
                 if getattr(event, "reason", None) and hasattr(event, "message"):
                     logger.info(f"[{event.reason}] {event.message}")
+        if result.terminating:  # the namespace is going: wait for the RecJob's deletion
+            await stopped.wait()
+            continue
         if result.failure is not None:
             logger.warning(f"{result.failure}; next try in {result.requeue_after:.0f}s")
             await _sleep(stopped, body, result.requeue_after or MAX_SLEEP)
@@ -367,7 +377,14 @@ async def finalize(body: kopf.Body, logger, **_) -> None:
         actions.insert(0, RollBack(
             rollout["canaryModelVersion"], rollout.get("stableModelVersion"), "RecJob deleted"
         ))  # fmt: skip
-    await asyncio.to_thread(backend().apply, recjob, actions)
+    try:
+        await asyncio.to_thread(backend().apply, recjob, actions)
+    except ChildWriteError as error:
+        if not error.namespace_terminating:
+            raise
+        # the whole namespace is being deleted, its service with it: nothing to roll back to
+        logger.info(f"namespace being deleted; canary not rolled back: {error}")
+        return
     if len(actions) == 1:
         logger.info("released its service: RecJob deleted")
         return

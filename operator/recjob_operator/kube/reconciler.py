@@ -13,6 +13,10 @@ does not know about are handled here:
   from the stale copy are deleted when the fresh decision does not want them (no status
   ever named them, so the core would not) or wants a child of that name built from the
   new spec (it is then created afresh).
+- **A namespace being deleted.** Creates there are refused (403, cause
+  NamespaceTerminating) until the namespace and the RecJob are gone. That refusal is final
+  and expected: the pass stops there without condition, event or retry
+  (:attr:`PassResult.terminating`), as Kubernetes' own controllers do.
 - **Refused writes.** A child the API server will not create or patch (quota 403,
   admission webhook, 422 Invalid, CRD not installed) sets the ``ChildrenCreated``
   condition to False with the API server's message, records a Warning event (once per
@@ -113,6 +117,9 @@ class PassResult:
     """The actions carried out (over all attempts)."""
     analysed: bool = False
     """Whether the written decision included a canary analysis (metrics were read)."""
+    terminating: bool = False
+    """The RecJob's namespace is being deleted (a create was refused with the cause
+    NamespaceTerminating): final, so the pass neither reports it nor wants to run again."""
 
 
 def recjob_document(obj: dict) -> dict:
@@ -243,7 +250,9 @@ def reconcile_pass(
         except ChildWriteError as error:
             failure = error
             hold_events(backoff, decision.actions, applied)
-        status = children_condition(decision.status, failure, now, current.generation)
+        terminating = failure is not None and failure.namespace_terminating
+        status = children_condition(decision.status, None if terminating else failure, now,
+                                    current.generation)  # fmt: skip
         stored = current
         if status != current.status:
             if not may_act():
@@ -261,6 +270,11 @@ def reconcile_pass(
                 current = fresh
                 continue
         decision.status = status
+        if failure is not None and failure.namespace_terminating:
+            log.info("%s/%s: namespace being deleted; nothing more to create",
+                     current.metadata.namespace, current.metadata.name)  # fmt: skip
+            return PassResult(stored, decision, failure, None, applied, readings is not None,
+                              terminating=True)  # fmt: skip
         if failure is not None:
             ns = current.metadata.namespace or "default"
             metrics.CHILD_WRITE_FAILURES.labels(ns, current.metadata.name).inc()

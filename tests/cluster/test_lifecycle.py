@@ -10,6 +10,7 @@ train "forever" and are never waited for; the failing trainer fails at its start
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 import uuid
@@ -542,3 +543,25 @@ def test_deleting_a_namespace_with_a_canary_in_flight_is_not_blocked(operator: C
     operator_sa = f"system:serviceaccount:{OPERATOR_NS}:"
     refused = [e for e in creates if e.user.startswith(operator_sa) and e.code == 403]
     assert len(refused) <= 1, [(e.resource, e.name) for e in refused]  # tried once, not retried
+
+
+def test_the_operators_lease_renewals_are_prioritised_like_kube_controller_managers(
+    operator: Cluster,
+):
+    """API Priority and Fairness on the real API server puts the operator's Lease requests
+    in the leader-election priority level (manifests/manager/flowschema.yaml), not in
+    workload-low with its other requests: there, deleting 2,000 RecJobs at once starved the
+    renewals and every replica in turn exited."""
+
+    def dispatched() -> float:
+        text = cluster.kubectl("get", "--raw", "/metrics").stdout
+        found = re.findall(
+            r'^apiserver_flowcontrol_dispatched_requests_total\{flow_schema="recjob-operator-'
+            r'leader-election",priority_level="leader-election"\} (\S+)$', text, re.MULTILINE,
+        )  # fmt: skip
+        return float(found[0]) if found else 0.0
+
+    cluster = operator
+    before = dispatched()
+    cluster.wait("Lease requests of the operator dispatched by its FlowSchema",
+                 lambda: dispatched() > before, timeout=30)  # fmt: skip

@@ -133,6 +133,18 @@ def test_pending_creates_training_once_by_deterministic_name() -> None:
     assert "step 40" in job.status.message and seen.requeue_after == 5.0
 
 
+def test_the_pass_that_sees_its_new_training_child_writes_no_status() -> None:
+    """The status the creating pass writes already says what the next pass sees (the
+    child Created, no pod yet): at 2,000 new RecJobs, a second status PATCH each cost
+    the API server 2,000 writes for a changed message."""
+    job = make()
+    step(job, Observed(), T0)
+    written = job.status.model_copy(deep=True)
+    seen = reconcile(job, Observed(training=ChildObservation("minimal-g1-train", "Created")),
+                     None, T0 + timedelta(seconds=5))  # fmt: skip
+    assert seen.status == written and seen.actions == []
+
+
 def test_training_success_starts_conversion_and_records_quality() -> None:
     job = make()
     step(job, Observed(), T0)

@@ -264,7 +264,7 @@ def _pending(plan: Plan, observed: Observed) -> None:
         plan.actions.append(CreateTraining(name))
     plan.event("Normal", "TrainingCreated", f"created training {name}")
     plan.status.phase = "Training"
-    plan.status.message = f"training {name}"
+    plan.status.message = f"training {name}: created"  # as _training says it: no rewrite
     training = plan.recjob.spec.training
     plan.status.training = TrainingStatus(
         job_name=name,

@@ -5,15 +5,17 @@
     .venv/bin/python bench/operator_scale.py --operator-env RECJOB_API_THREADS=6   # a setting
 
 The in-cluster operator and the Training Operator are scaled to zero (no pods run; the
-PyTorchJob webhook, without endpoints then, skips the bench namespaces), restored after.
-Per size the operator runs on the host as its Deployment runs it (command, env, Lease) with
-its ServiceAccount's token (the shipped RBAC applies); N RecJobs are created in 10
-namespaces. Measured: seconds from the first create until every PyTorchJob exists (a
-watch); the operator's peak RSS (children included, sampled every 0.2 s); after a settle
-time, its API requests per RecJob per minute over a window, from the audit log (a watch
-counts once, when it ends) or else its ``recjob_api_requests_total`` (without kopf's own
-watches and patches). Refuses to start while a cluster test (namespace ``t-*``) has pods.
-``--operator-env`` runs are only printed (results/ holds the default configuration's).
+PyTorchJob webhook, without endpoints then, skips the bench namespaces), restored after. Per
+size the operator runs on the host as its Deployment runs it (command, env, Lease) with its
+ServiceAccount's token (the shipped RBAC applies); N RecJobs are created in 10 namespaces.
+Measured: seconds from the first create until every PyTorchJob exists (a watch), with how
+long the creates themselves took, then and with no operator running (the same RecJobs
+created and deleted first: the API server alone); the operator's peak RSS (children
+included, sampled every 0.2 s); after a settle time, its API requests per RecJob per minute
+over a window, from the audit log (a watch counts once, when it ends) or else its
+``recjob_api_requests_total`` (without kopf's own watches and patches). Refuses to start
+while a cluster test (namespace ``t-*``) has pods. ``--operator-env`` runs are only printed
+(results/ holds the default configuration's).
 """
 
 from __future__ import annotations
@@ -282,8 +284,22 @@ def run(size: int, settle: float, window: float, threads: int = 8,
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
         for ns in NAMESPACES))  # fmt: skip
+    docs = [recjob(f"r{i:04d}", NAMESPACES[i % len(NAMESPACES)]) for i in range(size)]
+    # the baseline: the same creates with no operator running (the API server alone)
+    alone = create_all(objects, docs, threads)
+    for ns in NAMESPACES:  # no operator ran: no finalizer holds them
+        objects.delete_collection_namespaced_custom_object("recjob.dev", "v1alpha1", ns, "recjobs")
+
+    def left(ns: str) -> list:
+        return objects.list_namespaced_custom_object(
+            "recjob.dev", "v1alpha1", ns, "recjobs", limit=1
+        )["items"]
+
+    while any(left(ns) for ns in NAMESPACES):
+        time.sleep(1)
     operator, metrics_port, health_port = start_operator(workdir, extra_env or {})
     stop, rss, jobs, result = threading.Event(), {}, {}, {"recjobs": size}
+    result["create_seconds_without_operator"] = alone
     if extra_env:
         result["operator_env"] = extra_env
     sampler = threading.Thread(target=sample_rss, args=(operator.pid, stop, rss), daemon=True)
@@ -293,17 +309,13 @@ def run(size: int, settle: float, window: float, threads: int = 8,
         time.sleep(2)  # kopf starts its watches once startup (the Lease) is over
         watcher = threading.Thread(target=watch_pytorchjobs, args=(api, size, stop, jobs))
         watcher.start()
-        docs = [recjob(f"r{i:04d}", NAMESPACES[i % len(NAMESPACES)]) for i in range(size)]
         started = time.monotonic()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda d: objects.create_namespaced_custom_object(
-                "recjob.dev", "v1alpha1", d["metadata"]["namespace"], "recjobs", d),
-                docs))  # fmt: skip
-        result["create_seconds"] = time.monotonic() - started
+        result["create_seconds"] = create_all(objects, docs, threads)
         watcher.join(timeout=600)
         if "time" not in jobs:
             raise RuntimeError(f"not every PyTorchJob exists after 600 s; see {workdir}")
         result[SECONDS] = jobs["time"] - started
+        result["seconds_after_the_last_create"] = result[SECONDS] - result["create_seconds"]
         time.sleep(settle)  # the first reconciles' status writes and events are over
         offset = AUDIT.stat().st_size if AUDIT.exists() else None
         before, window_start = metric_counts(metrics_port), datetime.now(UTC)
@@ -341,6 +353,15 @@ def run(size: int, settle: float, window: float, threads: int = 8,
     return result
 
 
+def create_all(objects: client.CustomObjectsApi, docs: list[dict], threads: int) -> float:
+    """Create the RecJobs ``docs`` from ``threads`` threads; the seconds it took."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda d: objects.create_namespaced_custom_object(
+            "recjob.dev", "v1alpha1", d["metadata"]["namespace"], "recjobs", d), docs))  # fmt: skip
+    return time.monotonic() - started
+
+
 def table(results: list[dict]) -> None:
     """Values against the targets (ratio <= 1 passes), and the steady state by request."""
     print(f"{'RecJobs':>7}  {'metric':40} {'value':>9} {'target':>8} {'ratio':>6}  pass")
@@ -349,6 +370,10 @@ def table(results: list[dict]) -> None:
             value = result[key]
             print(f"{result['recjobs']:>7}  {key:40} {value:9.2f} {target:8.1f} "
                   f"{value / target:6.2f}  {'yes' if value <= target else 'NO'}")  # fmt: skip
+        print(f"{'':9}creating them took {result['create_seconds']:.1f} s (the API server alone, "
+              f"no operator: {result['create_seconds_without_operator']:.1f} s); every "
+              f"PyTorchJob existed {result['seconds_after_the_last_create']:.1f} s after the "
+              "last create")  # fmt: skip
         steady = result["steady"]
         window, settle = steady["window_seconds"], steady["settle_seconds"]
         print(

@@ -48,6 +48,15 @@ PYTORCHJOB_PORT = 23456
 #: HOME of trainer and conversion containers: an emptyDir, like /tmp (read-only root).
 HOME = "/home/recjob"
 
+#: libyaml's emitter where PyYAML has it (its wheels do): the pure-Python one was 7% of
+#: the operator's CPU while 1,000 RecJobs were created (py-spy).
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _yaml(document: dict) -> str:
+    """``document`` as a ConfigMap's YAML file, keys in their order."""
+    return yaml.dump(document, Dumper=_DUMPER, sort_keys=False)
+
 
 def labels(recjob: RecJob, component: str) -> dict[str, str]:
     """Labels on every child (selectable by RecJob, generation and component)."""
@@ -195,7 +204,7 @@ def training_config_map(recjob: RecJob) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(recjob, f"{training_name(recjob)}-config", "training"),
-        "data": {"trainer.yaml": yaml.safe_dump(config.to_wire(), sort_keys=False)},
+        "data": {"trainer.yaml": _yaml(config.to_wire())},
     }
 
 
@@ -297,7 +306,7 @@ def conversion_config_map(recjob: RecJob) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(recjob, f"{conversion_name(recjob)}-config", "conversion"),
-        "data": {"convert.yaml": yaml.safe_dump(config, sort_keys=False)},
+        "data": {"convert.yaml": _yaml(config)},
     }
 
 

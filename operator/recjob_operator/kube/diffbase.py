@@ -33,6 +33,3 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     def forget(self, uid: str) -> None:
         """Drop a deleted object's essence."""
         self._essences.pop(uid, None)
-
-    def __len__(self) -> int:
-        return len(self._essences)

@@ -117,9 +117,12 @@ class PassResult:
     """The actions carried out (over all attempts)."""
     analysed: bool = False
     """Whether the written decision included a canary analysis (metrics were read)."""
-    terminating: bool = False
-    """The RecJob's namespace is being deleted (a create was refused with the cause
-    NamespaceTerminating): final, so the pass neither reports it nor wants to run again."""
+
+    @property
+    def terminating(self) -> bool:
+        """The RecJob's namespace is being deleted (a create was refused with the cause
+        NamespaceTerminating): final, so the pass neither reports it nor runs again."""
+        return self.failure is not None and self.failure.namespace_terminating
 
 
 def recjob_document(obj: dict) -> dict:
@@ -270,11 +273,10 @@ def reconcile_pass(
                 current = fresh
                 continue
         decision.status = status
-        if failure is not None and failure.namespace_terminating:
+        if terminating:
             log.info("%s/%s: namespace being deleted; nothing more to create",
                      current.metadata.namespace, current.metadata.name)  # fmt: skip
-            return PassResult(stored, decision, failure, None, applied, readings is not None,
-                              terminating=True)  # fmt: skip
+            return PassResult(stored, decision, failure, None, applied, readings is not None)
         if failure is not None:
             ns = current.metadata.namespace or "default"
             metrics.CHILD_WRITE_FAILURES.labels(ns, current.metadata.name).inc()

@@ -11,6 +11,11 @@
 - trainer/requirements-build.lock, serving/requirements-build.lock: setuptools and wheel,
   installed before the main lock because deepspeed (an sdist only) is built with
   --no-build-isolation (its setup.py needs torch to pre-compile ops).
+- trainer/requirements-federated.lock: Flower (pyproject's ``federated`` extra), installed
+  on top of requirements.lock: the extra less flwr resolved under constraints.txt, less what
+  requirements.lock already holds, plus ``flwr`` itself (installed ``--no-deps``: its caps
+  on typer, rich, packaging, fastapi, starlette and uvicorn are below the lock's versions;
+  see pyproject.toml).
 - serving/triton-requirements.lock: transformers and tokenizers (the tokenizer model) and
   faiss-cpu (the top-k model's index), constraints.txt's versions, with their
   requirements for the Triton image's CPython 3.12.
@@ -231,6 +236,7 @@ def lock_images(files: dict) -> None:
              "those are built with --no-build-isolation (deepspeed's setup.py needs torch)."],
             tools, PY311, files,
         )  # fmt: skip
+    lock_federated(app, files)
     triton = resolve(["transformers", "tokenizers", "faiss-cpu"], PY312)
     write_lock(
         REPO / "serving" / "triton-requirements.lock",
@@ -241,11 +247,34 @@ def lock_images(files: dict) -> None:
     )  # fmt: skip
 
 
+def lock_federated(app: list[tuple[str, str]], files: dict) -> None:
+    """trainer/requirements-federated.lock (module docstring)."""
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["federated"]
+    flwr = next(r for r in extra if canonicalize_name(re.split(r"[=<>\[ ]", r)[0]) == "flwr")
+    rest = [r for r in extra if r != flwr]
+    have = {canonicalize_name(n) for n, _ in app}
+    pins = [p for p in resolve(rest, PY311) if canonicalize_name(p[0]) not in have]
+    pins.append(("flwr", flwr.split("==")[1]))
+    write_lock(
+        REPO / "trainer" / "requirements-federated.lock",
+        ["Flower's deployment engine and Opacus (pyproject's federated extra) on top of",
+         "requirements.lock: the extra less flwr resolved under constraints.txt, less what",
+         "requirements.lock holds, plus flwr (its caps below the lock's typer, rich,",
+         "packaging, fastapi, starlette, uvicorn are why it goes in with --no-deps)."],
+        sorted(pins, key=lambda p: p[0].lower()), PY311, files,
+    )  # fmt: skip
+
+
 def verify_downloads(files: dict) -> None:
     """pip download every chosen file and compare pip hash with the recorded sha256."""
     lock_files = [
         REPO / "operator" / "requirements.txt",
         *(REPO / d / f for d in ("trainer", "serving") for f in ("requirements.lock",)),
+        REPO / "trainer" / "requirements-federated.lock",
         REPO / "serving" / "triton-requirements.lock",
     ]
     recorded = set()

@@ -9,7 +9,9 @@ image fails here as it would in a cluster):
   operator/recjob_operator on PYTHONPATH (/opt/recjob in the image); USER 65532.
 - ``ghcr.io/recjob/recjob-trainer`` and ``ghcr.io/recjob/recjob-serving``:
   trainer/Dockerfile and serving/Dockerfile — Python 3.11 and ``pip install -c
-  constraints.txt .`` (both install the same set; different ENTRYPOINT); USER 1000.
+  constraints.txt .`` (both install the same set; different ENTRYPOINT); USER 1000. The
+  trainer image also holds trainer/requirements-federated.lock (Flower), which the serving
+  pods never import.
 - ``alpine:3.10`` (the Training Operator's ``init-pytorch`` container): BusyBox.
 - ``ghcr.io/kubeflow/training-v1/training-operator``: ``/manager``, the Training
   Operator built from its Go module at the pinned version.
@@ -47,7 +49,8 @@ def _uv() -> str:
 
 def _sources_digest() -> str:
     digest = hashlib.sha256()
-    for name in ("pyproject.toml", "constraints.txt", "operator/requirements.txt"):
+    for name in ("pyproject.toml", "constraints.txt", "operator/requirements.txt",
+                 "trainer/requirements-federated.lock"):  # fmt: skip
         path = REPO / name
         if path.exists():
             digest.update(path.read_bytes())
@@ -80,6 +83,11 @@ def _python_env(
         subprocess.run(
             [*install, "--no-deps", "--reinstall-package", "recjob", str(REPO)], check=True, env=env
         )
+        # trainer/Dockerfile's Flower layer (federated RecJobs' SuperLink and SuperNodes)
+        subprocess.run(
+            [*install, "--no-deps", "-r", str(REPO / "trainer" / "requirements-federated.lock")],
+            check=True, env=env,
+        )  # fmt: skip
         _prebuilt_deepspeed_ops(target, install, env, log)
     else:
         app = target / "app"

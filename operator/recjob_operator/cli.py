@@ -37,7 +37,7 @@ def summarize(job: RecJob) -> str:
         dp = ", DP" if fed.differential_privacy else ""
         training = (
             f"federated over {silos}: {fed.rounds} rounds x {fed.local_steps} steps, "
-            f"{fed.strategy.type}, {fed.exchange} exchanged{dp} (local mode only)"
+            f"{fed.strategy.type}, {fed.exchange} exchanged{dp}"
         )
     return (
         f"valid RecJob {ns}/{job.metadata.name}: {s.data.task} on {s.model.base_model} "

@@ -36,8 +36,8 @@ from .api.v1alpha1.promql import QueryScopeError, check_template
 from .api.v1alpha1.recjob import NAME_PATTERN
 from .api.v1alpha1.spec import RecJobSpec
 from .api.v1alpha1.spec_base import METRIC_PATTERN
-from .api.v1alpha1.storage import storage_problems
-from .api.v1alpha1.uris import uri_problem
+from .api.v1alpha1.storage import data_uris, storage_problems
+from .api.v1alpha1.uris import scheme, split_pvc, uri_problem
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -569,20 +569,69 @@ def _federated_rules(spec: RecJobSpec) -> list[Problem]:
     return out
 
 
-#: Why the Kubernetes backend refuses a federated RecJob (local mode runs it).
-FEDERATED_LOCAL_ONLY = (
-    "federated training runs in local mode only (recjob run): the operator does not yet "
-    "create its Kubernetes objects (SuperLink Deployment and Service, a SuperNode per silo, "
-    "the TLS Secret); remove training.federated to train on one dataset"
+#: Why the Kubernetes backend refuses a partitioned federation (local mode runs it).
+FEDERATED_PARTITION_LOCAL_ONLY = (
+    "partition splits spec.data into silos on one machine (local mode: recjob run); on "
+    "Kubernetes list silos instead, each with its own data on a PersistentVolumeClaim of "
+    "its own, so that each SuperNode mounts only its silo's claim"
+)
+FEDERATED_SILO_NAMESPACE = (
+    "on Kubernetes a silo's SuperNode runs in the RecJob's namespace (its objects are owned "
+    "by the RecJob, and ownerReferences cannot cross namespaces); leave namespace unset and "
+    "put the silo's claim in namespace"
+)
+FEDERATED_SILO_PVC = (
+    "on Kubernetes a silo's data must be on a PersistentVolumeClaim (pvc://<claim>/<path>) "
+    "that only its SuperNode mounts; object storage would need spec.storage's credentials "
+    "in every silo's pod"
 )
 
 
 def cluster_problems(job: RecJob) -> list[Problem]:
-    """What a valid RecJob asks for that the Kubernetes backend cannot run (yet): reported
-    as Valid=False instead of a silent fallback (a PyTorchJob would train on spec.data)."""
-    if job.spec.training.federated is not None:
-        return [Problem("spec.training.federated", FEDERATED_LOCAL_ONLY)]
-    return []
+    """What a valid RecJob asks for that the Kubernetes backend cannot run: reported as
+    Valid=False instead of a silent fallback. A federation there needs silos whose data
+    are each on claims of their own (no other silo, nor the owner's pods, mounts them)."""
+    fed, p = job.spec.training.federated, "spec.training.federated"
+    if fed is None:
+        return []
+    if fed.partition is not None:
+        return [Problem(f"{p}.partition", FEDERATED_PARTITION_LOCAL_ONLY)]
+    out = _Problems()
+    namespace = job.metadata.namespace or "default"
+    owner = {_claim(uri) for _, uri in data_uris(job.spec)}
+    owner |= {_claim(job.spec.artifacts_uri)}
+    users: dict[str, list[str]] = {}
+    for i, silo in enumerate(fed.silos or []):
+        if silo.namespace not in (None, namespace):
+            out.add(f"{p}.silos[{i}].namespace", f"{FEDERATED_SILO_NAMESPACE} {namespace}")
+        for field, uri in silo.data.model_dump(exclude_none=True).items():
+            if not uri.startswith("pvc://"):
+                out.add(f"{p}.silos[{i}].data.{field}", FEDERATED_SILO_PVC)
+                continue
+            claim = _claim(uri)
+            if claim in owner:
+                out.add(
+                    f"{p}.silos[{i}].data.{field}",
+                    f"claim {claim} is also mounted by the model owner's pods (spec.data or "
+                    "spec.artifactsUri): a silo's data need a claim of their own",
+                )
+            users.setdefault(claim, [])
+            if silo.name not in users[claim]:
+                users[claim].append(silo.name)
+    for claim, silos in users.items():
+        if len(silos) > 1:
+            out.add(
+                f"{p}.silos",
+                f"claim {claim} holds the data of silos {', '.join(silos)}: each silo's data "
+                "need a claim of their own (every claim a silo names is mounted by its "
+                "SuperNode)",
+            )
+    return out
+
+
+def _claim(uri: str) -> str | None:
+    """The claim of a pvc:// URI (None for others)."""
+    return split_pvc(uri)[0] if scheme(uri) == "pvc" else None
 
 
 def _compression_rules(spec: RecJobSpec) -> list[Problem]:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from recjob_operator.api.v1alpha1.common import SEED_MAX
-from recjob_operator.validation import FEDERATED_LOCAL_ONLY, validate_document
+from recjob_operator.validation import FEDERATED_PARTITION_LOCAL_ONLY, validate_document
 from tests.api.cel_harness import cel_failures, schema_errors
 from tests.api.test_bounds import DURATIONS, REFERENCE, SEEDS, SPEC_INTEGERS
 from tests.api.test_invalid import CASES, SEARCH, mutate
@@ -367,18 +367,21 @@ def test_what_only_the_operator_checks_ends_failed_with_every_problem(
         assert str(problem) in status["message"], (str(problem), status["message"])
 
 
-def test_a_federated_recjob_is_refused_by_the_operator_not_trained_on_spec_data(
+def test_a_partitioned_federation_is_refused_by_the_operator_not_trained_on_spec_data(
     operator: Cluster, namespace: str
 ) -> None:
-    """Valid (the CRD and the operator's own rules accept it), but the Kubernetes backend
-    does not run federations yet: Failed / Valid=False saying so, nothing created (a
-    PyTorchJob would silently train on spec.data)."""
+    """Valid (the CRD and the operator's own rules accept it), but a partition of spec.data
+    cannot keep silos apart on Kubernetes (every SuperNode would mount the one claim):
+    Failed / Valid=False saying so, nothing created (a PyTorchJob would silently train on
+    spec.data). Federations of silos run: test_federated.py."""
     document = yaml.safe_load(
         (REPO / "examples" / "federated" / "recjob-federated-partition.yaml").read_text()
     )
     assert validate_document(document)[1] == []
     status = operator_marks_failed(operator, document, namespace)
-    assert status["message"] == f"spec.training.federated: {FEDERATED_LOCAL_ONLY}"
+    assert status["message"] == (
+        f"spec.training.federated.partition: {FEDERATED_PARTITION_LOCAL_ONLY}"
+    )
 
 
 def operator_marks_failed(cluster: Cluster, document: dict, namespace: str) -> dict:
@@ -405,7 +408,7 @@ def operator_marks_failed(cluster: Cluster, document: dict, namespace: str) -> d
     assert valid["message"] == status["message"]
     children = cluster.kubectl(
         "get",
-        "configmaps,jobs,pytorchjobs",
+        "configmaps,jobs,pytorchjobs,deployments,services,secrets",
         "-n",
         namespace,
         "-o",

@@ -164,7 +164,13 @@ FORBIDDEN = [
     ("delete", "pods", ("-A",)),
     ("create", "pods", ("--subresource=exec", "-n", "default")),
     ("get", "pods", ("--subresource=log", "-n", "default")),
-    ("create", "deployments.apps", ("-n", "default")),
+    # a federation's SuperLink and SuperNodes are created, never changed or read
+    ("patch", "deployments.apps", ("-A",)),
+    ("update", "deployments.apps", ("-A",)),
+    ("get", "deployments.apps", ("-A",)),
+    # its TLS Secret is left to garbage collection: no Secret can be deleted
+    ("delete", "secrets", ("-A",)),
+    ("deletecollection", "secrets", ("-A",)),
     ("update", "recjobs.recjob.dev", ("-A",)),
     ("delete", "recjobs.recjob.dev", ("-A",)),
     ("create", "recjobs.recjob.dev", ("-A",)),
@@ -192,6 +198,8 @@ ALLOWED = [
     ("create", "pytorchjobs.kubeflow.org", ("-n", "default")),
     ("list", "pods", ("-A",)),
     ("create", "events", ("-n", "default")),
+    ("create", "deployments.apps", ("-n", "default")),  # a federation (controller/federation)
+    ("create", "secrets", ("-n", "default")),  # its TLS material: written, never read
     ("update", f"leases.coordination.k8s.io/{LEASE}", ("-n", OPERATOR_NS)),
 ]
 

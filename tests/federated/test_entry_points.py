@@ -1,8 +1,8 @@
 """How a federated RecJob reaches its launcher, and where it is refused: `recjob validate`
 says what will run, `recjob-train` (the PyTorchJob's trainer) refuses a federated config
-instead of training on spec.data, the operator on Kubernetes refuses it (Valid=False, see
-tests/cluster/test_api_validation.py), and the ServerApp's progress events read as
-rounds."""
+instead of training on spec.data, what the operator on Kubernetes refuses (Valid=False:
+partitions, silos that would share a claim; see tests/cluster/test_federated.py), and the
+ServerApp's progress events read as rounds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from click.testing import CliRunner
 
 from recjob_operator.cli import cli as recjob_cli
 from recjob_operator.documents import load_documents
-from recjob_operator.validation import FEDERATED_LOCAL_ONLY, cluster_problems, parse_recjob
+from recjob_operator.validation import (
+    FEDERATED_PARTITION_LOCAL_ONLY,
+    FEDERATED_SILO_PVC,
+    cluster_problems,
+    parse_recjob,
+)
 from recjob_trainer.cli import cli as train_cli
 from recjob_trainer.progress import describe
 
@@ -27,7 +32,7 @@ def test_recjob_validate_summarises_the_federation() -> None:
     assert result.exit_code == 0, result.output
     assert (
         "federated over 2 silos: 10 rounds x 50 steps, FedProx, lora exchanged, DP "
-        "(local mode only)" in result.output
+        in result.output
     )
     assert "node(s)" not in result.output
 
@@ -42,10 +47,31 @@ def test_recjob_train_refuses_a_federated_config(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # refused before any data were read
 
 
-def test_the_kubernetes_backend_refuses_federated_recjobs_only() -> None:
+def test_the_kubernetes_backend_runs_silos_each_on_claims_of_their_own() -> None:
     federated = parse_recjob(load_documents(PARTITION)[0].content)
     [problem] = cluster_problems(federated)
-    assert (problem.path, problem.message) == ("spec.training.federated", FEDERATED_LOCAL_ONLY)
+    assert problem.path == "spec.training.federated.partition"
+    assert problem.message == FEDERATED_PARTITION_LOCAL_ONLY
+    document = load_documents(EXAMPLES / "federated" / "recjob-federated.yaml")[0].content
+    assert cluster_problems(parse_recjob(document)) == []  # north-logs, south-logs: own claims
+
+    silos = document["spec"]["training"]["federated"]["silos"]
+    silos[1]["data"]["test"] = "pvc://north-logs/south-test.csv"  # south reads north's claim
+    silos[0]["data"]["validation"] = "s3://north/valid.csv"
+    silos[1]["namespace"] = "south"
+    document["spec"]["artifactsUri"] = "pvc://south-logs/runs"  # the owner's pods mount it
+    problems = {(p.path, p.message) for p in cluster_problems(parse_recjob(document))}
+    fed = "spec.training.federated"
+    assert (f"{fed}.silos[0].data.validation", FEDERATED_SILO_PVC) in problems
+    paths = {path for path, _ in problems}
+    assert paths == {
+        f"{fed}.silos[0].data.validation",
+        f"{fed}.silos[1].namespace",
+        f"{fed}.silos[1].data.train",  # south-logs is the artifacts claim too
+        f"{fed}.silos",  # north-logs holds north's and south's data
+    }, problems
+    message = dict(problems)[f"{fed}.silos"]
+    assert "north-logs" in message and "north, south" in message
     plain = parse_recjob(load_documents(EXAMPLES / "recjob-search.yaml")[0].content)
     assert cluster_problems(plain) == []
 

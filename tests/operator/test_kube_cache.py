@@ -253,3 +253,23 @@ def test_a_deleted_master_pods_message_is_still_read() -> None:
     assert view.report("shop", "pytorchjobs", "a-g1-train") == {"error": "DataError: no such file"}
     assert fallback.calls == []
     assert deleted.get(("shop", "pytorchjobs", "b-g1-train")) is None
+
+
+def test_a_retried_jobs_result_is_its_finished_pods_summary() -> None:
+    """Found on the cluster: a federated run's Job whose first pod failed (its SuperLink
+    restarted) and whose second finished has two termination messages under one child in
+    kopf's pod index; the report is the finished run's summary, not the first pod's error,
+    in whichever order the index holds them (and listed through the API alike)."""
+    from kopf._core.engines.indexing import OperatorIndexer
+
+    key = ("shop", "jobs", "fed-g1-train")
+    error, summary = json.dumps({"error": "RuntimeError: restarted"}), json.dumps({"model": {}})
+    for order in ((error, summary), (summary, error)):
+        indexer = OperatorIndexer()
+        for number, message in enumerate(order):
+            indexer.replace(("shop", f"fed-g1-train-{number}", None), {key: message})
+        view = cache.IndexView({**indexes(), "recjob_pods": indexer.index}, CountingView())
+        assert view.report(*key) == {"model": {}}
+    assert cache.best_report([(error, "a"), (None, "b")]) == {"error": "RuntimeError: restarted"}
+    assert cache.best_report([(error, "a"), (summary, "b")]) == {"model": {}}
+    assert cache.best_report([]) is None

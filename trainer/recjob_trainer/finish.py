@@ -264,17 +264,36 @@ def write_termination_message(metrics: dict, card: dict) -> None:
     path = os.environ.get(TERMINATION_LOG_ENV)
     if not path:
         return
+    Path(path).write_text(termination_summary(metrics, card))
+
+
+def termination_summary(metrics: dict, card: dict) -> str:
+    """The held-out metrics, the lineage and (a federated run) the federation's account as
+    JSON of at most 4096 bytes (metrics other than the main one dropped to fit)."""
     model = {k: v for k, v in metrics["model"].items() if isinstance(v, int | float)}
-    summary = {
-        "main_metric": metrics["main_metric"],
+    main = metrics.get("main_metric")  # a federated run has none: the silos' weighted test
+    summary: dict = {
+        "main_metric": main,
         "model": model,
-        "card": {k: card[k] for k in ("base_model", "checkpoint_digest", "data_snapshot")},
+        "card": {
+            k: card[k] for k in ("base_model", "checkpoint_digest", "data_snapshot") if k in card
+        },
     }
+    federated = metrics.get("federated")
+    if federated:
+        privacy = federated.get("privacy") or {}
+        summary["federated"] = {
+            "silos": federated.get("silos"),
+            "rounds_completed": federated.get("rounds_completed"),
+            "bytes_total": federated.get("bytes_total"),
+            "epsilon": privacy.get("epsilon"),
+            "delta": privacy.get("delta"),
+        }
     text = json.dumps(summary, default=float)
     while len(text.encode()) > 4096 and len(summary["model"]) > 1:
-        summary["model"].pop(next(k for k in summary["model"] if k != metrics["main_metric"]))
+        summary["model"].pop(next(k for k in summary["model"] if k != main))
         text = json.dumps(summary, default=float)
-    Path(path).write_text(text)
+    return text
 
 
 def memory_use(engine) -> dict[str, float]:

@@ -127,6 +127,15 @@ class CleanupGeneration:
 
 
 @dataclass(frozen=True)
+class StopFederation:
+    """The federated training child ``name`` has ended: stop the federation it ran on (its
+    SuperLink and SuperNodes). The child itself stays, with its result and logs. Backends
+    whose federation ends with its run do nothing."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class EmitEvent:
     """A Kubernetes event on the RecJob."""
 
@@ -144,6 +153,7 @@ Action = (
     | RollBack
     | ReleaseService
     | CleanupGeneration
+    | StopFederation
     | EmitEvent
 )
 

@@ -25,6 +25,7 @@ torch): what it hands them is API types and plain YAML.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import yaml
 
@@ -33,6 +34,7 @@ from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.spec_base import ResourceSpec
 from ..api.v1alpha1.storage import data_uris, pod_storage, with_pod_storage
 from ..api.v1alpha1.trainer import trainer_config
+from ..api.v1alpha1.uris import scheme, split_pvc
 from .identity import generation_parts
 from .reconcile import conversion_name, training_name
 
@@ -120,21 +122,29 @@ def snapshot_uri(recjob: RecJob, model_version: int) -> str:
     return f"{repository_uri(recjob).rstrip('/')}-snapshots/v{model_version}"
 
 
+def pvc_claims(uris: Iterable[str]) -> list[str]:
+    """The claims the ``pvc://`` URIs among ``uris`` name, sorted, each once."""
+    return sorted({split_pvc(uri)[0] for uri in uris if scheme(uri) == "pvc"})
+
+
+def claim_volumes(claims: list[str], prefix: str = "pvc") -> tuple[list[dict], list[dict]]:
+    """Volumes (``<prefix>-<i>``) and their mounts where the trainer's pvc:// URIs resolve."""
+    volumes = [
+        {"name": f"{prefix}-{i}", "persistentVolumeClaim": {"claimName": claim}}
+        for i, claim in enumerate(claims)
+    ]
+    mounts = [
+        {"name": f"{prefix}-{i}", "mountPath": f"{PVC_ROOT}/{claim}"}
+        for i, claim in enumerate(claims)
+    ]
+    return volumes, mounts
+
+
 def _pvc_volumes(recjob: RecJob) -> tuple[list[dict], list[dict]]:
     """Volumes and mounts for every pvc:// claim the RecJob's URIs name."""
     uris = [recjob.spec.artifacts_uri, repository_uri(recjob)]
     uris += [uri for _, uri in data_uris(recjob.spec)]
-    claims = sorted(
-        {u.removeprefix("pvc://").split("/", 1)[0] for u in uris if u.startswith("pvc://")}
-    )
-    volumes = [
-        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}}
-        for i, claim in enumerate(claims)
-    ]
-    mounts = [
-        {"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}"} for i, claim in enumerate(claims)
-    ]
-    return volumes, mounts
+    return claim_volumes(pvc_claims(uris))
 
 
 def _resources(spec: ResourceSpec) -> dict:

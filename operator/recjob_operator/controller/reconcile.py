@@ -31,6 +31,7 @@ from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import (
     TERMINAL_PHASES,
     ConversionStatus,
+    FederationStatus,
     Lineage,
     QualityGateStatus,
     QualitySummary,
@@ -55,6 +56,7 @@ from .actions import (
     RollBack,
     ServingObservation,
     SetCanary,
+    StopFederation,
 )
 from .analysis import Reading, query_values
 from .identity import Identity, conversion_name, identity, training_name
@@ -77,6 +79,7 @@ __all__ = [
     "RollBack",
     "ServingObservation",
     "SetCanary",
+    "StopFederation",
     "analysis_due",
     "analysis_query_values",
     "conversion_name",
@@ -291,6 +294,8 @@ def _training(plan: Plan, observed: Observed) -> None:
             f"{child.name} restarted ({child.restarts} so far): {child.message or 'no reason'}",
         )
     training.state, training.restarts = child.state, child.restarts
+    if child.state in ("Succeeded", "Failed") and plan.recjob.spec.training.federated:
+        plan.actions.append(StopFederation(child.name))
     if child.progress:
         progress = {k: v for k, v in child.progress.items() if k != "resumed_from_step"}
         training.progress = TrainingProgress.model_validate(progress)
@@ -318,6 +323,7 @@ def _training(plan: Plan, observed: Observed) -> None:
     training.metrics = {
         k: float(v) for k, v in model_metrics.items() if isinstance(v, int | float)
     } or None
+    training.federation = federation_status(result.get("federated"))
     card = result.get("card") or {}
     status.lineage = status.lineage or Lineage()
     for attribute, key in (
@@ -330,6 +336,21 @@ def _training(plan: Plan, observed: Observed) -> None:
     plan.condition("Trained", True, "TrainingSucceeded", f"{child.name} succeeded")
     plan.event("Normal", "TrainingSucceeded", f"{child.name} succeeded")
     _start_conversion(plan, create=observed.conversion is None)
+
+
+def federation_status(account: dict | None) -> FederationStatus | None:
+    """A federated run's account, from metrics.json's ``federated`` section (local mode) or
+    the training Job's termination summary (the same keys, privacy flattened)."""
+    if not isinstance(account, dict):
+        return None
+    privacy = account.get("privacy") or {}
+    return FederationStatus(
+        silos=account.get("silos"),
+        rounds_completed=account.get("rounds_completed"),
+        bytes_exchanged=account.get("bytes_total"),
+        epsilon=account.get("epsilon", privacy.get("epsilon")),
+        delta=account.get("delta", privacy.get("delta")),
+    )
 
 
 def _start_conversion(plan: Plan, create: bool) -> None:

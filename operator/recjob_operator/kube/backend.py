@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from ..api.v1alpha1.common import APPROVE_ANNOTATION, GROUP
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import RecJobStatus
+from ..api.v1alpha1.tls import make_tls_material
 from ..controller.analysis import Reading
 from ..controller.children import (
     conversion_config_map,
@@ -30,6 +31,13 @@ from ..controller.children import (
     pytorch_job,
     pytorch_job_state,
     training_config_map,
+)
+from ..controller.federation import (
+    FEDERATION_LABEL,
+    SUPERLINK_LOOPBACK,
+    federation_job_state,
+    federation_objects,
+    superlink_dns_names,
 )
 from ..controller.identity import conversion_child_name, training_child_name
 from ..controller.plan import MAX_EVENT_MESSAGE
@@ -45,6 +53,7 @@ from ..controller.reconcile import (
     ReleaseService,
     RollBack,
     SetCanary,
+    StopFederation,
     analysis_query_values,
     conversion_name,
     training_name,
@@ -59,6 +68,9 @@ from .serving import KubeServing
 log = logging.getLogger("recjob_operator.kube")
 
 RECJOBS = (GROUP, "v1alpha1", "recjobs")
+#: The core API and batch kinds children are made of (anything else: Kubeflow's).
+CREATE_KINDS = {"ConfigMap": "configmaps", "Secret": "secrets", "Service": "services",
+                "Deployment": "deployments", "Job": "jobs"}  # fmt: skip
 MANAGED_LABEL, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
 
 
@@ -100,8 +112,22 @@ class KubeBackend:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.apps = client.AppsV1Api(api)
         self.serving = KubeServing(api)
         self.prometheus = prometheus or PrometheusSources({})
+        self._creators = {
+            "configmaps": self.core.create_namespaced_config_map,
+            "secrets": self.core.create_namespaced_secret,
+            "services": self.core.create_namespaced_service,
+            "deployments": self.apps.create_namespaced_deployment,
+            "jobs": self.batch.create_namespaced_job,
+        }
+        #: a federation's running parts, deleted by label when its run has ended (its
+        #: Service and Secret are inert: the RecJob's garbage collection takes them, so the
+        #: operator needs no right to delete Secrets)
+        self._federation_kinds = {
+            "deployments": self.apps.delete_collection_namespaced_deployment,
+        }
 
     # ------------------------------------------------------------------ observe
     def observe(self, recjob: RecJob, view: ChildView) -> Observed:
@@ -120,6 +146,8 @@ class KubeBackend:
     @staticmethod
     def _training(recjob: RecJob, ns: str, view: ChildView) -> ChildObservation | None:
         name = training_name(recjob)
+        if recjob.spec.training.federated is not None:
+            return KubeBackend._federated_training(ns, name, view)
         job = view.pytorchjob(ns, name)
         if job is None:
             return None
@@ -130,6 +158,20 @@ class KubeBackend:
         elif state == "Failed":  # the Training Operator says which replica; the trainer, why
             message = with_trainer_error(message, view.report(ns, "pytorchjobs", name))
         return ChildObservation(name, state, message=message, restarts=restarts, result=result)
+
+    @staticmethod
+    def _federated_training(ns: str, name: str, view: ChildView) -> ChildObservation | None:
+        """The federated run's submitter Job (controller.federation)."""
+        job = view.job(ns, name)
+        if job is None:
+            return None
+        state, message, restarts = federation_job_state(job)
+        report = view.report(ns, "jobs", name)
+        if state == "Succeeded":
+            return ChildObservation(name, state, restarts=restarts, result=report or {})
+        if state == "Failed":
+            message = with_trainer_error(message, report)
+        return ChildObservation(name, state, message=message, restarts=restarts)
 
     @staticmethod
     def _conversion(recjob: RecJob, ns: str, view: ChildView) -> ChildObservation | None:
@@ -170,8 +212,7 @@ class KubeBackend:
                 self.emit_event(recjob, action)
             elif isinstance(action, CreateTraining | CreateConversion):
                 for obj in self.child_objects(recjob, action):
-                    kind = {"ConfigMap": "configmaps", "Job": "jobs"}.get(obj["kind"], KUBEFLOW)
-                    self._create(ns, kind, obj)
+                    self._create(ns, CREATE_KINDS.get(obj["kind"], KUBEFLOW), obj)
             elif isinstance(action, DeployStable):
                 self.serving.deploy_stable(recjob, action.model_version)
             elif isinstance(action, SetCanary):
@@ -184,6 +225,8 @@ class KubeBackend:
                 self.serving.release(recjob)
             elif isinstance(action, CleanupGeneration):
                 self._cleanup(recjob, ns, action)
+            elif isinstance(action, StopFederation):
+                self.stop_federation(ns, action.name)
             if done is not None:
                 done.add(action)
 
@@ -191,6 +234,10 @@ class KubeBackend:
     def child_objects(recjob: RecJob, action: CreateTraining | CreateConversion) -> list[dict]:
         """The objects a create action makes: its ConfigMap, then the child."""
         if isinstance(action, CreateTraining):
+            if recjob.spec.training.federated is not None:  # a new CA each time: the
+                # Secret that exists already (409) is kept, with the pods that use it
+                tls = make_tls_material(superlink_dns_names(recjob), [SUPERLINK_LOOPBACK[1]])
+                return federation_objects(recjob, tls)
             return [training_config_map(recjob), pytorch_job(recjob)]
         return [conversion_config_map(recjob), conversion_job(recjob)]
 
@@ -198,10 +245,8 @@ class KubeBackend:
         """Create ``obj`` unless it exists (409 AlreadyExists = done)."""
         plural = kind if isinstance(kind, str) else kind[2]
         call: Callable
-        if kind == "configmaps":
-            call, args = self.core.create_namespaced_config_map, (ns, obj)
-        elif kind == "jobs":
-            call, args = self.batch.create_namespaced_job, (ns, obj)
+        if isinstance(kind, str):
+            call, args = self._creators[kind], (ns, obj)
         else:
             call = self.custom.create_namespaced_custom_object
             args = (kind[0], kind[1], ns, kind[2], obj)
@@ -222,21 +267,36 @@ class KubeBackend:
             self.delete_child(ns, "conversion", convert)
 
     def delete_child(self, ns: str, role: str, name: str) -> None:
-        """Delete the ``training`` (PyTorchJob) or ``conversion`` (Job) child ``name``, if
-        it exists (its pods go with it)."""
+        """Delete the ``training`` child ``name`` (a PyTorchJob, or a federated run's Job
+        and its federation: the name says which only with the spec it came from) or the
+        ``conversion`` Job ``name``, if it exists (its pods go with it)."""
+        if role == "training":
+            self._delete(
+                "PyTorchJob", name, self.custom.delete_namespaced_custom_object,
+                *KUBEFLOW[:2], ns, KUBEFLOW[2], name,
+            )  # fmt: skip
+            self.stop_federation(ns, name)
+        self._delete("Job", name, self.batch.delete_namespaced_job, name, ns)
+
+    @staticmethod
+    def _delete(kind: str, name: str, call: Callable, *args) -> None:
+        plural = KUBEFLOW[2] if kind == "PyTorchJob" else "jobs"
         try:
-            if role == "training":
-                api_call(
-                    "delete", KUBEFLOW[2], self.custom.delete_namespaced_custom_object,
-                    *KUBEFLOW[:2], ns, KUBEFLOW[2], name, propagation_policy="Background",
-                )  # fmt: skip
-            else:
-                api_call("delete", "jobs", self.batch.delete_namespaced_job, name, ns,
-                         propagation_policy="Background")  # fmt: skip
+            api_call("delete", plural, call, *args, propagation_policy="Background")
         except ApiException as error:
             if not _missing(error):
-                kind = "PyTorchJob" if role == "training" else "Job"
                 raise ChildWriteError("delete", kind, name, error) from None
+
+    def stop_federation(self, ns: str, training: str) -> None:
+        """Delete the SuperLink and SuperNode Deployments of the federated training child
+        ``training`` (by its label; none left is fine)."""
+        selector = f"{FEDERATION_LABEL}={training}"
+        for plural, call in self._federation_kinds.items():
+            try:
+                api_call("deletecollection", plural, call, ns, label_selector=selector,
+                         propagation_policy="Background")  # fmt: skip
+            except ApiException as error:
+                raise ChildWriteError("delete", plural, selector, error) from None
 
     def emit_event(self, recjob: RecJob, event: EmitEvent) -> None:
         """A Kubernetes Event on the RecJob (best effort: a failure is only logged). Its

@@ -185,6 +185,14 @@ def parse_report(message: str | None, where: str) -> dict | None:
     return report if isinstance(report, dict) else None
 
 
+def best_report(messages: list[tuple[str | None, str]]) -> dict | None:
+    """The report of a child from its pods' (termination message, where) pairs: a Job
+    retried after a failure has a pod with the error and one with the finished run's
+    summary, and the summary is the child's result (else the first report found)."""
+    reports = [r for message, where in messages if (r := parse_report(message, where))]
+    return next((r for r in reports if "error" not in r), reports[0] if reports else None)
+
+
 def unserved_kinds(api: client.ApiClient) -> frozenset[str]:
     """Plurals of the cached custom kinds the API server does not serve now (discovery)."""
     discovery = client.CustomObjectsApi(api)
@@ -279,12 +287,10 @@ class ApiView:
         pods = api_call(
             "list", "pods", self.core.list_namespaced_pod, namespace, label_selector=selector
         ).items
-        for pod in pods:
-            raw = self.api.sanitize_for_serialization(pod)
-            report = parse_report(termination_message(raw), pod.metadata.name)
-            if report is not None:
-                return report
-        return None
+        return best_report([
+            (termination_message(self.api.sanitize_for_serialization(pod)), pod.metadata.name)
+            for pod in pods
+        ])  # fmt: skip
 
     def record(self, namespace: str, name: str) -> dict | None:
         found = api_call(
@@ -404,11 +410,14 @@ class IndexView:
         key = (namespace, kind, name)
         cached = "pods" not in self.uncached
         if cached:
-            message = _first(self.indexes["recjob_pods"], key)
-            if message is None and self.deleted is not None:
-                message = self.deleted.get(key)
-            if message is not None:
-                return parse_report(message, f"a pod of {kind}/{name}")
+            try:  # one message per pod of the child (a retried Job has several)
+                messages = list(self.indexes["recjob_pods"][key])
+            except KeyError:
+                messages = []
+            if not messages and self.deleted is not None:
+                messages = [m for m in [self.deleted.get(key)] if m is not None]
+            if messages:
+                return best_report([(m, f"a pod of {kind}/{name}") for m in messages])
         if key in self._reports:
             return copy.deepcopy(self._reports[key])
         # not in the cache (the pod's watch event may lag): listed once per child; without

@@ -160,15 +160,21 @@ def prepare(config: TrainerConfig, work: Path) -> tuple[Federation, list[Silo], 
     server_settings(config, output).write(settings_path)
     write_bundle(work / "app")
     port = free_port()
-    home = work / "flwr-home"
-    home.mkdir(exist_ok=True)
+    env = flwr_env(work / "flwr-home", f"127.0.0.1:{port}", tls.ca_cert)
+    return Federation(work, env, port), silos, tls, settings_path
+
+
+def flwr_env(home: Path, address: str, ca_cert: Path) -> dict[str, str]:
+    """The environment of ``flwr`` CLI calls: a FLWR_HOME whose config.toml names the
+    SuperLink at ``address`` (TLS, verified against ``ca_cert``) as connection CONNECTION."""
+    home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{tls.ca_cert}"\n'
+        f'address = "{address}"\nroot-certificates = "{ca_cert}"\n'
     )
     env = dict(os.environ)
     env.update(FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    return Federation(work, env, port), silos, tls, settings_path
+    return env
 
 
 def submit(fed: Federation, settings_path: Path) -> str:
@@ -180,6 +186,17 @@ def submit(fed: Federation, settings_path: Path) -> str:
     if not answer.get("success"):
         raise RuntimeError(f"flwr run failed: {answer}")
     return str(answer["run-id"])
+
+
+def run_entry(fed: Federation, run_id: str) -> dict:
+    """The SuperLink's ``flwr ls`` entry of ``run_id``; RuntimeError when it does not
+    answer or does not know the run (a SuperLink restarted since keeps no runs: the run is
+    submitted again, and resumes from its last checkpointed round)."""
+    answer = fed.flwr("ls", CONNECTION, "--run-id", run_id)
+    runs = answer.get("runs") or []
+    if not answer.get("success") or not runs:
+        raise RuntimeError(f"the SuperLink does not know run {run_id} (restarted?): {answer}")
+    return runs[0]
 
 
 def wait(fed: Federation, run_id: str, output: Path, since: float, timeout: float) -> dict:
@@ -194,19 +211,19 @@ def wait(fed: Federation, run_id: str, output: Path, since: float, timeout: floa
         if status_file.exists() and status_file.stat().st_mtime >= since:
             status = json.loads(status_file.read_text())
             break
-        if fed.processes["superlink"].poll() is not None:
+        link = fed.processes.get("superlink")  # None: a SuperLink this process did not start
+        if link is not None and link.poll() is not None:
             raise RuntimeError(f"the SuperLink exited; see {fed.work}/logs/superlink.log")
         if time.time() - last_ls > 30:  # a ServerApp that never started writes nothing
             last_ls = time.time()
-            runs = fed.flwr("ls", CONNECTION, "--run-id", run_id).get("runs", [])
-            if runs and str(runs[0].get("status", "")).startswith("finished"):
-                return {**runs[0], "server-error": "the ServerApp ended without a status"}
+            run = run_entry(fed, run_id)
+            if str(run.get("status", "")).startswith("finished"):
+                return {**run, "server-error": "the ServerApp ended without a status"}
         if time.time() > deadline:
             raise TimeoutError(f"run {run_id} did not finish in {timeout:.0f}s")
         time.sleep(0.5)
     while True:
-        runs = fed.flwr("ls", CONNECTION, "--run-id", run_id).get("runs", [])
-        run = runs[0] if runs else {}
+        run = run_entry(fed, run_id)
         if str(run.get("status", "")).startswith("finished") or time.time() > deadline:
             return {**run, "server-error": status.get("error")}
         time.sleep(2.0)
@@ -243,6 +260,12 @@ def run_federation(config: TrainerConfig, work: Path, timeout: float = 3600) -> 
             f"{run.get('server-error') or run.get('status-details')}; "
             f"see {work}/logs/superlink.log"
         )
+    return record_run(output, run_id, run)
+
+
+def record_run(output: Path, run_id: str, run: dict) -> dict:
+    """metrics.json with the SuperLink's own account of the run (``flwr ls``: network
+    traffic, elapsed time) added under ``federated.superlink``; returns it."""
     metrics = json.loads((output / "metrics.json").read_text())
     metrics["federated"]["superlink"] = {
         "run_id": run_id,

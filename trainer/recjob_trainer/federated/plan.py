@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from recjob_operator.api.v1alpha1.spec_federated import silo_data_section
 from recjob_operator.api.v1alpha1.uris import with_suffix
 
 from ..config import TrainerConfig
@@ -119,7 +120,7 @@ def _private(directory: Path, name: str) -> Silo:
 
 
 def _write_config(config: TrainerConfig, silo: Silo, uris: dict[str, str]) -> None:
-    data = config.data.model_copy(update=dict(uris))
+    data = silo_data_section(config.data, uris)  # the silo's files only
     doc = config.model_copy(
         update={
             "name": f"{config.name}-{silo.name}",

@@ -12,6 +12,7 @@ from pydantic import Field
 from . import cel
 from .common import StorageUri
 from .spec_base import MAX_STEP_COUNT, MAX_TEXT_LENGTH, SpecModel, with_rules
+from .spec_data import DataSpec
 
 #: Most silos a federation lists (bounds the cost of the CEL rules that read the list).
 MAX_SILOS = 64
@@ -29,6 +30,18 @@ class SiloData(SpecModel):
     catalog: StorageUri | None = None
 
 
+#: spec.data's file fields: a silo's data section sets each to the silo's own or to none.
+DATA_URI_FIELDS = ("train", "validation", "test", "catalog", "item_index", "candidates")
+
+
+def silo_data_section(data: DataSpec, uris: dict[str, str]) -> DataSpec:
+    """spec.data for one silo: its format, columns and preprocessing, with ``uris`` (the
+    silo's own files, by field) as its only files. Every other file field is unset, so a
+    silo never reads the owner's files (a silo without validation has none, not the
+    owner's)."""
+    return data.model_copy(update={**dict.fromkeys(DATA_URI_FIELDS), **uris})
+
+
 class SiloSpec(SpecModel):
     """A data owner: a merchant, a region or a business unit."""
 
@@ -36,7 +49,8 @@ class SiloSpec(SpecModel):
     """Unique in the federation; names the silo's SuperNode."""
     data: SiloData
     namespace: str | None = Field(default=None, min_length=1, max_length=63)
-    """Kubernetes: the namespace the silo's SuperNode runs in (default: the RecJob's)."""
+    """Kubernetes: the namespace the silo's SuperNode runs in; only the RecJob's own is
+    supported so far (leave it unset)."""
 
 
 class PartitionSpec(SpecModel):
@@ -101,8 +115,10 @@ class FederatedSpec(SpecModel):
     run's, converted, gated and rolled out unchanged. With silos, spec.data's own URIs are
     the model owner's held-out reference data: never sent to a silo nor trained on, they
     feed the conversion's quality gate (and local mode's replay traffic); with partition,
-    spec.data is the data split. Local mode (recjob run) only, for now: the operator
-    refuses it on Kubernetes."""
+    spec.data is the data split. recjob run starts a SuperLink and SuperNodes on loopback;
+    the operator starts a SuperLink Deployment and Service and one SuperNode Deployment
+    per silo (silos only: each silo's data on claims of its own, which only its SuperNode
+    mounts; partition is local mode's)."""
 
     model_config = with_rules(cel.FEDERATED_RULES)
 

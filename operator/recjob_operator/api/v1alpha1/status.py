@@ -54,8 +54,22 @@ class TrainingProgress(ApiModel):
     federated: the steps are federated rounds."""
 
 
+class FederationStatus(ApiModel):
+    """A federated run's own account (its metrics.json): who took part, what crossed the
+    wire, the privacy budget spent."""
+
+    silos: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
+    """Silos whose updates were aggregated."""
+    rounds_completed: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
+    bytes_exchanged: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
+    """Model-update bytes sent and received by the server over all rounds."""
+    epsilon: float | None = Field(default=None, ge=0.0)
+    """Differential privacy: the epsilon spent (at delta), by the accountant."""
+    delta: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
 class TrainingStatus(ApiModel):
-    """The PyTorchJob (or local processes) of the current generation."""
+    """The PyTorchJob (or local processes, or federation) of the current generation."""
 
     job_name: str | None = None
     state: Literal["Created", "Running", "Restarting", "Succeeded", "Failed"] | None = None
@@ -65,6 +79,8 @@ class TrainingStatus(ApiModel):
     progress: TrainingProgress | None = None
     metrics: dict[str, float] | None = None
     """Held-out quality of the trained model and its baselines (metrics.json)."""
+    federation: FederationStatus | None = None
+    """Federated training: the run's account."""
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None
     message: str | None = None

@@ -1,0 +1,358 @@
+"""Builders of a federated RecJob's Kubernetes objects (pure: RecJob and TLS material in,
+dicts out): Flower's deployment engine, one federation per model generation.
+
+For the training child ``<t>`` (``<name>-g<gen>-train``):
+
+- ``<t>-tls`` Secret (``kubernetes.io/tls``, plus ``ca.crt``): a CA and the SuperLink's
+  certificate for its Service's DNS names (made by the backend, :mod:`..api.v1alpha1.tls`);
+- ``<t>-link`` Service and Deployment: the SuperLink (``flower-superlink``, TLS, one HTTPS
+  port for SuperNodes and the ``flwr`` CLI). The ServerApp runs in its pod as its
+  subprocess and writes the model to the artifacts volume, the only volume it mounts;
+- ``<t>-silo-<silo>`` ConfigMap and Deployment per silo: a SuperNode told where its
+  silo's trainer config is (``--node-config``), mounting only the claims of that silo's
+  own ``pvc://`` data, trusting only the CA;
+- ``<t>-config`` ConfigMap and the ``<t>`` batch Job, the training child the core
+  watches: ``python -m recjob_trainer.federated.submit`` prepares the owner's held-out
+  reference data, submits the run to the SuperLink (or adopts the one an earlier pod
+  submitted), waits for its end and leaves the summary in its termination message.
+
+Every object carries the RecJob's ownerReference and labels, plus
+``recjob.dev/federation: <t>`` on the SuperLink's and SuperNodes' objects and the Secret;
+the backend deletes the Deployments by that label once the training child has ended
+(``StopFederation``), and the inert Service, Secret and ConfigMaps go with the RecJob.
+The pods get no ServiceAccount token, non-root read-only containers, and
+``spec.training.resources`` as requests and limits (the run's submitter, the ServerApp
+and every silo hold the model)."""
+
+from __future__ import annotations
+
+import base64
+
+from ..api.v1alpha1.common import GROUP, parse_quantity
+from ..api.v1alpha1.recjob import RecJob
+from ..api.v1alpha1.spec_federated import SiloSpec, silo_data_section
+from ..api.v1alpha1.storage import data_uris, pod_storage, with_pod_storage
+from ..api.v1alpha1.tls import CA_KEY, CERT_KEY, KEY_KEY, TlsMaterial
+from ..api.v1alpha1.trainer import trainer_config
+from .children import (
+    _SCRATCH_ENV,
+    _SCRATCH_MOUNTS,
+    _SECURITY,
+    CONFIG_MOUNT,
+    PVC_ROOT,
+    TERMINATION_LOG,
+    _metadata,
+    _pod_spec,
+    _resources,
+    _yaml,
+    claim_volumes,
+    generation_uri,
+    labels,
+    pvc_claims,
+    training_config_map,
+)
+from .identity import training_name
+
+#: The SuperLink's one port (Flower 1.42 serves the Fleet and Control APIs over HTTPS on
+#: ``--port``).
+SUPERLINK_PORT = 9093
+#: Not under CONFIG_MOUNT: a mount point inside a read-only configMap volume cannot be made.
+TLS_MOUNT = "/etc/recjob-tls"
+#: A silo's work folder (its prepared data): an emptyDir.
+SILO_WORK = "/var/lib/recjob/silo"
+FEDERATION_LABEL = f"{GROUP}/federation"
+ROLE_LABEL = f"{GROUP}/federation-role"
+SILO_LABEL = f"{GROUP}/silo"
+
+
+def superlink_name(recjob: RecJob) -> str:
+    """The SuperLink's Service and Deployment."""
+    return f"{training_name(recjob)}-link"
+
+
+def silo_object_name(recjob: RecJob, silo: str) -> str:
+    """A silo's SuperNode Deployment and ConfigMap."""
+    return f"{training_name(recjob)}-silo-{silo}"
+
+
+def tls_secret_name(recjob: RecJob) -> str:
+    return f"{training_name(recjob)}-tls"
+
+
+#: The SuperLink's own SuperExec (which starts the ServerApp) reaches it on loopback.
+SUPERLINK_LOOPBACK = ("localhost", "127.0.0.1")
+
+
+def superlink_dns_names(recjob: RecJob) -> list[str]:
+    """The DNS names the SuperLink's certificate is for: its Service in the cluster DNS
+    (and ``localhost``, :data:`SUPERLINK_LOOPBACK`)."""
+    service, ns = superlink_name(recjob), recjob.metadata.namespace or "default"
+    svc = f"{service}.{ns}.svc"
+    return [service, f"{service}.{ns}", svc, f"{svc}.cluster.local", SUPERLINK_LOOPBACK[0]]
+
+
+def superlink_address(recjob: RecJob) -> str:
+    """``host:port`` the SuperNodes and the submitter connect to."""
+    return f"{superlink_dns_names(recjob)[2]}:{SUPERLINK_PORT}"
+
+
+def _labels(recjob: RecJob, role: str, silo: str | None = None) -> dict[str, str]:
+    out = {**labels(recjob, "federation"), FEDERATION_LABEL: training_name(recjob)}
+    out[ROLE_LABEL] = role
+    if silo is not None:
+        out[SILO_LABEL] = silo
+    return out
+
+
+def _federation_metadata(recjob: RecJob, name: str, role: str, silo: str | None = None) -> dict:
+    meta = _metadata(recjob, name, "federation")
+    meta["labels"] = _labels(recjob, role, silo)
+    return meta
+
+
+def _tls_volume(recjob: RecJob, server: bool) -> dict:
+    """The Secret as files: the CA for everyone, the key pair for the SuperLink only."""
+    keys = [CA_KEY, CERT_KEY, KEY_KEY] if server else [CA_KEY]
+    return {
+        "name": "tls",
+        "secret": {
+            "secretName": tls_secret_name(recjob),
+            "items": [{"key": k, "path": k} for k in keys],
+            "defaultMode": 0o440,
+        },
+    }
+
+
+def _env(threads: str = "1") -> list[dict]:
+    return [
+        {"name": "RECJOB_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "OMP_NUM_THREADS", "value": threads},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        *_SCRATCH_ENV,
+    ]
+
+
+def _threads(recjob: RecJob) -> str:
+    """Compute threads of a pod: its CPU limit, whole cores, at least 1."""
+    return str(max(1, int(parse_quantity(str(recjob.spec.training.resources.cpu)))))
+
+
+def _container(recjob: RecJob, name: str, command: list[str], mounts: list[dict],
+               threads: str = "1", **extra: object) -> dict:  # fmt: skip
+    return {
+        "name": name,
+        "image": recjob.spec.training.image,
+        "command": command,
+        "env": _env(threads),
+        "resources": _resources(recjob.spec.training.resources),
+        "volumeMounts": [*mounts, *_SCRATCH_MOUNTS],
+        "securityContext": _SECURITY,
+        **extra,
+    }
+
+
+def _deployment(recjob: RecJob, name: str, role: str, silo: str | None, pod: dict) -> dict:
+    selector = {FEDERATION_LABEL: training_name(recjob), ROLE_LABEL: role}
+    if silo is not None:
+        selector[SILO_LABEL] = silo
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _federation_metadata(recjob, name, role, silo),
+        "spec": {
+            "replicas": 1,
+            # one SuperLink (its state is in memory) and one SuperNode per silo at a time
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": _labels(recjob, role, silo)}, "spec": pod},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- objects
+def tls_secret(recjob: RecJob, material: TlsMaterial) -> dict:
+    """The federation's CA and the SuperLink's key pair."""
+    data = {k: base64.b64encode(v).decode() for k, v in material.secret_data().items()}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": _federation_metadata(recjob, tls_secret_name(recjob), "tls"),
+        "data": data,
+    }
+
+
+def superlink_service(recjob: RecJob) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _federation_metadata(recjob, superlink_name(recjob), "superlink"),
+        "spec": {
+            "selector": {FEDERATION_LABEL: training_name(recjob), ROLE_LABEL: "superlink"},
+            "ports": [
+                {
+                    "name": "https",
+                    "port": SUPERLINK_PORT,
+                    "targetPort": SUPERLINK_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def superlink_deployment(recjob: RecJob) -> dict:
+    """The SuperLink; its ServerApp subprocess writes to the artifacts volume only."""
+    volumes, mounts = claim_volumes(pvc_claims([recjob.spec.artifacts_uri]), "artifacts")
+    command = [
+        "flower-superlink",
+        *("--ssl-ca-certfile", f"{TLS_MOUNT}/{CA_KEY}"),
+        *("--ssl-certfile", f"{TLS_MOUNT}/{CERT_KEY}"),
+        *("--ssl-keyfile", f"{TLS_MOUNT}/{KEY_KEY}"),
+        *("--host", "0.0.0.0", "--port", str(SUPERLINK_PORT)),
+        "--disable-runtime-dependency-installation",
+    ]
+    container = _container(
+        recjob, "superlink", command,
+        [{"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}, *mounts],
+        threads=_threads(recjob),
+        ports=[{"name": "https", "containerPort": SUPERLINK_PORT, "protocol": "TCP"}],
+        readinessProbe={"tcpSocket": {"port": SUPERLINK_PORT}, "periodSeconds": 2},
+    )  # fmt: skip
+    pod = with_pod_storage(
+        _pod_spec([container], [_tls_volume(recjob, server=True), *volumes]),
+        pod_storage(recjob.spec),
+    )
+    return _deployment(recjob, superlink_name(recjob), "superlink", None, pod)
+
+
+def silo_config_map(recjob: RecJob, silo: SiloSpec) -> dict:
+    """The silo's trainer config: the RecJob's, with the silo's own data URIs."""
+    config = trainer_config(recjob, generation_uri(recjob, "train"))
+    uris = silo.data.model_dump(exclude_none=True)
+    config = config.model_copy(
+        update={
+            "name": f"{config.name}-{silo.name}",
+            "data": silo_data_section(config.data, uris),
+            "output_uri": SILO_WORK,
+        }
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _federation_metadata(
+            recjob, silo_object_name(recjob, silo.name), "supernode", silo.name
+        ),
+        "data": {"trainer.yaml": _yaml(config.to_wire())},
+    }
+
+
+def supernode_deployment(recjob: RecJob, silo: SiloSpec) -> dict:
+    """A silo's SuperNode, mounting only its own data's claims."""
+    name = silo_object_name(recjob, silo.name)
+    claims = pvc_claims(silo.data.model_dump(exclude_none=True).values())
+    volumes, mounts = claim_volumes(claims, "silo")
+    threads = _threads(recjob)
+    command = [
+        "flower-supernode",
+        *("--superlink", superlink_address(recjob)),
+        *("--root-certificates", f"{TLS_MOUNT}/{CA_KEY}"),
+        *("--node-config", f'silo-config="{CONFIG_MOUNT}/trainer.yaml"'),
+    ]
+    container = _container(
+        recjob, "supernode", command,
+        [
+            {"name": "silo-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+            {"name": "work", "mountPath": SILO_WORK},
+            *mounts,
+        ],
+        threads=threads,
+    )  # fmt: skip
+    container["env"].append({"name": "RECJOB_SILO_THREADS", "value": threads})
+    pod = _pod_spec(
+        [container],
+        [
+            {"name": "silo-config", "configMap": {"name": name}},
+            _tls_volume(recjob, server=False),
+            {"name": "work", "emptyDir": {}},
+            *volumes,
+        ],
+    )
+    return _deployment(recjob, name, "supernode", silo.name, pod)
+
+
+def submit_job(recjob: RecJob) -> dict:
+    """The training child: submits the run to the SuperLink and waits for its end."""
+    training = recjob.spec.training
+    # the artifacts and the owner's held-out data (spec.data), never a silo's
+    owner = [recjob.spec.artifacts_uri] + [u for _, u in data_uris(recjob.spec)]
+    volumes, mounts = claim_volumes(pvc_claims(owner))
+    command = [
+        "python", "-m", "recjob_trainer.federated.submit",
+        "--config", f"{CONFIG_MOUNT}/trainer.yaml",
+        "--superlink", superlink_address(recjob),
+        "--root-certificates", f"{TLS_MOUNT}/{CA_KEY}",
+    ]  # fmt: skip
+    container = _container(
+        recjob, "submit", command,
+        [
+            {"name": "recjob-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+            *mounts,
+        ],
+        threads=_threads(recjob),
+        terminationMessagePath=TERMINATION_LOG,
+        terminationMessagePolicy="File",
+    )  # fmt: skip
+    container["env"].append({"name": "RECJOB_TERMINATION_LOG", "value": TERMINATION_LOG})
+    pod = with_pod_storage(
+        _pod_spec(
+            [container],
+            [
+                {"name": "recjob-config", "configMap": {"name": f"{training_name(recjob)}-config"}},
+                _tls_volume(recjob, server=False),
+                *volumes,
+            ],
+            restartPolicy="Never",
+        ),
+        pod_storage(recjob.spec),
+    )
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(recjob, training_name(recjob), "training"),
+        "spec": {
+            "backoffLimit": training.max_restarts,
+            "template": {"metadata": {"labels": labels(recjob, "training")}, "spec": pod},
+        },
+    }
+
+
+def federation_objects(recjob: RecJob, material: TlsMaterial) -> list[dict]:
+    """Everything a federated training run needs, in creation order: the training child
+    (the Job) last, so that its existence means the rest was created."""
+    silos = recjob.spec.training.federated.silos or []
+    return [
+        tls_secret(recjob, material),
+        training_config_map(recjob),
+        *(silo_config_map(recjob, s) for s in silos),
+        superlink_service(recjob),
+        superlink_deployment(recjob),
+        *(supernode_deployment(recjob, s) for s in silos),
+        submit_job(recjob),
+    ]
+
+
+def federation_job_state(job: dict) -> tuple[str, str | None, int]:
+    """(state, message, restarts) of the training Job, in the core's terms."""
+    status = job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    restarts = int(status.get("failed") or 0)
+    for kind, state in (("Complete", "Succeeded"), ("Failed", "Failed")):
+        condition = conditions.get(kind) or {}
+        if condition.get("status") == "True":
+            return state, condition.get("message") or condition.get("reason"), restarts
+    if status.get("active"):
+        return ("Restarting" if restarts else "Running"), None, restarts
+    return "Created", None, restarts

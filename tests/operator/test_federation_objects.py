@@ -1,0 +1,133 @@
+"""A federated RecJob's Kubernetes objects (controller/federation.py), checked without a
+cluster: valid against Kubernetes' own schemas, each SuperNode mounting only its silo's
+claims, the server side none, the certificate naming the SuperLink's Service, the Job's
+states. tests/cluster/test_federated.py runs them on the real cluster."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from cryptography import x509
+
+from recjob_operator.api.v1alpha1.tls import make_tls_material
+from recjob_operator.controller.federation import (
+    FEDERATION_LABEL,
+    federation_job_state,
+    federation_objects,
+    superlink_address,
+    superlink_dns_names,
+)
+from tests.conftest import EXAMPLES, load_yaml
+from tests.operator.test_children import job
+
+FEDERATED = EXAMPLES[0].parent / "federated" / "recjob-federated.yaml"
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[tuple[str, str], dict]:
+    recjob = job(load_yaml(FEDERATED))
+    made = federation_objects(recjob, make_tls_material(superlink_dns_names(recjob)))
+    return {(o["kind"], o["metadata"]["name"]): o for o in made}
+
+
+def _claims(obj: dict) -> set[str]:
+    pod = obj["spec"]["template"]["spec"]
+    return {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+            if "persistentVolumeClaim" in v}  # fmt: skip
+
+
+def test_the_objects_are_valid_kubernetes_objects(objects) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, "1.32", strict=True)
+    assert sorted(objects) == [
+        ("ConfigMap", "federated-search-g3-train-config"),
+        ("ConfigMap", "federated-search-g3-train-silo-north"),
+        ("ConfigMap", "federated-search-g3-train-silo-south"),
+        ("Deployment", "federated-search-g3-train-link"),
+        ("Deployment", "federated-search-g3-train-silo-north"),
+        ("Deployment", "federated-search-g3-train-silo-south"),
+        ("Job", "federated-search-g3-train"),
+        ("Secret", "federated-search-g3-train-tls"),
+        ("Service", "federated-search-g3-train-link"),
+    ]
+    # what the backend deletes once the run has ended carries the label; the Job does not
+    labelled = {k for k, o in objects.items() if FEDERATION_LABEL in o["metadata"]["labels"]}
+    assert {kind for kind, _ in labelled} == {"Deployment", "Service", "Secret", "ConfigMap"}
+    assert ("Job", "federated-search-g3-train") not in labelled
+    for obj in objects.values():
+        assert obj["metadata"]["ownerReferences"][0]["kind"] == "RecJob"
+
+
+def test_each_supernode_mounts_only_its_own_silos_claims(objects) -> None:
+    north = objects[("Deployment", "federated-search-g3-train-silo-north")]
+    south = objects[("Deployment", "federated-search-g3-train-silo-south")]
+    assert _claims(north) == {"north-logs"} and _claims(south) == {"south-logs"}
+    # the server side: the SuperLink (and its ServerApp) and the submitter see no silo data
+    link = objects[("Deployment", "federated-search-g3-train-link")]
+    submit = objects[("Job", "federated-search-g3-train")]
+    assert _claims(link) == {"recjob-artifacts"}
+    assert _claims(submit) == {"owner-logs", "recjob-artifacts"}
+    config = objects[("ConfigMap", "federated-search-g3-train-silo-north")]["data"]["trainer.yaml"]
+    assert "pvc://north-logs/train.csv" in config and "pvc://owner-logs" not in config
+    # only the SuperLink gets the private key; every pod trusts the CA
+    for obj in (north, south, submit):
+        (tls,) = [v for v in obj["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        assert [i["key"] for i in tls["secret"]["items"]] == ["ca.crt"]
+    (tls,) = [v for v in link["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert {i["key"] for i in tls["secret"]["items"]} == {"ca.crt", "tls.crt", "tls.key"}
+    command = north["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--superlink") + 1] == (
+        "federated-search-g3-train-link.shop.svc:9093"
+    )
+    for obj in (north, south, link):
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_certificate_names_the_superlinks_service(objects) -> None:
+    recjob = job(load_yaml(FEDERATED))
+    secret = objects[("Secret", "federated-search-g3-train-tls")]
+    assert secret["type"] == "kubernetes.io/tls"
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert superlink_address(recjob).split(":")[0] in names.get_values_for_type(x509.DNSName)
+    cert.verify_directly_issued_by(ca)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({}, ("Created", None, 0)),
+        ({"active": 1}, ("Running", None, 0)),
+        ({"active": 1, "failed": 1}, ("Restarting", None, 1)),
+        ({"failed": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+         ("Succeeded", None, 1)),
+        ({"failed": 3, "conditions": [{"type": "Failed", "status": "True",
+                                       "message": "Job has reached the specified backoff limit"}]},
+         ("Failed", "Job has reached the specified backoff limit", 3)),
+    ],
+)  # fmt: skip
+def test_the_jobs_status_maps_to_the_cores_states(status: dict, expected: tuple) -> None:
+    assert federation_job_state({"status": status}) == expected
+
+
+def test_a_silo_is_given_none_of_the_owners_files() -> None:
+    """Found on the cluster: a silo without validation data inherited spec.data's (the
+    owner's) validation URI and failed reading a claim it does not mount; in local mode it
+    read the owner's file. A silo's config names only its own files."""
+    import yaml
+
+    from recjob_operator.controller.federation import silo_config_map
+
+    document = load_yaml(FEDERATED)
+    document["spec"]["data"].update(validation="pvc://owner-logs/valid.csv",
+                                    test="pvc://owner-logs/test.csv")  # fmt: skip
+    recjob = job(document)
+    for silo in recjob.spec.training.federated.silos:
+        config = yaml.safe_load(silo_config_map(recjob, silo)["data"]["trainer.yaml"])
+        files = {k: v for k, v in config["data"].items() if isinstance(v, str) and "://" in v}
+        assert files == {k: v for k, v in silo.data.model_dump(exclude_none=True).items()}

@@ -37,7 +37,7 @@ from .api.v1alpha1.recjob import NAME_PATTERN
 from .api.v1alpha1.spec import RecJobSpec
 from .api.v1alpha1.spec_base import METRIC_PATTERN
 from .api.v1alpha1.storage import data_uris, storage_problems
-from .api.v1alpha1.uris import scheme, split_pvc, uri_problem
+from .api.v1alpha1.uris import pvc_claim, uri_problem
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -598,17 +598,17 @@ def cluster_problems(job: RecJob) -> list[Problem]:
         return [Problem(f"{p}.partition", FEDERATED_PARTITION_LOCAL_ONLY)]
     out = _Problems()
     namespace = job.metadata.namespace or "default"
-    owner = {_claim(uri) for _, uri in data_uris(job.spec)}
-    owner |= {_claim(job.spec.artifacts_uri)}
+    owner = {pvc_claim(uri) for _, uri in data_uris(job.spec)}
+    owner |= {pvc_claim(job.spec.artifacts_uri)}
     users: dict[str, list[str]] = {}
     for i, silo in enumerate(fed.silos or []):
         if silo.namespace not in (None, namespace):
             out.add(f"{p}.silos[{i}].namespace", f"{FEDERATED_SILO_NAMESPACE} {namespace}")
-        for field, uri in silo.data.model_dump(exclude_none=True).items():
+        for field, uri in silo.data.uris().items():
             if not uri.startswith("pvc://"):
                 out.add(f"{p}.silos[{i}].data.{field}", FEDERATED_SILO_PVC)
                 continue
-            claim = _claim(uri)
+            claim = pvc_claim(uri)
             if claim in owner:
                 out.add(
                     f"{p}.silos[{i}].data.{field}",
@@ -627,11 +627,6 @@ def cluster_problems(job: RecJob) -> list[Problem]:
                 "SuperNode)",
             )
     return out
-
-
-def _claim(uri: str) -> str | None:
-    """The claim of a pvc:// URI (None for others)."""
-    return split_pvc(uri)[0] if scheme(uri) == "pvc" else None
 
 
 def _compression_rules(spec: RecJobSpec) -> list[Problem]:

@@ -11,9 +11,9 @@ import pytest
 from cryptography import x509
 
 from recjob_operator.api.v1alpha1.tls import make_tls_material
+from recjob_operator.controller.children import batch_job_state
 from recjob_operator.controller.federation import (
     FEDERATION_LABEL,
-    federation_job_state,
     federation_objects,
     superlink_address,
     superlink_dns_names,
@@ -112,7 +112,7 @@ def test_the_certificate_names_the_superlinks_service(objects) -> None:
     ],
 )  # fmt: skip
 def test_the_jobs_status_maps_to_the_cores_states(status: dict, expected: tuple) -> None:
-    assert federation_job_state({"status": status}) == expected
+    assert batch_job_state({"status": status}) == expected
 
 
 def test_a_silo_is_given_none_of_the_owners_files() -> None:

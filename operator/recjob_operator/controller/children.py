@@ -34,7 +34,7 @@ from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.spec_base import ResourceSpec
 from ..api.v1alpha1.storage import data_uris, pod_storage, with_pod_storage
 from ..api.v1alpha1.trainer import trainer_config
-from ..api.v1alpha1.uris import scheme, split_pvc
+from ..api.v1alpha1.uris import pvc_claim
 from .identity import generation_parts
 from .reconcile import conversion_name, training_name
 
@@ -124,7 +124,7 @@ def snapshot_uri(recjob: RecJob, model_version: int) -> str:
 
 def pvc_claims(uris: Iterable[str]) -> list[str]:
     """The claims the ``pvc://`` URIs among ``uris`` name, sorted, each once."""
-    return sorted({split_pvc(uri)[0] for uri in uris if scheme(uri) == "pvc"})
+    return sorted({claim for uri in uris if (claim := pvc_claim(uri))})
 
 
 def claim_volumes(claims: list[str], prefix: str = "pvc") -> tuple[list[dict], list[dict]]:
@@ -281,6 +281,22 @@ def pytorch_job(recjob: RecJob) -> dict:
             "pytorchReplicaSpecs": specs,
         },
     }
+
+
+def batch_job_state(job: dict) -> tuple[str, str | None, int]:
+    """(state, message, restarts) of a batch Job (the conversion, a federated run's
+    submitter) from its Complete / Failed conditions and pod counts, in the reconcile
+    core's terms (Created / Running / Restarting / Succeeded / Failed)."""
+    status = job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    restarts = int(status.get("failed") or 0)
+    for kind, state in (("Complete", "Succeeded"), ("Failed", "Failed")):
+        condition = conditions.get(kind) or {}
+        if condition.get("status") == "True":
+            return state, condition.get("message") or condition.get("reason"), restarts
+    if status.get("active"):
+        return ("Restarting" if restarts else "Running"), None, restarts
+    return "Created", None, restarts
 
 
 def pytorch_job_state(job: dict) -> tuple[str, str | None, int]:

@@ -229,11 +229,10 @@ def superlink_deployment(recjob: RecJob) -> dict:
 def silo_config_map(recjob: RecJob, silo: SiloSpec) -> dict:
     """The silo's trainer config: the RecJob's, with the silo's own data URIs."""
     config = trainer_config(recjob, generation_uri(recjob, "train"))
-    uris = silo.data.model_dump(exclude_none=True)
     config = config.model_copy(
         update={
             "name": f"{config.name}-{silo.name}",
-            "data": silo_data_section(config.data, uris),
+            "data": silo_data_section(config.data, silo.data.uris()),
             "output_uri": SILO_WORK,
         }
     )
@@ -250,7 +249,7 @@ def silo_config_map(recjob: RecJob, silo: SiloSpec) -> dict:
 def supernode_deployment(recjob: RecJob, silo: SiloSpec) -> dict:
     """A silo's SuperNode, mounting only its own data's claims."""
     name = silo_object_name(recjob, silo.name)
-    claims = pvc_claims(silo.data.model_dump(exclude_none=True).values())
+    claims = pvc_claims(silo.data.uris().values())
     volumes, mounts = claim_volumes(claims, "silo")
     threads = _threads(recjob)
     command = [
@@ -342,17 +341,3 @@ def federation_objects(recjob: RecJob, material: TlsMaterial) -> list[dict]:
         *(supernode_deployment(recjob, s) for s in silos),
         submit_job(recjob),
     ]
-
-
-def federation_job_state(job: dict) -> tuple[str, str | None, int]:
-    """(state, message, restarts) of the training Job, in the core's terms."""
-    status = job.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    restarts = int(status.get("failed") or 0)
-    for kind, state in (("Complete", "Succeeded"), ("Failed", "Failed")):
-        condition = conditions.get(kind) or {}
-        if condition.get("status") == "True":
-            return state, condition.get("message") or condition.get("reason"), restarts
-    if status.get("active"):
-        return ("Restarting" if restarts else "Running"), None, restarts
-    return "Created", None, restarts

@@ -26,6 +26,7 @@ from ..api.v1alpha1.status import RecJobStatus
 from ..api.v1alpha1.tls import make_tls_material
 from ..controller.analysis import Reading
 from ..controller.children import (
+    batch_job_state,
     conversion_config_map,
     conversion_job,
     pytorch_job,
@@ -35,7 +36,6 @@ from ..controller.children import (
 from ..controller.federation import (
     FEDERATION_LABEL,
     SUPERLINK_LOOPBACK,
-    federation_job_state,
     federation_objects,
     superlink_dns_names,
 )
@@ -122,12 +122,6 @@ class KubeBackend:
             "deployments": self.apps.create_namespaced_deployment,
             "jobs": self.batch.create_namespaced_job,
         }
-        #: a federation's running parts, deleted by label when its run has ended (its
-        #: Service and Secret are inert: the RecJob's garbage collection takes them, so the
-        #: operator needs no right to delete Secrets)
-        self._federation_kinds = {
-            "deployments": self.apps.delete_collection_namespaced_deployment,
-        }
 
     # ------------------------------------------------------------------ observe
     def observe(self, recjob: RecJob, view: ChildView) -> Observed:
@@ -165,7 +159,7 @@ class KubeBackend:
         job = view.job(ns, name)
         if job is None:
             return None
-        state, message, restarts = federation_job_state(job)
+        state, message, restarts = batch_job_state(job)
         report = view.report(ns, "jobs", name)
         if state == "Succeeded":
             return ChildObservation(name, state, restarts=restarts, result=report or {})
@@ -179,15 +173,14 @@ class KubeBackend:
         job = view.job(ns, name)
         if job is None:
             return None
-        conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
-        complete, failed = conditions.get("Complete") or {}, conditions.get("Failed") or {}
-        if complete.get("status") == "True":
-            return ChildObservation(name, "Succeeded", result=view.report(ns, "jobs", name))
-        if failed.get("status") == "True":
-            message = failed.get("message") or failed.get("reason")
-            report = view.report(ns, "jobs", name)
-            return ChildObservation(name, "Failed", message=message, result=report)
-        return ChildObservation(name, "Running")
+        state, message, _ = batch_job_state(job)
+        if state == "Succeeded":
+            return ChildObservation(name, state, result=view.report(ns, "jobs", name))
+        if state == "Failed":
+            return ChildObservation(
+                name, state, message=message, result=view.report(ns, "jobs", name)
+            )
+        return ChildObservation(name, "Running")  # not ended yet
 
     # ------------------------------------------------------------------ metrics
     def read_metrics(self, recjob: RecJob) -> list[Reading]:
@@ -289,14 +282,16 @@ class KubeBackend:
 
     def stop_federation(self, ns: str, training: str) -> None:
         """Delete the SuperLink and SuperNode Deployments of the federated training child
-        ``training`` (by its label; none left is fine)."""
+        ``training`` (by its label; none left is fine). Its Service and Secret are inert:
+        the RecJob's garbage collection takes them, so the operator needs no right to
+        delete Secrets."""
         selector = f"{FEDERATION_LABEL}={training}"
-        for plural, call in self._federation_kinds.items():
-            try:
-                api_call("deletecollection", plural, call, ns, label_selector=selector,
-                         propagation_policy="Background")  # fmt: skip
-            except ApiException as error:
-                raise ChildWriteError("delete", plural, selector, error) from None
+        try:
+            delete = self.apps.delete_collection_namespaced_deployment
+            api_call("deletecollection", "deployments", delete, ns, label_selector=selector,
+                     propagation_policy="Background")  # fmt: skip
+        except ApiException as error:
+            raise ChildWriteError("delete", "deployments", selector, error) from None
 
     def emit_event(self, recjob: RecJob, event: EmitEvent) -> None:
         """A Kubernetes Event on the RecJob (best effort: a failure is only logged). Its

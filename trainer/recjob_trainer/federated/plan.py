@@ -101,8 +101,7 @@ def prepare_silos(config: TrainerConfig, root: Path) -> list[Silo]:
     if fed.silos is not None:
         for spec in fed.silos:
             silo = _private(silos_root / spec.name, spec.name)
-            uris = spec.data.model_dump(exclude_none=True)
-            _write_config(config, silo, uris)
+            _write_config(config, silo, spec.data.uris())
             out.append(silo)
         return out
     names = [f"part-{i}" for i in range(fed.partition.count)]

@@ -29,6 +29,10 @@ class SiloData(SpecModel):
     test: StorageUri | None = None
     catalog: StorageUri | None = None
 
+    def uris(self) -> dict[str, str]:
+        """The silo's files, by spec.data field (those set)."""
+        return self.model_dump(exclude_none=True)
+
 
 #: spec.data's file fields: a silo's data section sets each to the silo's own or to none.
 DATA_URI_FIELDS = ("train", "validation", "test", "catalog", "item_index", "candidates")

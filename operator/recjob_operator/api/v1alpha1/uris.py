@@ -82,6 +82,11 @@ def split_pvc(uri: str) -> tuple[str, str]:
     return claim, inside.lstrip("/")
 
 
+def pvc_claim(uri: str) -> str | None:
+    """The claim a ``pvc://`` URI names (None for any other URI)."""
+    return split_pvc(uri)[0] if scheme(uri) == "pvc" else None
+
+
 def pvc_local_path(uri: str, root: str = DEFAULT_PVC_ROOT) -> str:
     """Where a ``pvc://`` URI lies in a pod that mounts its claim under ``root``: always
     inside ``root/CLAIM`` (UriError otherwise)."""

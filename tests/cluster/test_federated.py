@@ -124,6 +124,12 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(operator: Clust
     assert _claims(submit["spec"]["template"]) == {"data", "artifacts"}
     service = cluster.get("service", f"{training}-link", namespace)
     assert service["spec"]["ports"][0]["port"] == 9093
+    # the fences, as the API server accepted them (the node agent does not enforce them: a
+    # CNI would), each selecting the pods that run
+    for policy, fenced in (("link", ["superlink"]), ("silos", list(SILOS))):
+        spec = cluster.get("networkpolicy", f"{training}-{policy}", namespace)["spec"]
+        selector = spec["podSelector"]["matchLabels"]
+        assert all(selector.items() <= pods[p]["metadata"]["labels"].items() for p in fenced)
 
     # the SuperLink's pod dies once round 1 is checkpointed: its Deployment starts another
     # (which knows no run), the Job's pod fails on that, and the next one submits the run

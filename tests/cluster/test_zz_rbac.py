@@ -200,6 +200,7 @@ ALLOWED = [
     ("create", "events", ("-n", "default")),
     ("create", "deployments.apps", ("-n", "default")),  # a federation (controller/federation)
     ("create", "secrets", ("-n", "default")),  # its TLS material: written, never read
+    ("create", "networkpolicies.networking.k8s.io", ("-n", "default")),  # its fences
     ("update", f"leases.coordination.k8s.io/{LEASE}", ("-n", OPERATOR_NS)),
 ]
 

@@ -49,12 +49,20 @@ def test_the_objects_are_valid_kubernetes_objects(objects) -> None:
         ("Deployment", "federated-search-g3-train-silo-north"),
         ("Deployment", "federated-search-g3-train-silo-south"),
         ("Job", "federated-search-g3-train"),
+        ("NetworkPolicy", "federated-search-g3-train-link"),
+        ("NetworkPolicy", "federated-search-g3-train-silos"),
         ("Secret", "federated-search-g3-train-tls"),
         ("Service", "federated-search-g3-train-link"),
     ]
     # what the backend deletes once the run has ended carries the label; the Job does not
     labelled = {k for k, o in objects.items() if FEDERATION_LABEL in o["metadata"]["labels"]}
-    assert {kind for kind, _ in labelled} == {"Deployment", "Service", "Secret", "ConfigMap"}
+    assert {kind for kind, _ in labelled} == {
+        "Deployment",
+        "Service",
+        "Secret",
+        "ConfigMap",
+        "NetworkPolicy",
+    }
     assert ("Job", "federated-search-g3-train") not in labelled
     for obj in objects.values():
         assert obj["metadata"]["ownerReferences"][0]["kind"] == "RecJob"
@@ -85,6 +93,50 @@ def test_each_supernode_mounts_only_its_own_silos_claims(objects) -> None:
         pod = obj["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False
         assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def _selects(selector: dict, pod_labels: dict) -> bool:
+    """A NetworkPolicy's (or a peer's) podSelector, matchLabels only, on a pod's labels."""
+    assert set(selector["podSelector"]) == {"matchLabels"}, selector
+    wanted = selector["podSelector"]["matchLabels"]
+    return all(pod_labels.get(k) == v for k, v in wanted.items())
+
+
+def test_the_network_policies_fence_the_federation(objects) -> None:
+    """Read as a CNI would: the SuperLink admits this federation's SuperNodes and submitter
+    only; a SuperNode admits nobody and reaches only the SuperLink (and DNS); another
+    federation's pods (other generation) are not admitted."""
+    pod = {key: o["spec"]["template"]["metadata"]["labels"] for key, o in objects.items()
+           if o["kind"] in ("Deployment", "Job")}  # fmt: skip
+    link = pod[("Deployment", "federated-search-g3-train-link")]
+    north = pod[("Deployment", "federated-search-g3-train-silo-north")]
+    submitter = pod[("Job", "federated-search-g3-train")]
+    other = {k: v.replace("-g3-", "-g4-") for k, v in north.items()}  # next generation's silo
+    stranger = {"app": "anything"}
+
+    link_policy = objects[("NetworkPolicy", "federated-search-g3-train-link")]["spec"]
+    assert link_policy["policyTypes"] == ["Ingress"]
+    assert _selects(link_policy, link) and not _selects(link_policy, north)
+    (rule,) = link_policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9093}]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # this namespace only
+    admitted = lambda labels: any(_selects(peer, labels) for peer in rule["from"])  # noqa: E731
+    assert admitted(north) and admitted(submitter)
+    assert not admitted(other) and not admitted(stranger) and not admitted(link)
+
+    silo_policy = objects[("NetworkPolicy", "federated-search-g3-train-silos")]["spec"]
+    assert silo_policy["policyTypes"] == ["Ingress", "Egress"] and silo_policy["ingress"] == []
+    assert _selects(silo_policy, north) and not _selects(silo_policy, link)
+    assert not _selects(silo_policy, submitter) and not _selects(silo_policy, other)
+    to_link, to_dns = silo_policy["egress"]
+    assert [set(peer) for peer in to_link["to"]] == [{"podSelector"}]
+    assert [_selects(peer, link) for peer in to_link["to"]] == [True]
+    assert to_link["ports"] == [{"protocol": "TCP", "port": 9093}]
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+    # created before any pod that they fence
+    made = list(objects)
+    first_pod = min(made.index(k) for k in pod)
+    assert all(made.index(k) < first_pod for k in made if k[0] == "NetworkPolicy")
 
 
 def test_the_certificate_names_the_superlinks_service(objects) -> None:

@@ -782,7 +782,8 @@ def test_every_request_is_allowed_by_the_shipped_rbac(cluster) -> None:
     # a federation's objects are created on the real cluster (tests/cluster/test_federated.py;
     # test_zz_rbac.py checks them); their deletecollection is used here by every cleanup
     never_requested |= {("", "services", "create"), ("", "secrets", "create"),
-                        ("apps", "deployments", "create")}  # fmt: skip
+                        ("apps", "deployments", "create"),
+                        ("networking.k8s.io", "networkpolicies", "create")}  # fmt: skip
     unused = []
     for grant in grants(build("overlays/namespaced")):
         rule = grant.rule

@@ -11,6 +11,8 @@ For the training child ``<t>`` (``<name>-g<gen>-train``):
 - ``<t>-silo-<silo>`` ConfigMap and Deployment per silo: a SuperNode told where its
   silo's trainer config is (``--node-config``), mounting only the claims of that silo's
   own ``pvc://`` data, trusting only the CA;
+- ``<t>-link`` and ``<t>-silos`` NetworkPolicies (:func:`network_policies`), created
+  before the pods they fence;
 - ``<t>-config`` ConfigMap and the ``<t>`` batch Job, the training child the core
   watches: ``python -m recjob_trainer.federated.submit`` prepares the owner's held-out
   reference data, submits the run to the SuperLink (or adopts the one an earlier pod
@@ -63,6 +65,9 @@ SILO_WORK = "/var/lib/recjob/silo"
 FEDERATION_LABEL = f"{GROUP}/federation"
 ROLE_LABEL = f"{GROUP}/federation-role"
 SILO_LABEL = f"{GROUP}/silo"
+#: On the submitter Job's pods only (not on the Job: the backend deletes by FEDERATION_LABEL,
+#: and the finished Job's pod stays with its result).
+SUBMITTER_LABEL = f"{GROUP}/federation-submitter"
 
 
 def superlink_name(recjob: RecJob) -> str:
@@ -323,9 +328,69 @@ def submit_job(recjob: RecJob) -> dict:
         "metadata": _metadata(recjob, training_name(recjob), "training"),
         "spec": {
             "backoffLimit": training.max_restarts,
-            "template": {"metadata": {"labels": labels(recjob, "training")}, "spec": pod},
+            "template": {
+                "metadata": {
+                    "labels": {**labels(recjob, "training"), SUBMITTER_LABEL: training_name(recjob)}
+                },
+                "spec": pod,
+            },
         },
     }
+
+
+def _pods(**match: str) -> dict:
+    return {"podSelector": {"matchLabels": match}}
+
+
+def _policy(recjob: RecJob, name: str, role: str, spec: dict) -> dict:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _federation_metadata(recjob, name, role),
+        "spec": spec,
+    }
+
+
+def network_policies(recjob: RecJob) -> list[dict]:
+    """Who may talk to whom, for a CNI that enforces NetworkPolicy (TLS authenticates only
+    the SuperLink, and Flower 1.42's SuperNode authentication needs its Control API, which
+    any client reaching the port may call):
+
+    - ``<t>-link``: the SuperLink's pod accepts connections only from this federation's
+      SuperNodes and its submitter, on its one port;
+    - ``<t>-silos``: a SuperNode's pod accepts none, and connects only to that SuperLink
+      and to DNS (port 53): a silo's data has no way out but the model updates."""
+    t = training_name(recjob)
+    port = [{"protocol": "TCP", "port": SUPERLINK_PORT}]
+    link = _pods(**{FEDERATION_LABEL: t, ROLE_LABEL: "superlink"})
+    silos = _pods(**{FEDERATION_LABEL: t, ROLE_LABEL: "supernode"})
+    dns = [{"protocol": p, "port": 53} for p in ("UDP", "TCP")]
+    return [
+        _policy(
+            recjob,
+            f"{t}-link",
+            "superlink",
+            {
+                **link,
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [silos, _pods(**{SUBMITTER_LABEL: t})], "ports": port}],
+            },
+        ),
+        _policy(
+            recjob,
+            f"{t}-silos",
+            "supernode",
+            {
+                **silos,
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [],
+                "egress": [
+                    {"to": [link], "ports": port},
+                    {"to": [{"namespaceSelector": {}}], "ports": dns},
+                ],
+            },
+        ),
+    ]
 
 
 def federation_objects(recjob: RecJob, material: TlsMaterial) -> list[dict]:
@@ -334,6 +399,7 @@ def federation_objects(recjob: RecJob, material: TlsMaterial) -> list[dict]:
     silos = recjob.spec.training.federated.silos or []
     return [
         tls_secret(recjob, material),
+        *network_policies(recjob),
         training_config_map(recjob),
         *(silo_config_map(recjob, s) for s in silos),
         superlink_service(recjob),

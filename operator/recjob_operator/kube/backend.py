@@ -70,7 +70,8 @@ log = logging.getLogger("recjob_operator.kube")
 RECJOBS = (GROUP, "v1alpha1", "recjobs")
 #: The core API and batch kinds children are made of (anything else: Kubeflow's).
 CREATE_KINDS = {"ConfigMap": "configmaps", "Secret": "secrets", "Service": "services",
-                "Deployment": "deployments", "Job": "jobs"}  # fmt: skip
+                "Deployment": "deployments", "Job": "jobs",
+                "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies")}  # fmt: skip
 MANAGED_LABEL, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
 
 

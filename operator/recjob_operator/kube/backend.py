@@ -68,10 +68,10 @@ from .serving import KubeServing
 log = logging.getLogger("recjob_operator.kube")
 
 RECJOBS = (GROUP, "v1alpha1", "recjobs")
-#: The core API and batch kinds children are made of (anything else: Kubeflow's).
+#: The built-in kinds children are made of (anything else: Kubeflow's).
 CREATE_KINDS = {"ConfigMap": "configmaps", "Secret": "secrets", "Service": "services",
                 "Deployment": "deployments", "Job": "jobs",
-                "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies")}  # fmt: skip
+                "NetworkPolicy": "networkpolicies"}  # fmt: skip
 MANAGED_LABEL, MANAGED_VALUE = MANAGED_SELECTOR.split("=")
 
 
@@ -122,6 +122,7 @@ class KubeBackend:
             "services": self.core.create_namespaced_service,
             "deployments": self.apps.create_namespaced_deployment,
             "jobs": self.batch.create_namespaced_job,
+            "networkpolicies": client.NetworkingV1Api(api).create_namespaced_network_policy,
         }
 
     # ------------------------------------------------------------------ observe

@@ -8,19 +8,25 @@ recommendation with the same micro-batch, learning rate and number of optimizer 
 
 1. centralized: the trainer (``python -m recjob_trainer``) on all training rows,
    ``rounds x localSteps x silos`` steps;
-2. federated IID: ``partition: {by: hash}`` (users hashed into the silos), FedAvg, Flower's
+2. federated IID: ``partition: {by: hash}`` (users hashed into the silos), Flower's
    deployment engine on loopback (SuperLink + one SuperNode per silo, TLS), each silo
-   ``localSteps`` steps per round;
+   ``localSteps`` steps per round; strategy ``--strategy`` (default FedAvg; FedAvgM's
+   server learning rate defaults to the number of silos, i.e. the server applies the sum
+   of the silos' updates instead of their mean, so that a round moves the model about as
+   far as ``silos x localSteps`` centralized steps rather than ``localSteps``; measured
+   in bench/results/federated-fedavgm.json, it did not beat FedAvg here);
 3. federated non-IID: silos by item category: each user goes to the silo of the category
    most frequent in their training history (categories from the catalog's text, grouped
    into silos of about equal user counts, so each silo holds other categories);
-4. federated IID with central differential privacy: the noise multiplier that spends
-   epsilon about 8 (delta 1e-5) over the rounds by Opacus's RDP accountant, the clipping
-   norm the median update norm of run 2 (so clipping bites about half of the updates).
+4. federated IID with central differential privacy: FedAvg (a server optimizer is refused
+   with DP: its state would see the silos' noiseless updates), the noise multiplier that
+   spends epsilon about 8 (delta 1e-5) over the rounds by Opacus's RDP accountant, the
+   clipping norm the median update norm of run 2 (so clipping bites about half of the
+   updates).
 
 Each final model/ is scored here by the trainer's own evaluation code on the same first
 ``--eval-users`` test users over the full catalog (4,385 items), with the zero-shot
-encoder for reference. Writes bench/results/federated.json (``iid_ratio``,
+encoder for reference. Writes bench/results/federated.json (or ``--out``) (``iid_ratio``,
 ``non_iid_ratio``, ``dp_ratio``: federated / centralized full-catalog NDCG@10) and prints
 a table.
 """
@@ -104,11 +110,20 @@ def federated_config(
         "rounds": args.rounds,
         "localSteps": args.local_steps,
         "participation": {"fraction": 1.0, "minSilos": args.silos, "roundDeadlineSeconds": 1800},
-        "strategy": {"type": "FedAvg"},
+        "strategy": strategy(args),
         "exchange": "lora",
         **federated,
     }
     return config
+
+
+def strategy(args: argparse.Namespace) -> dict:
+    """The spec's strategy for the runs without DP (``--strategy``, and for FedAdam /
+    FedAvgM ``--server-learning-rate``, default the number of silos for FedAvgM)."""
+    if args.strategy == "FedAvg":
+        return {"type": "FedAvg"}
+    default = float(args.silos) if args.strategy == "FedAvgM" else 0.01
+    return {"type": args.strategy, "serverLearningRate": args.server_learning_rate or default}
 
 
 def run_federated(config: dict, runs: Path, reuse: bool = False) -> dict:
@@ -169,7 +184,10 @@ def category_silos(data: Path, out: Path, silos: int) -> dict:
         spec.append(
             {
                 "name": f"category-{i}",
-                "data": {role: str(folder / f"{PREFIX}.{suffix}.inter") for role, suffix in ROLES},
+                "data": {
+                    **{role: str(folder / f"{PREFIX}.{suffix}.inter") for role, suffix in ROLES},
+                    "catalog": str(folder / f"{PREFIX}.text"),  # a silo reads only its own
+                },
             }
         )
     for suffix in ("train", "valid", "test"):
@@ -263,10 +281,13 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--history", type=int, default=5)
+    parser.add_argument("--strategy", choices=("FedAvg", "FedAvgM", "FedAdam"), default="FedAvg")
+    parser.add_argument("--server-learning-rate", type=float, default=None)
     parser.add_argument("--eval-users", type=int, default=1000)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--reuse", action="store_true", help="reuse a finished centralized run")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "federated.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "trainer"))
     sys.path.insert(0, str(REPO / "operator"))
@@ -299,7 +320,7 @@ def main() -> None:
     private = run_federated(
         federated_config(
             "federated-iid-dp", data, runs, args,
-            {"partition": {"by": "hash", "count": args.silos},
+            {"partition": {"by": "hash", "count": args.silos}, "strategy": {"type": "FedAvg"},
              "differentialPrivacy": {"clippingNorm": clip, "noiseMultiplier": noise,
                                      "delta": args.delta}},
         ),
@@ -339,6 +360,7 @@ def main() -> None:
         "data": str(data),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "total_optimizer_steps": steps,
+        "strategy": {"without DP": strategy(args), "with DP": {"type": "FedAvg"}},
         "eval_users": args.eval_users,
         "metrics": table,
         "ndcg@10_minus_centralized": intervals,
@@ -352,9 +374,10 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count()},
         "wall_seconds": round(time.time() - started, 1),
     }
-    out = HERE / "results" / "federated.json"
+    out = args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{steps} optimizer steps each; {args.eval_users} test users, full catalog\n")
+    print(f"\n{steps} optimizer steps each; {args.eval_users} test users, full catalog; "
+          f"strategy {strategy(args)} (with DP: FedAvg)\n")  # fmt: skip
     print(f"{'run':<20} {'NDCG@10':>8} {'HR@10':>7} {'x central':>9} {'- central [95% CI]':>26} "
           f"{'bytes/round':>12} {'wall s':>7} {'epsilon':>8}")  # fmt: skip
     for name, row in table.items():

@@ -266,6 +266,7 @@ def semantic_problems(job: RecJob) -> list[Problem]:
         _model_rules,
         _training_rules,
         _federated_rules,
+        _silo_file_rules,
         _compression_rules,
         _export_rules,
         _serving_rules,
@@ -515,6 +516,31 @@ def _training_rules(spec: RecJobSpec) -> list[Problem]:
     return out
 
 
+def _silo_file_rules(spec: RecJobSpec) -> list[Problem]:
+    """The files each silo's data must name itself: a silo reads only its own files (none
+    of spec.data's), so what spec.data's format needs must be in every silo's data. Not
+    mirrored in CEL: the rule joins spec.data.format with each list item's fields, and a
+    CEL rule's fieldPath cannot name a list item, so its error could not name the silo."""
+    fed, out = spec.training.federated, _Problems()
+    if fed is None or fed.silos is None or spec.data.format != "atomic":
+        return out
+    for i, silo in enumerate(fed.silos):
+        p = f"spec.training.federated.silos[{i}].data"
+        if silo.data.catalog is None:
+            out.add(
+                f"{p}.catalog",
+                "the atomic format needs the item texts in every silo (a silo reads only "
+                "its own files, not spec.data.catalog): set the silo's catalog",
+            )
+        if silo.data.validation is None and silo.data.test is None:
+            out.add(
+                f"{p}.test",
+                "the atomic format needs the silo's held-out .inter files: set test (and "
+                "validation, else validation is carved from the silo's training file)",
+            )
+    return out
+
+
 def _federated_rules(spec: RecJobSpec) -> list[Problem]:
     """spec.training.federated (messages shared with api/v1alpha1/cel.py)."""
     fed, p = spec.training.federated, "spec.training.federated"
@@ -556,8 +582,16 @@ def _federated_rules(spec: RecJobSpec) -> list[Problem]:
         out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_REQUIRED)
     if strategy.type != "FedProx" and strategy.mu is not None:
         out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_FORBIDDEN)
-    if strategy.type != "FedAdam" and strategy.server_learning_rate is not None:
+    optimizer = strategy.type in cel.SERVER_OPTIMIZERS
+    if not optimizer and strategy.server_learning_rate is not None:
         out.add(f"{p}.strategy.serverLearningRate", cel.FEDERATED_SERVER_LR_FORBIDDEN)
+    if strategy.type != "FedAvgM" and strategy.server_momentum is not None:
+        out.add(f"{p}.strategy.serverMomentum", cel.FEDERATED_SERVER_MOMENTUM_FORBIDDEN)
+    if optimizer and fed.differential_privacy is not None:
+        out.add(
+            f"{p}.differentialPrivacy",
+            f"{cel.FEDERATED_DP_SERVER_OPTIMIZER} (strategy.type is {strategy.type})",
+        )
     if fed.secure_aggregation:
         out.add(f"{p}.secureAggregation", cel.FEDERATED_SECURE_AGGREGATION)
     if fed.exchange == "lora" and spec.model.fine_tuning.method != "lora":

@@ -802,7 +802,52 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
             }
         },
         "spec.training.federated.strategy.serverLearningRate",
-        "FedAdam's",
+        "a server optimizer's (FedAdam, FedAvgM)",
+    ),
+    (
+        "federated-atomic-silo-without-catalog",
+        R,
+        {
+            "spec.model.architecture": "auto",
+            "spec.model.sequential": DELETE,
+            "spec.model.fineTuning": {"method": "lora", "lora": {}},
+            "spec.training.nodes": 1,
+            "spec.training.federated": {
+                "silos": [
+                    {
+                        "name": name,
+                        "data": {
+                            "train": f"pvc://{name}/t.inter",
+                            "test": f"pvc://{name}/e.inter",
+                            **({"catalog": "pvc://south/c.text"} if name == "south" else {}),
+                        },
+                    }
+                    for name in ("north", "south")
+                ],
+            },
+        },
+        "spec.training.federated.silos[0].data.catalog",
+        "item texts in every silo",
+    ),
+    (
+        "federated-server-momentum-without-fedavgm",
+        F,
+        {"spec.training.federated.strategy": {"type": "FedAdam", "serverMomentum": 0.9}},
+        "spec.training.federated.strategy.serverMomentum",
+        "FedAvgM's",
+    ),
+    (
+        "federated-dp-with-a-server-optimizer",
+        F,
+        {
+            "spec.training.federated.strategy": {"type": "FedAvgM", "serverLearningRate": 4},
+            "spec.training.federated.differentialPrivacy": {
+                "clippingNorm": 1.0,
+                "noiseMultiplier": 1.0,
+            },
+        },
+        "spec.training.federated.differentialPrivacy",
+        "noiseless updates",
     ),
     (
         "federated-unknown-strategy",
@@ -938,3 +983,11 @@ def test_non_mapping_documents(document) -> None:
     job, problems = validate_document(document)
     assert job is None and problems == [Problem("", problems[0].message)]
     assert "expected a RecJob object" in problems[0].message
+
+
+def test_only_the_atomic_silo_lacking_its_own_catalog_is_named() -> None:
+    """A silo reads only its own files: north (no catalog) is named, south (its own) is not."""
+    case = next(c for c in CASES if c[0] == "federated-atomic-silo-without-catalog")
+    _, problems = validate_document(mutate(case[1], case[2]))
+    silo_paths = {p.path for p in problems if ".silos[" in p.path}
+    assert silo_paths == {"spec.training.federated.silos[0].data.catalog"}

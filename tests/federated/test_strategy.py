@@ -1,4 +1,4 @@
-"""The server's strategies: Flower's own FedAvg / FedProx / FedAdam / fixed-clipping DP as
+"""The server's strategies: Flower's own FedAvg / FedProx / FedAdam / FedAvgM / fixed-clipping DP as
 the spec picks them, under the byte-counting wrapper, with Flower messages built in process:
 what a round counts, how it aggregates, clipping, and a round that loses a silo."""
 
@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
 )
 from flwr.supercore.task_identity import TaskIdentity
@@ -90,6 +91,12 @@ def test_the_spec_picks_flowers_strategy() -> None:
     assert type(prox) is FedProx and prox.proximal_mu == 0.1
     adam = build_strategy(spec(strategy={"type": "FedAdam", "serverLearningRate": 0.3}), 2)
     assert type(adam) is FedAdam and adam.eta == 0.3
+    avgm = build_strategy(
+        spec(strategy={"type": "FedAvgM", "serverLearningRate": 4, "serverMomentum": 0.5}), 2
+    )
+    assert type(avgm) is FedAvgM
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (4, 0.5)
+    assert build_strategy(spec(strategy={"type": "FedAvgM"}), 2).server_learning_rate == 1.0
     dp = build_strategy(spec(differentialPrivacy={"clippingNorm": 0.5, "noiseMultiplier": 0}), 2)
     assert isinstance(dp, DifferentialPrivacyServerSideFixedClipping)
     assert (dp.clipping_norm, dp.noise_multiplier) == (0.5, 0)
@@ -117,7 +124,7 @@ def test_differential_privacy_clips_each_silos_update() -> None:
     assert torch.linalg.vector_norm(moved).item() == pytest.approx(0.5, rel=1e-5)
 
 
-def fedadam_rounds(rounds: range, led: Ledgered, arrays: ArrayRecord) -> ArrayRecord:
+def server_rounds(rounds: range, led: Ledgered, arrays: ArrayRecord) -> ArrayRecord:
     """Run ``rounds`` of ``led`` from ``arrays``: the silos reply with w + 1 and w + 3."""
     for server_round in rounds:
         messages = list(led.configure_train(server_round, arrays, ConfigRecord({}), Grid()))
@@ -130,26 +137,64 @@ def fedadam_rounds(rounds: range, led: Ledgered, arrays: ArrayRecord) -> ArrayRe
     return arrays
 
 
-def test_a_resumed_fedadam_takes_the_steps_the_uninterrupted_one_takes() -> None:
-    """FedAdam's moments (and its bias correction's round number) survive a restart: three
-    rounds in one go equal one round, a checkpoint of optimizer_state, and two more rounds
-    in a fresh strategy resumed from it (without the moments they differ)."""
-    fed = spec(strategy={"type": "FedAdam", "serverLearningRate": 0.1})
+def test_fedavgm_steps_by_the_server_learning_rate_and_momentum() -> None:
+    """The silos' average update is +2 a round. Server learning rate 2 without momentum
+    applies their sum (+4 a round); momentum 0.5 adds half the previous step's direction
+    (+4, then 2 x (2 + 0.5 x 2) = +6)."""
     start = ArrayRecord(OrderedDict(w=torch.zeros(4)))
-    straight = fedadam_rounds(range(1, 4), Ledgered(build_strategy(fed, 2), min_silos=2), start)
+    plain = Ledgered(build_strategy(spec(strategy={"type": "FedAvgM"}), 2), min_silos=2)
+    assert server_rounds(range(1, 3), plain, start).to_torch_state_dict()["w"][0] == 4.0
+    summed = {"type": "FedAvgM", "serverLearningRate": 2.0}
+    led = Ledgered(build_strategy(spec(strategy=summed), 2), min_silos=2)
+    assert server_rounds(range(1, 3), led, start).to_torch_state_dict()["w"][0] == 8.0
+    heavy = {**summed, "serverMomentum": 0.5}
+    led = Ledgered(build_strategy(spec(strategy=heavy), 2), min_silos=2)
+    assert server_rounds(range(1, 3), led, start).to_torch_state_dict()["w"][0] == 10.0
+
+
+@pytest.mark.parametrize("kind", ["FedAdam", "FedAvgM"])
+def test_differential_privacy_refuses_a_server_optimizer(kind) -> None:
+    """Flower's DP wraps the strategy: a server optimizer inside it would keep the silos'
+    noiseless updates, so the accountant's (epsilon, delta) would not hold."""
+    dp = {"clippingNorm": 0.5, "noiseMultiplier": 1.0}
+    with pytest.raises(ValueError, match=f"differentialPrivacy with {kind}.*noiseless"):
+        build_strategy(spec(strategy={"type": kind}, differentialPrivacy=dp), 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "keys"),
+    [
+        ({"type": "FedAdam", "serverLearningRate": 0.1}, ["m_t/w", "v_t/w"]),
+        (
+            {"type": "FedAvgM", "serverLearningRate": 1.5, "serverMomentum": 0.9},
+            ["momentum/00000/w"],
+        ),
+    ],
+    ids=["FedAdam", "FedAvgM"],
+)
+def test_a_resumed_server_optimizer_takes_the_steps_the_uninterrupted_one_takes(
+    settings, keys
+) -> None:
+    """FedAdam's moments (and its bias correction's round number) and FedAvgM's momentum
+    survive a restart: three rounds in one go equal one round, a checkpoint of
+    optimizer_state, and two more rounds in a fresh strategy resumed from it (without the
+    state they differ)."""
+    fed = spec(strategy=settings)
+    start = ArrayRecord(OrderedDict(w=torch.zeros(4)))
+    straight = server_rounds(range(1, 4), Ledgered(build_strategy(fed, 2), min_silos=2), start)
 
     first = Ledgered(build_strategy(fed, 2), min_silos=2)
-    after_one = fedadam_rounds(range(1, 2), first, start)
+    after_one = server_rounds(range(1, 2), first, start)
     saved = optimizer_state(first)
-    assert sorted(saved) == ["m_t/w", "v_t/w"]
+    assert sorted(saved) == keys
     resumed = Ledgered(build_strategy(fed, 2), round_offset=1, min_silos=2)
     restore_optimizer_state(resumed, saved)
     # Flower numbers a restarted run's rounds from 1 again; Ledgered adds the offset
-    finished = fedadam_rounds(range(1, 3), resumed, after_one)
+    finished = server_rounds(range(1, 3), resumed, after_one)
     expected = straight.to_torch_state_dict()["w"]
     assert torch.allclose(finished.to_torch_state_dict()["w"], expected)
 
     forgetful = Ledgered(build_strategy(fed, 2), round_offset=1, min_silos=2)
-    lost = fedadam_rounds(range(1, 3), forgetful, after_one)
+    lost = server_rounds(range(1, 3), forgetful, after_one)
     assert not torch.allclose(lost.to_torch_state_dict()["w"], expected)
     assert optimizer_state(Ledgered(build_strategy(spec(), 2), min_silos=2)) == {}

@@ -281,7 +281,11 @@ def _drop_unknown_items(
 def _prepare_atomic(data: DataSpec, model: ModelSpec, base_dir) -> PreparedData:
     log = CleaningLog()
     pre = data.preprocessing
-    assert data.catalog is not None  # guaranteed by validation
+    if data.catalog is None:  # validation refuses it; a hand-made trainer config may not
+        raise ValueError(
+            "data.catalog: the atomic format needs the item texts (the .text file); a "
+            "federated silo reads only its own files, so each silo needs its own catalog"
+        )
     raw_catalog = read_atomic_catalog(
         data.catalog, base_dir, data.columns, data.item_index, log=log
     )

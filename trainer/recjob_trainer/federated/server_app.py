@@ -44,7 +44,7 @@ from .strategy import (
 from .weights import exchanged_names, load_record, to_record
 
 app = ServerApp()
-#: FedAdam's moment estimates, beside a round checkpoint's global weights.
+#: The server optimizer's state (FedAdam, FedAvgM), beside a round checkpoint's global weights.
 OPTIMIZER_FILE = "server-optimizer.safetensors"
 
 
@@ -175,7 +175,7 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
                 str(tmp / "global.safetensors"),
             )
             moments = optimizer_state(strategy)
-            if moments:  # FedAdam: its moment estimates go on from here on a resume
+            if moments:  # a server optimizer's state goes on from here on a resume
                 save_numpy(moments, str(tmp / OPTIMIZER_FILE))
             state = {"round": round_number, "spec_digest": digest, "model_info": asdict(info),
                      "summaries": summaries, "names": names, "rounds": rounds}  # fmt: skip

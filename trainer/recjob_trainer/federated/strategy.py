@@ -1,7 +1,7 @@
 """The server's Flower strategy for ``training.federated.strategy``, wrapped so that every
 round's traffic is counted and every completed round is checkpointed.
 
-:class:`Ledgered` delegates the aggregation to Flower's FedAvg / FedProx / FedAdam (and
+:class:`Ledgered` delegates the aggregation to Flower's FedAvg / FedProx / FedAdam / FedAvgM (and
 Flower's server-side fixed-clipping differential privacy when asked); it only looks at the
 messages going out and the replies coming back."""
 
@@ -18,11 +18,13 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from recjob_operator.api.v1alpha1.cel import FEDERATED_DP_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
 
 from .weights import record_bytes
@@ -135,10 +137,18 @@ def build_strategy(fed: FederatedSpec, silos: int) -> Strategy:
         strategy = FedProx(**common, proximal_mu=fed.strategy.mu or 0.0)
     elif kind == "FedAdam":
         strategy = FedAdam(**common, eta=fed.strategy.server_learning_rate or FEDADAM_DEFAULT_ETA)
+    elif kind == "FedAvgM":
+        strategy = FedAvgM(
+            **common,
+            server_learning_rate=fed.strategy.server_learning_rate or 1.0,
+            server_momentum=fed.strategy.server_momentum or 0.0,
+        )
     else:
         raise ValueError(f"unknown strategy {kind!r}")
     dp = fed.differential_privacy
     if dp is not None:
+        if kind in SERVER_OPTIMIZERS:  # validation refuses it; a hand-made config too
+            raise ValueError(f"differentialPrivacy with {kind}: {FEDERATED_DP_SERVER_OPTIMIZER}")
         sampled = max(part.min_silos, int(silos * part.fraction))
         strategy = DifferentialPrivacyServerSideFixedClipping(
             strategy,
@@ -163,11 +173,13 @@ def checkpointing(save: Callable[[int, ArrayRecord], None], offset: int):
 
 #: The server optimizer's moment estimates FedAdam keeps between rounds (Flower's FedOpt).
 MOMENTS = ("m_t", "v_t")
+#: Prefix of FedAvgM's momentum vector (a list in the global arrays' order) in a checkpoint.
+MOMENTUM = "momentum"
 
 
-def _server_optimizer(strategy: Strategy) -> FedOpt | None:
-    """The FedOpt (FedAdam) inside the wrappers (Ledgered, DP), if any."""
-    while not isinstance(strategy, FedOpt):
+def _server_optimizer(strategy: Strategy) -> FedOpt | FedAvgM | None:
+    """The FedOpt (FedAdam) or FedAvgM inside the wrappers (Ledgered, DP), if any."""
+    while not isinstance(strategy, FedOpt | FedAvgM):
         inner = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
         if inner is None:
             return None
@@ -176,11 +188,20 @@ def _server_optimizer(strategy: Strategy) -> FedOpt | None:
 
 
 def optimizer_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """FedAdam's moment estimates as named arrays (``m_t/<tensor>``, ``v_t/<tensor>``),
-    checkpointed with each round's global weights; empty for other strategies."""
+    """The server optimizer's state as named arrays, checkpointed with each round's global
+    weights: FedAdam's moment estimates (``m_t/<tensor>``, ``v_t/<tensor>``), FedAvgM's
+    momentum vector (``momentum/<index>/<tensor>``); empty for other strategies."""
     opt = _server_optimizer(strategy)
     if opt is None:
         return {}
+    if isinstance(opt, FedAvgM):
+        if opt.momentum_vector is None or opt.current_arrays is None:
+            return {}
+        names = list(opt.current_arrays.keys())
+        return {
+            f"{MOMENTUM}/{i:05d}/{name}": np.ascontiguousarray(value)
+            for i, (name, value) in enumerate(zip(names, opt.momentum_vector, strict=True))
+        }
     return {
         f"{moment}/{name}": np.ascontiguousarray(value)
         for moment in MOMENTS
@@ -189,10 +210,15 @@ def optimizer_state(strategy: Strategy) -> dict[str, np.ndarray]:
 
 
 def restore_optimizer_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    """Put checkpointed moment estimates back into the strategy's FedAdam (a resumed
+    """Put a checkpointed server optimizer state back into the strategy (a resumed
     federation then takes the step the uninterrupted one would have)."""
     opt = _server_optimizer(strategy)
     if opt is None or not state:
+        return
+    if isinstance(opt, FedAvgM):
+        prefix = f"{MOMENTUM}/"
+        momentum = sorted((k, v) for k, v in state.items() if k.startswith(prefix))
+        opt.momentum_vector = [v for _, v in momentum] or None
         return
     for moment in MOMENTS:
         prefix = f"{moment}/"

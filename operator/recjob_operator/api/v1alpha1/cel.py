@@ -295,8 +295,19 @@ FEDERATED_TOO_FEW_SILOS = "exceeds the number of silos: no round could ever comp
 FEDERATED_MU_REQUIRED = "required by FedProx (the weight of its proximal term)"
 FEDERATED_MU_FORBIDDEN = "mu is FedProx's; set type: FedProx or remove mu"
 FEDERATED_SERVER_LR_FORBIDDEN = (
-    "serverLearningRate is FedAdam's; set type: FedAdam or remove serverLearningRate"
+    "serverLearningRate is a server optimizer's (FedAdam, FedAvgM); set one of those types "
+    "or remove serverLearningRate"
 )
+FEDERATED_SERVER_MOMENTUM_FORBIDDEN = (
+    "serverMomentum is FedAvgM's; set type: FedAvgM or remove serverMomentum"
+)
+FEDERATED_DP_SERVER_OPTIMIZER = (
+    "not supported with a server optimizer (FedAdam, FedAvgM): Flower's central DP wraps "
+    "the strategy, so the optimizer's state would carry the silos' noiseless updates past "
+    "the noise and the reported (epsilon, delta) would not hold; use FedAvg or FedProx"
+)
+#: The strategies that keep optimizer state on the server (see FEDERATED_DP_SERVER_OPTIMIZER).
+SERVER_OPTIMIZERS = ("FedAdam", "FedAvgM")
 FEDERATED_COLUMN_REQUIRED = "required when by is column"
 FEDERATED_COLUMN_FORBIDDEN = "set, but by is hash; set by: column or remove column"
 FEDERATED_SECURE_AGGREGATION = (
@@ -334,9 +345,15 @@ STRATEGY_RULES = schema_rules(
     rule("self.type != 'FedProx' || has(self.mu)", FEDERATED_MU_REQUIRED, ".mu", REQUIRED),
     rule("self.type == 'FedProx' || !has(self.mu)", FEDERATED_MU_FORBIDDEN, ".mu", FORBIDDEN),
     rule(
-        "self.type == 'FedAdam' || !has(self.serverLearningRate)",
+        "self.type in ['FedAdam', 'FedAvgM'] || !has(self.serverLearningRate)",
         FEDERATED_SERVER_LR_FORBIDDEN,
         ".serverLearningRate",
+        FORBIDDEN,
+    ),
+    rule(
+        "self.type == 'FedAvgM' || !has(self.serverMomentum)",
+        FEDERATED_SERVER_MOMENTUM_FORBIDDEN,
+        ".serverMomentum",
         FORBIDDEN,
     ),
 )
@@ -365,6 +382,12 @@ FEDERATED_RULES = schema_rules(
         ".participation.minSilos",
     ),
     rule("!self.secureAggregation", FEDERATED_SECURE_AGGREGATION, ".secureAggregation"),
+    rule(
+        "!has(self.differentialPrivacy) || !has(self.strategy) || !has(self.strategy.type) "
+        "|| !(self.strategy.type in ['FedAdam', 'FedAvgM'])",
+        FEDERATED_DP_SERVER_OPTIMIZER,
+        ".differentialPrivacy",
+    ),
 )
 
 

@@ -90,14 +90,20 @@ class StrategySpec(SpecModel):
 
     model_config = with_rules(cel.STRATEGY_RULES)
 
-    type: Literal["FedAvg", "FedProx", "FedAdam"] = "FedAvg"
+    type: Literal["FedAvg", "FedProx", "FedAdam", "FedAvgM"] = "FedAvg"
     """FedAvg: average weighted by training examples; FedProx: FedAvg with a proximal term
     (mu) in each silo's loss, for heterogeneous silos; FedAdam: an Adam step on the server
-    with the averaged update as its gradient."""
+    with the averaged update as its gradient; FedAvgM: FedAvg with a server learning rate
+    and server momentum (an SGD step on the server with the averaged update as its
+    gradient)."""
     mu: float | None = Field(default=None, ge=0.0, le=1000.0)
     """FedProx: weight of the proximal term ||w - w_global||^2 / 2 (required by FedProx)."""
     server_learning_rate: float | None = Field(default=None, gt=0.0, le=10.0)
-    """FedAdam: the server optimizer's step size (default 0.01)."""
+    """FedAdam and FedAvgM: the server optimizer's step size (default 0.01 for FedAdam, 1.0
+    for FedAvgM, where 1.0 without momentum is FedAvg and the number of silos applies the
+    sum of their updates)."""
+    server_momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """FedAvgM: the server optimizer's momentum (default 0)."""
 
 
 class DifferentialPrivacySpec(SpecModel):

@@ -308,6 +308,7 @@ FEDERATED_DP_SERVER_OPTIMIZER = (
 )
 #: The strategies that keep optimizer state on the server (see FEDERATED_DP_SERVER_OPTIMIZER).
 SERVER_OPTIMIZERS = ("FedAdam", "FedAvgM")
+_SERVER_OPTIMIZERS = "[" + ", ".join(f"'{t}'" for t in SERVER_OPTIMIZERS) + "]"
 FEDERATED_COLUMN_REQUIRED = "required when by is column"
 FEDERATED_COLUMN_FORBIDDEN = "set, but by is hash; set by: column or remove column"
 FEDERATED_SECURE_AGGREGATION = (
@@ -345,7 +346,7 @@ STRATEGY_RULES = schema_rules(
     rule("self.type != 'FedProx' || has(self.mu)", FEDERATED_MU_REQUIRED, ".mu", REQUIRED),
     rule("self.type == 'FedProx' || !has(self.mu)", FEDERATED_MU_FORBIDDEN, ".mu", FORBIDDEN),
     rule(
-        "self.type in ['FedAdam', 'FedAvgM'] || !has(self.serverLearningRate)",
+        f"self.type in {_SERVER_OPTIMIZERS} || !has(self.serverLearningRate)",
         FEDERATED_SERVER_LR_FORBIDDEN,
         ".serverLearningRate",
         FORBIDDEN,
@@ -384,7 +385,7 @@ FEDERATED_RULES = schema_rules(
     rule("!self.secureAggregation", FEDERATED_SECURE_AGGREGATION, ".secureAggregation"),
     rule(
         "!has(self.differentialPrivacy) || !has(self.strategy) || !has(self.strategy.type) "
-        "|| !(self.strategy.type in ['FedAdam', 'FedAvgM'])",
+        f"|| !(self.strategy.type in {_SERVER_OPTIMIZERS})",
         FEDERATED_DP_SERVER_OPTIMIZER,
         ".differentialPrivacy",
     ),

@@ -582,16 +582,10 @@ def _federated_rules(spec: RecJobSpec) -> list[Problem]:
         out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_REQUIRED)
     if strategy.type != "FedProx" and strategy.mu is not None:
         out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_FORBIDDEN)
-    optimizer = strategy.type in cel.SERVER_OPTIMIZERS
-    if not optimizer and strategy.server_learning_rate is not None:
+    if strategy.type not in cel.SERVER_OPTIMIZERS and strategy.server_learning_rate is not None:
         out.add(f"{p}.strategy.serverLearningRate", cel.FEDERATED_SERVER_LR_FORBIDDEN)
     if strategy.type != "FedAvgM" and strategy.server_momentum is not None:
         out.add(f"{p}.strategy.serverMomentum", cel.FEDERATED_SERVER_MOMENTUM_FORBIDDEN)
-    if optimizer and fed.differential_privacy is not None:
-        out.add(
-            f"{p}.differentialPrivacy",
-            f"{cel.FEDERATED_DP_SERVER_OPTIMIZER} (strategy.type is {strategy.type})",
-        )
     if fed.secure_aggregation:
         out.add(f"{p}.secureAggregation", cel.FEDERATED_SECURE_AGGREGATION)
     if fed.exchange == "lora" and spec.model.fine_tuning.method != "lora":

@@ -837,19 +837,6 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "FedAvgM's",
     ),
     (
-        "federated-dp-with-a-server-optimizer",
-        F,
-        {
-            "spec.training.federated.strategy": {"type": "FedAvgM", "serverLearningRate": 4},
-            "spec.training.federated.differentialPrivacy": {
-                "clippingNorm": 1.0,
-                "noiseMultiplier": 1.0,
-            },
-        },
-        "spec.training.federated.differentialPrivacy",
-        "noiseless updates",
-    ),
-    (
         "federated-unknown-strategy",
         F,
         {"spec.training.federated.strategy": {"type": "FedSGD"}},

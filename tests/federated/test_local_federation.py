@@ -57,7 +57,9 @@ def handshake(port: int, context: ssl.SSLContext) -> dict:
         return dict(pair[0] for pair in tls.getpeercert()["subject"])
 
 
-def config_file(tmp: Path, data: dict[str, Path], output: Path, rounds: int = 2) -> Path:
+def config_file(
+    tmp: Path, data: dict[str, Path], output: Path, rounds: int = 2, **federated: object
+) -> Path:
     doc = {
         "name": "fed",
         "outputUri": str(output),
@@ -81,6 +83,7 @@ def config_file(tmp: Path, data: dict[str, Path], output: Path, rounds: int = 2)
                 "rounds": rounds,
                 "localSteps": 2,
                 "participation": {"minSilos": 2, "roundDeadlineSeconds": 120},
+                **federated,
             },
         },
         "evaluation": {"baselines": False},
@@ -172,3 +175,29 @@ def test_two_silos_two_rounds_killed_after_round_one_then_resumed(tmp_path: Path
     assert not [p for p in opened if any(p.startswith(root) for root in private)]
     settings = (work / "server" / "settings.json").read_text()
     assert str(owners) not in settings and str(work / "silos") not in settings
+
+
+def test_a_server_optimizer_with_differential_privacy_runs_on_the_deployment_engine(
+    tmp_path: Path,
+) -> None:
+    """FedAvgM with momentum after central DP (OptimizerAfterPrivacy) in the real ServerApp:
+    both rounds complete, the privacy spent is reported and the momentum the optimizer
+    built from the private releases is checkpointed with each round."""
+    data = {name: silo_logs(tmp_path / "owners" / name, name) for name in TOPICS}
+    output = tmp_path / "run"
+    path = config_file(
+        tmp_path, data, output,
+        strategy={"type": "FedAvgM", "serverLearningRate": 2.0, "serverMomentum": 0.9},
+        differentialPrivacy={"clippingNorm": 1.0, "noiseMultiplier": 0.5},
+    )  # fmt: skip
+    metrics = run_federation(load_config(path), tmp_path / "federation", 300)
+    fed = metrics["federated"]
+    assert fed["rounds_completed"] == 2
+    assert fed["privacy"]["epsilon"] > 0 and fed["privacy"]["noise_multiplier"] == 0.5
+    rounds_dir = output / "federated" / "checkpoints"
+    for n in (1, 2):
+        state = load_file(str(rounds_dir / f"round-{n:06d}" / "server-optimizer.safetensors"))
+        assert state and all(k.startswith("momentum/") for k in state)
+    one = load_file(str(rounds_dir / "round-000001" / "server-optimizer.safetensors"))
+    two = load_file(str(rounds_dir / "round-000002" / "server-optimizer.safetensors"))
+    assert any(not torch.equal(one[k], two[k]) for k in one)

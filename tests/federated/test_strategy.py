@@ -22,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
 from recjob_trainer.federated.strategy import (
     Ledgered,
+    OptimizerAfterPrivacy,
     build_strategy,
     optimizer_state,
     restore_optimizer_state,
@@ -153,12 +154,45 @@ def test_fedavgm_steps_by_the_server_learning_rate_and_momentum() -> None:
 
 
 @pytest.mark.parametrize("kind", ["FedAdam", "FedAvgM"])
-def test_differential_privacy_refuses_a_server_optimizer(kind) -> None:
-    """Flower's DP wraps the strategy: a server optimizer inside it would keep the silos'
-    noiseless updates, so the accountant's (epsilon, delta) would not hold."""
+def test_with_differential_privacy_a_server_optimizer_steps_from_the_private_release(
+    kind, monkeypatch
+) -> None:
+    """Flower's DP wrapper noises what the strategy inside it returns, so an optimizer inside
+    it would build its state from the silos' noiseless mean. build_strategy puts the
+    wrapper around FedAvg and the optimizer after it: its state and its step come from the
+    noised release alone (the noiseless clipped mean, 0.25 a coordinate here, is seen by
+    nothing but the wrapper)."""
+    settings = {"type": kind, "serverLearningRate": 2.0}
+    if kind == "FedAvgM":
+        settings["serverMomentum"] = 0.9
     dp = {"clippingNorm": 0.5, "noiseMultiplier": 1.0}
-    with pytest.raises(ValueError, match=f"differentialPrivacy with {kind}.*noiseless"):
-        build_strategy(spec(strategy={"type": kind}, differentialPrivacy=dp), 2)
+    led = Ledgered(build_strategy(spec(strategy=settings, differentialPrivacy=dp), 2), 0, 2)
+    composed = led.inner
+    assert isinstance(composed, OptimizerAfterPrivacy)
+    assert type(composed.private.strategy) is FedAvg and type(composed.strategy).__name__ == kind
+    releases = []
+    private_aggregate = composed.private.aggregate_train
+
+    def spy(server_round, replies):
+        out = private_aggregate(server_round, replies)
+        releases.append(out[0].to_torch_state_dict()["w"].clone())
+        return out
+
+    monkeypatch.setattr(composed.private, "aggregate_train", spy)
+    start = ArrayRecord(OrderedDict(w=torch.zeros(4)))
+    first, second = led.configure_train(1, start, ConfigRecord({}), Grid())
+    stepped, _ = led.aggregate_train(1, [reply(first, 10.0, 1), reply(second, 10.0, 1)])
+    (release,) = releases
+    noiseless = torch.full((4,), 0.25)
+    assert not torch.allclose(release, noiseless, atol=1e-3)  # the noise is there
+    state = optimizer_state(led)
+    if kind == "FedAvgM":  # round 1's momentum: the pseudo-gradient old - new
+        (momentum,) = state.values()
+        assert torch.allclose(torch.from_numpy(momentum), -release)
+        assert torch.allclose(stepped.to_torch_state_dict()["w"], 2.0 * release)
+    else:  # the first moment: (1 - beta_1) x (release - global)
+        assert torch.allclose(torch.from_numpy(state["m_t/w"]), 0.1 * release, atol=1e-6)
+        assert not torch.allclose(torch.from_numpy(state["m_t/w"]), 0.1 * noiseless, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -169,8 +203,13 @@ def test_differential_privacy_refuses_a_server_optimizer(kind) -> None:
             {"type": "FedAvgM", "serverLearningRate": 1.5, "serverMomentum": 0.9},
             ["momentum/00000/w"],
         ),
+        # after the DP wrapper (noise 0, a clipping norm no update reaches: deterministic)
+        (
+            {"type": "FedAdam", "serverLearningRate": 0.1, "dp": True},
+            ["m_t/w", "v_t/w"],
+        ),
     ],
-    ids=["FedAdam", "FedAvgM"],
+    ids=["FedAdam", "FedAvgM", "FedAdam-after-DP"],
 )
 def test_a_resumed_server_optimizer_takes_the_steps_the_uninterrupted_one_takes(
     settings, keys
@@ -179,7 +218,9 @@ def test_a_resumed_server_optimizer_takes_the_steps_the_uninterrupted_one_takes(
     survive a restart: three rounds in one go equal one round, a checkpoint of
     optimizer_state, and two more rounds in a fresh strategy resumed from it (without the
     state they differ)."""
-    fed = spec(strategy=settings)
+    settings = dict(settings)
+    private = {"clippingNorm": 1e6, "noiseMultiplier": 0.0} if settings.pop("dp", False) else None
+    fed = spec(strategy=settings, **({"differentialPrivacy": private} if private else {}))
     start = ArrayRecord(OrderedDict(w=torch.zeros(4)))
     straight = server_rounds(range(1, 4), Ledgered(build_strategy(fed, 2), min_silos=2), start)
 

@@ -205,19 +205,22 @@ def wait(fed: Federation, run_id: str, output: Path, since: float, timeout: floa
     ``flwr ls`` entry with the ServerApp's error, if any, as ``server-error``."""
     deadline = time.time() + timeout
     status_file = output / "federated" / SERVER_STATUS
-    last_ls = time.time()
-    status = None
-    while status is None:
+
+    def written() -> dict | None:
         if status_file.exists() and status_file.stat().st_mtime >= since:
-            status = json.loads(status_file.read_text())
-            break
+            return json.loads(status_file.read_text())
+        return None
+
+    last_ls = time.time()
+    while (status := written()) is None:
         link = fed.processes.get("superlink")  # None: a SuperLink this process did not start
         if link is not None and link.poll() is not None:
             raise RuntimeError(f"the SuperLink exited; see {fed.work}/logs/superlink.log")
         if time.time() - last_ls > 30:  # a ServerApp that never started writes nothing
             last_ls = time.time()
             run = run_entry(fed, run_id)
-            if str(run.get("status", "")).startswith("finished"):
+            # the ServerApp may have written its status and ended while `flwr ls` ran
+            if str(run.get("status", "")).startswith("finished") and written() is None:
                 return {**run, "server-error": "the ServerApp ended without a status"}
         if time.time() > deadline:
             raise TimeoutError(f"run {run_id} did not finish in {timeout:.0f}s")

@@ -3,7 +3,9 @@ round's traffic is counted and every completed round is checkpointed.
 
 :class:`Ledgered` delegates the aggregation to Flower's FedAvg / FedProx / FedAdam / FedAvgM (and
 Flower's server-side fixed-clipping differential privacy when asked); it only looks at the
-messages going out and the replies coming back."""
+messages going out and the replies coming back. With differential privacy and a server
+optimizer (FedAdam, FedAvgM), :class:`OptimizerAfterPrivacy` puts the optimizer outside
+Flower's DP wrapper, so that it only ever sees the private release."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -24,7 +26,6 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from recjob_operator.api.v1alpha1.cel import FEDERATED_DP_SERVER_OPTIMIZER, SERVER_OPTIMIZERS
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
 
 from .weights import record_bytes
@@ -119,6 +120,61 @@ class Ledgered(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
+class OptimizerAfterPrivacy(Strategy):
+    """Central differential privacy, then a server optimizer's step on the private release.
+
+    Flower's DP wrapper adds its noise to what the strategy inside it returns, so FedAdam's
+    moments or FedAvgM's momentum inside it would be built from the silos' clipped but
+    noiseless mean and carry it into later releases past the noise. Here the wrapper goes
+    around plain FedAvg (clip each silo's update, average, add noise) and the optimizer
+    takes its step from that noised mean alone, handed to it as the one reply of its
+    round: post-processing of a private release, so the accountant's (epsilon, delta)
+    still holds. ``strategy`` is the optimizer (as in Flower's wrappers, where
+    :func:`optimizer_state` finds it)."""
+
+    def __init__(self, private: DifferentialPrivacyServerSideFixedClipping, optimizer: Strategy):
+        if not isinstance(optimizer, FedOpt | FedAvgM):
+            raise TypeError(f"{type(optimizer).__name__} is not a server optimizer")
+        self.private = private
+        self.strategy = optimizer
+        self._sent: list[Message] = []
+
+    def summary(self) -> None:
+        self.private.summary()
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # what the optimizer's own configure_train keeps (without sampling silos again)
+        if isinstance(self.strategy, FedAvgM):
+            if self.strategy.current_arrays is None:
+                self.strategy.current_arrays = arrays
+        else:
+            self.strategy.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+        self._sent = list(self.private.configure_train(server_round, arrays, config, grid))
+        return self._sent
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        released, metrics = self.private.aggregate_train(server_round, replies)
+        if released is None or not self._sent:
+            return released, metrics
+        release = Message(
+            RecordDict({"arrays": released, "metrics": MetricRecord({"num-examples": 1})}),
+            reply_to=self._sent[0],
+        )
+        stepped, _ = self.strategy.aggregate_train(server_round, [release])
+        return stepped, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return self.private.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return self.private.aggregate_evaluate(server_round, replies)
+
+
 def build_strategy(fed: FederatedSpec, silos: int) -> Strategy:
     """Flower's strategy for the spec: sampling by participation, no client-side
     evaluation rounds (the server evaluates nothing: it has no data), DP if asked."""
@@ -146,17 +202,17 @@ def build_strategy(fed: FederatedSpec, silos: int) -> Strategy:
     else:
         raise ValueError(f"unknown strategy {kind!r}")
     dp = fed.differential_privacy
-    if dp is not None:
-        if kind in SERVER_OPTIMIZERS:  # validation refuses it; a hand-made config too
-            raise ValueError(f"differentialPrivacy with {kind}: {FEDERATED_DP_SERVER_OPTIMIZER}")
-        sampled = max(part.min_silos, int(silos * part.fraction))
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=dp.noise_multiplier,
-            clipping_norm=dp.clipping_norm,
-            num_sampled_clients=sampled,
-        )
-    return strategy
+    if dp is None:
+        return strategy
+    sampled = max(part.min_silos, int(silos * part.fraction))
+    optimizer = isinstance(strategy, FedOpt | FedAvgM)
+    private = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(**common) if optimizer else strategy,
+        noise_multiplier=dp.noise_multiplier,
+        clipping_norm=dp.clipping_norm,
+        num_sampled_clients=sampled,
+    )
+    return OptimizerAfterPrivacy(private, strategy) if optimizer else private
 
 
 def checkpointing(save: Callable[[int, ArrayRecord], None], offset: int):

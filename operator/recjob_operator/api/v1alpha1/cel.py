@@ -301,12 +301,8 @@ FEDERATED_SERVER_LR_FORBIDDEN = (
 FEDERATED_SERVER_MOMENTUM_FORBIDDEN = (
     "serverMomentum is FedAvgM's; set type: FedAvgM or remove serverMomentum"
 )
-FEDERATED_DP_SERVER_OPTIMIZER = (
-    "not supported with a server optimizer (FedAdam, FedAvgM): Flower's central DP wraps "
-    "the strategy, so the optimizer's state would carry the silos' noiseless updates past "
-    "the noise and the reported (epsilon, delta) would not hold; use FedAvg or FedProx"
-)
-#: The strategies that keep optimizer state on the server (see FEDERATED_DP_SERVER_OPTIMIZER).
+#: The strategies that keep optimizer state on the server (with differential privacy the
+#: trainer puts them outside the DP wrapper: they step from the private release only).
 SERVER_OPTIMIZERS = ("FedAdam", "FedAvgM")
 _SERVER_OPTIMIZERS = "[" + ", ".join(f"'{t}'" for t in SERVER_OPTIMIZERS) + "]"
 FEDERATED_COLUMN_REQUIRED = "required when by is column"
@@ -383,12 +379,6 @@ FEDERATED_RULES = schema_rules(
         ".participation.minSilos",
     ),
     rule("!self.secureAggregation", FEDERATED_SECURE_AGGREGATION, ".secureAggregation"),
-    rule(
-        "!has(self.differentialPrivacy) || !has(self.strategy) || !has(self.strategy.type) "
-        f"|| !(self.strategy.type in {_SERVER_OPTIMIZERS})",
-        FEDERATED_DP_SERVER_OPTIMIZER,
-        ".differentialPrivacy",
-    ),
 )
 
 

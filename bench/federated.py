@@ -18,17 +18,19 @@ recommendation with the same micro-batch, learning rate and number of optimizer 
 3. federated non-IID: silos by item category: each user goes to the silo of the category
    most frequent in their training history (categories from the catalog's text, grouped
    into silos of about equal user counts, so each silo holds other categories);
-4. federated IID with central differential privacy: FedAvg (a server optimizer is refused
-   with DP: its state would see the silos' noiseless updates), the noise multiplier that
+4. federated IID with central differential privacy: FedAvg (a server optimizer would
+   step from the private release: not measured here), the noise multiplier that
    spends epsilon about 8 (delta 1e-5) over the rounds by Opacus's RDP accountant, the
    clipping norm the median update norm of run 2 (so clipping bites about half of the
    updates).
 
 Each final model/ is scored here by the trainer's own evaluation code on the same first
 ``--eval-users`` test users over the full catalog (4,385 items), with the zero-shot
-encoder for reference. Writes bench/results/federated.json (or ``--out``) (``iid_ratio``,
-``non_iid_ratio``, ``dp_ratio``: federated / centralized full-catalog NDCG@10) and prints
-a table.
+encoder for reference, and on the first ``--eval-users`` validation users (a learning rate is
+chosen on those by federated_tuned.py, across runs at several ``--learning-rate``; each test
+user's NDCG@10 is kept for its paired comparisons). Writes bench/results/federated.json (or
+``--out``) (``iid_ratio``, ``non_iid_ratio``, ``dp_ratio``: federated / centralized
+full-catalog NDCG@10) and prints a table.
 """
 
 from __future__ import annotations
@@ -231,18 +233,19 @@ def update_norms(run: Path) -> list[float]:
     return norms
 
 
-def score(run: Path, prepared, users: int) -> dict:
-    """Full-catalog metrics of ``run``'s model/ on the first ``users`` test users."""
+def score(run: Path, prepared, users: int, split: str = "test") -> dict:
+    """Full-catalog metrics of ``run``'s model/ on the first ``users`` users of ``split``
+    (``test``, or ``validation`` for choosing a learning rate: federated_tuned.py)."""
     from recjob_trainer.batches import Batcher
     from recjob_trainer.evaluation import evaluate_recommendation
     from recjob_trainer.models import load_model
 
     model, tokenizer = load_model(run / "model")
     batcher = Batcher.for_model("recommendation", tokenizer, model.info, prepared.catalog)
-    return evaluate_recommendation(model, batcher, prepared.splits["test"], KS, 128, 100, users)
+    return evaluate_recommendation(model, batcher, prepared.splits[split], KS, 128, 100, users)
 
 
-def zero_shot(prepared, users: int, max_length: int) -> dict:
+def zero_shot(prepared, users: int, max_length: int, split: str = "test") -> dict:
     from recjob_trainer.batches import Batcher
     from recjob_trainer.evaluation import evaluate_recommendation
     from recjob_trainer.models import ModelInfo, base_model_path, build_model
@@ -255,7 +258,7 @@ def zero_shot(prepared, users: int, max_length: int) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_path("all-MiniLM-L6-v2"))
     batcher = Batcher.for_model("recommendation", tokenizer, model.info, prepared.catalog)
-    return evaluate_recommendation(model, batcher, prepared.splits["test"], KS, 128, 100, users)
+    return evaluate_recommendation(model, batcher, prepared.splits[split], KS, 128, 100, users)
 
 
 def ci(interval: dict | None) -> str:
@@ -301,7 +304,7 @@ def main() -> None:
     started = time.time()
 
     central = centralized(data, runs, args, steps)
-    prepared = read_prepared(runs / "centralized" / "data", ("test",))
+    prepared = read_prepared(runs / "centralized" / "data", ("validation", "test"))
 
     iid = run_federated(
         federated_config("federated-iid", data, runs, args,
@@ -327,13 +330,17 @@ def main() -> None:
         runs, args.reuse,
     )  # fmt: skip
 
-    reports = {
-        "zero-shot": zero_shot(prepared, args.eval_users, args.max_length),
-        "centralized": score(runs / "centralized", prepared, args.eval_users),
-        "federated IID": score(runs / "federated-iid", prepared, args.eval_users),
-        "federated non-IID": score(runs / "federated-non-iid", prepared, args.eval_users),
-        "federated IID + DP": score(runs / "federated-iid-dp", prepared, args.eval_users),
+    models = {
+        "centralized": "centralized",
+        "federated IID": "federated-iid",
+        "federated non-IID": "federated-non-iid",
+        "federated IID + DP": "federated-iid-dp",
     }
+    reports, validation = {}, {}
+    for part, out in (("test", reports), ("validation", validation)):
+        out["zero-shot"] = zero_shot(prepared, args.eval_users, args.max_length, part)
+        for name, folder in models.items():
+            out[name] = score(runs / folder, prepared, args.eval_users, part)
     table = {name: {k: r.get(k) for k in KEYS} for name, r in reports.items()}
     # paired over the same users: each model minus centralized, 95% bootstrap interval
     central_units = reports["centralized"][PER_UNIT]
@@ -364,6 +371,14 @@ def main() -> None:
         "eval_users": args.eval_users,
         "metrics": table,
         "ndcg@10_minus_centralized": intervals,
+        # the same models on the first --eval-users validation users (a learning rate is
+        # chosen on these, never on test: federated_tuned.py)
+        "validation": {name: {k: r.get(k) for k in KEYS} for name, r in validation.items()},
+        # each test user's NDCG@10, in the same user order for every model (paired
+        # comparisons across runs at other settings: federated_tuned.py)
+        "test_ndcg@10_per_user": {
+            name: [round(float(v), 6) for v in r[PER_UNIT]] for name, r in reports.items()
+        },
         "runs": summary,
         "non_iid_split": {"categories_per_silo": split["categories"], "users": split["users"]},
         "dp": {"clipping_norm": clip, "noise_multiplier": noise, "iid_update_norms": norms},

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from recjob_trainer import metrics as m
+from tests.bench.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS = REPO / "bench" / "peers"
@@ -35,10 +36,7 @@ def _pins(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def peer():
     """bench/peers/recbole_sasrec.py as a module (its top level needs only numpy)."""
-    spec = importlib.util.spec_from_file_location("recbole_sasrec", PEERS / "recbole_sasrec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PEERS / "recbole_sasrec.py")
 
 
 def test_requirements_pin_exact_versions_and_the_projects_torch() -> None:

@@ -27,6 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "trainer"))
+sys.path.insert(0, str(HERE))  # bench/federated.py (also when loaded by tests)
+
+from federated import ci  # noqa: E402
 
 #: Settings that may differ between the inputs (everything else must be equal).
 FREE = {"learning_rate", "runs", "out", "reuse"}
@@ -61,10 +64,7 @@ def tune(results: list[dict]) -> dict:
     """The chosen rate per method (best validation NDCG@10) and its test scores."""
     from recjob_trainer.metrics import paired_bootstrap
 
-    chosen = {}
-    for method in METHODS:
-        best = max(results, key=lambda r: r["validation"][method][NDCG])
-        chosen[method] = best
+    chosen = {m: max(results, key=lambda r, m=m: r["validation"][m][NDCG]) for m in METHODS}
     per_user = {m: chosen[m]["test_ndcg@10_per_user"][m] for m in METHODS}
     base = chosen["centralized"]["metrics"]["centralized"][NDCG]
     return {
@@ -107,9 +107,7 @@ def main() -> None:
     )
     for m in METHODS:
         vals = "".join(f"{v:>12.4f}" for v in tuned["validation_ndcg@10"][m].values())
-        iv = tuned["ndcg@10_minus_centralized"].get(m)
-        band = (f"{iv['mean_difference']:+.4f} [{iv['ci95_low']:+.4f}, {iv['ci95_high']:+.4f}]"
-                if iv else "")  # fmt: skip
+        band = ci(tuned["ndcg@10_minus_centralized"].get(m))
         test = tuned["test_ndcg@10"][m]
         print(f"{m:<20}{vals} {tuned['chosen_learning_rate'][m]:>8g} {test:>8.4f} "
               f"{test / base:>9.3f} {band:>26}")  # fmt: skip

@@ -35,8 +35,9 @@ CONTROLLER_NAME = "recjob.dev/test-gateway"
 LISTEN = "10.244.0.1:8081"
 GATEWAY_URL = f"http://{LISTEN}"
 
-# The CRDs the GatewayClass, the Gateway and the operator's HTTPRoutes need.
-CRDS = ("gatewayclasses", "gateways", "httproutes")
+# The CRDs the GatewayClass, the Gateway and the operator's HTTPRoutes need, and the
+# ReferenceGrants by which a namespace lets a federated RecJob of another run a silo in it.
+CRDS = ("gatewayclasses", "gateways", "httproutes", "referencegrants")
 
 Kubectl = Callable[..., subprocess.CompletedProcess]
 

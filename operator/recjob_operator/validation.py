@@ -603,11 +603,6 @@ FEDERATED_PARTITION_LOCAL_ONLY = (
     "Kubernetes list silos instead, each with its own data on a PersistentVolumeClaim of "
     "its own, so that each SuperNode mounts only its silo's claim"
 )
-FEDERATED_SILO_NAMESPACE = (
-    "on Kubernetes a silo's SuperNode runs in the RecJob's namespace (its objects are owned "
-    "by the RecJob, and ownerReferences cannot cross namespaces); leave namespace unset and "
-    "put the silo's claim in namespace"
-)
 FEDERATED_SILO_PVC = (
     "on Kubernetes a silo's data must be on a PersistentVolumeClaim (pvc://<claim>/<path>) "
     "that only its SuperNode mounts; object storage would need spec.storage's credentials "
@@ -626,33 +621,32 @@ def cluster_problems(job: RecJob) -> list[Problem]:
         return [Problem(f"{p}.partition", FEDERATED_PARTITION_LOCAL_ONLY)]
     out = _Problems()
     namespace = job.metadata.namespace or "default"
-    owner = {pvc_claim(uri) for _, uri in data_uris(job.spec)}
-    owner |= {pvc_claim(job.spec.artifacts_uri)}
-    users: dict[str, list[str]] = {}
+    owner = {(namespace, pvc_claim(uri)) for _, uri in data_uris(job.spec)}
+    owner |= {(namespace, pvc_claim(job.spec.artifacts_uri))}
+    users: dict[tuple[str, str], list[str]] = {}  # (namespace, claim): its silos
     for i, silo in enumerate(fed.silos or []):
-        if silo.namespace not in (None, namespace):
-            out.add(f"{p}.silos[{i}].namespace", f"{FEDERATED_SILO_NAMESPACE} {namespace}")
         for field, uri in silo.data.uris().items():
             if not uri.startswith("pvc://"):
                 out.add(f"{p}.silos[{i}].data.{field}", FEDERATED_SILO_PVC)
                 continue
-            claim = pvc_claim(uri)
+            claim = (silo.namespace or namespace, pvc_claim(uri))
             if claim in owner:
                 out.add(
                     f"{p}.silos[{i}].data.{field}",
-                    f"claim {claim} is also mounted by the model owner's pods (spec.data or "
+                    f"claim {claim[1]} is also mounted by the model owner's pods (spec.data or "
                     "spec.artifactsUri): a silo's data need a claim of their own",
                 )
             users.setdefault(claim, [])
             if silo.name not in users[claim]:
                 users[claim].append(silo.name)
-    for claim, silos in users.items():
+    for (claim_namespace, claim), silos in users.items():
         if len(silos) > 1:
+            where = "" if claim_namespace == namespace else f" (namespace {claim_namespace})"
             out.add(
                 f"{p}.silos",
-                f"claim {claim} holds the data of silos {', '.join(silos)}: each silo's data "
-                "need a claim of their own (every claim a silo names is mounted by its "
-                "SuperNode)",
+                f"claim {claim}{where} holds the data of silos {', '.join(silos)}: each "
+                "silo's data need a claim of their own (every claim a silo names is mounted "
+                "by its SuperNode)",
             )
     return out
 

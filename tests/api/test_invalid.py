@@ -729,6 +729,16 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "expected text matching",
     ),
     (
+        "federated-silo-namespace-not-dns",
+        F,
+        {
+            "spec.training.federated.partition": DELETE,
+            "spec.training.federated.silos": [SILOS[0], {**SILOS[1], "namespace": "South.Team"}],
+        },
+        "spec.training.federated.silos[1].namespace",
+        "expected text matching",
+    ),
+    (
         "federated-silo-without-data",
         F,
         {

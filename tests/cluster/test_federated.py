@@ -1,5 +1,6 @@
 """Federated training on the real cluster (issue 16): a RecJob with two silos, each silo's
-data on a claim of its own, becomes a SuperLink Deployment and Service, one SuperNode
+data on a claim of its own (south's in a namespace of its own, which must grant it first
+with a Gateway API ReferenceGrant), becomes a SuperLink Deployment and Service, one SuperNode
 Deployment per silo and the Job that submits the run, all made by the operator and run by
 the node agents as real Flower processes over TLS (the certificate from the operator's
 Secret, checked against the Service's DNS name). The SuperLink's pod is killed after the
@@ -50,8 +51,9 @@ def put_silo_data(root: Path, index: int, users: int = 60) -> None:
         path.chmod(0o777 if path.is_dir() else 0o666)
 
 
-def federated_recjob(name: str, namespace: str) -> dict:
-    """The cluster tests' small RecJob, trained by two silos: LoRA, two rounds of two steps."""
+def federated_recjob(name: str, namespace: str, elsewhere: dict[str, str] | None = None) -> dict:
+    """The cluster tests' small RecJob, trained by two silos: LoRA, two rounds of two steps
+    (``elsewhere``: the namespace of a silo not in the RecJob's, by silo)."""
     document = recjob(name, namespace)
     spec = document["spec"]
     spec["model"]["fineTuning"] = {"method": "lora", "lora": {"rank": 4, "alpha": 8.0}}
@@ -61,7 +63,11 @@ def federated_recjob(name: str, namespace: str) -> dict:
         "learningRate": 1e-3,
         "resources": {"cpu": "1", "memory": "4Gi"},
         "federated": {
-            "silos": [{"name": silo, "data": silo_data(data.format(silo))} for silo in SILOS],
+            "silos": [
+                {"name": silo, "data": silo_data(data.format(silo))}
+                | ({"namespace": elsewhere[silo]} if silo in (elsewhere or {}) else {})
+                for silo in SILOS
+            ],
             "rounds": 2,
             "localSteps": 2,
             "participation": {"minSilos": 2, "roundDeadlineSeconds": 300},
@@ -79,13 +85,35 @@ def silo_data(prefix: str) -> dict[str, str]:
     }
 
 
-def _diagnose(cluster: Cluster, namespace: str, name: str) -> str:
+def _diagnose(cluster: Cluster, namespace: str, name: str, *others: str) -> str:
     return "\n".join([
         cluster.describe("recjob", name, namespace),
-        cluster.kubectl("get", "deployments,services,jobs,pods", "-n", namespace, "-o", "wide",
-                        check=False).stdout,
-        cluster.pod_logs(namespace, f"recjob.dev/recjob={name}"),
+        *(cluster.kubectl("get", "deployments,services,jobs,pods", "-n", ns, "-o", "wide",
+                          check=False).stdout for ns in (namespace, *others)),
+        *(cluster.pod_logs(ns, f"recjob.dev/recjob={name}") for ns in (namespace, *others)),
     ])  # fmt: skip
+
+
+@pytest.fixture
+def south_namespace(cluster: Cluster, namespace: str):
+    """The namespace silo south lives in (deleted afterwards, without waiting)."""
+    name = f"{namespace}-south"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def reference_grant(silo_namespace: str, owner_namespace: str, claim: str) -> dict:
+    """silo_namespace lets the RecJobs of owner_namespace use its claim."""
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": f"recjobs-of-{owner_namespace}", "namespace": silo_namespace},
+        "spec": {
+            "from": [{"group": "recjob.dev", "kind": "RecJob", "namespace": owner_namespace}],
+            "to": [{"group": "", "kind": "PersistentVolumeClaim", "name": claim}],
+        },
+    }
 
 
 def _claims(pod: dict) -> set[str]:
@@ -93,20 +121,45 @@ def _claims(pod: dict) -> set[str]:
             if "persistentVolumeClaim" in v}  # fmt: skip
 
 
-def test_a_federated_recjob_trains_on_silos_that_keep_their_data(operator: Cluster, namespace):
-    cluster = operator
-    cluster.apply(*storage(namespace, ("data", "artifacts", *SILOS)))
+def test_a_federated_recjob_trains_on_silos_that_keep_their_data(
+    operator: Cluster, namespace: str, south_namespace: str
+):
+    cluster, south = operator, south_namespace
+    cluster.apply(*storage(namespace, ("data", "artifacts", "north")), *storage(south, ("south",)))
     put_dataset(cluster.claim_path(namespace, "data"))  # the owner's held-out reference
     open_claim(cluster.claim_path(namespace, "artifacts"))
-    for index, silo in enumerate(SILOS):
-        put_silo_data(cluster.claim_path(namespace, silo), index)
+    put_silo_data(cluster.claim_path(namespace, "north"), 0)
+    put_silo_data(cluster.claim_path(south, "south"), 1)
     name = "fed"
-    cluster.apply(federated_recjob(name, namespace))
-    diagnose = lambda: _diagnose(cluster, namespace, name)  # noqa: E731
+    training = f"{name}-g1-train"
+    cluster.apply(federated_recjob(name, namespace, {"south": south}))
+    diagnose = lambda: _diagnose(cluster, namespace, name, south)  # noqa: E731
+
+    # south's namespace has not granted its claim yet: nothing is created, and the
+    # RecJob says which grant is missing
+    def refused() -> str | None:
+        conditions = ((cluster.get("recjob", name, namespace) or {}).get("status") or {}).get(
+            "conditions", []
+        )
+        found = [c for c in conditions if c["type"] == "ChildrenCreated" and c["status"] == "False"]
+        return found[0]["message"] if found else None
+
+    message = cluster.wait("the missing grant reported", refused, timeout=120, on_timeout=diagnose)
+    assert f"namespace {south} does not grant RecJobs of namespace {namespace}" in message
+    assert "PersistentVolumeClaim south" in message and "silos[1].namespace" in message
+    assert cluster.get("job", training, namespace) is None
+    kinds, selector = "deployments,configmaps,networkpolicies", f"{FEDERATION}={training}"
+    for ns in (namespace, south):
+        assert not cluster.kubectl("get", kinds, "-n", ns, "-l", selector, "-o", "name").stdout
+    cluster.apply(reference_grant(south, namespace, "south"))
 
     # the federation's pods, as scheduled and run
     def federation_pods() -> dict[str, dict] | None:
-        pods = (cluster.get("pods", namespace=namespace) or {}).get("items", [])
+        pods = [
+            pod
+            for ns in (namespace, south)
+            for pod in (cluster.get("pods", namespace=ns) or {}).get("items", [])
+        ]
         running = {
             p["metadata"]["labels"].get("recjob.dev/silo")
             or p["metadata"]["labels"].get("recjob.dev/federation-role", "submit"): p
@@ -116,20 +169,21 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(operator: Clust
         return running if {"superlink", *SILOS} <= set(running) else None
 
     pods = cluster.wait("the SuperLink and both SuperNodes running", federation_pods,
-                        timeout=240, on_timeout=diagnose)  # fmt: skip
+                        timeout=300, on_timeout=diagnose)  # fmt: skip
     assert _claims(pods["north"]) == {"north"} and _claims(pods["south"]) == {"south"}
+    assert pods["south"]["metadata"]["namespace"] == south  # its namespace's claim
     assert _claims(pods["superlink"]) == {"artifacts"}
-    training = f"{name}-g1-train"
     submit = cluster.get("job", training, namespace)
     assert _claims(submit["spec"]["template"]) == {"data", "artifacts"}
     service = cluster.get("service", f"{training}-link", namespace)
     assert service["spec"]["ports"][0]["port"] == 9093
     # the fences, as the API server accepted them (the node agent does not enforce them: a
     # CNI would), each selecting the pods that run
-    for policy, fenced in (("link", ["superlink"]), ("silos", list(SILOS))):
-        spec = cluster.get("networkpolicy", f"{training}-{policy}", namespace)["spec"]
+    for policy, ns, fenced in (("link", namespace, "superlink"), ("silos", namespace, "north"),
+                               (f"silos-from-{namespace}", south, "south")):  # fmt: skip
+        spec = cluster.get("networkpolicy", f"{training}-{policy}", ns)["spec"]
         selector = spec["podSelector"]["matchLabels"]
-        assert all(selector.items() <= pods[p]["metadata"]["labels"].items() for p in fenced)
+        assert selector.items() <= pods[fenced]["metadata"]["labels"].items()
 
     # the SuperLink's pod dies once round 1 is checkpointed: its Deployment starts another
     # (which knows no run), the Job's pod fails on that, and the next one submits the run
@@ -174,11 +228,14 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(operator: Clust
     assert not [p for p in opened if any(f"/mnt/pvc/{silo}" in p for silo in SILOS)], opened
 
     # the federation's pods are gone (the Job stays, with its result; the inert Service and
-    # Secret go with the RecJob)
+    # Secret go with the RecJob), and in south's namespace, where nothing is the RecJob's
+    # to garbage-collect, its ConfigMap and NetworkPolicy too
     def federation_left() -> list[str]:
-        out = cluster.kubectl("get", "deployments,pods", "-n", namespace, "-l",
-                              f"{FEDERATION}={training}", "-o", "name").stdout  # fmt: skip
-        return out.split()
+        selector = ("-l", f"{FEDERATION}={training}", "-o", "name")
+        out = cluster.kubectl("get", "deployments,pods", "-n", namespace, *selector).stdout
+        there = cluster.kubectl("get", "deployments,pods,configmaps,networkpolicies", "-n", south,
+                                *selector).stdout  # fmt: skip
+        return out.split() + there.split()
 
     cluster.wait("the federation deleted", lambda: not federation_left() or None, timeout=60,
                  on_timeout=lambda: "\n".join(federation_left()))  # fmt: skip

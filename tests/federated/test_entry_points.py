@@ -58,7 +58,6 @@ def test_the_kubernetes_backend_runs_silos_each_on_claims_of_their_own() -> None
     silos = document["spec"]["training"]["federated"]["silos"]
     silos[1]["data"]["test"] = "pvc://north-logs/south-test.csv"  # south reads north's claim
     silos[0]["data"]["validation"] = "s3://north/valid.csv"
-    silos[1]["namespace"] = "south"
     document["spec"]["artifactsUri"] = "pvc://south-logs/runs"  # the owner's pods mount it
     problems = {(p.path, p.message) for p in cluster_problems(parse_recjob(document))}
     fed = "spec.training.federated"
@@ -66,12 +65,16 @@ def test_the_kubernetes_backend_runs_silos_each_on_claims_of_their_own() -> None
     paths = {path for path, _ in problems}
     assert paths == {
         f"{fed}.silos[0].data.validation",
-        f"{fed}.silos[1].namespace",
         f"{fed}.silos[1].data.train",  # south-logs is the artifacts claim too
         f"{fed}.silos",  # north-logs holds north's and south's data
     }, problems
     message = dict(problems)[f"{fed}.silos"]
     assert "north-logs" in message and "north, south" in message
+    # in another namespace, south's claims are that namespace's: neither the owner's
+    # artifacts claim nor north's, although they have the same names
+    silos[1]["namespace"] = "south"
+    problems = {p.path for p in cluster_problems(parse_recjob(document))}
+    assert problems == {f"{fed}.silos[0].data.validation"}, problems
     plain = parse_recjob(load_documents(EXAMPLES / "recjob-search.yaml")[0].content)
     assert cluster_problems(plain) == []
 

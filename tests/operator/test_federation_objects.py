@@ -79,12 +79,20 @@ def test_each_supernode_mounts_only_its_own_silos_claims(objects) -> None:
     assert _claims(submit) == {"owner-logs", "recjob-artifacts"}
     config = objects[("ConfigMap", "federated-search-g3-train-silo-north")]["data"]["trainer.yaml"]
     assert "pvc://north-logs/train.csv" in config and "pvc://owner-logs" not in config
-    # only the SuperLink gets the private key; every pod trusts the CA
-    for obj in (north, south, submit):
-        (tls,) = [v for v in obj["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
-        assert [i["key"] for i in tls["secret"]["items"]] == ["ca.crt"]
+    # only the SuperLink gets the private key; every pod trusts the CA (a SuperNode mounts
+    # no Secret: its CA is in its ConfigMap, as it would be in a silo's own namespace)
+    (tls,) = [v for v in submit["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert [i["key"] for i in tls["secret"]["items"]] == ["ca.crt"]
     (tls,) = [v for v in link["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
     assert {i["key"] for i in tls["secret"]["items"]} == {"ca.crt", "tls.crt", "tls.key"}
+    secret = objects[("Secret", "federated-search-g3-train-tls")]["data"]["ca.crt"]
+    for obj in (north, south):
+        volumes = obj["spec"]["template"]["spec"]["volumes"]
+        assert not [v for v in volumes if "secret" in v]
+        ca = objects[("ConfigMap", obj["metadata"]["name"])]["data"]["ca.crt"]
+        assert base64.b64decode(secret).decode() == ca
+        command = obj["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[command.index("--root-certificates") + 1] == "/etc/recjob/ca.crt"
     command = north["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--superlink") + 1] == (
         "federated-search-g3-train-link.shop.svc:9093"
@@ -179,7 +187,135 @@ def test_a_silo_is_given_none_of_the_owners_files() -> None:
     document["spec"]["data"].update(validation="pvc://owner-logs/valid.csv",
                                     test="pvc://owner-logs/test.csv")  # fmt: skip
     recjob = job(document)
+    material = make_tls_material(superlink_dns_names(recjob))
     for silo in recjob.spec.training.federated.silos:
-        config = yaml.safe_load(silo_config_map(recjob, silo)["data"]["trainer.yaml"])
+        config = yaml.safe_load(silo_config_map(recjob, silo, material)["data"]["trainer.yaml"])
         files = {k: v for k, v in config["data"].items() if isinstance(v, str) and "://" in v}
         assert files == {k: v for k, v in silo.data.model_dump(exclude_none=True).items()}
+
+
+# --------------------------------------------------------------------------- other namespaces
+@pytest.fixture(scope="module")
+def elsewhere() -> dict[tuple[str, str, str], dict]:
+    """The objects of the reference federation (namespace shop) with silo south in
+    namespace south-team, by (namespace, kind, name)."""
+    document = load_yaml(FEDERATED)
+    document["spec"]["training"]["federated"]["silos"][1]["namespace"] = "south-team"
+    recjob = job(document)
+    made = federation_objects(recjob, make_tls_material(superlink_dns_names(recjob)))
+    return {(o["metadata"]["namespace"], o["kind"], o["metadata"]["name"]): o for o in made}
+
+
+def test_a_silo_in_another_namespace_gets_its_objects_there_unowned(elsewhere) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for obj in elsewhere.values():
+        kubernetes_validate.validate(obj, "1.32", strict=True)
+    there = sorted(k for k in elsewhere if k[0] == "south-team")
+    name = "federated-search-g3-train-silo-south-from-shop"
+    assert there == [
+        ("south-team", "ConfigMap", name),
+        ("south-team", "Deployment", name),
+        ("south-team", "NetworkPolicy", "federated-search-g3-train-silos-from-shop"),
+    ]
+    for key in there:  # ownerReferences cannot cross namespaces; the labels say whose
+        meta = elsewhere[key]["metadata"]
+        assert "ownerReferences" not in meta
+        assert meta["labels"]["recjob.dev/owner-namespace"] == "shop"
+        assert meta["labels"]["recjob.dev/federation"] == "federated-search-g3-train"
+    for key, obj in elsewhere.items():
+        if key[0] == "shop":
+            assert obj["metadata"]["ownerReferences"][0]["kind"] == "RecJob"
+    south = elsewhere[("south-team", "Deployment", name)]
+    # a RecJob of south-team with the same name and silo would have the same labels but
+    # its own namespace: the selector tells their pods apart
+    assert south["spec"]["selector"]["matchLabels"]["recjob.dev/owner-namespace"] == "shop"
+    assert _claims(south) == {"south-logs"}  # south-team's claim of that name
+    pod = south["spec"]["template"]["spec"]
+    assert pod["volumes"][0] == {"name": "silo-config", "configMap": {"name": name}}
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--superlink") + 1] == (
+        "federated-search-g3-train-link.shop.svc:9093"  # the SuperLink's, across namespaces
+    )
+    # north stays in shop under its usual name
+    assert ("shop", "Deployment", "federated-search-g3-train-silo-north") in elsewhere
+    # the ConfigMap is made before anything else there (the backend finds the namespace
+    # by it when it deletes the rest)
+    order = list(elsewhere)
+    assert order.index(("south-team", "ConfigMap", name)) < min(
+        order.index(k) for k in there if k[1] != "ConfigMap"
+    )
+
+
+def test_the_network_policies_reach_across_to_a_silo_in_another_namespace(elsewhere) -> None:
+    """Read as a CNI would, with namespaces: the SuperLink admits south's pods from
+    south-team and from nowhere else; south's fence there lets it reach only the SuperLink
+    in shop."""
+    labels = {k: o["spec"]["template"]["metadata"]["labels"] for k, o in elsewhere.items()
+              if o["kind"] == "Deployment"}  # fmt: skip
+    south = labels[("south-team", "Deployment", "federated-search-g3-train-silo-south-from-shop")]
+    link = labels[("shop", "Deployment", "federated-search-g3-train-link")]
+
+    def admits(peers: list[dict], namespace: str, pod: dict, own: str) -> bool:
+        for peer in peers:
+            names = peer.get(
+                "namespaceSelector", {"matchLabels": {"kubernetes.io/metadata.name": own}}
+            )
+            if names["matchLabels"].get("kubernetes.io/metadata.name") != namespace:
+                continue
+            if all(pod.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items()):
+                return True
+        return False
+
+    (rule,) = elsewhere[("shop", "NetworkPolicy", "federated-search-g3-train-link")]["spec"][
+        "ingress"
+    ]
+    assert admits(rule["from"], "south-team", south, "shop")
+    assert not admits(rule["from"], "elsewhere", south, "shop")
+    # a pod of south-team's own federation of the same name is not this one's silo
+    theirs = {**south, "recjob.dev/owner-namespace": "south-team"}
+    assert not admits(rule["from"], "south-team", theirs, "shop")
+
+    fence = elsewhere[("south-team", "NetworkPolicy", "federated-search-g3-train-silos-from-shop")]
+    spec = fence["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= south.items()
+    assert spec["ingress"] == [] and spec["policyTypes"] == ["Ingress", "Egress"]
+    to_link, _dns = spec["egress"]
+    assert admits(to_link["to"], "shop", link, "south-team")
+    assert not admits(to_link["to"], "south-team", link, "south-team")
+
+
+def _grant(namespace: str, to: list[dict], kind: str = "RecJob") -> dict:
+    return {"spec": {"from": [{"group": "recjob.dev", "kind": kind, "namespace": namespace}],
+                     "to": to}}  # fmt: skip
+
+
+PVC = {"group": "", "kind": "PersistentVolumeClaim"}
+
+
+@pytest.mark.parametrize(
+    ("grants", "missing"),
+    [
+        ([], [(1, "south-logs")]),
+        ([_grant("shop", [PVC])], []),  # every claim of south-team
+        ([_grant("shop", [{**PVC, "name": "south-logs"}])], []),
+        ([_grant("shop", [{**PVC, "name": "other"}])], [(1, "south-logs")]),
+        ([_grant("elsewhere", [PVC])], [(1, "south-logs")]),  # another namespace's RecJobs
+        ([_grant("shop", [PVC], kind="HTTPRoute")], [(1, "south-logs")]),
+        ([_grant("shop", [{"group": "", "kind": "Secret"}])], [(1, "south-logs")]),
+        ([_grant("shop", [{"group": "", "kind": "Secret"}]), _grant("shop", [PVC])], []),
+    ],
+)  # fmt: skip
+def test_a_silo_in_another_namespace_needs_its_reference_grant(grants, missing) -> None:
+    from recjob_operator.kube.silo_namespaces import grant_missing_message, ungranted_claims
+
+    document = load_yaml(FEDERATED)
+    document["spec"]["training"]["federated"]["silos"][1]["namespace"] = "south-team"
+    recjob = job(document)
+    assert ungranted_claims(recjob, {"south-team": grants}) == missing
+    # the silo in the RecJob's own namespace needs none
+    assert ungranted_claims(job(load_yaml(FEDERATED)), {}) == []
+    if missing:
+        message = grant_missing_message(recjob, *missing[0])
+        assert message.startswith("spec.training.federated.silos[1].namespace: ")
+        assert "ReferenceGrant" in message and "namespace: shop" in message
+        assert "name: south-logs" in message

@@ -8,9 +8,10 @@ For the training child ``<t>`` (``<name>-g<gen>-train``):
 - ``<t>-link`` Service and Deployment: the SuperLink (``flower-superlink``, TLS, one HTTPS
   port for SuperNodes and the ``flwr`` CLI). The ServerApp runs in its pod as its
   subprocess and writes the model to the artifacts volume, the only volume it mounts;
-- ``<t>-silo-<silo>`` ConfigMap and Deployment per silo: a SuperNode told where its
-  silo's trainer config is (``--node-config``), mounting only the claims of that silo's
-  own ``pvc://`` data, trusting only the CA;
+- ``<t>-silo-<silo>`` ConfigMap and Deployment per silo, in the silo's namespace: a
+  SuperNode told where its silo's trainer config is (``--node-config``), mounting only the
+  claims of that silo's own ``pvc://`` data, trusting only the CA (``ca.crt`` in its
+  ConfigMap: the silo's pod mounts no Secret);
 - ``<t>-link`` and ``<t>-silos`` NetworkPolicies (:func:`network_policies`), created
   before the pods they fence;
 - ``<t>-config`` ConfigMap and the ``<t>`` batch Job, the training child the core
@@ -18,10 +19,19 @@ For the training child ``<t>`` (``<name>-g<gen>-train``):
   reference data, submits the run to the SuperLink (or adopts the one an earlier pod
   submitted), waits for its end and leaves the summary in its termination message.
 
-Every object carries the RecJob's ownerReference and labels, plus
-``recjob.dev/federation: <t>`` on the SuperLink's and SuperNodes' objects and the Secret;
-the backend deletes the Deployments by that label once the training child has ended
-(``StopFederation``), and the inert Service, Secret and ConfigMaps go with the RecJob.
+Every object carries the RecJob's labels, plus ``recjob.dev/federation: <t>`` and
+``recjob.dev/owner-namespace`` on the SuperLink's and SuperNodes' objects and the Secret;
+the backend deletes the Deployments by those labels once the training child has ended
+(``StopFederation``), and the inert Service, Secret and ConfigMaps go with the RecJob,
+their owner.
+
+A silo may live in another namespace (``silos[].namespace``, its data on that namespace's
+claims) when that namespace grants it: a Gateway API ReferenceGrant there from RecJobs of
+the owner's namespace to the silo's PersistentVolumeClaims (the backend checks before it
+creates anything: :mod:`..kube.silo_namespaces`). ownerReferences cannot cross namespaces, so a
+silo's objects there are named ``<t>-silo-<silo>-from-<owner namespace>`` (with its
+NetworkPolicy ``<t>-silos-from-<owner namespace>``), carry no ownerReference, and the
+backend deletes them itself: with the federation, and with the RecJob.
 The pods get no ServiceAccount token, non-root read-only containers, and
 ``spec.training.resources`` as requests and limits (the run's submitter, the ServerApp
 and every silo hold the model)."""
@@ -65,6 +75,9 @@ SILO_WORK = "/var/lib/recjob/silo"
 FEDERATION_LABEL = f"{GROUP}/federation"
 ROLE_LABEL = f"{GROUP}/federation-role"
 SILO_LABEL = f"{GROUP}/silo"
+#: The RecJob's namespace, on every federation object: a silo's objects in another
+#: namespace are told apart (and selected, and deleted) by it.
+OWNER_NAMESPACE_LABEL = f"{GROUP}/owner-namespace"
 #: On the submitter Job's pods only (not on the Job: the backend deletes by FEDERATION_LABEL,
 #: and the finished Job's pod stays with its result).
 SUBMITTER_LABEL = f"{GROUP}/federation-submitter"
@@ -75,9 +88,34 @@ def superlink_name(recjob: RecJob) -> str:
     return f"{training_name(recjob)}-link"
 
 
-def silo_object_name(recjob: RecJob, silo: str) -> str:
+def owner_namespace(recjob: RecJob) -> str:
+    """The RecJob's namespace."""
+    return recjob.metadata.namespace or "default"
+
+
+def silo_namespace(recjob: RecJob, silo: SiloSpec) -> str:
+    """The namespace a silo's SuperNode runs in (the RecJob's unless it names another)."""
+    return silo.namespace or owner_namespace(recjob)
+
+
+def _from_owner(recjob: RecJob, namespace: str) -> str:
+    """The suffix of names in ``namespace``: none in the owner's, ``-from-<owner>`` in
+    another (where a RecJob of that namespace may use the same names)."""
+    own = owner_namespace(recjob)
+    return "" if namespace == own else f"-from-{own}"
+
+
+def silo_object_name(recjob: RecJob, silo: SiloSpec) -> str:
     """A silo's SuperNode Deployment and ConfigMap."""
-    return f"{training_name(recjob)}-silo-{silo}"
+    suffix = _from_owner(recjob, silo_namespace(recjob, silo))
+    return f"{training_name(recjob)}-silo-{silo.name}{suffix}"
+
+
+def silo_namespaces(recjob: RecJob) -> list[str]:
+    """The namespaces other than the RecJob's that its silos run in, in order."""
+    silos = recjob.spec.training.federated.silos or []
+    spaces = dict.fromkeys(silo_namespace(recjob, s) for s in silos)
+    return [ns for ns in spaces if ns != owner_namespace(recjob)]
 
 
 def tls_secret_name(recjob: RecJob) -> str:
@@ -103,20 +141,29 @@ def superlink_address(recjob: RecJob) -> str:
 
 def _labels(recjob: RecJob, role: str, silo: str | None = None) -> dict[str, str]:
     out = {**labels(recjob, "federation"), FEDERATION_LABEL: training_name(recjob)}
+    out[OWNER_NAMESPACE_LABEL] = owner_namespace(recjob)
     out[ROLE_LABEL] = role
     if silo is not None:
         out[SILO_LABEL] = silo
     return out
 
 
-def _federation_metadata(recjob: RecJob, name: str, role: str, silo: str | None = None) -> dict:
+def _federation_metadata(
+    recjob: RecJob, name: str, role: str, silo: str | None = None, namespace: str | None = None
+) -> dict:
+    """Metadata in the RecJob's namespace (owned by it), or in another ``namespace``
+    (not owned: ownerReferences cannot cross namespaces)."""
     meta = _metadata(recjob, name, "federation")
     meta["labels"] = _labels(recjob, role, silo)
+    if namespace not in (None, owner_namespace(recjob)):
+        meta["namespace"] = namespace
+        del meta["ownerReferences"]
     return meta
 
 
 def _tls_volume(recjob: RecJob, server: bool) -> dict:
-    """The Secret as files: the CA for everyone, the key pair for the SuperLink only."""
+    """The Secret as files: the CA for the submitter, the key pair for the SuperLink only
+    (a SuperNode's CA is in its ConfigMap)."""
     keys = [CA_KEY, CERT_KEY, KEY_KEY] if server else [CA_KEY]
     return {
         "name": "tls",
@@ -156,21 +203,32 @@ def _container(recjob: RecJob, name: str, command: list[str], mounts: list[dict]
     }
 
 
-def _deployment(recjob: RecJob, name: str, role: str, silo: str | None, pod: dict) -> dict:
-    selector = {FEDERATION_LABEL: training_name(recjob), ROLE_LABEL: role}
-    if silo is not None:
-        selector[SILO_LABEL] = silo
+def _deployment(recjob: RecJob, name: str, role: str, silo: SiloSpec | None, pod: dict) -> dict:
+    selector = _selector(recjob, role)
+    silo_name = None if silo is None else silo.name
+    if silo_name is not None:
+        selector[SILO_LABEL] = silo_name
+    namespace = None if silo is None else silo_namespace(recjob, silo)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _federation_metadata(recjob, name, role, silo),
+        "metadata": _federation_metadata(recjob, name, role, silo_name, namespace),
         "spec": {
             "replicas": 1,
             # one SuperLink (its state is in memory) and one SuperNode per silo at a time
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": _labels(recjob, role, silo)}, "spec": pod},
+            "template": {"metadata": {"labels": _labels(recjob, role, silo_name)}, "spec": pod},
         },
+    }
+
+
+def _selector(recjob: RecJob, role: str) -> dict[str, str]:
+    """The pods of one role of this federation (in whichever namespace)."""
+    return {
+        FEDERATION_LABEL: training_name(recjob),
+        OWNER_NAMESPACE_LABEL: owner_namespace(recjob),
+        ROLE_LABEL: role,
     }
 
 
@@ -193,7 +251,7 @@ def superlink_service(recjob: RecJob) -> dict:
         "kind": "Service",
         "metadata": _federation_metadata(recjob, superlink_name(recjob), "superlink"),
         "spec": {
-            "selector": {FEDERATION_LABEL: training_name(recjob), ROLE_LABEL: "superlink"},
+            "selector": _selector(recjob, "superlink"),
             "ports": [
                 {
                     "name": "https",
@@ -231,8 +289,9 @@ def superlink_deployment(recjob: RecJob) -> dict:
     return _deployment(recjob, superlink_name(recjob), "superlink", None, pod)
 
 
-def silo_config_map(recjob: RecJob, silo: SiloSpec) -> dict:
-    """The silo's trainer config: the RecJob's, with the silo's own data URIs."""
+def silo_config_map(recjob: RecJob, silo: SiloSpec, material: TlsMaterial) -> dict:
+    """The silo's trainer config (the RecJob's, with the silo's own data URIs) and the CA
+    its SuperNode trusts."""
     config = trainer_config(recjob, generation_uri(recjob, "train"))
     config = config.model_copy(
         update={
@@ -245,29 +304,32 @@ def silo_config_map(recjob: RecJob, silo: SiloSpec) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _federation_metadata(
-            recjob, silo_object_name(recjob, silo.name), "supernode", silo.name
+            recjob,
+            silo_object_name(recjob, silo),
+            "supernode",
+            silo.name,
+            silo_namespace(recjob, silo),
         ),
-        "data": {"trainer.yaml": _yaml(config.to_wire())},
+        "data": {"trainer.yaml": _yaml(config.to_wire()), CA_KEY: material.ca_cert.decode()},
     }
 
 
 def supernode_deployment(recjob: RecJob, silo: SiloSpec) -> dict:
     """A silo's SuperNode, mounting only its own data's claims."""
-    name = silo_object_name(recjob, silo.name)
+    name = silo_object_name(recjob, silo)
     claims = pvc_claims(silo.data.uris().values())
     volumes, mounts = claim_volumes(claims, "silo")
     threads = _threads(recjob)
     command = [
         "flower-supernode",
         *("--superlink", superlink_address(recjob)),
-        *("--root-certificates", f"{TLS_MOUNT}/{CA_KEY}"),
+        *("--root-certificates", f"{CONFIG_MOUNT}/{CA_KEY}"),
         *("--node-config", f'silo-config="{CONFIG_MOUNT}/trainer.yaml"'),
     ]
     container = _container(
         recjob, "supernode", command,
         [
             {"name": "silo-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
             {"name": "work", "mountPath": SILO_WORK},
             *mounts,
         ],
@@ -278,12 +340,11 @@ def supernode_deployment(recjob: RecJob, silo: SiloSpec) -> dict:
         [container],
         [
             {"name": "silo-config", "configMap": {"name": name}},
-            _tls_volume(recjob, server=False),
             {"name": "work", "emptyDir": {}},
             *volumes,
         ],
     )
-    return _deployment(recjob, name, "supernode", silo.name, pod)
+    return _deployment(recjob, name, "supernode", silo, pod)
 
 
 def submit_job(recjob: RecJob) -> dict:
@@ -342,11 +403,18 @@ def _pods(**match: str) -> dict:
     return {"podSelector": {"matchLabels": match}}
 
 
-def _policy(recjob: RecJob, name: str, role: str, spec: dict) -> dict:
+def _in(namespace: str, peer: dict) -> dict:
+    """``peer``'s pods in ``namespace`` (a peer without a namespaceSelector selects pods
+    of the policy's own namespace only)."""
+    names = {"kubernetes.io/metadata.name": namespace}  # set by the API server on every namespace
+    return {"namespaceSelector": {"matchLabels": names}, **peer}
+
+
+def _policy(recjob: RecJob, name: str, role: str, spec: dict, namespace: str | None = None) -> dict:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _federation_metadata(recjob, name, role),
+        "metadata": _federation_metadata(recjob, name, role, namespace=namespace),
         "spec": spec,
     }
 
@@ -357,39 +425,44 @@ def network_policies(recjob: RecJob) -> list[dict]:
     any client reaching the port may call):
 
     - ``<t>-link``: the SuperLink's pod accepts connections only from this federation's
-      SuperNodes and its submitter, on its one port;
-    - ``<t>-silos``: a SuperNode's pod accepts none, and connects only to that SuperLink
-      and to DNS (port 53): a silo's data has no way out but the model updates."""
-    t = training_name(recjob)
+      SuperNodes (in the RecJob's namespace and in each silo's) and its submitter, on its
+      one port;
+    - ``<t>-silos`` (and ``<t>-silos-from-<owner>`` in each other silo namespace): a
+      SuperNode's pod accepts none, and connects only to that SuperLink and to DNS (port
+      53): a silo's data has no way out but the model updates."""
+    t, own = training_name(recjob), owner_namespace(recjob)
     port = [{"protocol": "TCP", "port": SUPERLINK_PORT}]
-    link = _pods(**{FEDERATION_LABEL: t, ROLE_LABEL: "superlink"})
-    silos = _pods(**{FEDERATION_LABEL: t, ROLE_LABEL: "supernode"})
+    link = _pods(**_selector(recjob, "superlink"))
+    silos = _pods(**_selector(recjob, "supernode"))
     dns = [{"protocol": p, "port": 53} for p in ("UDP", "TCP")]
-    return [
+    others = silo_namespaces(recjob)
+    admitted = [silos, *(_in(ns, silos) for ns in others), _pods(**{SUBMITTER_LABEL: t})]
+    fences = [
         _policy(
             recjob,
-            f"{t}-link",
-            "superlink",
-            {
-                **link,
-                "policyTypes": ["Ingress"],
-                "ingress": [{"from": [silos, _pods(**{SUBMITTER_LABEL: t})], "ports": port}],
-            },
-        ),
-        _policy(
-            recjob,
-            f"{t}-silos",
+            f"{t}-silos{_from_owner(recjob, ns)}",
             "supernode",
             {
                 **silos,
                 "policyTypes": ["Ingress", "Egress"],
                 "ingress": [],
                 "egress": [
-                    {"to": [link], "ports": port},
+                    {"to": [link if ns == own else _in(own, link)], "ports": port},
                     {"to": [{"namespaceSelector": {}}], "ports": dns},
                 ],
             },
+            ns,
+        )
+        for ns in [own, *others]
+    ]
+    return [
+        _policy(
+            recjob,
+            f"{t}-link",
+            "superlink",
+            {**link, "policyTypes": ["Ingress"], "ingress": [{"from": admitted, "ports": port}]},
         ),
+        *fences,
     ]
 
 
@@ -399,9 +472,10 @@ def federation_objects(recjob: RecJob, material: TlsMaterial) -> list[dict]:
     silos = recjob.spec.training.federated.silos or []
     return [
         tls_secret(recjob, material),
+        # first: a silo's ConfigMap is what the backend finds its other namespace by
+        *(silo_config_map(recjob, s, material) for s in silos),
         *network_policies(recjob),
         training_config_map(recjob),
-        *(silo_config_map(recjob, s) for s in silos),
         superlink_service(recjob),
         superlink_deployment(recjob),
         *(supernode_deployment(recjob, s) for s in silos),

@@ -64,6 +64,7 @@ from .cache import KUBEFLOW, MANAGED_SELECTOR, ChildView
 from .errors import ChildWriteError
 from .metrics import api_call
 from .serving import KubeServing
+from .silo_namespaces import SiloNamespaces, check_grants, federation_selector, recjob_selector
 
 log = logging.getLogger("recjob_operator.kube")
 
@@ -115,6 +116,7 @@ class KubeBackend:
         self.batch = client.BatchV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.serving = KubeServing(api)
+        self.silo_namespaces = SiloNamespaces(api)
         self.prometheus = prometheus or PrometheusSources({})
         self._creators = {
             "configmaps": self.core.create_namespaced_config_map,
@@ -206,8 +208,11 @@ class KubeBackend:
             if isinstance(action, EmitEvent):
                 self.emit_event(recjob, action)
             elif isinstance(action, CreateTraining | CreateConversion):
+                if isinstance(action, CreateTraining) and recjob.spec.training.federated:
+                    check_grants(self.custom, recjob)  # silos in other namespaces
                 for obj in self.child_objects(recjob, action):
-                    self._create(ns, CREATE_KINDS.get(obj["kind"], KUBEFLOW), obj)
+                    namespace = obj["metadata"].get("namespace") or ns
+                    self._create(namespace, CREATE_KINDS.get(obj["kind"], KUBEFLOW), obj)
             elif isinstance(action, DeployStable):
                 self.serving.deploy_stable(recjob, action.model_version)
             elif isinstance(action, SetCanary):
@@ -286,7 +291,8 @@ class KubeBackend:
         """Delete the SuperLink and SuperNode Deployments of the federated training child
         ``training`` (by its label; none left is fine). Its Service and Secret are inert:
         the RecJob's garbage collection takes them, so the operator needs no right to
-        delete Secrets."""
+        delete Secrets. Of silos in other namespaces, which no garbage collector reaches,
+        the ConfigMaps and NetworkPolicies go too."""
         selector = f"{FEDERATION_LABEL}={training}"
         try:
             delete = self.apps.delete_collection_namespaced_deployment
@@ -294,6 +300,12 @@ class KubeBackend:
                      propagation_policy="Background")  # fmt: skip
         except ApiException as error:
             raise ChildWriteError("delete", "deployments", selector, error) from None
+        self.silo_namespaces.delete(ns, federation_selector(ns, **{FEDERATION_LABEL: training}))
+
+    def delete_silos_elsewhere(self, ns: str, name: str) -> None:
+        """Delete what RecJob ``ns/name``'s federations, of any generation, made in other
+        namespaces (its finalizer: nothing there is owned by it)."""
+        self.silo_namespaces.delete(ns, recjob_selector(ns, name))
 
     def emit_event(self, recjob: RecJob, event: EmitEvent) -> None:
         """A Kubernetes Event on the RecJob (best effort: a failure is only logged). Its

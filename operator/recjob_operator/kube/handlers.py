@@ -361,10 +361,16 @@ async def _write_invalid(kube: KubeBackend, body: kopf.Body, status: RecJobStatu
 @kopf.on.delete("recjob.dev", "v1alpha1", "recjobs")
 async def finalize(body: kopf.Body, logger, **_) -> None:
     """Roll an in-flight canary back and let go of the service before the RecJob goes
-    (its other children are owned and garbage-collected)."""
+    (its other children are owned and garbage-collected, but for a federation's silos in
+    other namespaces, deleted here)."""
     status = body.get("status") or {}
     rollout = status.get("rollout") or {}
-    metrics.forget(body["metadata"].get("namespace") or "default", body["metadata"]["name"])
+    ns, name = body["metadata"].get("namespace") or "default", body["metadata"]["name"]
+    metrics.forget(ns, name)
+    if ((body.get("spec") or {}).get("training") or {}).get("federated"):
+        if not may_act():
+            raise kopf.TemporaryError("not the leader", delay=MAX_SLEEP)
+        await asyncio.to_thread(backend().delete_silos_elsewhere, ns, name)
     if status.get("phase") != "RollingOut":
         return
     if not may_act():

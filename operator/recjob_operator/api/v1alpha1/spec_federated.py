@@ -52,9 +52,14 @@ class SiloSpec(SpecModel):
     name: str = Field(min_length=1, max_length=63, pattern=SILO_NAME_PATTERN)
     """Unique in the federation; names the silo's SuperNode."""
     data: SiloData
-    namespace: str | None = Field(default=None, min_length=1, max_length=63)
-    """Kubernetes: the namespace the silo's SuperNode runs in; only the RecJob's own is
-    supported so far (leave it unset)."""
+    namespace: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=SILO_NAME_PATTERN
+    )
+    """Kubernetes: the namespace the silo's SuperNode runs in, and its data's claims are
+    in (default: the RecJob's). Another namespace must grant it: a Gateway API
+    ReferenceGrant there from RecJobs (group recjob.dev) of the RecJob's namespace to
+    each of the silo's PersistentVolumeClaims; until then nothing is created and the
+    ChildrenCreated condition names the missing grant. Ignored by local mode."""
 
 
 class PartitionSpec(SpecModel):

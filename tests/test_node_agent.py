@@ -1,6 +1,6 @@
-"""The test cluster's node agent (hack/cluster, Go): its unit tests, run with the Go
-toolchain that builds the cluster (`go test`, module proxy as `make cluster` uses it).
-The agent's behaviour with real pods is tested by tests/cluster."""
+"""The test cluster's node agent and NetworkPolicy enforcer (hack/cluster, Go): their unit
+tests, run with the Go toolchain that builds the cluster (`go test`, module proxy as
+`make cluster` uses it). Their behaviour with real pods is tested by tests/cluster."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.conftest import REPO
 def test_node_agent_go_unit_tests_pass() -> None:
     go = shutil.which("go") or "/usr/local/go/bin/go"
     result = subprocess.run(
-        [go, "test", "-count=1", "./internal/agent/"],
+        [go, "test", "-count=1", "./internal/agent/", "./internal/netpol/"],
         cwd=REPO / "hack" / "cluster",
         env={**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"},
         capture_output=True,
@@ -22,4 +22,5 @@ def test_node_agent_go_unit_tests_pass() -> None:
         timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "ok" in result.stdout and "recjob.dev/hack/cluster/internal/agent" in result.stdout
+    for package in ("agent", "netpol"):
+        assert f"ok  \trecjob.dev/hack/cluster/internal/{package}" in result.stdout, result.stdout

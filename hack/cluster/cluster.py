@@ -8,6 +8,7 @@ What runs (versions in hack/cluster/VERSIONS; binaries built from Go modules):
 etcd; kube-apiserver (RBAC + Node authorizers, ServiceAccount tokens, NodeRestriction and
 OwnerReferencesPermissionEnforcement admission); kube-controller-manager; kube-scheduler;
 kube-proxy (iptables mode, so Service ClusterIPs work); recjob-dns (cluster DNS);
+recjob-netpol (NetworkPolicy enforced with iptables, what a CNI's policy engine does);
 two recjob-node agents (virtual-kubelet based: each pod runs as local processes in its
 own network/mount/UTS/IPC/PID namespaces on the bridge ``recjob0``, 10.244.0.0/16); the
 Kubeflow Training Operator from its own module's manifests (standalone overlay).
@@ -64,6 +65,7 @@ GO_PACKAGES = [
     "k8s.io/kubernetes/cmd/kubectl",
     "./cmd/recjob-node",
     "./cmd/recjob-dns",
+    "./cmd/recjob-netpol",
     "./cmd/recjob-gateway",
 ]
 
@@ -283,6 +285,9 @@ def node_components(catalog: Path) -> None:
         str(BIN / "recjob-dns"), f"--kubeconfig={STATE / 'dns.kubeconfig'}",
         f"--listen={HOST_IP}:53",
     ])  # fmt: skip
+    start("recjob-netpol", [
+        str(BIN / "recjob-netpol"), f"--kubeconfig={STATE / 'netpol.kubeconfig'}",
+    ])  # fmt: skip
     for index, node in enumerate(NODES, start=1):
         start(node, [
             str(BIN / "recjob-node"), f"--name={node}",
@@ -307,7 +312,7 @@ def up(skip_build: bool = False) -> None:
     catalog = images.build(STATE, BIN / "training-operator.v1", BIN / "kserve-manager", log)
     pki.ensure(STATE / "pki", HOST_IP, SERVICE_IP, NODES)
     p = STATE / "pki"
-    for name in ("admin", "controller-manager", "scheduler", "kube-proxy", "dns"):
+    for name in ("admin", "controller-manager", "scheduler", "kube-proxy", "dns", "netpol"):
         target = STATE / ("kubeconfig" if name == "admin" else f"{name}.kubeconfig")
         pki.kubeconfig(target, SERVER, p / "ca.crt", p / f"{name}.crt", p / f"{name}.key")
     for node in NODES:
@@ -375,7 +380,8 @@ def install_kserve() -> None:
 
 def down() -> None:
     """Stop every component (node agents stop their pods first) and clean the network."""
-    components = ["prometheus", "recjob-gateway", *NODES, "recjob-dns", "kube-proxy"]
+    components = ["prometheus", "recjob-gateway", *NODES, "recjob-netpol", "recjob-dns",
+                  "kube-proxy"]
     components += ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
     for name in components:
         stop(name)
@@ -384,6 +390,8 @@ def down() -> None:
             _sh("ip", "netns", "del", line.split()[0])
     if (BIN / "kube-proxy").exists():
         _sh(str(BIN / "kube-proxy"), "--cleanup")
+    if (BIN / "recjob-netpol").exists():
+        _sh(str(BIN / "recjob-netpol"), "--cleanup")
     _sh("ip", "link", "del", BRIDGE)
     log("cluster down")
 
@@ -402,7 +410,8 @@ def reset() -> None:
 def status() -> int:
     """Which components run."""
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-             "kube-proxy", "recjob-dns", *NODES, "recjob-gateway", "prometheus"]  # fmt: skip
+             "kube-proxy", "recjob-dns", "recjob-netpol", *NODES, "recjob-gateway",
+             "prometheus"]  # fmt: skip
     for name in names:
         print(f"{name:26} {'running' if _alive(name) else 'stopped'}")
     return 0 if all(_alive(n) for n in names) else 1

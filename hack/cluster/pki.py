@@ -18,6 +18,7 @@ CLIENTS = {
     "kube-proxy": ("system:kube-proxy", None),
     "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
     "dns": ("system:recjob-dns", None),
+    "netpol": ("system:recjob-netpol", None),
 }
 
 

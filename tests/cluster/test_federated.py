@@ -177,8 +177,9 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(
     assert _claims(submit["spec"]["template"]) == {"data", "artifacts"}
     service = cluster.get("service", f"{training}-link", namespace)
     assert service["spec"]["ports"][0]["port"] == 9093
-    # the fences, as the API server accepted them (the node agent does not enforce them: a
-    # CNI would), each selecting the pods that run
+    # the fences, as the API server accepted them, each selecting the pods that run (the
+    # cluster enforces them: the run below trains through them; what they refuse is
+    # tests/cluster/test_network_policy.py's)
     for policy, ns, fenced in (("link", namespace, "superlink"), ("silos", namespace, "north"),
                                (f"silos-from-{namespace}", south, "south")):  # fmt: skip
         spec = cluster.get("networkpolicy", f"{training}-{policy}", ns)["spec"]

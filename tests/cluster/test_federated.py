@@ -241,3 +241,41 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(
     cluster.wait("the federation deleted", lambda: not federation_left() or None, timeout=60,
                  on_timeout=lambda: "\n".join(federation_left()))  # fmt: skip
     assert cluster.get("job", training, namespace)["status"].get("succeeded") == 1
+
+
+def test_a_federated_recjob_deleted_mid_run_leaves_nothing_in_the_silos_namespace(
+    operator: Cluster, namespace: str, south_namespace: str
+):
+    """Nothing in south's namespace is owned by the RecJob (ownerReferences cannot cross
+    namespaces): its finalizer deletes the SuperNode, its ConfigMap and its fence there,
+    while the garbage collector takes what the RecJob owns in its own namespace."""
+    cluster, south = operator, south_namespace
+    cluster.apply(*storage(namespace, ("data", "artifacts", "north")), *storage(south, ("south",)))
+    put_dataset(cluster.claim_path(namespace, "data"))
+    open_claim(cluster.claim_path(namespace, "artifacts"))
+    put_silo_data(cluster.claim_path(namespace, "north"), 0)
+    put_silo_data(cluster.claim_path(south, "south"), 1)
+    cluster.apply(reference_grant(south, namespace, "south"))
+    name = "gone"
+    training = f"{name}-g1-train"
+    cluster.apply(federated_recjob(name, namespace, {"south": south}))
+    diagnose = lambda: _diagnose(cluster, namespace, name, south)  # noqa: E731
+    selector = ("-l", f"{FEDERATION}={training}", "-o", "name")
+
+    def left(ns: str, kinds: str = "deployments,pods,configmaps,networkpolicies") -> list[str]:
+        return cluster.kubectl("get", kinds, "-n", ns, *selector).stdout.split()
+
+    def south_running() -> bool:
+        pods = (cluster.get("pods", namespace=south) or {}).get("items", [])
+        return any(p["status"].get("phase") == "Running" for p in pods)
+
+    cluster.wait("south's SuperNode running in its namespace", south_running, timeout=300,
+                 on_timeout=diagnose)  # fmt: skip
+    assert len(left(south, "configmaps,networkpolicies")) == 2
+    cluster.kubectl("delete", "recjob", name, "-n", namespace, "--wait=false")
+    cluster.wait(
+        "the RecJob and everything of its federation gone, in both namespaces",
+        lambda: cluster.get("recjob", name, namespace) is None
+        and not left(south) and not left(namespace),
+        timeout=120, on_timeout=lambda: f"{left(south)} {left(namespace)}\n{diagnose()}",
+    )  # fmt: skip

@@ -129,7 +129,7 @@ SUPERLINK_LOOPBACK = ("localhost", "127.0.0.1")
 def superlink_dns_names(recjob: RecJob) -> list[str]:
     """The DNS names the SuperLink's certificate is for: its Service in the cluster DNS
     (and ``localhost``, :data:`SUPERLINK_LOOPBACK`)."""
-    service, ns = superlink_name(recjob), recjob.metadata.namespace or "default"
+    service, ns = superlink_name(recjob), owner_namespace(recjob)
     svc = f"{service}.{ns}.svc"
     return [service, f"{service}.{ns}", svc, f"{svc}.cluster.local", SUPERLINK_LOOPBACK[0]]
 
@@ -204,11 +204,10 @@ def _container(recjob: RecJob, name: str, command: list[str], mounts: list[dict]
 
 
 def _deployment(recjob: RecJob, name: str, role: str, silo: SiloSpec | None, pod: dict) -> dict:
-    selector = _selector(recjob, role)
-    silo_name = None if silo is None else silo.name
-    if silo_name is not None:
+    selector, silo_name, namespace = _selector(recjob, role), None, None
+    if silo is not None:
+        silo_name, namespace = silo.name, silo_namespace(recjob, silo)
         selector[SILO_LABEL] = silo_name
-    namespace = None if silo is None else silo_namespace(recjob, silo)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

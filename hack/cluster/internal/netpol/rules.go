@@ -187,20 +187,20 @@ func (b *builder) rule(chain string, pod *corev1.Pod, p *networkingv1.NetworkPol
 	}
 	for j, peer := range peers {
 		if peer.IPBlock != nil {
-			target := chain
-			if len(peer.IPBlock.Except) > 0 { // a chain of its own: an except returns early
+			// the CIDR is matched in the pod's chain, or, with excepts, by the jump to a
+			// chain of its own where an except returns early
+			target, source := chain, fmt.Sprintf("%s %s ", dir.peerSide, peer.IPBlock.CIDR)
+			if len(peer.IPBlock.Except) > 0 {
 				target = ChainPrefix + "B-" + digest(chain, p.Namespace, p.Name, dir.name, fmt.Sprint(index, j))
 				b.out.Chains = append(b.out.Chains, target)
-				b.add(chain, fmt.Sprintf("%s %s -j %s", dir.peerSide, peer.IPBlock.CIDR, target))
+				b.add(chain, source+"-j "+target)
 				for _, except := range peer.IPBlock.Except {
 					b.add(target, fmt.Sprintf("%s %s -j RETURN", dir.peerSide, except))
 				}
+				source = ""
 			}
 			for _, match := range b.portMatches(ports, b.namedPortPods(pod, dir, nil)) {
-				if target == chain {
-					match = fmt.Sprintf("%s %s %s", dir.peerSide, peer.IPBlock.CIDR, match)
-				}
-				b.add(target, strings.TrimSpace(match+" "+allow))
+				b.add(target, strings.TrimSpace(source+match+" "+allow))
 			}
 			continue
 		}

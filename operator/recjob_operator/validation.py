@@ -586,8 +586,8 @@ def _federated_rules(spec: RecJobSpec) -> list[Problem]:
         out.add(f"{p}.strategy.serverLearningRate", cel.FEDERATED_SERVER_LR_FORBIDDEN)
     if strategy.type != "FedAvgM" and strategy.server_momentum is not None:
         out.add(f"{p}.strategy.serverMomentum", cel.FEDERATED_SERVER_MOMENTUM_FORBIDDEN)
-    if fed.secure_aggregation:
-        out.add(f"{p}.secureAggregation", cel.FEDERATED_SECURE_AGGREGATION)
+    if fed.secure_aggregation and fed.participation.min_silos < 2:
+        out.add(f"{p}.participation.minSilos", cel.FEDERATED_SECURE_AGGREGATION_SILOS)
     if fed.exchange == "lora" and spec.model.fine_tuning.method != "lora":
         out.add(f"{p}.exchange", cel.FEDERATED_LORA_EXCHANGE)
     if spec.compression is not None:

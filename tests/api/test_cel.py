@@ -281,6 +281,12 @@ SETTINGS: dict[str, list[Any]] = {
         {"partition": {"count": 2}, "strategy": {"serverLearningRate": 0.5}},
         {"partition": {"count": 2}, "strategy": {"type": "FedAdam", "serverLearningRate": 0.5}},
         {"partition": {"count": 2}, "secureAggregation": True, "exchange": "full"},
+        {"partition": {"count": 3}, "secureAggregation": True, "participation": {"minSilos": 1}},
+        {
+            "partition": {"count": 2},
+            "secureAggregation": True,
+            "differentialPrivacy": {"clippingNorm": 1.0, "noiseMultiplier": 0.5},
+        },
         {
             "silos": [
                 {"name": "a", "data": {"train": "a.csv"}},

@@ -875,11 +875,14 @@ CASES: list[tuple[str, dict, dict, str, str]] = [
         "required",
     ),
     (
-        "federated-secure-aggregation",
+        "federated-secure-aggregation-one-silo",
         F,
-        {"spec.training.federated.secureAggregation": True},
-        "spec.training.federated.secureAggregation",
-        "not supported yet",
+        {
+            "spec.training.federated.secureAggregation": True,
+            "spec.training.federated.participation": {"minSilos": 1},
+        },
+        "spec.training.federated.participation.minSilos",
+        "at least 2 with secureAggregation",
     ),
     (
         "federated-lora-exchange-full-fine-tuning",

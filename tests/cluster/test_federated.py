@@ -3,10 +3,11 @@ data on a claim of its own (south's in a namespace of its own, which must grant 
 with a Gateway API ReferenceGrant), becomes a SuperLink Deployment and Service, one SuperNode
 Deployment per silo and the Job that submits the run, all made by the operator and run by
 the node agents as real Flower processes over TLS (the certificate from the operator's
-Secret, checked against the Service's DNS name). The SuperLink's pod is killed after the
-first round: the run is submitted again to its successor and resumes from the round's
-checkpoint. The model then goes through conversion and the quality gate like any other;
-the federation is deleted once the run has ended.
+Secret, checked against the Service's DNS name), the rounds securely aggregated with
+Flower's SecAgg+ (each silo's update leaves its pod only masked). The SuperLink's pod is
+killed after the first round: the run is submitted again to its successor and resumes
+from the round's checkpoint. The model then goes through conversion and the quality gate
+like any other; the federation is deleted once the run has ended.
 
 Privacy on the cluster: the pods as the API server holds them mount what they should (a
 SuperNode only its silo's claim; the SuperLink, whose ServerApp aggregates, and the
@@ -51,9 +52,12 @@ def put_silo_data(root: Path, index: int, users: int = 60) -> None:
         path.chmod(0o777 if path.is_dir() else 0o666)
 
 
-def federated_recjob(name: str, namespace: str, elsewhere: dict[str, str] | None = None) -> dict:
+def federated_recjob(
+    name: str, namespace: str, elsewhere: dict[str, str] | None = None, secure: bool = False
+) -> dict:
     """The cluster tests' small RecJob, trained by two silos: LoRA, two rounds of two steps
-    (``elsewhere``: the namespace of a silo not in the RecJob's, by silo)."""
+    (``elsewhere``: the namespace of a silo not in the RecJob's, by silo; ``secure``:
+    secure aggregation)."""
     document = recjob(name, namespace)
     spec = document["spec"]
     spec["model"]["fineTuning"] = {"method": "lora", "lora": {"rank": 4, "alpha": 8.0}}
@@ -71,6 +75,7 @@ def federated_recjob(name: str, namespace: str, elsewhere: dict[str, str] | None
             "rounds": 2,
             "localSteps": 2,
             "participation": {"minSilos": 2, "roundDeadlineSeconds": 300},
+            "secureAggregation": secure,
         },
     }
     return document
@@ -132,7 +137,7 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(
     put_silo_data(cluster.claim_path(south, "south"), 1)
     name = "fed"
     training = f"{name}-g1-train"
-    cluster.apply(federated_recjob(name, namespace, {"south": south}))
+    cluster.apply(federated_recjob(name, namespace, {"south": south}, secure=True))
     diagnose = lambda: _diagnose(cluster, namespace, name, south)  # noqa: E731
 
     # south's namespace has not granted its claim yet: nothing is created, and the
@@ -220,6 +225,7 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(
     run = artifacts
     metrics = json.loads(next(run.rglob("g1/train/metrics.json")).read_text())
     assert metrics["federated"]["engine"] == "flower-deployment"
+    assert metrics["federated"]["secure_aggregation"] == "secagg+"  # SecAgg+ between pods
     assert metrics["federated"]["resumed_from_round"] == 1, metrics["federated"]
     assert metrics["federated"]["superlink"]["tls"] is True
     assert metrics["federated"]["superlink"]["network_traffic"], metrics["federated"]

@@ -33,6 +33,7 @@ from ..objective import apply_lora, merge_lora
 from ..progress import Progress
 from ..storage import atomic_directory, write_json_atomic
 from .plan import SERVER_STATUS, ServerSettings
+from .secure import SecureAggregationGrid, clipping_range
 from .silo import merged_info
 from .strategy import (
     Ledgered,
@@ -154,8 +155,19 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
             raise RuntimeError(f"{latest} holds other tensors than this model exchanges")
         load_record(model, ArrayRecord(load_file(str(latest / "global.safetensors"))), names)
 
+    if fed.secure_aggregation:  # training rounds run SecAgg+; the rest passes through
+        grid = SecureAggregationGrid(
+            grid,
+            threshold=part.min_silos,
+            max_weight=fed.local_steps * training.micro_batch_size
+            * training.gradient_accumulation_steps,
+            clipping=clipping_range(fed.local_steps, training.learning_rate),
+        )  # fmt: skip
     strategy = Ledgered(
-        build_strategy(fed, len(nodes)), round_offset=done, min_silos=part.min_silos
+        build_strategy(fed, len(nodes)),
+        round_offset=done,
+        min_silos=part.min_silos,
+        traffic=grid.last_round_bytes if isinstance(grid, SecureAggregationGrid) else None,
     )
     if latest is not None and (latest / OPTIMIZER_FILE).exists():
         restore_optimizer_state(strategy, load_numpy(str(latest / OPTIMIZER_FILE)))
@@ -277,6 +289,7 @@ def _write_outputs(out, settings, model_spec, training, info: ModelInfo, model, 
         "resumed_from_round": resumed_from or None,
         "strategy": fed.strategy.model_dump(mode="json", by_alias=True, exclude_none=True),
         "exchange": fed.exchange,
+        "secure_aggregation": "secagg+" if fed.secure_aggregation else None,
         "local_steps": fed.local_steps,
         "bytes_total": sum(r["bytes_total"] for r in rounds),
         "bytes_per_round": [r["bytes_total"] for r in rounds],

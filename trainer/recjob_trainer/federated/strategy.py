@@ -2,7 +2,8 @@
 round's traffic is counted and every completed round is checkpointed.
 
 :class:`Ledgered` delegates the aggregation to Flower's FedAvg / FedProx / FedAdam / FedAvgM (and
-Flower's server-side fixed-clipping differential privacy when asked); it only looks at the
+Flower's fixed-clipping differential privacy when asked: server-side clipping, or
+client-side with secure aggregation); it only looks at the
 messages going out and the replies coming back. With differential privacy and a server
 optimizer (FedAdam, FedAvgM), :class:`OptimizerAfterPrivacy` puts the optimizer outside
 Flower's DP wrapper, so that it only ever sees the private release."""
@@ -17,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -24,6 +26,7 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from recjob_operator.api.v1alpha1.spec_federated import FederatedSpec
@@ -60,12 +63,21 @@ class Ledgered(Strategy):
     """A strategy that records each round's :class:`RoundRecord` and delegates the rest.
 
     ``round_offset`` is the number of rounds completed before this ServerApp started (a
-    resumed federation numbers its rounds on from there)."""
+    resumed federation numbers its rounds on from there). ``traffic``, with secure
+    aggregation, is what the SecAgg+ grid counted on the wire (all four of its stages),
+    which replaces the count of the plain messages."""
 
-    def __init__(self, inner: Strategy, round_offset: int = 0, min_silos: int = 1):
+    def __init__(
+        self,
+        inner: Strategy,
+        round_offset: int = 0,
+        min_silos: int = 1,
+        traffic: Callable[[], tuple[int, int]] | None = None,
+    ):
         self.inner = inner
         self.round_offset = round_offset
         self.min_silos = min_silos
+        self.traffic = traffic
         self.rounds: list[RoundRecord] = []
 
     def summary(self) -> None:
@@ -101,6 +113,8 @@ class Ledgered(Strategy):
         record.bytes_from_silos = sum(
             record_bytes(r.content[key]) for r in good for key in r.content.array_records
         )
+        if self.traffic is not None:
+            record.bytes_to_silos, record.bytes_from_silos = self.traffic()
         losses, examples = [], 0
         for reply in good:
             metrics = reply.content["metrics"]
@@ -132,7 +146,7 @@ class OptimizerAfterPrivacy(Strategy):
     still holds. ``strategy`` is the optimizer (as in Flower's wrappers, where
     :func:`optimizer_state` finds it)."""
 
-    def __init__(self, private: DifferentialPrivacyServerSideFixedClipping, optimizer: Strategy):
+    def __init__(self, private: DifferentialPrivacyFixedClippingBase, optimizer: Strategy):
         if not isinstance(optimizer, FedOpt | FedAvgM):
             raise TypeError(f"{type(optimizer).__name__} is not a server optimizer")
         self.private = private
@@ -177,7 +191,9 @@ class OptimizerAfterPrivacy(Strategy):
 
 def build_strategy(fed: FederatedSpec, silos: int) -> Strategy:
     """Flower's strategy for the spec: sampling by participation, no client-side
-    evaluation rounds (the server evaluates nothing: it has no data), DP if asked."""
+    evaluation rounds (the server evaluates nothing: it has no data), DP if asked: the
+    server clips each silo's update, or with secure aggregation (where the server never
+    sees one) each silo clips its own before masking it and the server adds the noise."""
     part = fed.participation
     common = dict(
         fraction_train=part.fraction,
@@ -206,7 +222,12 @@ def build_strategy(fed: FederatedSpec, silos: int) -> Strategy:
         return strategy
     sampled = max(part.min_silos, int(silos * part.fraction))
     optimizer = isinstance(strategy, FedOpt | FedAvgM)
-    private = DifferentialPrivacyServerSideFixedClipping(
+    clipping = (
+        DifferentialPrivacyClientSideFixedClipping
+        if fed.secure_aggregation
+        else DifferentialPrivacyServerSideFixedClipping
+    )
+    private = clipping(
         FedAvg(**common) if optimizer else strategy,
         noise_multiplier=dp.noise_multiplier,
         clipping_norm=dp.clipping_norm,

@@ -307,8 +307,9 @@ SERVER_OPTIMIZERS = ("FedAdam", "FedAvgM")
 _SERVER_OPTIMIZERS = "[" + ", ".join(f"'{t}'" for t in SERVER_OPTIMIZERS) + "]"
 FEDERATED_COLUMN_REQUIRED = "required when by is column"
 FEDERATED_COLUMN_FORBIDDEN = "set, but by is hash; set by: column or remove column"
-FEDERATED_SECURE_AGGREGATION = (
-    "not supported yet: Flower's SecAgg+ is not wired into RecJob's federation; set false"
+FEDERATED_SECURE_AGGREGATION_SILOS = (
+    "must be at least 2 with secureAggregation: SecAgg+ hides one silo's update only in a "
+    "sum of several, and rebuilds a dropped silo's masks from minSilos shares"
 )
 FEDERATED_ONE_PROCESS = (
     "federated training runs one process per silo (a Flower SuperNode each); must be 1"
@@ -378,7 +379,11 @@ FEDERATED_RULES = schema_rules(
         FEDERATED_TOO_FEW_SILOS,
         ".participation.minSilos",
     ),
-    rule("!self.secureAggregation", FEDERATED_SECURE_AGGREGATION, ".secureAggregation"),
+    rule(
+        "!self.secureAggregation || self.participation.minSilos >= 2",
+        FEDERATED_SECURE_AGGREGATION_SILOS,
+        ".participation.minSilos",
+    ),
 )
 
 

@@ -113,8 +113,9 @@ class StrategySpec(SpecModel):
 
 class DifferentialPrivacySpec(SpecModel):
     """Central differential privacy on the server: each silo's update is clipped to
-    clippingNorm and Gaussian noise of stdev noiseMultiplier x clippingNorm / silos is added
-    to the average; the (epsilon, delta) spent is reported."""
+    clippingNorm (by the server; with secureAggregation, by the silo) and Gaussian noise of
+    stdev noiseMultiplier x clippingNorm / silos is added to the average; the (epsilon,
+    delta) spent is reported."""
 
     clipping_norm: float = Field(gt=0.0, le=1e6)
     """L2 norm every silo's update is clipped to."""
@@ -151,6 +152,10 @@ class FederatedSpec(SpecModel):
     """What crosses the wire: lora, the LoRA adapters and the scoring head (needs
     model.fineTuning.method lora); full, every trained weight."""
     secure_aggregation: bool = False
-    """Flower's SecAgg+ (the server would see only the sum of the silos' updates). Not
-    supported yet: validation refuses true."""
+    """Flower's SecAgg+: each silo masks its update (its difference from the global weights)
+    with masks that cancel only in the sum of the round's silos, so the server learns the
+    weighted mean of the updates, never one silo's; a silo that drops out mid-round is
+    unmasked away while participation.minSilos remain. A silo told so refuses a plain
+    round. With differentialPrivacy each silo clips its own update before masking it
+    (the server cannot clip what it cannot see) and the server adds the noise."""
     differential_privacy: DifferentialPrivacySpec | None = None

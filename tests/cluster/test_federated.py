@@ -225,7 +225,7 @@ def test_a_federated_recjob_trains_on_silos_that_keep_their_data(
     run = artifacts
     metrics = json.loads(next(run.rglob("g1/train/metrics.json")).read_text())
     assert metrics["federated"]["engine"] == "flower-deployment"
-    assert metrics["federated"]["secure_aggregation"] == "secagg+"  # SecAgg+ between pods
+    assert metrics["federated"]["secure_aggregation"]["protocol"] == "secagg+"  # between pods
     assert metrics["federated"]["resumed_from_round"] == 1, metrics["federated"]
     assert metrics["federated"]["superlink"]["tls"] is True
     assert metrics["federated"]["superlink"]["network_traffic"], metrics["federated"]

@@ -218,6 +218,8 @@ def test_other_messages_pass_through_and_the_clipping_range_covers_adamw() -> No
     (reply,) = grid.send_and_receive([query], timeout=1)
     assert reply.has_error()  # the empty app has no query handler: it got there unchanged
     assert grid.get_node_ids() == [11]
+    described = grid.describe()
+    assert (described["protocol"], described["reconstruction_threshold"]) == ("secagg+", 2)
     assert clipping_range(50, 5e-4) == 1.0
     assert clipping_range(400, 5e-3) == pytest.approx(4.0)
 

@@ -2,7 +2,8 @@
 silos, participation.minSilos 2; once the ServerApp has started its rounds the third
 silo's SuperNode (and the ClientApp it runs) is stopped. The rounds complete with the two
 others, each round's record says who replied, and the final evaluation comes from the two
-silos still there."""
+silos still there. Also with secure aggregation, where SecAgg+ goes on without the silo
+(its masks, if it had shared its keys, rebuilt from the others' shares)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from tests.federated.test_local_federation import config_file, silo_logs
 pytestmark = pytest.mark.slow
 
 
-def test_rounds_complete_without_a_silo_that_dropped_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
+def test_rounds_complete_without_a_silo_that_dropped_out(tmp_path: Path, secure: bool) -> None:
     owners = tmp_path / "owners"
     data = {
         "north": silo_logs(owners / "north", "north"),
@@ -27,7 +29,8 @@ def test_rounds_complete_without_a_silo_that_dropped_out(tmp_path: Path) -> None
         "east": silo_logs(owners / "east", "north", seed=1),
     }
     output, work = tmp_path / "run", tmp_path / "federation"
-    config = load_config(config_file(tmp_path, data, output))  # minSilos 2, 2 rounds
+    config = load_config(config_file(tmp_path, data, output, secureAggregation=secure))
+    # minSilos 2, 2 rounds
     federation, run_id, since = launch(config, work)
     try:
         progress = output / "progress.jsonl"
@@ -45,6 +48,7 @@ def test_rounds_complete_without_a_silo_that_dropped_out(tmp_path: Path) -> None
     metrics = json.loads((output / "metrics.json").read_text())
     fed = metrics["federated"]
     assert fed["silos"] == 3 and fed["rounds_completed"] == 2
+    assert (fed["secure_aggregation"] or {}).get("protocol") == ("secagg+" if secure else None)
     for r in fed["rounds"]:
         assert r["replied_silos"] == 2, r  # the round went on with the two others
         assert r["sampled_silos"] - r["replied_silos"] == r["failed_silos"] <= 1

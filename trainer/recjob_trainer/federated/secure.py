@@ -127,6 +127,17 @@ class SecureAggregationGrid:
         self.clipping = clipping
         self.traffic = Traffic()
 
+    def describe(self) -> dict:
+        """The protocol's settings, for the model card and metrics."""
+        return {
+            "protocol": "secagg+",
+            "reconstruction_threshold": self.threshold,
+            "clipping_range": self.clipping,
+            "quantization_range": QUANTIZATION_RANGE,
+            "modulus_range": MODULUS_RANGE,
+            "max_weight": self.max_weight,
+        }
+
     def last_round_bytes(self) -> tuple[int, int]:
         """Bytes the last training round moved to and from the silos, every stage counted."""
         return self.traffic.to_silos, self.traffic.from_silos

@@ -211,8 +211,9 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
     load_record(model, arrays, names)
     test = _evaluate_on_silos(grid, nodes, arrays, train_config, part.round_deadline_seconds)
     rounds = history + [r.to_json() for r in strategy.rounds]
+    secure = grid.describe() if isinstance(grid, SecureAggregationGrid) else None
     _write_outputs(out, settings, model_spec, training, info, model, rounds, summaries, done,
-                   test, time.time() - started)  # fmt: skip
+                   test, time.time() - started, secure)  # fmt: skip
     progress.event("done", stage="federated", step=fed.rounds, **{
         f"test/{k}": v for k, v in test["weighted"].items() if k.endswith("ndcg@10")})  # fmt: skip
     progress.close()
@@ -271,7 +272,7 @@ def privacy_spent(fed, rounds: int, silos: int) -> dict | None:
 
 
 def _write_outputs(out, settings, model_spec, training, info: ModelInfo, model, rounds,
-                   summaries, resumed_from, test, seconds) -> None:  # fmt: skip
+                   summaries, resumed_from, test, seconds, secure) -> None:  # fmt: skip
     """model/ (LoRA merged, the trainer's layout), metrics.json and model-card.json."""
     from transformers import AutoTokenizer
 
@@ -289,7 +290,7 @@ def _write_outputs(out, settings, model_spec, training, info: ModelInfo, model, 
         "resumed_from_round": resumed_from or None,
         "strategy": fed.strategy.model_dump(mode="json", by_alias=True, exclude_none=True),
         "exchange": fed.exchange,
-        "secure_aggregation": "secagg+" if fed.secure_aggregation else None,
+        "secure_aggregation": secure,
         "local_steps": fed.local_steps,
         "bytes_total": sum(r["bytes_total"] for r in rounds),
         "bytes_per_round": [r["bytes_total"] for r in rounds],

@@ -44,6 +44,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from recjob_operator.api.v1alpha1.spec_training import TrainingSpec
+
 #: Config key of a secure round: the exchanged tensors' names, in the order of the vectors.
 GLOBAL_NAMES = "global-names"
 #: A silo update's values (differences from the global weights) are clipped to +- this at
@@ -94,19 +96,17 @@ class _CountingGrid:
 @dataclass
 class _OneRound:
     """The legacy-strategy face the SecAgg+ workflow calls: it hands out the round's fit
-    instructions and keeps what the workflow aggregated."""
+    instructions and keeps what the workflow aggregated (every result then carries the
+    unmasked weighted mean as its parameters)."""
 
     instructions: dict[int, FitIns]
     results: list[tuple[object, FitRes]] = field(default_factory=list)
-    aggregate: list[np.ndarray] | None = None
 
     def configure_fit(self, server_round, parameters, client_manager) -> list:
         return [(SimpleNamespace(node_id=n), ins) for n, ins in self.instructions.items()]
 
     def aggregate_fit(self, server_round, results, failures) -> tuple:
         self.results = list(results)
-        if self.results:  # every result carries the unmasked weighted mean
-            self.aggregate = parameters_to_ndarrays(self.results[0][1].parameters)
         return (self.results[0][1].parameters if self.results else None), {}
 
 
@@ -117,6 +117,19 @@ class SecureAggregationGrid:
     reconstruction threshold): the round survives silos dropping out while that many
     remain, and fewer than that many colluding silos learn nothing from the server's view.
     ``max_weight`` bounds a silo's example count per round (its update's weight)."""
+
+    @classmethod
+    def for_training(cls, grid: Grid, training: TrainingSpec) -> SecureAggregationGrid:
+        """The grid for ``training.federated``: threshold minSilos, a silo's examples per
+        round at most as the weight bound, the clipping range of its AdamW steps."""
+        fed = training.federated
+        return cls(
+            grid,
+            threshold=fed.participation.min_silos,
+            max_weight=fed.local_steps * training.micro_batch_size
+            * training.gradient_accumulation_steps,
+            clipping=clipping_range(fed.local_steps, training.learning_rate),
+        )  # fmt: skip
 
     def __init__(
         self, grid: Grid, *, threshold: int, max_weight: int, clipping: float = CLIPPING_RANGE
@@ -182,8 +195,14 @@ class SecureAggregationGrid:
         )
         workflow(_CountingGrid(self.grid, self.traffic), context)  # type: ignore[arg-type]
         replied = {proxy.node_id: res for proxy, res in strategy.results}
-        if strategy.aggregate is None:
-            replied = {}
+        if replied:  # the same aggregate answers every silo that completed the protocol
+            mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
+            arrays = ArrayRecord(
+                {
+                    n: Array(np.asarray(base + delta, dtype=base.dtype))
+                    for n, base, delta in zip(names, start, mean, strict=True)
+                }
+            )
         replies = []
         for node, message in by_node.items():
             if node not in replied:
@@ -194,13 +213,7 @@ class SecureAggregationGrid:
                 )
                 replies.append(Message(Error(DROPPED, reason), reply_to=message))
                 continue
-            arrays = ArrayRecord(
-                {
-                    n: Array(np.asarray(base + delta, dtype=base.dtype))
-                    for n, base, delta in zip(names, start, strategy.aggregate, strict=True)
-                }
-            )
-            metrics = MetricRecord({k: v for k, v in replied[node].metrics.items()})
+            metrics = MetricRecord(dict(replied[node].metrics))
             replies.append(
                 Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
             )

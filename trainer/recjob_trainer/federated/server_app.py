@@ -33,7 +33,7 @@ from ..objective import apply_lora, merge_lora
 from ..progress import Progress
 from ..storage import atomic_directory, write_json_atomic
 from .plan import SERVER_STATUS, ServerSettings
-from .secure import SecureAggregationGrid, clipping_range
+from .secure import SecureAggregationGrid
 from .silo import merged_info
 from .strategy import (
     Ledgered,
@@ -155,19 +155,14 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
             raise RuntimeError(f"{latest} holds other tensors than this model exchanges")
         load_record(model, ArrayRecord(load_file(str(latest / "global.safetensors"))), names)
 
-    if fed.secure_aggregation:  # training rounds run SecAgg+; the rest passes through
-        grid = SecureAggregationGrid(
-            grid,
-            threshold=part.min_silos,
-            max_weight=fed.local_steps * training.micro_batch_size
-            * training.gradient_accumulation_steps,
-            clipping=clipping_range(fed.local_steps, training.learning_rate),
-        )  # fmt: skip
+    # with secure aggregation, training rounds run SecAgg+ and the rest passes through
+    secure = SecureAggregationGrid.for_training(grid, training) if fed.secure_aggregation else None
+    grid = secure if secure is not None else grid
     strategy = Ledgered(
         build_strategy(fed, len(nodes)),
         round_offset=done,
         min_silos=part.min_silos,
-        traffic=grid.last_round_bytes if isinstance(grid, SecureAggregationGrid) else None,
+        traffic=secure.last_round_bytes if secure is not None else None,
     )
     if latest is not None and (latest / OPTIMIZER_FILE).exists():
         restore_optimizer_state(strategy, load_numpy(str(latest / OPTIMIZER_FILE)))
@@ -211,9 +206,9 @@ def serve(grid: Grid, settings: ServerSettings) -> None:
     load_record(model, arrays, names)
     test = _evaluate_on_silos(grid, nodes, arrays, train_config, part.round_deadline_seconds)
     rounds = history + [r.to_json() for r in strategy.rounds]
-    secure = grid.describe() if isinstance(grid, SecureAggregationGrid) else None
+    described = secure.describe() if secure is not None else None
     _write_outputs(out, settings, model_spec, training, info, model, rounds, summaries, done,
-                   test, time.time() - started, secure)  # fmt: skip
+                   test, time.time() - started, described)  # fmt: skip
     progress.event("done", stage="federated", step=fed.rounds, **{
         f"test/{k}": v for k, v in test["weighted"].items() if k.endswith("ndcg@10")})  # fmt: skip
     progress.close()

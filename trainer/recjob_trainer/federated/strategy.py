@@ -110,11 +110,12 @@ class Ledgered(Strategy):
                 f"replied within the round deadline, participation.minSilos is "
                 f"{self.min_silos}" + (f" (errors: {errors})" if errors else "")
             )
-        record.bytes_from_silos = sum(
-            record_bytes(r.content[key]) for r in good for key in r.content.array_records
-        )
-        if self.traffic is not None:
+        if self.traffic is not None:  # what the secure protocol moved, all stages
             record.bytes_to_silos, record.bytes_from_silos = self.traffic()
+        else:
+            record.bytes_from_silos = sum(
+                record_bytes(r.content[key]) for r in good for key in r.content.array_records
+            )
         losses, examples = [], 0
         for reply in good:
             metrics = reply.content["metrics"]

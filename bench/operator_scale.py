@@ -10,10 +10,13 @@ size the operator runs on the host as its Deployment runs it (command, env, Leas
 ServiceAccount's token (the shipped RBAC applies); N RecJobs are created in 10 namespaces.
 Measured: seconds from the first create until every PyTorchJob exists (a watch), with how
 long the creates themselves took, then and with no operator running (the same RecJobs
-created and deleted first: the API server alone); the operator's peak RSS (children
+created and deleted first: the API server alone, the finalizer policy's binding removed
+meanwhile and applied again after); the operator's peak RSS (children
 included, sampled every 0.2 s); after a settle time, its API requests per RecJob per minute
 over a window, from the audit log (a watch counts once, when it ends) or else its
-``recjob_api_requests_total`` (without kopf's own watches and patches). Refuses to start
+``recjob_api_requests_total`` (without kopf's own watches and patches); and from the audit
+log, its requests per RecJob (watches aside) from the first create until every PyTorchJob
+existed. Refuses to start
 while a cluster test (namespace ``t-*``) has pods. ``--operator-env`` runs are only printed
 (results/ holds the default configuration's).
 """
@@ -31,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -59,6 +62,9 @@ PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 MANAGED = "app.kubernetes.io/managed-by=recjob-operator"
 SECONDS, RSS = "seconds_until_every_pytorchjob_exists", "operator_peak_rss_mib"
 STEADY = "requests_per_recjob_per_minute"
+#: manifests/manager/finalizer_policy.yaml: the finalizer added as each RecJob is created
+FINALIZER_POLICY = REPO / "manifests/manager/finalizer_policy.yaml"
+FINALIZER_BINDING = "mutatingadmissionpolicybinding/recjob-finalizer"
 
 
 def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
@@ -249,9 +255,10 @@ def metric_counts(port: int) -> Counter:
     return counts
 
 
-def audit_counts(offset: int, start: datetime, end: datetime) -> Counter:
+def audit_counts(offset: int, start: datetime, end: datetime, watches: bool = True) -> Counter:
     """The operator's requests in [start, end) from the audit log after ``offset``: by
-    arrival, a watch by its end; none about other namespaces' objects (other RecJobs)."""
+    arrival, a watch by its end (none when not ``watches``); none about other namespaces'
+    objects (other RecJobs)."""
     counts: Counter = Counter()
     with AUDIT.open() as log:
         log.seek(offset if AUDIT.stat().st_size >= offset else 0)  # 0: rotated meanwhile
@@ -261,6 +268,8 @@ def audit_counts(offset: int, start: datetime, end: datetime) -> Counter:
             at = entry["stageTimestamp" if verb == "watch" else "requestReceivedTimestamp"]
             ours = ref.get("namespace", OPERATOR_NS) in (*NAMESPACES, OPERATOR_NS)
             if entry["user"]["username"] != OPERATOR_USER or not ours:
+                continue
+            if verb == "watch" and not watches:
                 continue
             if not start <= datetime.fromisoformat(at) < end:
                 continue
@@ -273,8 +282,9 @@ def audit_counts(offset: int, start: datetime, end: datetime) -> Counter:
 
 # ----------------------------------------------------------------------------- one size
 def run(size: int, settle: float, window: float, threads: int = 8,
-        extra_env: dict[str, str] | None = None) -> dict:  # fmt: skip
-    """One size: a fresh operator, N RecJobs, the steady-state window, cleanup."""
+        extra_env: dict[str, str] | None = None, policy: bool = True) -> dict:  # fmt: skip
+    """One size: a fresh operator, N RecJobs, the steady-state window, cleanup (``policy``:
+    with the finalizer policy bound, else kopf patches the finalizer in)."""
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
     cfg = client.Configuration()
     config.load_kube_config(str(ADMIN), client_configuration=cfg)
@@ -285,9 +295,13 @@ def run(size: int, settle: float, window: float, threads: int = 8,
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
         for ns in NAMESPACES))  # fmt: skip
     docs = [recjob(f"r{i:04d}", NAMESPACES[i % len(NAMESPACES)]) for i in range(size)]
-    # the baseline: the same creates with no operator running (the API server alone)
+    # the baseline: the same creates with no operator running (the API server alone), the
+    # finalizer policy unbound meanwhile (no operator would release its finalizers)
+    kubectl("delete", FINALIZER_BINDING, "--ignore-not-found")
+    if wait_finalizer_policy(objects, docs[0], bound=False):
+        raise RuntimeError("the API server still adds the finalizer with no binding")
     alone = create_all(objects, docs, threads)
-    for ns in NAMESPACES:  # no operator ran: no finalizer holds them
+    for ns in NAMESPACES:
         objects.delete_collection_namespaced_custom_object("recjob.dev", "v1alpha1", ns, "recjobs")
 
     def left(ns: str) -> list:
@@ -297,9 +311,13 @@ def run(size: int, settle: float, window: float, threads: int = 8,
 
     while any(left(ns) for ns in NAMESPACES):
         time.sleep(1)
+    if policy:
+        kubectl("apply", "-f", str(FINALIZER_POLICY))
+    policy_active = policy and wait_finalizer_policy(objects, docs[0], bound=True)
     operator, metrics_port, health_port = start_operator(workdir, extra_env or {})
     stop, rss, jobs, result = threading.Event(), {}, {}, {"recjobs": size}
     result["create_seconds_without_operator"] = alone
+    result["finalizer_at_admission"] = policy_active
     if extra_env:
         result["operator_env"] = extra_env
     sampler = threading.Thread(target=sample_rss, args=(operator.pid, stop, rss), daemon=True)
@@ -309,7 +327,8 @@ def run(size: int, settle: float, window: float, threads: int = 8,
         time.sleep(2)  # kopf starts its watches once startup (the Lease) is over
         watcher = threading.Thread(target=watch_pytorchjobs, args=(api, size, stop, jobs))
         watcher.start()
-        started = time.monotonic()
+        burst_offset = AUDIT.stat().st_size if AUDIT.exists() else None
+        started, burst_start = time.monotonic(), datetime.now(UTC)
         result["create_seconds"] = create_all(objects, docs, threads)
         watcher.join(timeout=600)
         if "time" not in jobs:
@@ -317,6 +336,12 @@ def run(size: int, settle: float, window: float, threads: int = 8,
         result[SECONDS] = jobs["time"] - started
         result["seconds_after_the_last_create"] = result[SECONDS] - result["create_seconds"]
         time.sleep(settle)  # the first reconciles' status writes and events are over
+        if burst_offset is not None:  # what the operator asked while the RecJobs came
+            burst_end = burst_start + timedelta(seconds=result[SECONDS])
+            burst = audit_counts(burst_offset, burst_start, burst_end, watches=False)
+            result["burst_requests_per_recjob"] = {
+                f"{v} {r}": n / size for (v, r), n in sorted(burst.items())
+            }
         offset = AUDIT.stat().st_size if AUDIT.exists() else None
         before, window_start = metric_counts(metrics_port), datetime.now(UTC)
         time.sleep(window)
@@ -353,6 +378,23 @@ def run(size: int, settle: float, window: float, threads: int = 8,
     return result
 
 
+def wait_finalizer_policy(
+    objects: client.CustomObjectsApi, doc: dict, bound: bool, timeout: float = 30
+) -> bool:
+    """Until a RecJob created (dry run) gets the finalizer at admission if ``bound``, else
+    none (the API server's policy informers follow the binding within a few seconds);
+    whether it does in the end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        created = objects.create_namespaced_custom_object(
+            "recjob.dev", "v1alpha1", doc["metadata"]["namespace"], "recjobs", doc, dry_run="All"
+        )
+        added = "recjob.dev/finalizer" in (created["metadata"].get("finalizers") or [])
+        if added == bound or time.monotonic() > deadline:
+            return added
+        time.sleep(0.5)
+
+
 def create_all(objects: client.CustomObjectsApi, docs: list[dict], threads: int) -> float:
     """Create the RecJobs ``docs`` from ``threads`` threads; the seconds it took."""
     started = time.monotonic()
@@ -374,6 +416,12 @@ def table(results: list[dict]) -> None:
               f"no operator: {result['create_seconds_without_operator']:.1f} s); every "
               f"PyTorchJob existed {result['seconds_after_the_last_create']:.1f} s after the "
               "last create")  # fmt: skip
+        admission = "added at admission" if result.get("finalizer_at_admission") else "kopf's"
+        print(f"{'':9}finalizer: {admission} (manifests/manager/finalizer_policy.yaml)")
+        if "burst_requests_per_recjob" in result:
+            print(f"{'':9}the operator's requests per RecJob until every PyTorchJob existed:")
+            for key, count in result["burst_requests_per_recjob"].items():
+                print(f"{'':11}{key:38} {count:9.3f}")
         steady = result["steady"]
         window, settle = steady["window_seconds"], steady["settle_seconds"]
         print(
@@ -391,6 +439,9 @@ def main() -> None:
     parser.add_argument("--operator-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an extra environment variable of the operator (repeatable), "
                         "e.g. RECJOB_API_THREADS=6")  # fmt: skip
+    parser.add_argument("--without-finalizer-policy", action="store_true",
+                        help="kopf patches each RecJob's finalizer in (as on clusters "
+                        "before 1.36); only printed")  # fmt: skip
     parser.add_argument("--out", type=Path, help="default: results/operator_scale.json for "
                         "the default sizes; other sizes are only printed")  # fmt: skip
     args = parser.parse_args()
@@ -404,11 +455,14 @@ def main() -> None:
     saved: dict = {}
     try:
         prepare(saved)
-        results = [run(size, args.settle, args.window, extra_env=extra_env) for size in args.sizes]
+        policy = not args.without_finalizer_policy
+        results = [run(size, args.settle, args.window, extra_env=extra_env, policy=policy)
+                   for size in args.sizes]  # fmt: skip
     finally:
         restore(saved)
+        kubectl("apply", "-f", str(FINALIZER_POLICY), check=False)
     table(results)
-    defaults = args.sizes == [200, 2000] and not extra_env
+    defaults = args.sizes == [200, 2000] and not extra_env and policy
     default = REPO / "bench/results/operator_scale.json" if defaults else None
     if out := args.out or default:
         report = {"api_server": SERVER, "bench_namespaces": len(NAMESPACES), "runs": results}

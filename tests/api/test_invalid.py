@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from recjob_operator.validation import Problem, RecJobInvalid, parse_recjob, validate_document
+from recjob_operator.validation import (
+    Problem,
+    RecJobInvalid,
+    SemanticsByGeneration,
+    parse_recjob,
+    validate_document,
+)
 from tests.conftest import MINIMAL, REPO, load_yaml
 
 DELETE = object()
@@ -991,3 +997,24 @@ def test_only_the_atomic_silo_lacking_its_own_catalog_is_named() -> None:
     _, problems = validate_document(mutate(case[1], case[2]))
     silo_paths = {p.path for p in problems if ".silos[" in p.path}
     assert silo_paths == {"spec.training.federated.silos[0].data.catalog"}
+
+
+def test_semantic_problems_are_remembered_per_generation() -> None:
+    """The operator's daemon checks a spec once per metadata.generation: the same
+    generation re-read (a status write) is not checked again; a new one (a spec edit) is."""
+    semantics = SemanticsByGeneration()
+    bad = mutate(SEARCH, {"metadata.generation": 1, "spec.rollout.steps": [50, 10]})
+    _, problems = validate_document(bad, semantics)
+    assert {p.path for p in problems} == {"spec.rollout.steps[1]"}
+    # the same generation: the remembered problems, whatever the object now says
+    fixed = mutate(bad, {"spec.rollout.steps": SEARCH["spec"]["rollout"]["steps"]})
+    assert {p.path for p in validate_document(fixed, semantics)[1]} == {"spec.rollout.steps[1]"}
+    # the edit's new generation is checked
+    fixed["metadata"]["generation"] = 2
+    assert validate_document(fixed, semantics)[1] == []
+    bad["metadata"]["generation"] = 3
+    assert {p.path for p in validate_document(bad, semantics)[1]} == {"spec.rollout.steps[1]"}
+    # a document never stored (no generation) is always checked
+    del fixed["metadata"]["generation"]
+    assert validate_document(fixed, semantics)[1] == []
+    assert validate_document(bad | {"metadata": {"name": "x"}}, semantics)[1] != []

@@ -194,6 +194,7 @@ FORBIDDEN = [
 #: What it must be able to do (controls: ``--as`` works and the RBAC is installed).
 ALLOWED = [
     ("patch", "recjobs.recjob.dev", ("--subresource=status", "-n", "default")),
+    ("update", "recjobs.recjob.dev", ("--subresource=status", "-n", "default")),
     ("update", "recjobs.recjob.dev", ("--subresource=finalizers", "-n", "default")),
     ("create", "pytorchjobs.kubeflow.org", ("-n", "default")),
     ("list", "pods", ("-A",)),
@@ -330,7 +331,7 @@ def other_evidence(
     ):
         return "kopf list followed by its watch (still open)"
     if permission == ("recjob.dev", "recjobs", "get") and not any(
-        e.permission == ("recjob.dev", "recjobs/status", "patch") and e.code == 409 for e in events
+        e.permission == ("recjob.dev", "recjobs/status", "update") and e.code == 409 for e in events
     ):
         return (
             "needed to re-read a RecJob after a 409 on its status write, and no write met "

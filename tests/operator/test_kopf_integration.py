@@ -153,6 +153,17 @@ def create_recjob(client: httpx.Client, name: str, **spec) -> dict:
     return response.json()
 
 
+def dry_run_create(client: httpx.Client, namespace: str, name: str) -> dict:
+    """The minimal RecJob ``namespace/name`` as the API server would create it (dry run:
+    admission runs, nothing is stored)."""
+    document = copy.deepcopy(MINIMAL)
+    document["metadata"] = {"name": name, "namespace": namespace}
+    path = f"/apis/recjob.dev/v1alpha1/namespaces/{namespace}/recjobs"
+    response = client.post(path, json=document, params={"dryRun": "All"})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def patch_status(client: httpx.Client, path: str, status: dict) -> None:
     """Write ``status`` through the status subresource, as the owning controller does."""
     response = client.patch(f"{path}/status", headers=MERGE, json={"status": status})
@@ -259,6 +270,30 @@ def test_happy_path_to_succeeded(cluster) -> None:
     creates = [r.code for r in operator_requests(env) if r.verb == "create"
                and r.resource == "pytorchjobs" and r.name == "happy-g1-train"]  # fmt: skip
     assert creates.count(201) == 1 and set(creates) <= {201, 409}  # level-triggered: once
+
+
+def test_the_finalizer_is_added_at_admission_not_patched_in(cluster) -> None:
+    """manifests/manager/finalizer_policy.yaml (bound to shop by the namespaced overlay):
+    the API server adds the finalizer as a RecJob is created, so kopf patches nothing in;
+    outside shop it adds none (no operator there would release it)."""
+    env, client, _ = cluster
+    deadline = time.time() + 30  # until the API server's policy informers have it
+    while "finalizers" not in dry_run_create(client, NS, "probe")["metadata"]:
+        assert time.time() < deadline, "the finalizer policy never applied"
+        time.sleep(0.2)
+    since = datetime.now(UTC)
+    created = create_recjob(client, "admitted")
+    assert created["metadata"]["finalizers"] == ["recjob.dev/finalizer"]
+    wait_for(client, f"{RECJOBS}/admitted", phase("admitted", "Training"))
+    patches = [r for r in operator_requests(env, since=since) if r.verb == "patch"
+               and r.resource == "recjobs" and r.name == "admitted"]  # fmt: skip
+    assert patches == [], patches
+    client.delete(f"{RECJOBS}/admitted")
+    deadline = time.time() + 30
+    while client.get(f"{RECJOBS}/admitted").status_code != 404:
+        assert time.time() < deadline, "the finalizer was never released"
+        time.sleep(0.1)
+    assert "finalizers" not in dry_run_create(client, "default", "elsewhere")["metadata"]
 
 
 def test_failed_training_fails_with_its_reason(cluster) -> None:

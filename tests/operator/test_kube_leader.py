@@ -107,6 +107,34 @@ def test_a_leader_that_cannot_renew_stops_within_the_renew_deadline(lease) -> No
     assert not a.is_leading()  # 10 s without renewal: < lease duration, so before takeover
 
 
+def test_a_leaders_requests_may_take_what_is_left_of_its_renew_deadline(lease) -> None:
+    """A slow API server: a leader's Lease request may take until its renew deadline (not
+    the retry period), a candidate's the retry period."""
+    timeouts: list[float] = []
+
+    class Recording:
+        def __getattr__(self, attribute):
+            method = getattr(lease.api, attribute)
+
+            def call(*args, **kwargs):
+                timeouts.append(kwargs["_request_timeout"])
+                return method(*args, **kwargs)
+
+            return call
+
+    a, clock = lease.candidate("a")
+    assert a.try_acquire_or_renew()
+    a.api = Recording()
+    clock.now += 3
+    assert a.try_acquire_or_renew()
+    assert timeouts == [pytest.approx(7.0)] * 2  # the GET and the PUT of the renewal
+    b, _ = lease.candidate("b")
+    b.api = Recording()
+    timeouts.clear()
+    assert not b.try_acquire_or_renew()
+    assert timeouts == [2.0]
+
+
 def test_of_two_candidates_taking_an_expired_lease_one_wins(lease) -> None:
     dead, _ = lease.candidate("dead")
     assert dead.try_acquire_or_renew()

@@ -55,13 +55,20 @@ def test_overlays_build_and_core_objects_validate(overlay: str) -> None:
     for obj in objects:
         if obj["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
             continue  # Prometheus Operator CRDs: checked below
-        kubernetes_validate.validate(obj, "1.32", strict=True)
+        # the finalizer policy's API is GA since 1.36; the rest since 1.32 at least
+        version = "1.37" if obj["kind"].startswith("MutatingAdmissionPolicy") else "1.32"
+        kubernetes_validate.validate(obj, version, strict=True)
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    binding = next(o for o in objects if o["kind"] == "MutatingAdmissionPolicyBinding")
+    scope = binding["spec"].get("matchResources", {}).get("namespaceSelector")
     if overlay == "overlays/namespaced":
         assert "--namespace=shop" in command and "--all-namespaces" not in command
+        # a finalizer in a namespace no operator watches would hold deletions forever
+        assert scope == {"matchLabels": {"kubernetes.io/metadata.name": "shop"}}
     else:
         assert "--all-namespaces" in command
+        assert scope is None
 
 
 def test_operator_deployment_is_restricted() -> None:

@@ -521,6 +521,27 @@ def test_every_spec_field_has_a_declared_edit_behaviour() -> None:
     assert set(RecJobSpec.model_fields) <= {*MODEL_FIELDS, "export", *IN_PLACE_FIELDS}
 
 
+def test_spec_digests_are_computed_once_per_spec_and_forgotten_with_it() -> None:
+    """A pass asks for its spec's identity many times: the digests are kept while the spec
+    lives, and an edited spec (a new object, as from the API server) gets its own."""
+    import gc
+
+    from recjob_operator.controller import identity as identity_module
+
+    job = make()
+    digests = identity_module.spec_digests(job.spec)
+    expected = identity_module.model_digest(job.spec), identity_module.conversion_digest(job.spec)
+    assert digests == expected
+    assert identity_module.spec_digests(job.spec) is digests
+    edited = make(export={"target": "onnxruntime-fp32"})
+    assert identity_module.spec_digests(edited.spec)[1] != digests[1]
+    key = id(edited.spec)
+    assert key in identity_module._DIGESTS
+    del edited
+    gc.collect()
+    assert key not in identity_module._DIGESTS
+
+
 def test_a_pass_cut_short_before_its_status_still_records_its_events() -> None:
     """The operator created a child and died before writing the status: the repeated pass
     finds the child, creates nothing, and still emits the creation event (the backend

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,10 +80,27 @@ class Identity:
     conversion_digest: str
 
 
+#: Both digests of each spec in memory, by ``id()`` (an entry goes with its spec): a pass
+#: asks for its spec's identity eight times (each child's name derives from it), and
+#: dumping the spec twice each time was a third of a pass's CPU. Specs are not changed
+#: after validation (an edit is a new RecJob object from the API server).
+_DIGESTS: dict[int, tuple[str, str]] = {}
+
+
+def spec_digests(spec: RecJobSpec) -> tuple[str, str]:
+    """(:func:`model_digest`, :func:`conversion_digest`) of ``spec``, computed once."""
+    key = id(spec)
+    digests = _DIGESTS.get(key)
+    if digests is None:
+        digests = _DIGESTS[key] = (model_digest(spec), conversion_digest(spec))
+        weakref.finalize(spec, _DIGESTS.pop, key, None)  # before the id can be reused
+    return digests
+
+
 def identity(recjob: RecJob) -> Identity:
     """The identity of ``recjob``'s spec, given what its status records."""
     spec, status = recjob.spec, recjob.status
-    model, conversion = model_digest(spec), conversion_digest(spec)
+    model, conversion = spec_digests(spec)
     if status is None or status.model_generation is None or status.model_digest is None:
         return Identity(recjob.generation, model, 1, conversion)
     if status.model_digest != model:

@@ -356,12 +356,20 @@ class KubeBackend:
         """Write ``status`` with the RecJob's resourceVersion as a precondition (returns the
         RecJob as stored); :class:`StatusConflict` if the RecJob changed meanwhile."""
         ns = recjob.metadata.namespace or "default"
-        body = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        patch = {"metadata": {"resourceVersion": recjob.metadata.resource_version}, "status": body}
+        # A PUT of the status subresource: the API server keeps all but the status from the
+        # stored object, so the body needs no spec, and nothing is merged (applying a merge
+        # patch re-encodes the whole stored object: 15% of the API server's CPU, status and
+        # finalizer patches together, while 2,000 new RecJobs were reconciled). The status
+        # sent is whole: the operator computed it from the stored one.
+        meta = {"name": recjob.metadata.name, "namespace": ns,
+                "resourceVersion": recjob.metadata.resource_version}  # fmt: skip
+        written = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        body = {"apiVersion": "/".join(RECJOBS[:2]), "kind": "RecJob", "metadata": meta,
+                "status": written}  # fmt: skip
         try:
             stored = api_call(
-                "patch", "recjobs/status", self.custom.patch_namespaced_custom_object_status,
-                *RECJOBS[:2], ns, RECJOBS[2], recjob.metadata.name, patch,
+                "update", "recjobs/status", self.custom.replace_namespaced_custom_object_status,
+                *RECJOBS[:2], ns, RECJOBS[2], recjob.metadata.name, body,
             )  # fmt: skip
         except ApiException as error:
             if error.status == 409:

@@ -38,7 +38,7 @@ from kubernetes import client, config
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..prometheus import PrometheusSources
-from ..validation import cluster_problems, validate_document
+from ..validation import SemanticsByGeneration, cluster_problems, validate_document
 from . import cache, metrics
 from .backend import KubeBackend
 from .diffbase import MemoryDiffBaseStorage
@@ -290,7 +290,7 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
     assert Runtime.api_view is not None
     view = cache.IndexView({i: kwargs[i] for i in cache.INDEXES}, Runtime.api_view,
                            Runtime.uncached, DELETED_POD_MESSAGES)  # fmt: skip
-    backoff = Backoff()
+    backoff, semantics = Backoff(), SemanticsByGeneration()
     written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
     await _kopf_settled(stopped, body)
     while not stopped:
@@ -299,7 +299,7 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             # then nothing is created (children being deleted would be re-created)
             await stopped.wait(MAX_SLEEP)
             continue
-        recjob, problems = validate_document(recjob_document(dict(body)))
+        recjob, problems = validate_document(recjob_document(dict(body)), semantics)
         if recjob is not None and not problems:
             problems = cluster_problems(recjob)
         if problems or recjob is None:

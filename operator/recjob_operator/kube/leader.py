@@ -148,12 +148,20 @@ class LeaseElector:
             self.clock() - self._renewed_at < self.config.renew_deadline
         )
 
-    @property
-    def _timeout(self) -> float:
-        return max(self.config.retry_period, 1.0)
+    def request_timeout(self) -> float:
+        """Seconds one Lease request may take. A leader's: what is left of its renew
+        deadline (client-go bounds a renewal by the deadline, not each request: an API
+        server busy deleting 2,000 RecJobs answered a Lease GET in over 2 s, and with 2 s
+        per request the leader gave up with 8 s of its deadline left). A candidate's: the
+        retry period (at least 1 s)."""
+        floor = max(self.config.retry_period, 1.0)
+        if self._renewed_at is None:
+            return floor
+        return max(floor, self.config.renew_deadline - (self.clock() - self._renewed_at))
 
     def _call(self, verb: str, method: Callable, *args) -> Any:
-        return metrics.api_call(verb, "leases", method, *args, _request_timeout=self._timeout)
+        timeout = self.request_timeout()
+        return metrics.api_call(verb, "leases", method, *args, _request_timeout=timeout)
 
     def _spec(self, acquired: str, transitions: int, holder: str | None = None) -> dict:
         return {

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from recjob_operator.kube.handlers import FINALIZER
 from recjob_operator.local.backend import free_port
 from tests.conftest import MINIMAL, REPO
 from tests.envtest import INFERENCESERVICE_CRD, PYTORCHJOB_CRD, RECJOB_CRD, EnvTest
@@ -283,7 +284,7 @@ def test_the_finalizer_is_added_at_admission_not_patched_in(cluster) -> None:
         time.sleep(0.2)
     since = datetime.now(UTC)
     created = create_recjob(client, "admitted")
-    assert created["metadata"]["finalizers"] == ["recjob.dev/finalizer"]
+    assert created["metadata"]["finalizers"] == [FINALIZER]  # the name the operator releases
     wait_for(client, f"{RECJOBS}/admitted", phase("admitted", "Training"))
     patches = [r for r in operator_requests(env, since=since) if r.verb == "patch"
                and r.resource == "recjobs" and r.name == "admitted"]  # fmt: skip

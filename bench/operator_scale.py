@@ -45,6 +45,8 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from recjob_operator.api.v1alpha1.common import FINALIZER
+
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".cluster"
 BIN = Path(os.environ.get("RECJOB_CLUSTER_BIN", Path.home() / ".cache/recjob/cluster-bin"))
@@ -389,7 +391,7 @@ def wait_finalizer_policy(
         created = objects.create_namespaced_custom_object(
             "recjob.dev", "v1alpha1", doc["metadata"]["namespace"], "recjobs", doc, dry_run="All"
         )
-        added = "recjob.dev/finalizer" in (created["metadata"].get("finalizers") or [])
+        added = FINALIZER in (created["metadata"].get("finalizers") or [])
         if added == bound or time.monotonic() > deadline:
             return added
         time.sleep(0.5)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recjob_operator.kube.handlers import FINALIZER
+from recjob_operator.api.v1alpha1.common import FINALIZER
 from recjob_operator.local.backend import free_port
 from tests.conftest import MINIMAL, REPO
 from tests.envtest import INFERENCESERVICE_CRD, PYTORCHJOB_CRD, RECJOB_CRD, EnvTest

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 import kopf
 from kubernetes import client, config
 
+from ..api.v1alpha1.common import FINALIZER
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..prometheus import PrometheusSources
@@ -51,7 +52,6 @@ log = logging.getLogger("recjob_operator.kube")
 
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
 MAX_SLEEP = float(os.environ.get("RECJOB_MAX_SLEEP_SECONDS", "10"))
-FINALIZER = "recjob.dev/finalizer"
 #: kopf's record of the last spec it handled, kept in memory (see :mod:`.diffbase`).
 DIFFBASES = MemoryDiffBaseStorage()
 #: Longest wait for kopf's finalizer on a new RecJob before its first pass.

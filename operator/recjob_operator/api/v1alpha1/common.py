@@ -30,6 +30,10 @@ SHORT_NAMES = ["rj"]
 #: carries over to a new model).
 APPROVE_ANNOTATION = f"{GROUP}/approve-generation"
 
+#: The finalizer that holds a deleted RecJob until the operator's delete handler has run
+#: (manifests/manager/finalizer_policy.yaml adds it at admission, kopf otherwise).
+FINALIZER = f"{GROUP}/finalizer"
+
 #: Largest value of any integer field (the CRD's ``maximum``, with ``format: int64``):
 #: 2^53 - 1, the largest integer a float64 holds exactly. The API server keeps integers
 #: as int64 but reads a schema's ``maximum`` as a float64 (2^63 - 1 would round up to

@@ -18,21 +18,26 @@ install: $(STAMP) ## Create .venv and install RecJob with its dependencies and d
 
 # Reinstall whenever the dependency list or the lock file changes. torch==2.13.0 is
 # pinned in pyproject.toml and constraints.txt (the CPU build on the local disk).
+# uv installs (pinned in constraints.txt, bootstrapped with pip): it resolves what pip
+# resolves from the same constraints, in seconds from its cache, and the cluster's image
+# environments (hack/cluster/images.py) hard-link the same cached wheels. PIP_FIND_LINKS,
+# where a machine sets it, is passed on as uv's --find-links.
 # Flower (the federated extra) goes in after, flwr itself without its dependency caps
 # (typer, rich, packaging, fastapi/starlette/uvicorn pins below the serving lock; see
 # pyproject.toml): its other requirements and Opacus resolve normally, and tests/federated
 # runs the deployment engine on these versions.
 FEDERATED_DEPS := alembic grpcio-health-checking iterators opacus pathspec prompt-toolkit \
 	pycryptodome 'sqlalchemy[asyncio]' tomli tomli-w
+UV_INSTALL = UV_LINK_MODE=hardlink $(BIN)/uv pip install --quiet --python $(BIN)/python \
+	$$(for d in $${PIP_FIND_LINKS:-}; do [ -d "$$d" ] && printf -- '--find-links %s ' "$$d"; done)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt $(FEDERATED_DEPS)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
-		-c constraints.txt flwr==1.42.0
+		$$(grep -E '^uv==' constraints.txt)
+	$(UV_INSTALL) -c constraints.txt -e '.[dev]'
+	$(UV_INSTALL) -c constraints.txt $(FEDERATED_DEPS)
+	$(UV_INSTALL) --no-deps -c constraints.txt flwr==1.42.0
 	touch $(STAMP)
 
 # Prometheus (Debian's package) for the canary analysis of local mode and the tests.
@@ -42,9 +47,14 @@ prometheus: ## Install Prometheus from Debian's packages if it is missing
 		$$SUDO apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
+# Two pytest-xdist workers (TEST_WORKERS): the cluster tests run in order in one of them
+# while the other runs the rest, longest folders first (tests/conftest.py); a 2-core
+# machine is about half idle while a test waits on pods, servers or rounds.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) prometheus cluster ## Lint, then run the whole test suite (cluster tests included)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
 
 # The test cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kube-proxy built from upstream Go modules, the Kubeflow Training Operator, cluster DNS

@@ -26,6 +26,10 @@ CLUSTER_PY = REPO / "hack" / "cluster" / "cluster.py"
 STATE = Path(os.environ.get("RECJOB_CLUSTER_DIR", REPO / ".cluster")).resolve()
 BIN = Path(os.environ.get("RECJOB_CLUSTER_BIN", Path.home() / ".cache" / "recjob" / "cluster-bin"))
 OPERATOR_NS = "recjob-system"
+#: ``Cluster.wait``'s time limits are multiplied by this: they guard against hangs, and
+#: ``make test`` runs the cluster tests beside a second pytest worker's training and
+#: servers, which on a 2-core machine can make each step up to about twice as slow.
+WAIT_FACTOR = float(os.environ.get("RECJOB_TEST_WAIT_FACTOR", "2"))
 
 pytestmark = pytest.mark.cluster
 
@@ -65,7 +69,9 @@ class Cluster:
 
     def wait(self, what: str, probe: Callable[[], object], timeout: float = 300,
              interval: float = 1.0, on_timeout: Callable[[], str] | None = None):  # fmt: skip
-        """Poll ``probe`` until it returns something truthy; return it."""
+        """Poll ``probe`` until it returns something truthy (at most ``timeout`` x
+        :data:`WAIT_FACTOR` seconds); return it."""
+        timeout *= WAIT_FACTOR
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = probe()

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CRD := manifests/crd/bases/recjob.dev_recjobs.yaml
 
-.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-down cluster-demo image-locks peer-recbole
+.PHONY: help install prometheus test lint format manifests demo clean cluster cluster-build cluster-down cluster-demo image-locks peer-recbole
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,7 +52,10 @@ prometheus: ## Install Prometheus from Debian's packages if it is missing
 # machine is about half idle while a test waits on pods, servers or rounds.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) prometheus cluster ## Lint, then run the whole test suite (cluster tests included)
+# The cluster's binaries are built first (envtest in tests/operator uses them); the worker
+# that runs the cluster tests starts the cluster (tests/cluster/conftest.py: cluster.py up)
+# while the other worker runs other tests.
+test: $(STAMP) prometheus cluster-build ## Lint, then run the whole test suite (cluster tests included)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
 
@@ -63,6 +66,9 @@ CLUSTER := $(BIN)/python hack/cluster/cluster.py
 
 cluster: $(STAMP) prometheus ## Build (Go build cache: seconds after the first) and start the test cluster
 	$(CLUSTER) up
+
+cluster-build: $(STAMP) ## Build the test cluster's binaries only (Go build cache: seconds after the first)
+	$(CLUSTER) build
 
 cluster-down: ## Stop the test cluster (state kept in .cluster/; `cluster.py reset` forgets it)
 	$(CLUSTER) down

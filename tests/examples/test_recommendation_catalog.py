@@ -252,7 +252,7 @@ def test_recommendation_example_runs_on_another_category(electrical: Path, tmp_p
     to beat the zero-shot text model: on this slice it does not (examples/README.md)."""
     run = tmp_path / "run"
     config = example_on_slice(electrical, run, TEST_EPOCHS)
-    train_as_local_mode(config, timeout=300)
+    train_as_local_mode(config, timeout=600)
 
     metrics = json.loads((run / "metrics.json").read_text())
     card = json.loads((run / "model-card.json").read_text())

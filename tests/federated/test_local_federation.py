@@ -122,7 +122,7 @@ def test_two_silos_two_rounds_killed_after_round_one_then_resumed(tmp_path: Path
     assert not (rounds_dir / "round-000002").exists() and not (output / "model").exists()
 
     # started again, the federation resumes after round 1 and runs round 2
-    metrics = run_federation(config, work, 300)
+    metrics = run_federation(config, work, 900)
     fed = metrics["federated"]
     assert fed["resumed_from_round"] == 1
 
@@ -190,7 +190,7 @@ def test_a_server_optimizer_with_differential_privacy_runs_on_the_deployment_eng
         strategy={"type": "FedAvgM", "serverLearningRate": 2.0, "serverMomentum": 0.9},
         differentialPrivacy={"clippingNorm": 1.0, "noiseMultiplier": 0.5},
     )  # fmt: skip
-    metrics = run_federation(load_config(path), tmp_path / "federation", 300)
+    metrics = run_federation(load_config(path), tmp_path / "federation", 900)
     fed = metrics["federated"]
     assert fed["rounds_completed"] == 2
     assert fed["privacy"]["epsilon"] > 0 and fed["privacy"]["noise_multiplier"] == 0.5
@@ -217,7 +217,7 @@ def test_secure_aggregation_with_differential_privacy_runs_on_the_deployment_eng
         tmp_path, data, output, secureAggregation=True, strategy={"type": "FedAdam"},
         differentialPrivacy={"clippingNorm": 1.0, "noiseMultiplier": 0.5},
     )  # fmt: skip
-    metrics = run_federation(load_config(path), tmp_path / "federation", 300)
+    metrics = run_federation(load_config(path), tmp_path / "federation", 900)
     fed = metrics["federated"]
     assert fed["rounds_completed"] == 2
     assert fed["secure_aggregation"]["protocol"] == "secagg+"

@@ -41,7 +41,7 @@ def document(data: Path, name: str, federated: bool) -> dict:
                 "partition": {"by": "hash", "count": 2},
                 "rounds": 2,
                 "localSteps": 2,
-                "participation": {"minSilos": 2, "roundDeadlineSeconds": 300},
+                "participation": {"minSilos": 2, "roundDeadlineSeconds": 600},
             },
         }
     return doc

@@ -122,7 +122,7 @@ def recjob_run(root: Path, file: Path, *extra: str) -> subprocess.CompletedProce
     return subprocess.run(
         [str(BIN / "recjob"), "run", str(file), "--workdir", str(root / "work"),
          "--eval-groups", "10", "--replay-rate", "20", "--no-baselines", *extra],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
 
 
@@ -187,7 +187,7 @@ def test_killed_mid_canary_resumes_and_rolls_back_without_duplicates(workspace: 
     log = (workspace / "resumed-1.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     routes = workspace / "work" / "services" / "tiny" / "run" / "routes.json"
-    deadline = time.time() + 400
+    deadline = time.time() + 800
     while time.time() < deadline:  # the router sends 50% to the new canary
         table = json.loads(routes.read_text()) if routes.exists() else {}
         if table.get("weight") == 50 and table.get("canary"):
@@ -205,7 +205,7 @@ def test_killed_mid_canary_resumes_and_rolls_back_without_duplicates(workspace: 
     }  # fmt: skip
     process.send_signal(signal.SIGKILL)  # no chance to clean up: children keep running
     process.wait()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 3, again.stderr[-3000:]
     final = status(workspace, "resumed")["status"]
     assert final["phase"] == "RolledBack"

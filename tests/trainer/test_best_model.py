@@ -42,7 +42,7 @@ def run_scripted(config: Path, die_after: int | None = None) -> subprocess.Compl
         [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
          str(Path(__file__).parent / "scripted_validation_run.py"), "--config", str(config)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 

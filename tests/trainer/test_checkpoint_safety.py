@@ -168,7 +168,7 @@ def test_every_supported_configuration_resumes_and_consolidates_weights_only(
         [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
          str(Path(__file__).parent / "checkpoint_roundtrip.py"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=480,
+        env=env, capture_output=True, text=True, timeout=960,
     )  # fmt: skip
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     results = json.loads((tmp_path / f"result-w{world}.json").read_text())
@@ -209,7 +209,7 @@ def test_a_planted_checkpoint_is_refused_on_resume_and_never_run(tmp_path: Path)
     plant(planted, marker, "zip")
 
     process = launch(config)
-    out, _ = process.communicate(timeout=300)
+    out, _ = process.communicate(timeout=600)
     assert not marker.exists(), "the planted checkpoint ran code in the trainer"
     assert process.returncode != 0
     assert f"refusing to unpickle checkpoint file {planted}" in out, out[-4000:]

@@ -100,7 +100,7 @@ def _train(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
@@ -124,7 +124,7 @@ def _convert(tmp_path: Path, name: str) -> tuple[subprocess.CompletedProcess, di
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     report_uri = f"{config['outputDir']}/quality-gate.json"
     return result, _json(report_uri) if exists_uri(report_uri) else {}

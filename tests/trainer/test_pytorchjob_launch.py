@@ -200,7 +200,7 @@ def test_two_pods_of_two_processes_train_one_world_of_four(tmp_path: Path) -> No
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         )
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     try:
         for pod in pods:
             pod.wait(timeout=max(1, deadline - time.time()))

@@ -292,7 +292,7 @@ def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path)
     (tmp_path / "b").mkdir()
     config = search_config(tmp_path / "b", killed, baselines=False, **steps)
     process = launch(config)
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while time.time() < deadline:
         checkpoints = [e["step"] for e in read_events(killed) if e["event"] == "checkpoint"]
         if checkpoints and checkpoints[-1] >= 4:
@@ -325,7 +325,7 @@ def test_killed_run_resumes_at_the_right_step_with_the_same_data(tmp_path: Path)
     doc["training"]["learningRate"] = 3e-4
     config.write_text(yaml.safe_dump(doc))
     process = launch(config)
-    out, _ = process.communicate(timeout=240)
+    out, _ = process.communicate(timeout=480)
     assert process.returncode != 0
     assert "holds checkpoints of a different data/model/training configuration" in out
 
@@ -350,7 +350,7 @@ def test_distillation_and_pruning_resume_in_their_own_stage(tmp_path: Path) -> N
     }
     config.write_text(yaml.safe_dump(doc))
     process = launch(config)
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while time.time() < deadline:
         saved = [
             e["step"]
@@ -417,7 +417,7 @@ def test_bad_data_fails_with_a_clear_message(tmp_path: Path) -> None:
         [str(BIN / "recjob-train"), "--config", str(config)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
         env={**os.environ, "MASTER_PORT": str(free_port())},
     )
     assert result.returncode == 1
@@ -480,7 +480,7 @@ def test_recjob_file_prepare_only_and_invalid_recjob(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
@@ -495,7 +495,7 @@ def test_recjob_file_prepare_only_and_invalid_recjob(tmp_path: Path) -> None:
         [str(BIN / "recjob-train"), "--recjob", str(bad), "--prepare-only"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert result.returncode != 0 and "spec.training.deepspeed.zeroStage" in result.stderr
 
@@ -619,7 +619,7 @@ def test_sequential_distillation_and_pruning_resume_in_their_own_stage(tmp_path:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(doc))
     process = launch(config)
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while time.time() < deadline and process.poll() is None:
         saved = [
             e["step"]

@@ -48,16 +48,16 @@ prometheus: ## Install Prometheus from Debian's packages if it is missing
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
 # Two pytest-xdist workers (TEST_WORKERS): the cluster tests run in order in one of them
-# while the other runs the rest, longest folders first (tests/conftest.py); a 2-core
-# machine is about half idle while a test waits on pods, servers or rounds.
+# while the other runs the rest, longest folders first (tests/conftest.py); the cluster
+# tests mostly wait on pods, the operator and rounds, which the other worker fills.
 TEST_WORKERS ?= 2
 
 # The cluster's binaries are built first (envtest in tests/operator uses them); the worker
 # that runs the cluster tests starts the cluster (tests/cluster/conftest.py: cluster.py up)
-# while the other worker runs other tests.
+# while the other worker runs other tests (RECJOB_CLUSTER_BUILT: without building again).
 test: $(STAMP) prometheus cluster-build ## Lint, then run the whole test suite (cluster tests included)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
+	RECJOB_CLUSTER_BUILT=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # The test cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kube-proxy built from upstream Go modules, the Kubeflow Training Operator, cluster DNS

@@ -74,13 +74,15 @@ class ClusterTogetherScheduling(LoadScopeScheduling):
 
     def _split_scope(self, nodeid: str) -> str:
         path = nodeid.split("::", 1)[0]
-        return "tests/cluster" if _folder_rank(path) == 0 else path
+        return "tests/cluster" if _folder_rank(path) == LONGEST_FIRST.index("cluster") else path
 
 
 class _XdistScheduling:
     @staticmethod
     def pytest_xdist_make_scheduler(config: pytest.Config, log) -> ClusterTogetherScheduling:
-        """The scheduler of a parallel run (``pytest -n N``)."""
+        """The scheduler of a parallel run (``pytest -n N``): units in collection order
+        (pytest-xdist would otherwise sort them by their number of tests)."""
+        config.option.loadscopereorder = False
         return ClusterTogetherScheduling(config, log)
 
 

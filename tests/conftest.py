@@ -69,8 +69,8 @@ class ClusterTogetherScheduling(LoadScopeScheduling):
     test_zz_rbac reads the audit log the others made). Units go out in collection order,
     which the workers' collection hook below sorts longest folder first.
 
-    Not pytest-xdist's loadgroup distribution: version 3.8 marks a group by rewriting ``item._nodeid``,
-    which pytest 9 no longer reads, so each test became a unit of its own."""
+    Not pytest-xdist's loadgroup distribution: version 3.8 marks a group by rewriting
+    ``item._nodeid``, which pytest 9 no longer reads, so each test became a unit of its own."""
 
     def _split_scope(self, nodeid: str) -> str:
         path = nodeid.split("::", 1)[0]

@@ -46,14 +46,32 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-#: Where a parallel run (``make test``: two pytest-xdist workers) starts: the cluster tests
-#: first, as one unit (about 40 minutes on a slow 2-core machine), then the longest folders,
-#: so that the two workers finish at about the same time. tests/api comes second because
-#: pytest-xdist hands each worker a second unit at the start, which the cluster's worker
-#: keeps until the cluster tests end: a short module there, not a long one.
+#: Where a worker starts: the cluster tests first (one cluster, one operator Deployment),
+#: then the longest folders.
 LONGEST_FIRST = (
-    "cluster", "api", "local", "federated", "serving", "trainer", "examples", "operator",
+    "cluster", "local", "federated", "serving", "trainer", "examples", "api", "operator",
 )  # fmt: skip
+
+#: The heavy lane of a parallel run (``make test``: two pytest-xdist workers): the cluster
+#: tests and the modules that train, convert, federate or run `recjob run` with several
+#: processes each. On 2 cores these are CPU-bound, and two of them side by side ran slower
+#: than one after the other (the CI run of 2026-12-05: 68 min of the serial run's work in
+#: 87 min). They run in one unit, on one worker, in the order above; the other worker runs
+#: the many short tests (API, operator, unit tests, single servers) beside them.
+HEAVY = (
+    "tests/cluster/",
+    "tests/local/",
+    "tests/examples/",
+    "tests/federated/test_local_federation.py",
+    "tests/federated/test_silo_dropout.py",
+    "tests/serving/test_export_gate.py",
+    "tests/trainer/test_best_model.py",
+    "tests/trainer/test_checkpoint_safety.py",
+    "tests/trainer/test_object_store_runs.py",
+    "tests/trainer/test_pytorchjob_launch.py",
+    "tests/trainer/test_storage.py",
+    "tests/trainer/test_training.py",
+)
 
 
 def _folder_rank(path: str) -> int:
@@ -64,17 +82,17 @@ def _folder_rank(path: str) -> int:
 
 class ClusterTogetherScheduling(LoadScopeScheduling):
     """pytest-xdist's per-module scheduling (a module's tests, and so its module fixtures
-    such as trained models, stay on one worker), with every tests/cluster test in one unit:
-    one worker runs them in file order (one cluster and one operator Deployment;
-    test_zz_rbac reads the audit log the others made). Units go out in collection order,
-    which the workers' collection hook below sorts longest folder first.
+    such as trained models, stay on one worker), with every :data:`HEAVY` test in one unit:
+    one worker runs them in order (the cluster tests in file order: test_zz_rbac reads the
+    audit log the others made). Units go out in collection order, which the workers'
+    collection hook below sorts.
 
     Not pytest-xdist's loadgroup distribution: version 3.8 marks a group by rewriting
     ``item._nodeid``, which pytest 9 no longer reads, so each test became a unit of its own."""
 
     def _split_scope(self, nodeid: str) -> str:
         path = nodeid.split("::", 1)[0]
-        return "tests/cluster" if _folder_rank(path) == LONGEST_FIRST.index("cluster") else path
+        return "heavy" if path.startswith(HEAVY) else path
 
 
 class _XdistScheduling:
@@ -93,7 +111,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In a pytest-xdist worker, the longest folders first (stable: file order within a
-    folder). A run without workers is left as collected."""
+    """In a pytest-xdist worker, the heavy lane first, then the longest folders (stable:
+    file order within a folder). A run without workers is left as collected."""
     if hasattr(config, "workerinput"):
-        items.sort(key=lambda item: _folder_rank(item.nodeid.split("::", 1)[0]))
+
+        def rank(item: pytest.Item) -> tuple[bool, int]:
+            path = item.nodeid.split("::", 1)[0]
+            return (not path.startswith(HEAVY), _folder_rank(path))
+
+        items.sort(key=rank)

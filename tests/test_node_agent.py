@@ -14,7 +14,9 @@ from tests.conftest import REPO
 def test_node_agent_go_unit_tests_pass() -> None:
     go = shutil.which("go") or "/usr/local/go/bin/go"
     result = subprocess.run(
-        [go, "test", "-count=1", "./internal/agent/", "./internal/netpol/"],
+        # -trimpath as cluster.py builds: the dependencies then come from Go's build cache
+        # (32 s here; 354 s without, recompiling client-go)
+        [go, "test", "-trimpath", "-count=1", "./internal/agent/", "./internal/netpol/"],
         cwd=REPO / "hack" / "cluster",
         env={**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"},
         capture_output=True,

@@ -68,7 +68,7 @@ class Cluster:
         return json.loads(result.stdout)
 
     def wait(self, what: str, probe: Callable[[], object], timeout: float = 300,
-             interval: float = 1.0, on_timeout: Callable[[], str] | None = None):  # fmt: skip
+             interval: float = 2.0, on_timeout: Callable[[], str] | None = None):  # fmt: skip
         """Poll ``probe`` until it returns something truthy (at most ``timeout`` x
         :data:`WAIT_FACTOR` seconds); return it."""
         timeout *= WAIT_FACTOR

@@ -240,6 +240,7 @@ def train_as_local_mode(config: Path, timeout: float) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # make demo runs the example; tests/local runs recommendation RecJobs
 def test_recommendation_example_runs_on_another_category(electrical: Path, tmp_path: Path) -> None:
     """examples/recjob-recommendation.yaml with its data paths pointed at the "Industrial
     Electrical" slice and nothing else of its data, model or training changed, except that

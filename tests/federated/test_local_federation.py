@@ -93,6 +93,9 @@ def config_file(
     return path
 
 
+# extended: tests/cluster/test_federated.py kills the SuperLink after round 1 and checks the
+# resume, TLS and the ServerApp's opened files on the real cluster in make test
+@pytest.mark.extended
 def test_two_silos_two_rounds_killed_after_round_one_then_resumed(tmp_path: Path) -> None:
     owners = tmp_path / "owners"  # the data owners' premises, outside the federation's folders
     data = {name: silo_logs(owners / name, name) for name in TOPICS}
@@ -177,6 +180,9 @@ def test_two_silos_two_rounds_killed_after_round_one_then_resumed(tmp_path: Path
     assert str(owners) not in settings and str(work / "silos") not in settings
 
 
+# extended: tests/federated/test_strategy.py checks the optimizer's step from the private
+# release and its resume; the SecAgg+ DP run below runs Flower's deployment engine with DP
+@pytest.mark.extended
 def test_a_server_optimizer_with_differential_privacy_runs_on_the_deployment_engine(
     tmp_path: Path,
 ) -> None:
@@ -203,6 +209,9 @@ def test_a_server_optimizer_with_differential_privacy_runs_on_the_deployment_eng
     assert any(not torch.equal(one[k], two[k]) for k in one)
 
 
+# extended: make test runs SecAgg+ on the deployment engine (test_silo_dropout.py, and on the
+# cluster), and the silos' clipping under DP in test_secure_aggregation.py
+@pytest.mark.extended
 def test_secure_aggregation_with_differential_privacy_runs_on_the_deployment_engine(
     tmp_path: Path,
 ) -> None:

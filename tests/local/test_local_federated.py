@@ -47,6 +47,10 @@ def document(data: Path, name: str, federated: bool) -> dict:
     return doc
 
 
+# extended: make test proves its parts (tests/cluster/test_federated.py: a federated RecJob
+# through the operator, SecAgg+, conversion and the gate; tests/local/test_local_mode.py:
+# `recjob run`'s canary; tests/federated: the deployment engine with SecAgg+ and DP)
+@pytest.mark.extended
 def test_a_federated_model_is_gated_and_rolled_out_by_a_canary(tmp_path: Path) -> None:
     tiny_dataset(tmp_path / "data")
     for name, federated in (("central", False), ("federated", True)):

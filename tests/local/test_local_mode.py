@@ -174,6 +174,9 @@ def test_first_model_then_a_promoted_canary(workspace: Path) -> None:
     assert listening_ports(workspace) == []
 
 
+# extended: make test kills the operator mid-flight on the cluster (test_lifecycle.py) and
+# rolls a bad canary back there (test_serving.py); this is `recjob run`'s own resume
+@pytest.mark.extended
 def test_killed_mid_canary_resumes_and_rolls_back_without_duplicates(workspace: Path) -> None:
     """A canary whose business metric cannot reach its threshold; `recjob run` is killed
     mid-canary and started again: it adopts what runs and the analysis rolls it back."""

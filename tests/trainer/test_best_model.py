@@ -53,6 +53,9 @@ def consolidated(checkpoints: Path, step: int) -> dict[str, torch.Tensor]:
         )
 
 
+# extended: make test resumes killed runs (test_training.py) but leaves early stopping and
+# the best step's export across a resume to make test-extended
+@pytest.mark.extended
 def test_early_stopping_exports_the_best_step_across_a_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = search_config(

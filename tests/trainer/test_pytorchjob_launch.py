@@ -158,7 +158,10 @@ def _localize(value: str, paths: dict[str, Path]) -> str:
     return value
 
 
+# extended: tests/cluster/test_training.py runs this PyTorchJob (2 pods x 2 processes) on the
+# real Training Operator and node agents in make test
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.skipif(not (SHARED / "data").exists(), reason="../shared/data not present")
 def test_two_pods_of_two_processes_train_one_world_of_four(tmp_path: Path) -> None:
     """The PyTorchJob children.py builds, run as the Training Operator and a kubelet would:

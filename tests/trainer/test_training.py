@@ -164,6 +164,7 @@ def losses(run: Path, stage: str = "train") -> list[float]:
     ]
 
 
+@pytest.mark.extended  # ZeRO-2 and -3 consolidation stay in make test
 def test_zero0_bf16_consolidates(tmp_path: Path) -> None:
     """ZeRO stage 0 under the default bf16: DeepSpeed's zero_to_fp32 cannot read a stage-0
     checkpoint (it failed with "'NoneType' object is not iterable" on param_shapes); the
@@ -177,6 +178,9 @@ def test_zero0_bf16_consolidates(tmp_path: Path) -> None:
     assert metrics["consolidation_max_abs_diff"] < 0.05
 
 
+# extended: test_killed_run_resumes_at_the_right_step_with_the_same_data trains ZeRO-2 with
+# two processes, and tests/cluster/test_training.py 4 ranks, in make test
+@pytest.mark.extended
 def test_zero2_bf16_two_processes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(search_config(tmp_path, run, maxSteps=8, deepspeed={"zeroStage": 2}))
@@ -207,7 +211,11 @@ def test_zero2_bf16_two_processes(tmp_path: Path) -> None:
     assert again["rmse"] == pytest.approx(metrics["model"]["rmse"], abs=1e-6)
 
 
-@pytest.mark.parametrize("history_encoding", ["text", "item-embeddings"])
+@pytest.mark.parametrize(
+    "history_encoding",
+    # the same ZeRO-3 consolidation; item embeddings only change the history's encoder
+    ["text", pytest.param("item-embeddings", marks=pytest.mark.extended)],
+)
 def test_zero3_lora_recommendation_consolidates_exactly(
     tmp_path: Path, history_encoding: str
 ) -> None:
@@ -568,6 +576,9 @@ def test_sequential_recommender_zero3_trains_and_ranks_the_catalog(
     assert torch.equal(model.seen[1:], load_file(str(run / "catalog-text.safetensors"))["seen"])
 
 
+# extended: test_distillation_and_pruning_resume_in_their_own_stage runs the same stages and
+# resume with the search model in make test
+@pytest.mark.extended
 def test_sequential_distillation_and_pruning_resume_in_their_own_stage(tmp_path: Path) -> None:
     """The sequential recommender compressed in the real loop (2 processes, ZeRO-2, the
     frozen text side and a whole-catalog softmax): a 2-layer teacher of width 64 -> a

@@ -508,6 +508,10 @@ def test_recjob_file_prepare_only_and_invalid_recjob(tmp_path: Path) -> None:
     assert result.returncode != 0 and "spec.training.deepspeed.zeroStage" in result.stderr
 
 
+# extended: make test trains a recommendation model under ZeRO-3 with LoRA
+# (test_zero3_lora_recommendation_consolidates_exactly[text]) and the sequential model in
+# tests/trainer/test_sequential.py
+@pytest.mark.extended
 @pytest.mark.parametrize("method", ["lora"])
 def test_sequential_recommender_zero3_trains_and_ranks_the_catalog(
     tmp_path: Path, method: str

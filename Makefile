@@ -62,7 +62,7 @@ TEST_WORKERS ?= 2
 # 115 min serially on the slowest 2-core CI machine, over CI's 90 min.
 # --session-timeout: past it no further test starts, so a run that cannot finish in CI's
 # time still prints its durations and failures.
-SESSION_TIMEOUT ?= 4900
+SESSION_TIMEOUT ?= 5000
 PYTEST := RECJOB_CLUSTER_BUILT=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test: $(STAMP) prometheus cluster-build ## Lint, then run the test suite with the cluster tests (all but `extended`)

@@ -80,7 +80,7 @@ def _folder_rank(path: str) -> int:
     return LONGEST_FIRST.index(folder) if folder in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
-class ClusterTogetherScheduling(LoadScopeScheduling):
+class HeavyLaneScheduling(LoadScopeScheduling):
     """pytest-xdist's per-module scheduling (a module's tests, and so its module fixtures
     such as trained models, stay on one worker), with every :data:`HEAVY` test in one unit:
     one worker runs them in order (the cluster tests in file order: test_zz_rbac reads the
@@ -97,15 +97,15 @@ class ClusterTogetherScheduling(LoadScopeScheduling):
 
 class _XdistScheduling:
     @staticmethod
-    def pytest_xdist_make_scheduler(config: pytest.Config, log) -> ClusterTogetherScheduling:
+    def pytest_xdist_make_scheduler(config: pytest.Config, log) -> HeavyLaneScheduling:
         """The scheduler of a parallel run (``pytest -n N``): units in collection order
         (pytest-xdist would otherwise sort them by their number of tests)."""
         config.option.loadscopereorder = False
-        return ClusterTogetherScheduling(config, log)
+        return HeavyLaneScheduling(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Schedule parallel runs with :class:`ClusterTogetherScheduling` (pytest-xdist loaded)."""
+    """Schedule parallel runs with :class:`HeavyLaneScheduling` (pytest-xdist loaded)."""
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistScheduling(), "recjob-xdist-scheduling")
 

@@ -204,6 +204,13 @@ class EnvTest:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{name} not Established within 60 s")
                     time.sleep(0.2)
+                # Established can come before the API server serves the kind: a create
+                # then gets 503 "Resource kind ... not found. There can be a delay ..."
+                resource = name.split("/", 1)[1]
+                while self.kubectl("get", resource, "-A", "-o", "name", check=False).returncode:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{resource} not served within 60 s")
+                    time.sleep(0.2)
 
     def namespace(self, name: str) -> None:
         """Create namespace ``name`` with its ``default`` ServiceAccount (which the

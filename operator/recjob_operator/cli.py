@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .api.documents import load_documents
 from .api.v1alpha1 import RecJob
-from .documents import load_documents
-from .validation import validate_document
+from .api.validation import validate_document
 
 
 def summarize(job: RecJob) -> str:

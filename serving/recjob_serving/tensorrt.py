@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recjob_trainer.batches import Batcher, history_text
+from recjob_operator.api.model_input import history_text
+from recjob_trainer.batches import Batcher
 
 #: Only matrix multiplications are quantized (what TensorRT's explicit int8 accelerates);
 #: Softmax, LayerNorm and GELU stay in floating point, which keeps ranking quality where a

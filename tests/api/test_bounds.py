@@ -21,9 +21,9 @@ from recjob_operator.api.v1alpha1.common import (
     SEED_MAX,
     parse_generation,
 )
+from recjob_operator.api.validation import validate_document
 from recjob_operator.crd import openapi_schema
 from recjob_operator.schema import iter_schema_nodes
-from recjob_operator.validation import validate_document
 from tests.api.test_invalid import mutate
 from tests.conftest import MINIMAL, REPO, load_yaml
 
@@ -190,8 +190,8 @@ def test_parse_generation(text: str | None, expected: int | None) -> None:
 
 
 def test_local_mode_reads_a_superscript_approval_without_crashing(tmp_path: Path) -> None:
+    from recjob_operator.api.validation import parse_recjob
     from recjob_operator.local.backend import LocalBackend
-    from recjob_operator.validation import parse_recjob
 
     document = mutate(MINIMAL, {"metadata.annotations": {"recjob.dev/approve-generation": "²"}})
     job = parse_recjob(document)

@@ -1,6 +1,6 @@
-"""The CRD's CEL rules: present, well-formed, cheap enough, and equivalent to validation.py.
+"""The CRD's CEL rules: present, well-formed, cheap enough, and equivalent to api/semantics.py.
 
-Each cross-field rule of ``validation.py`` that CEL can express is an
+Each cross-field rule of ``api/semantics.py`` that CEL can express is an
 ``x-kubernetes-validations`` rule of the CRD (``api/v1alpha1/cel.py``), so the API server
 refuses the RecJob at apply time. Here cel-python evaluates every rule on every invalid
 case of ``test_invalid.py`` (each must be refused, at the same field), on every sample
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recjob_operator import validation
+from recjob_operator.api import semantics, semantics_federated
 from recjob_operator.api.v1alpha1 import RecJob
 from recjob_operator.api.v1alpha1.cel import (
     MAX_STEPS,
@@ -45,16 +45,16 @@ re2 = pytest.importorskip("re2")
 OPERATOR_ONLY = {"override-owned-key", "override-zero-stage", "override-writes-files",
                  "override-profiler-file", "override-nvme-path",
                  "federated-atomic-silo-without-catalog"}  # fmt: skip
-#: Rule functions of validation.py that the CEL rules mirror (not the storage checks).
+#: Rule functions of api/semantics.py that the CEL rules mirror (not the storage checks).
 MIRRORED = (
-    validation._data_rules,
-    validation._model_rules,
-    validation._training_rules,
-    validation._federated_rules,
-    validation._compression_rules,
-    validation._export_rules,
-    validation._serving_rules,
-    validation._rollout_rules,
+    semantics._data_rules,
+    semantics._model_rules,
+    semantics._training_rules,
+    semantics_federated.federated_rules,
+    semantics._compression_rules,
+    semantics._export_rules,
+    semantics._serving_rules,
+    semantics._rollout_rules,
 )
 REASONS = {"FieldValueRequired", "FieldValueForbidden", "FieldValueInvalid", "FieldValueDuplicate"}
 SAMPLES = [
@@ -70,8 +70,8 @@ def _normal(path: str) -> str:
     return "spec.rollout.metrics" if path == "spec.rollout.metrics.name" else path
 
 
-def mirrored_problems(document: dict) -> list[validation.Problem]:
-    """What validation.py's mirrored rules say about a schema-valid document."""
+def mirrored_problems(document: dict) -> list[semantics.Problem]:
+    """What api/semantics.py's mirrored rules say about a schema-valid document."""
     job = RecJob.model_validate(document)
     return [
         p
@@ -161,7 +161,7 @@ def test_the_semantic_cases_are_many() -> None:
     ids=[c[0] for c in SEMANTIC_CASES],
 )
 def test_cel_refuses_each_semantic_case_at_its_field(case_id, base, changes, path, fragment):
-    """Every case the OpenAPI schema lets through, validation.py refuses; CEL must too."""
+    """Every case the OpenAPI schema lets through, api/semantics.py refuses; CEL must too."""
     failures = cel_failures(mutate(base, changes))
     if case_id in OPERATOR_ONLY:
         assert failures == [], f"{case_id}: now a CEL rule; remove it from OPERATOR_ONLY"
@@ -369,12 +369,12 @@ def edited_samples(draw: st.DrawFn) -> dict:
 @given(edited_samples())
 def test_cel_and_validation_agree(document: dict) -> None:
     """On any combination of these settings, the API server (schema + CEL) refuses exactly
-    what validation.py's mirrored rules refuse, at the same fields."""
+    what api/semantics.py's mirrored rules refuse, at the same fields."""
     if schema_errors(document):
         return  # the OpenAPI schema refuses it already (and so does pydantic)
     python = {_normal(p.path) for p in mirrored_problems(document)}
     cel = {_normal(f.path) for f in cel_failures(document)}
-    assert python == cel, f"validation.py: {sorted(python)}; CEL: {sorted(cel)}"
+    assert python == cel, f"semantics: {sorted(python)}; CEL: {sorted(cel)}"
 
 
 # --------------------------------------------------------------------------- placeholders

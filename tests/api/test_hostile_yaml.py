@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recjob_operator.documents import MAX_FILE_BYTES, load_documents, parse_documents
+from recjob_operator.api.documents import MAX_FILE_BYTES, load_documents, parse_documents
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = (REPO / "examples" / "recjob-search.yaml").read_text()

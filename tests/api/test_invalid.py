@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from recjob_operator.validation import (
+from recjob_operator.api.semantics import SemanticsByGeneration
+from recjob_operator.api.validation import (
     Problem,
     RecJobInvalid,
-    SemanticsByGeneration,
     parse_recjob,
     validate_document,
 )

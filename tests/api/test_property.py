@@ -9,10 +9,10 @@ import jsonschema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from recjob_operator.api.documents import parse_documents
+from recjob_operator.api.validation import Problem, validate_document
 from recjob_operator.crd import openapi_schema
-from recjob_operator.documents import parse_documents
 from recjob_operator.schema import apply_defaults, openapi_to_jsonschema, prune_nulls
-from recjob_operator.validation import Problem, validate_document
 from tests.conftest import REPO, load_yaml
 
 SEARCH = load_yaml(REPO / "examples" / "recjob-search.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
+from recjob_operator.api.validation import validate_document
 from recjob_operator.crd import openapi_schema
 from recjob_operator.schema import (
     apply_defaults,
@@ -12,7 +13,6 @@ from recjob_operator.schema import (
     openapi_to_jsonschema,
     prune_nulls,
 )
-from recjob_operator.validation import validate_document
 from tests.conftest import CLUSTER_SAMPLES, EXAMPLES, REPO, load_yaml
 
 #: Federated RecJobs showing every field of spec.training.federated (silos, partition); not

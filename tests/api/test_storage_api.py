@@ -20,7 +20,7 @@ from recjob_operator.api.v1alpha1.uris import (
     uri_problem,
     with_suffix,
 )
-from recjob_operator.validation import validate_document
+from recjob_operator.api.validation import validate_document
 from tests.conftest import MINIMAL
 
 

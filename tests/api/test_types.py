@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from recjob_operator.api.v1alpha1 import RecJob, RecJobStatus, parse_duration, parse_quantity
-from recjob_operator.validation import parse_recjob
+from recjob_operator.api.validation import parse_recjob
 from tests.conftest import EXAMPLES, load_yaml
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recjob_operator.api.semantics_federated import FEDERATED_PARTITION_LOCAL_ONLY
 from recjob_operator.api.v1alpha1.common import SEED_MAX
-from recjob_operator.validation import FEDERATED_PARTITION_LOCAL_ONLY, validate_document
+from recjob_operator.api.validation import validate_document
 from tests.api.cel_harness import cel_failures, schema_errors
 from tests.api.test_bounds import DURATIONS, REFERENCE, SEEDS, SPEC_INTEGERS
 from tests.api.test_invalid import CASES, SEARCH, mutate

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from recjob_operator.api.v1alpha1.trainer import trainer_config
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.local.options import LocalOptions
-from recjob_operator.validation import parse_recjob
 from recjob_trainer.models import load_model
 from tests.conftest import REPO, SHARED
 from tests.trainer.test_training import BIN, free_port, kill_tree, losses

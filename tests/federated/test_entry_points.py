@@ -10,14 +10,14 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from recjob_operator.cli import cli as recjob_cli
-from recjob_operator.documents import load_documents
-from recjob_operator.validation import (
+from recjob_operator.api.documents import load_documents
+from recjob_operator.api.semantics_federated import (
     FEDERATED_PARTITION_LOCAL_ONLY,
     FEDERATED_SILO_PVC,
     cluster_problems,
-    parse_recjob,
 )
+from recjob_operator.api.validation import parse_recjob
+from recjob_operator.cli import cli as recjob_cli
 from recjob_trainer.cli import cli as train_cli
 from recjob_trainer.progress import describe
 

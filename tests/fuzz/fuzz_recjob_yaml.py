@@ -5,7 +5,7 @@ flags; see tests/fuzz/README.md). Each input is written to a file and goes throu
 command's own steps: ``load_documents`` (size limit, UTF-8, the strict YAML loader), then
 per document ``validate_document`` and, for a valid RecJob, ``summarize``.
 
-Expected: a valid RecJob, or :class:`~recjob_operator.validation.Problem` s that each name
+Expected: a valid RecJob, or :class:`~recjob_operator.api.validation.Problem` s that each name
 a field path (or the file's place: line and column, size, encoding) and say what was
 expected, in under :data:`MAX_MESSAGE` characters. Anything else (another exception type,
 RecursionError, MemoryError, a hang past libFuzzer's ``-timeout``) is a crash.
@@ -29,10 +29,10 @@ with (
     if __name__ == "__main__"
     else contextlib.nullcontext()
 ):
+    from recjob_operator.api.documents import load_documents
     from recjob_operator.api.v1alpha1 import RecJob
+    from recjob_operator.api.validation import Problem, validate_document
     from recjob_operator.cli import summarize
-    from recjob_operator.documents import load_documents
-    from recjob_operator.validation import Problem, validate_document
 
 #: Longest acceptable problem message (one problem), in characters.
 MAX_MESSAGE = 10_000

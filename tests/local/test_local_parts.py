@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from recjob_operator.api.v1alpha1.spec_delivery import MetricCheck
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.local.processes import ManagedProcess, group_members
 from recjob_operator.local.replay import ndcg_at_k, served_order
 from recjob_operator.local.report import live_business_metrics, wilson
 from recjob_operator.local.router import Routes, make_app
 from recjob_operator.local.run import restore, save
 from recjob_operator.prometheus import PrometheusSource
-from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 
 

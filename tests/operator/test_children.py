@@ -13,6 +13,7 @@ import yaml
 
 from recjob_operator.api.v1alpha1.spec_delivery import ExportSpec
 from recjob_operator.api.v1alpha1.trainer import TrainerConfig
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.children import (
     conversion_config_map,
     conversion_job,
@@ -22,7 +23,6 @@ from recjob_operator.controller.children import (
 )
 from recjob_operator.controller.serving_objects import serverless_inference_service
 from recjob_operator.schema import apply_defaults, openapi_to_jsonschema, prune_nulls
-from recjob_operator.validation import parse_recjob
 from tests.conftest import CLUSTER_SAMPLES, EXAMPLES, MINIMAL, SHARED, load_yaml
 
 CRDS = SHARED / "upstream-crds"

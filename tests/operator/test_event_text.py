@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 
 from rich.console import Console
 
+from recjob_operator.api.text import one_line
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.reconcile import ChildObservation, EmitEvent, Observed, reconcile
 from recjob_operator.kube.backend import KubeBackend
 from recjob_operator.local.backend import _last_error
 from recjob_operator.local.view import LiveView
-from recjob_operator.text import one_line
-from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)

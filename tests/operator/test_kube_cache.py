@@ -9,10 +9,10 @@ import json
 import pytest
 
 from recjob_operator.api.v1alpha1.status import ConversionStatus, RecJobStatus
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.kube import cache
 from recjob_operator.kube.backend import KubeBackend
 from recjob_operator.kube.serving import KubeServing
-from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 from tests.operator.kube_target import kube_target, unique
 

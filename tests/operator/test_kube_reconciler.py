@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from recjob_operator.api.v1alpha1.recjob import RecJob
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.reconcile import (
     ChildObservation,
     CreateConversion,
@@ -34,7 +35,6 @@ from recjob_operator.kube.reconciler import (
     recjob_document,
     reconcile_pass,
 )
-from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 from tests.operator.kube_target import kube_target, unique
 

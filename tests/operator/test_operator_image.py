@@ -15,8 +15,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller import children, serving_objects
-from recjob_operator.validation import parse_recjob
 from tests.conftest import CLUSTER_SAMPLES, REPO, load_yaml
 
 REQUIREMENTS = REPO / "operator" / "requirements.txt"
@@ -95,7 +95,7 @@ SCRIPT = textwrap.dedent(
     import recjob_operator.kube.backend
     import recjob_operator.kube.handlers
     from recjob_operator.controller import children, serving_objects
-    from recjob_operator.validation import parse_recjob
+    from recjob_operator.api.validation import parse_recjob
 
     out = {}
     for document in json.loads(sys.stdin.read()):

@@ -21,13 +21,13 @@ import pytest
 
 from recjob_operator.api.v1alpha1.promql import QueryScopeError, check_scoped, check_template
 from recjob_operator.api.v1alpha1.spec_delivery import MetricCheck, RolloutSpec
+from recjob_operator.api.validation import validate_document
 from recjob_operator.prometheus import (
     MAX_ANSWER_BYTES,
     PrometheusSource,
     PrometheusSources,
     excerpt,
 )
-from recjob_operator.validation import validate_document
 from tests.conftest import MINIMAL
 
 SCOPED = 'sum(rate(x{revision="{{revision}}",namespace="{{namespace}}"}[1m]))'

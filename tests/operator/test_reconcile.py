@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from recjob_operator.api.v1alpha1.promql import render_query
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.analysis import Reading
 from recjob_operator.controller.reconcile import (
     ChildObservation,
@@ -28,7 +29,6 @@ from recjob_operator.controller.reconcile import (
     reconcile,
     training_name,
 )
-from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

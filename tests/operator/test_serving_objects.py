@@ -7,6 +7,7 @@ import copy
 
 import pytest
 
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.children import snapshot_uri
 from recjob_operator.controller.serving_objects import (
     REVISION_HEADER,
@@ -17,7 +18,6 @@ from recjob_operator.controller.serving_objects import (
     serverless_inference_service,
     version_inference_service,
 )
-from recjob_operator.validation import parse_recjob
 from tests.conftest import MINIMAL
 from tests.operator.test_children import assert_valid_against, job
 

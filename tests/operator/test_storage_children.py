@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 from recjob_operator.api.v1alpha1.storage import GCP_KEY_PATH, WORK_DIR
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.children import conversion_job, pytorch_job
 from recjob_operator.controller.serving_objects import serverless_inference_service
-from recjob_operator.validation import parse_recjob
 from tests.conftest import CLUSTER_SAMPLES, MINIMAL, load_yaml
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from recjob_operator.api.validation import parse_recjob
 from recjob_operator.controller.children import (
     CONFIG_MOUNT,
     HOME,
@@ -25,7 +26,6 @@ from recjob_operator.controller.children import (
     pytorch_job,
     training_config_map,
 )
-from recjob_operator.validation import parse_recjob
 from recjob_trainer import launch
 from recjob_trainer.cli import cli
 from tests.conftest import SHARED

@@ -15,13 +15,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from recjob_operator.api.model_input import history_text
+
 from .data.splits import sample_negatives
 from .sequence_data import SequenceBatcher, length_bucketed_order
-
-
-def history_text(history: list[str], texts: dict[str, str]) -> str:
-    """A user's recent items as text, most recent first."""
-    return " ; ".join(texts[i] for i in reversed(history) if i in texts) or "(no history)"
 
 
 @dataclass

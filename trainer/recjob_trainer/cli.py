@@ -74,8 +74,8 @@ def cli(
     from .config import config_from_recjob, load_config
 
     if recjob_path:
-        from recjob_operator.documents import load_documents
-        from recjob_operator.validation import RecJobInvalid, parse_recjob
+        from recjob_operator.api.documents import load_documents
+        from recjob_operator.api.validation import RecJobInvalid, parse_recjob
 
         try:
             job = parse_recjob(load_documents(recjob_path)[0].content)

@@ -36,8 +36,10 @@ import polars as pl
 import torch
 import torch.distributed as dist
 
+from recjob_operator.api.model_input import history_text
+
 from . import metrics as m
-from .batches import Batcher, history_text
+from .batches import Batcher
 from .models import RankingModel, pool_history
 from .sequence_data import sequence_scores
 

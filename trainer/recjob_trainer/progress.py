@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recjob_operator.text import one_line
+from recjob_operator.api.text import one_line
 
 
 class Progress:

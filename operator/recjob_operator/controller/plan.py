@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
+from ..api.text import one_line
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import Condition, RecJobStatus
-from ..text import one_line
 from .actions import EmitEvent
 
 #: Longest Event message (what the operator sends Kubernetes; the rest is cut with ...).

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ..api.text import one_line
 from ..api.v1alpha1.common import APPROVE_ANNOTATION, GROUP
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import RecJobStatus
@@ -59,7 +60,6 @@ from ..controller.reconcile import (
     training_name,
 )
 from ..prometheus import PrometheusSource, PrometheusSources
-from ..text import one_line
 from .cache import KUBEFLOW, MANAGED_SELECTOR, ChildView
 from .errors import ChildWriteError
 from .metrics import api_call

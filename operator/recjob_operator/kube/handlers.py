@@ -35,11 +35,13 @@ from datetime import UTC, datetime
 import kopf
 from kubernetes import client, config
 
+from ..api.semantics import SemanticsByGeneration
+from ..api.semantics_federated import cluster_problems
 from ..api.v1alpha1.common import FINALIZER
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
+from ..api.validation import validate_document
 from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..prometheus import PrometheusSources
-from ..validation import SemanticsByGeneration, cluster_problems, validate_document
 from . import cache, metrics
 from .backend import KubeBackend
 from .diffbase import MemoryDiffBaseStorage

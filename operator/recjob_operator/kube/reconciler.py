@@ -42,6 +42,7 @@ from typing import Any
 from ..api.v1alpha1.common import GROUP
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.status import RecJobStatus
+from ..api.validation import validate_document
 from ..controller.reconcile import (
     CreateConversion,
     CreateTraining,
@@ -51,7 +52,6 @@ from ..controller.reconcile import (
     reconcile,
     set_condition,
 )
-from ..validation import validate_document
 from . import metrics
 from .backend import ChildWriteError, KubeBackend, StatusConflict
 from .cache import ChildView

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from ..api.text import one_line
 from ..api.v1alpha1.common import APPROVE_ANNOTATION, parse_generation
 from ..api.v1alpha1.recjob import RecJob
 from ..api.v1alpha1.trainer import trainer_config
@@ -46,7 +47,6 @@ from ..controller.reconcile import (
     training_name,
 )
 from ..prometheus import PrometheusSource
-from ..text import one_line
 from .options import LocalOptions, local_namespace
 from .processes import BIN, ManagedProcess, free_port
 from .serving import LocalServing

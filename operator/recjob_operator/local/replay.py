@@ -38,7 +38,7 @@ import aiohttp
 import numpy as np
 import polars as pl
 
-from recjob_trainer.batches import history_text
+from ..api.model_input import history_text
 
 CANDIDATES = 20
 #: Most recent history items a top-k request sends (the model keeps its own window).

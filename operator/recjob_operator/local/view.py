@@ -7,8 +7,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..api.text import one_line
 from ..api.v1alpha1.recjob import RecJob
-from ..text import one_line
 
 
 def status_table(recjob: RecJob) -> Table:

@@ -1,9 +1,9 @@
 """CEL validation rules (``x-kubernetes-validations``) of the RecJob spec.
 
-The cross-field rules of ``recjob_operator.validation`` that CEL can express, so the API
+The cross-field rules of ``recjob_operator.api.validation`` that CEL can express, so the API
 server refuses a bad RecJob at ``kubectl apply`` instead of the operator marking it
 ``Valid=False`` later. The spec types attach these lists with ``json_schema_extra``; the
-CRD generator copies them into the schema, and ``validation.py`` keeps the same rules in
+CRD generator copies them into the schema, and ``api/semantics.py`` keeps the same rules in
 Python (for local mode, ``recjob validate`` and objects stored before the CRD had them).
 
 Rules run after the API server's defaulting, so fields with a default are always present;
@@ -109,7 +109,7 @@ _KNOWN = ", ".join("{{" + name + "}}" for name in QUERY_PLACEHOLDERS)
 
 # --------------------------------------------------------------------------- metrics vs task
 def _metric_rules(metric: str, guard: str, field_path: str) -> Rules:
-    """The task a quality metric needs (validation._metric_fits_task)."""
+    """The task a quality metric needs (semantics._metric_fits_task)."""
     prefix = f"{guard} || " if guard else ""
     return [
         rule(
@@ -285,7 +285,7 @@ MODEL_RULES = schema_rules(
 
 
 # --------------------------------------------------------------------------- federated
-#: Messages shared with ``validation.py`` (the Python side adds the values it saw).
+#: Messages shared with ``api/semantics.py`` (the Python side adds the values it saw).
 FEDERATED_SILOS_REQUIRED = (
     "required: list the silos (each with its own data) or set partition (silos made from spec.data)"
 )
@@ -541,7 +541,7 @@ def _teacher_rules() -> Rules:
     return out
 
 
-#: Messages shared with validation.py (the sequential recommender's student and pruning).
+#: Messages shared with api/semantics.py (the sequential recommender's student and pruning).
 SEQUENTIAL_STUDENT_SMALLER = (
     "the student must be smaller than the teacher (model.sequential: fewer layers, or a "
     "smaller hiddenSize)"

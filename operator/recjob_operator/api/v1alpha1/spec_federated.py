@@ -1,7 +1,7 @@
 """The RecJob spec's ``training.federated`` section: fine-tuning across data silos whose
 raw logs never leave them (Flower's deployment engine: a SuperLink, one SuperNode per silo,
 a ServerApp that aggregates model updates only). Field docstrings become the CRD's
-descriptions; cross-field rules are in :mod:`.cel` (mirrored in ``validation.py``)."""
+descriptions; cross-field rules are in :mod:`.cel` (mirrored in ``..semantics``)."""
 
 from __future__ import annotations
 

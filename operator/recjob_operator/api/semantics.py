@@ -1,54 +1,28 @@
-"""RecJob validation: schema errors from pydantic and semantic rules beyond the schema.
+"""RecJob semantic rules: cross-field rules the schema cannot express, each problem naming
+the field path and what was expected.
 
-Every problem names the field path (``spec.rollout.steps[2]``) and what was expected.
-Validation never raises on bad input; it returns problems.
-
-The semantic rules are also CEL rules of the CRD (``api/v1alpha1/cel.py``), so the API
-server refuses most bad RecJobs itself; only the rules about the free-form
-``deepspeed.configOverrides`` (which CEL cannot read) are checked here alone. Both must
-change together: ``tests/api/test_cel.py`` proves each CEL rule refuses what these refuse.
+The rules are also CEL rules of the CRD (``v1alpha1/cel.py``), so the API server refuses
+most bad RecJobs itself; only the rules about the free-form ``deepspeed.configOverrides``
+(which CEL cannot read) are checked here alone. Both must change together:
+``tests/api/test_cel.py`` proves each CEL rule refuses what these refuse.
 """
 
 from __future__ import annotations
 
-import copy
 import re
-import types
-import typing
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
-from .api.v1alpha1 import RecJob, cel, parse_duration
-from .api.v1alpha1.cel import PLACEHOLDER_PATTERN, RAW_NEEDS_GATEWAY
-from .api.v1alpha1.common import (
+from .problems import Problem, Problems
+from .semantics_federated import federated_rules, silo_file_rules
+from .v1alpha1 import RecJob, cel, parse_duration
+from .v1alpha1.cel import PLACEHOLDER_PATTERN, RAW_NEEDS_GATEWAY
+from .v1alpha1.common import (
     BUNDLED_MODELS,
-    DNS_LABEL_PATTERN,
-    DURATION_PATTERN,
     QUERY_PLACEHOLDERS,
-    URI_PATTERN,
-    URL_PATTERN,
 )
-from .api.v1alpha1.deepspeed_overrides import override_problems
-from .api.v1alpha1.promql import QueryScopeError, check_template
-from .api.v1alpha1.recjob import NAME_PATTERN
-from .api.v1alpha1.spec import RecJobSpec
-from .api.v1alpha1.spec_base import METRIC_PATTERN
-from .api.v1alpha1.storage import data_uris, storage_problems
-from .api.v1alpha1.uris import pvc_claim, uri_problem
-
-__all__ = [
-    "BUNDLED_MODELS",
-    "QUERY_PLACEHOLDERS",
-    "Problem",
-    "RecJobInvalid",
-    "cluster_problems",
-    "parse_recjob",
-    "semantic_problems",
-    "validate_document",
-]
+from .v1alpha1.deepspeed_overrides import override_problems
+from .v1alpha1.promql import QueryScopeError, check_template
+from .v1alpha1.spec import RecJobSpec
+from .v1alpha1.storage import storage_problems
 
 _PLACEHOLDER_RE = re.compile(PLACEHOLDER_PATTERN)
 
@@ -63,205 +37,6 @@ _OWNED_DEEPSPEED_KEYS = {
 }
 
 
-#: Human words for the regular expressions of the API types.
-_PATTERN_WORDS = {
-    DURATION_PATTERN: "a duration such as 30s, 5m or 1h30m (units ms, s, m, h; at most 6 "
-    "digits before a unit)",
-    DNS_LABEL_PATTERN: "a DNS label: lowercase letters, digits and '-', starting with a letter",
-    NAME_PATTERN: "a DNS label: lowercase letters, digits and '-', starting with a letter",
-    URI_PATTERN: (
-        "a storage URI (file:///absolute/path, pvc://CLAIM/path, s3://BUCKET/key, "
-        "gs://BUCKET/key) or a path"
-    ),
-    METRIC_PATTERN: "a metric: auc, logloss, rmse, mrr, auto, or ndcg|hr|recall|precision@K",
-    URL_PATTERN: "an http(s) URL",
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "a DNS label: lowercase letters, digits and '-'",
-}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a RecJob: where (a field path) and what was expected."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class _Problems(list[Problem]):
-    """A list of problems with a short way to add one."""
-
-    def add(self, path: str, message: str) -> None:
-        self.append(Problem(path, message))
-
-
-class RecJobInvalid(ValueError):
-    """Raised by :func:`parse_recjob` with every problem found."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("; ".join(str(p) for p in problems))
-
-
-def parse_recjob(document: Any) -> RecJob:
-    """Validate a RecJob document (a dict) and return the typed object, or raise RecJobInvalid."""
-    job, problems = validate_document(document)
-    if problems or job is None:
-        raise RecJobInvalid(problems)
-    return job
-
-
-def validate_document(
-    document: Any, semantics: Callable[[RecJob], list[Problem]] | None = None
-) -> tuple[RecJob | None, list[Problem]]:
-    """Schema and semantic validation of one document; never raises on bad input.
-    ``semantics``: what finds the semantic problems of a RecJob that passed the schema
-    (default :func:`semantic_problems`; the operator's daemon remembers them per
-    generation)."""
-    if not isinstance(document, dict):
-        return None, [Problem("", f"expected a RecJob object (a mapping), got {_kind(document)}")]
-    try:
-        job = RecJob.model_validate(document)
-    except ValidationError as error:
-        errors = error.errors()
-        problems = [_problem_from_error(e) for e in errors]
-        return None, problems + _semantic_problems_elsewhere(document, errors)
-    return job, (semantics or semantic_problems)(job)
-
-
-def _semantic_problems_elsewhere(document: dict, errors: list[dict[str, Any]]) -> list[Problem]:
-    """Semantic problems in the parts of a document that have no schema error.
-
-    The fields with schema errors are removed (so defaults stand in for them); if the rest
-    then parses, its semantic problems are reported too, except those about removed fields.
-    """
-    repaired = copy.deepcopy(document)
-    removed: list[str] = []
-    for error in errors:
-        loc = list(error.get("loc", ()))
-        while loc and isinstance(loc[-1], int):
-            loc.pop()  # a bad list element: fall back to the whole list's default
-        if error.get("type") == "missing" or not loc or not _delete(repaired, loc):
-            return []
-        removed.append(_path(loc))
-    try:
-        job = RecJob.model_validate(repaired)
-    except ValidationError:
-        return []
-    return [
-        p
-        for p in semantic_problems(job)
-        if not any(p.path == r or p.path.startswith((r + ".", r + "[")) for r in removed)
-    ]
-
-
-def _delete(document: Any, loc: list[Any]) -> bool:
-    node = document
-    for part in loc[:-1]:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return False
-    if isinstance(node, dict) and loc[-1] in node:
-        del node[loc[-1]]
-        return True
-    return isinstance(node, dict)  # already gone (an earlier error removed it)
-
-
-# --------------------------------------------------------------------------- schema errors
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
-
-
-def _path(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _problem_from_error(error: dict[str, Any]) -> Problem:
-    loc = list(error.get("loc", ()))
-    kind = error.get("type", "")
-    value = error.get("input")
-    if kind == "missing":
-        return Problem(_path(loc), "required field is missing")
-    if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc[:-1])
-        hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
-        return Problem(_path(loc), f"unknown field {loc[-1]!r}{hint}")
-    if kind == "string_pattern_mismatch":
-        pattern = (error.get("ctx") or {}).get("pattern", "")
-        if pattern == URI_PATTERN and isinstance(value, str) and (why := uri_problem(value)):
-            return Problem(_path(loc), f"{why} (got {_short(value)})")
-        expected = _PATTERN_WORDS.get(pattern, f"text matching {pattern}")
-        return Problem(_path(loc), f"expected {expected} (got {_short(value)})")
-    message = error.get("msg", "invalid value")
-    if kind == "value_error":
-        return Problem(_path(loc), message.removeprefix("Value error, "))
-    message = message.replace("Input should be", "expected", 1)
-    got = "null" if value is None else f"{_kind(value)} {_short(value)}"
-    return Problem(_path(loc), f"{message} (got {got})")
-
-
-def _allowed_fields(loc: list[Any]) -> list[str]:
-    """The field names (camelCase) accepted at ``loc``, walking the API types."""
-    model: Any = RecJob
-    for part in loc:
-        model = _unwrap(model)
-        if isinstance(part, int):
-            args = typing.get_args(model)
-            model = args[0] if args else None
-            continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return []
-        field = next(
-            (f for n, f in model.model_fields.items() if (f.alias or n) == part or n == part), None
-        )
-        if field is None:
-            return []
-        model = field.annotation
-    model = _unwrap(model)
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return sorted(f.alias or n for n, f in model.model_fields.items())
-    return []
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip Optional / Annotated from a type annotation."""
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is typing.Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            if len(args) != 1:
-                return annotation
-            annotation = args[0]
-        else:
-            return annotation
-
-
-# --------------------------------------------------------------------------- semantic rules
 class SemanticsByGeneration:
     """:func:`semantic_problems` of one RecJob, found once per ``metadata.generation``: the
     spec of a generation never changes (status writes and label or annotation edits leave
@@ -288,8 +63,8 @@ def semantic_problems(job: RecJob) -> list[Problem]:
         _data_rules,
         _model_rules,
         _training_rules,
-        _federated_rules,
-        _silo_file_rules,
+        federated_rules,
+        silo_file_rules,
         _compression_rules,
         _export_rules,
         _serving_rules,
@@ -314,7 +89,7 @@ def _metric_fits_task(metric: str, task: str) -> str | None:
 def _data_rules(spec: RecJobSpec) -> list[Problem]:
     data, p = spec.data, "spec.data"
     cols = data.columns
-    out = _Problems()
+    out = Problems()
     if data.format == "atomic":
         if data.task != "recommendation":
             out.add(
@@ -420,7 +195,7 @@ def _data_rules(spec: RecJobSpec) -> list[Problem]:
 
 def _model_rules(spec: RecJobSpec) -> list[Problem]:
     model, p = spec.model, "spec.model"
-    out = _Problems()
+    out = Problems()
     base = model.base_model
     looks_like_uri = "://" in base or base.startswith(("/", "./", "../"))
     if not looks_like_uri and base not in BUNDLED_MODELS:
@@ -469,7 +244,7 @@ def _model_rules(spec: RecJobSpec) -> list[Problem]:
 
 def _training_rules(spec: RecJobSpec) -> list[Problem]:
     t, p = spec.training, "spec.training"
-    out = _Problems()
+    out = Problems()
     ds = t.deepspeed
     if ds.offload_optimizer != "none" and ds.zero_stage < 1:
         out.add(
@@ -539,148 +314,13 @@ def _training_rules(spec: RecJobSpec) -> list[Problem]:
     return out
 
 
-def _silo_file_rules(spec: RecJobSpec) -> list[Problem]:
-    """The files each silo's data must name itself: a silo reads only its own files (none
-    of spec.data's), so what spec.data's format needs must be in every silo's data. Not
-    mirrored in CEL: the rule joins spec.data.format with each list item's fields, and a
-    CEL rule's fieldPath cannot name a list item, so its error could not name the silo."""
-    fed, out = spec.training.federated, _Problems()
-    if fed is None or fed.silos is None or spec.data.format != "atomic":
-        return out
-    for i, silo in enumerate(fed.silos):
-        p = f"spec.training.federated.silos[{i}].data"
-        if silo.data.catalog is None:
-            out.add(
-                f"{p}.catalog",
-                "the atomic format needs the item texts in every silo (a silo reads only "
-                "its own files, not spec.data.catalog): set the silo's catalog",
-            )
-        if silo.data.validation is None and silo.data.test is None:
-            out.add(
-                f"{p}.test",
-                "the atomic format needs the silo's held-out .inter files: set test (and "
-                "validation, else validation is carved from the silo's training file)",
-            )
-    return out
-
-
-def _federated_rules(spec: RecJobSpec) -> list[Problem]:
-    """spec.training.federated (messages shared with api/v1alpha1/cel.py)."""
-    fed, p = spec.training.federated, "spec.training.federated"
-    out = _Problems()
-    if fed is None:
-        return out
-    if spec.training.nodes != 1:
-        out.add("spec.training.nodes", f"{cel.FEDERATED_ONE_PROCESS} (got {spec.training.nodes})")
-    if spec.training.processes_per_node != 1:
-        out.add(
-            "spec.training.processesPerNode",
-            f"{cel.FEDERATED_ONE_PROCESS} (got {spec.training.processes_per_node})",
-        )
-    if fed.silos is None and fed.partition is None:
-        out.add(f"{p}.silos", cel.FEDERATED_SILOS_REQUIRED)
-    if fed.silos is not None and fed.partition is not None:
-        out.add(f"{p}.partition", cel.FEDERATED_SILOS_AND_PARTITION)
-    if fed.silos is not None:
-        names = [silo.name for silo in fed.silos]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            out.add(f"{p}.silos", f"{cel.FEDERATED_DUPLICATE_SILO}: {', '.join(duplicates)}")
-    count = len(fed.silos) if fed.silos is not None else None
-    if fed.partition is not None:
-        count = fed.partition.count
-        if fed.partition.by == "column" and fed.partition.column is None:
-            out.add(f"{p}.partition.column", cel.FEDERATED_COLUMN_REQUIRED)
-        if fed.partition.by != "column" and fed.partition.column is not None:
-            out.add(f"{p}.partition.column", cel.FEDERATED_COLUMN_FORBIDDEN)
-    for silos in (len(fed.silos) if fed.silos is not None else None, count):
-        if silos is not None and fed.participation.min_silos > silos:
-            out.add(
-                f"{p}.participation.minSilos",
-                f"{fed.participation.min_silos} {cel.FEDERATED_TOO_FEW_SILOS} ({silos})",
-            )
-            break
-    strategy = fed.strategy
-    if strategy.type == "FedProx" and strategy.mu is None:
-        out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_REQUIRED)
-    if strategy.type != "FedProx" and strategy.mu is not None:
-        out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_FORBIDDEN)
-    if strategy.type not in cel.SERVER_OPTIMIZERS and strategy.server_learning_rate is not None:
-        out.add(f"{p}.strategy.serverLearningRate", cel.FEDERATED_SERVER_LR_FORBIDDEN)
-    if strategy.type != "FedAvgM" and strategy.server_momentum is not None:
-        out.add(f"{p}.strategy.serverMomentum", cel.FEDERATED_SERVER_MOMENTUM_FORBIDDEN)
-    if fed.secure_aggregation and fed.participation.min_silos < 2:
-        out.add(f"{p}.participation.minSilos", cel.FEDERATED_SECURE_AGGREGATION_SILOS)
-    if fed.exchange == "lora" and spec.model.fine_tuning.method != "lora":
-        out.add(f"{p}.exchange", cel.FEDERATED_LORA_EXCHANGE)
-    if spec.compression is not None:
-        out.add("spec.compression", cel.FEDERATED_COMPRESSION)
-    if spec.model.architecture == "sequential":
-        out.add("spec.model.architecture", cel.FEDERATED_SEQUENTIAL)
-    return out
-
-
-#: Why the Kubernetes backend refuses a partitioned federation (local mode runs it).
-FEDERATED_PARTITION_LOCAL_ONLY = (
-    "partition splits spec.data into silos on one machine (local mode: recjob run); on "
-    "Kubernetes list silos instead, each with its own data on a PersistentVolumeClaim of "
-    "its own, so that each SuperNode mounts only its silo's claim"
-)
-FEDERATED_SILO_PVC = (
-    "on Kubernetes a silo's data must be on a PersistentVolumeClaim (pvc://<claim>/<path>) "
-    "that only its SuperNode mounts; object storage would need spec.storage's credentials "
-    "in every silo's pod"
-)
-
-
-def cluster_problems(job: RecJob) -> list[Problem]:
-    """What a valid RecJob asks for that the Kubernetes backend cannot run: reported as
-    Valid=False instead of a silent fallback. A federation there needs silos whose data
-    are each on claims of their own (no other silo, nor the owner's pods, mounts them)."""
-    fed, p = job.spec.training.federated, "spec.training.federated"
-    if fed is None:
-        return []
-    if fed.partition is not None:
-        return [Problem(f"{p}.partition", FEDERATED_PARTITION_LOCAL_ONLY)]
-    out = _Problems()
-    namespace = job.metadata.namespace or "default"
-    owner = {(namespace, pvc_claim(uri)) for _, uri in data_uris(job.spec)}
-    owner |= {(namespace, pvc_claim(job.spec.artifacts_uri))}
-    users: dict[tuple[str, str], list[str]] = {}  # (namespace, claim): its silos
-    for i, silo in enumerate(fed.silos or []):
-        for field, uri in silo.data.uris().items():
-            if not uri.startswith("pvc://"):
-                out.add(f"{p}.silos[{i}].data.{field}", FEDERATED_SILO_PVC)
-                continue
-            claim = (silo.namespace or namespace, pvc_claim(uri))
-            if claim in owner:
-                out.add(
-                    f"{p}.silos[{i}].data.{field}",
-                    f"claim {claim[1]} is also mounted by the model owner's pods (spec.data or "
-                    "spec.artifactsUri): a silo's data need a claim of their own",
-                )
-            users.setdefault(claim, [])
-            if silo.name not in users[claim]:
-                users[claim].append(silo.name)
-    for (claim_namespace, claim), silos in users.items():
-        if len(silos) > 1:
-            where = "" if claim_namespace == namespace else f" (namespace {claim_namespace})"
-            out.add(
-                f"{p}.silos",
-                f"claim {claim}{where} holds the data of silos {', '.join(silos)}: each "
-                "silo's data need a claim of their own (every claim a silo names is mounted "
-                "by its SuperNode)",
-            )
-    return out
-
-
 def _compression_rules(spec: RecJobSpec) -> list[Problem]:
     c, p = spec.compression, "spec.compression"
     if c is None:
         return []
     if c.distillation is None and c.pruning is None:
         return [Problem(p, "set distillation and/or pruning, or remove compression")]
-    out = _Problems()
+    out = Problems()
     sequential = spec.model.architecture == "sequential"
     teacher = None if sequential else BUNDLED_MODELS.get(spec.model.base_model)
     d = c.distillation
@@ -748,7 +388,7 @@ def _compression_rules(spec: RecJobSpec) -> list[Problem]:
 
 def _export_rules(spec: RecJobSpec) -> list[Problem]:
     e, p = spec.export, "spec.export"
-    out = _Problems()
+    out = Problems()
     if e.target.startswith("tensorrt"):
         if e.resources.gpu < 1:
             out.add(
@@ -779,7 +419,7 @@ def _export_rules(spec: RecJobSpec) -> list[Problem]:
 
 def _serving_rules(spec: RecJobSpec) -> list[Problem]:
     s, p = spec.serving, "spec.serving"
-    out = _Problems()
+    out = Problems()
     if s.min_replicas > s.max_replicas:
         out.add(
             f"{p}.minReplicas",
@@ -794,7 +434,7 @@ def _serving_rules(spec: RecJobSpec) -> list[Problem]:
 
 def _rollout_rules(spec: RecJobSpec) -> list[Problem]:
     r, p = spec.rollout, "spec.rollout"
-    out = _Problems()
+    out = Problems()
     for i in range(1, len(r.steps)):
         if r.steps[i] <= r.steps[i - 1]:
             out.add(
@@ -844,7 +484,7 @@ def _rollout_rules(spec: RecJobSpec) -> list[Problem]:
 def _query_scope_rules(spec: RecJobSpec) -> list[Problem]:
     """Each check's query, parsed: within the RecJob's namespace, {{revision}} used in the
     query itself (no CEL counterpart: the API server cannot parse PromQL)."""
-    out = _Problems()
+    out = Problems()
     for i, m in enumerate(spec.rollout.metrics):
         names = set(_PLACEHOLDER_RE.findall(m.query))
         if "revision" not in names or names - set(QUERY_PLACEHOLDERS):

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .validation import Problem
+from .problems import Problem
 
 #: What PyYAML's reader counts as a line break.
 _LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")

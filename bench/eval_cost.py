@@ -44,8 +44,8 @@ def load_reference(path: str):
 
 
 def prepared_for(example: str, cache: Path):
-    from recjob_operator.documents import load_documents
-    from recjob_operator.validation import parse_recjob
+    from recjob_operator.api.documents import load_documents
+    from recjob_operator.api.validation import parse_recjob
     from recjob_trainer.config import config_from_recjob
     from recjob_trainer.data.prepare import prepare, read_prepared, write_prepared
 

@@ -190,27 +190,29 @@ class EnvTest:
         return httpx.Client(base_url=self.url, verify=self._ssl_context(), timeout=10)
 
     def install_crds(self, *paths: Path) -> None:
-        """Apply CustomResourceDefinitions and wait until they are Established."""
+        """Apply CustomResourceDefinitions and wait until they are Established and their
+        kinds are served (Established can come first: a create then gets 503 "Resource kind
+        ... not found. There can be a delay ...")."""
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
         for path in paths:
             self.kubectl("apply", "--server-side", "-f", str(path))
             applied = self.kubectl("get", "-f", str(path), "-o", "name").stdout.split()
             for name in applied:  # polled: `kubectl wait` fails while status has no conditions
-                jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
                 deadline = time.monotonic() + 60
-                while (
-                    self.kubectl("get", name, "-o", f"jsonpath={jsonpath}", check=False).stdout
-                    != "True"
-                ):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{name} not Established within 60 s")
-                    time.sleep(0.2)
-                # Established can come before the API server serves the kind: a create
-                # then gets 503 "Resource kind ... not found. There can be a delay ..."
-                resource = name.split("/", 1)[1]
-                while self.kubectl("get", resource, "-A", "-o", "name", check=False).returncode:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{resource} not served within 60 s")
-                    time.sleep(0.2)
+                established = ("get", name, "-o", f"jsonpath={jsonpath}")
+                self._poll(established, lambda result: result.stdout == "True", deadline,
+                           f"{name} not Established within 60 s")  # fmt: skip
+                served = ("get", name.split("/", 1)[1], "-A", "-o", "name")
+                self._poll(served, lambda result: result.returncode == 0, deadline,
+                           f"{name} not served within 60 s")  # fmt: skip
+
+    def _poll(self, args: tuple[str, ...], done, deadline: float, message: str) -> None:
+        """``kubectl args`` every 0.2 s until ``done(result)``; TimeoutError(``message``)
+        past ``deadline``."""
+        while not done(self.kubectl(*args, check=False)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(message)
+            time.sleep(0.2)
 
     def namespace(self, name: str) -> None:
         """Create namespace ``name`` with its ``default`` ServiceAccount (which the

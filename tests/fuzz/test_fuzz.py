@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,35 @@ def _report(target: str, artifacts: list[Path], output: str) -> str:
     return "\n".join(lines)
 
 
+def run_with_own_peak_rss(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` (output captured) so that its peak RSS starts from its own, not ours.
+
+    libFuzzer's ``-rss_limit_mb`` compares the limit with ``getrusage`` 's ``ru_maxrss``, and
+    Linux carries the peak RSS of the address space a process replaces at ``execve`` into
+    that number: a command started straight from a pytest worker that once held 2 GB
+    starts "over" a 2 GB limit (what failed CI: both fuzzers "out-of-memory" within a
+    second, on ordinary inputs). A shell that forks the command first gives it a fresh
+    count, from the shell's own few megabytes. The command runs in its own session so a
+    timeout ends it, not only the shell.
+    """
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", '"$@"; exit $?', "sh", *command],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzzer_finds_nothing_new(target: str, tmp_path: Path) -> None:
@@ -88,17 +118,22 @@ def test_fuzzer_finds_nothing_new(target: str, tmp_path: Path) -> None:
         f"-artifact_prefix={artifacts}/",
         "-print_final_stats=1",
     ]
-    result = subprocess.run(
-        command,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=SECONDS + 300,  # imports and the seeds' first run come before the clock
-    )
+    result = run_with_own_peak_rss(command, timeout=SECONDS + 300)  # + imports, seeds
     found = sorted(p for p in artifacts.iterdir() if p.name.startswith(ARTIFACT_PREFIXES))
     output = result.stdout + result.stderr
     assert result.returncode == 0 and not found, _report(target, found, output)
     stats = [line for line in output.splitlines() if line.startswith("stat::")]
     print(f"{target}: {SECONDS} s", *stats, sep="\n  ")
+
+
+def test_fuzzer_rss_limit_counts_only_the_fuzzer() -> None:
+    """A child started from a process that once held 256 MB starts under 128 MB peak RSS."""
+    held = bytearray(256 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: resident, and our peak
+    probe = [sys.executable, "-c", "import resource; print(resource.getrusage(0).ru_maxrss)"]
+    inherited = int(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
+    own = run_with_own_peak_rss(probe, timeout=60)
+    del held
+    assert own.returncode == 0, own.stderr
+    assert inherited >= 256 * 1024, "the kernel no longer carries the peak over exec"
+    assert int(own.stdout) < 128 * 1024, f"the child's peak RSS was {own.stdout} KiB"

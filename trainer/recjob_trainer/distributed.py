@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from recjob_trainer.extension_locks import clear_stale_locks
+
 #: What torch 2.13 warns (a FutureWarning from its ``@deprecated`` wrappers, attributed to
 #: torch/distributed/c10d_logger.py) on every call of the two collectives DeepSpeed 0.19.8
 #: uses for ZeRO's parameter all-gathers and gradient reduce-scatters
@@ -35,9 +37,11 @@ def setup_distributed() -> tuple[int, int, int]:
     started some other way without LOCAL_RANK (DeepSpeed then fails) gets 0, and a lone
     process a world of one. On a machine without CUDA, DeepSpeed runs on its CPU
     accelerator over gloo. Every rank drops DeepSpeed's deprecated-collective warnings
-    (:data:`DEPRECATED_COLLECTIVES`).
+    (:data:`DEPRECATED_COLLECTIVES`), and first clears a build lock a killed DeepSpeed op
+    build left behind (:mod:`~recjob_trainer.extension_locks`), which would hang it.
     """
     quiet_deprecated_collectives()
+    clear_stale_locks()
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -13,7 +13,7 @@ from recjob_trainer.batches import Shard, epoch_order, micro_batches, shard_rows
 from recjob_trainer.checkpoints import CHECKPOINT_MARKER, complete_checkpoints, training_digest
 from recjob_trainer.config import TrainerConfig
 from recjob_trainer.objective import loss_fn
-from recjob_trainer.optimisation import deepspeed_config, lr_lambda
+from recjob_trainer.optimisation import deepspeed_config, lr_lambda, precision_warning
 
 
 def config(**training) -> TrainerConfig:
@@ -320,3 +320,26 @@ def test_test_report_has_a_candidates_block_for_the_model_and_the_baselines() ->
         assert metrics["candidates/users"] == 1 and metrics["candidates/target_in_list"] == 1
     # drill bits is closer to a drill owner than a garden hose is
     assert report["candidates/hr@1"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("precision", "capability", "cuda", "warned"),
+    [
+        ("bf16", "AVX2", False, True),  # emulated: ~10x slower than fp32 on such a CPU
+        ("bf16", "AVX512", False, False),  # native or fast enough
+        ("bf16", "AVX2", True, False),  # a GPU computes it
+        ("fp32", "AVX2", False, False),
+    ],
+)
+def test_precision_warning_names_the_field_and_the_way_out(
+    monkeypatch, precision: str, capability: str, cuda: bool, warned: bool
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    warning = precision_warning(precision)
+    assert (warning is not None) == warned
+    if warned:
+        assert "spec.training.precision" in warning and "precision: fp32" in warning
+        assert capability in warning

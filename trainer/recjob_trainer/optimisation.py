@@ -8,6 +8,31 @@ from typing import Any
 
 from .config import TrainerConfig
 
+#: CPU vector levels (``torch.backends.cpu.get_cpu_capability()``) without bf16 arithmetic:
+#: torch emulates it there. Measured on a 2-core AVX2 EPYC: a MiniLM forward and backward
+#: at batch 16 x 48 took 15.5 s in bf16 against 1.5 s in fp32.
+CPUS_WITHOUT_BF16 = ("AVX2", "NO AVX", "DEFAULT")
+
+
+def precision_warning(precision: str) -> str | None:
+    """Why ``precision`` is a poor choice on this machine, or None (training is unchanged).
+
+    bf16 on a CPU whose vector unit has no bf16 arithmetic is emulated: about 10x slower
+    than fp32 per step, and DeepSpeed keeps an fp32 master copy, so it saves no memory.
+    """
+    import torch
+
+    if precision != "bf16" or torch.cuda.is_available():
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in CPUS_WITHOUT_BF16:
+        return None
+    return (
+        f"spec.training.precision is bf16, but this CPU ({capability}) has no bf16 "
+        "arithmetic: torch emulates it, about 10x slower per step than fp32 here; "
+        "set precision: fp32 for CPU training on such machines"
+    )
+
 
 def deepspeed_config(config: TrainerConfig, world: int) -> dict:
     """The DeepSpeed config the spec describes (configOverrides merged last)."""

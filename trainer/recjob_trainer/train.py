@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -40,7 +41,7 @@ from .evaluation import evaluating, validation_metric
 from .finish import finish
 from .models import base_model_path, build_model
 from .objective import apply_lora, loss_fn, model_info
-from .optimisation import deepspeed_config, lr_lambda
+from .optimisation import deepspeed_config, lr_lambda, precision_warning
 from .outputs import check_shared, publish_run, run_directory
 from .progress import Progress
 from .run_data import prepared_data, rank_shard
@@ -147,6 +148,9 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
     started = run.started if stage.name == "train" else time.time()
     progress.stage(stage.name, total_steps)
 
+    warning = precision_warning(t.precision) if rank == 0 else None
+    if warning:
+        print(f"recjob-train: warning: {warning}", file=sys.stderr, flush=True)
     params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))

@@ -63,6 +63,8 @@ def train(config: TrainerConfig) -> dict:
             print(f"recjob-train: removed {leftover} (left by an interrupted run)", flush=True)
         # derived here, not by the operator: it depends on the world size found at start
         write_json_atomic(run_dir / "deepspeed.json", deepspeed_config(config, world))
+        if warning := precision_warning(config.training.precision):
+            print(f"recjob-train: warning: {warning}", file=sys.stderr, flush=True)
     barrier()
     check_shared(run_dir, rank, world)
     torch.manual_seed(config.training.seed)
@@ -148,9 +150,6 @@ def fit(run: RunContext, stage: Stage) -> tuple[Any, int, dict]:
     started = run.started if stage.name == "train" else time.time()
     progress.stage(stage.name, total_steps)
 
-    warning = precision_warning(t.precision) if rank == 0 else None
-    if warning:
-        print(f"recjob-train: warning: {warning}", file=sys.stderr, flush=True)
     params = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))

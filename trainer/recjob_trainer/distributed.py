@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from recjob_trainer.extension_locks import clear_stale_locks
+from .extension_locks import clear_stale_locks
 
 #: What torch 2.13 warns (a FutureWarning from its ``@deprecated`` wrappers, attributed to
 #: torch/distributed/c10d_logger.py) on every call of the two collectives DeepSpeed 0.19.8

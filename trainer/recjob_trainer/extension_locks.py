@@ -40,12 +40,7 @@ def extensions_root() -> Path:
 
 def _busy_folders() -> set[Path]:
     """The working folders of the processes this user can see."""
-    folders = set()
-    for process in psutil.process_iter(["cwd"]):
-        cwd = process.info.get("cwd")
-        if cwd:
-            folders.add(Path(cwd))
-    return folders
+    return {Path(p.info["cwd"]) for p in psutil.process_iter(["cwd"]) if p.info.get("cwd")}
 
 
 def clear_stale_locks(root: Path | None = None, now: float | None = None) -> list[Path]:
@@ -53,7 +48,7 @@ def clear_stale_locks(root: Path | None = None, now: float | None = None) -> lis
 
     A lock is abandoned when it is older than :data:`GRACE_SECONDS` and no process has its
     working folder in (or under) the lock's build folder. Each removal is reported on
-    stderr with the folder, so a half-built op left there is rebuilt, not trusted blindly.
+    stderr with the folder.
     """
     root = extensions_root() if root is None else root
     locks = sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})  # see the module's note

@@ -4,8 +4,8 @@
 
 1. 1-baseline.yaml: the service's first model goes straight to 100% of traffic;
 2. 2-better.yaml: a properly fine-tuned model is canaried against it and promoted;
-3. 3-worse.yaml: a deliberately broken model (30x learning rate) is canaried and rolled
-   back by the analysis of its live click-through.
+3. 3-worse.yaml: a deliberately broken model (30x learning rate) collapses and is refused
+   by the quality gate; nothing is deployed.
 
 Each step is `recjob run` (training, conversion and quality gate, live servers behind a
 weighted router, replayed traffic with click feedback, Prometheus-gated canary). At the
@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 STEPS = [
     ("1-baseline.yaml", "demo-baseline", 0, "deployed as the first model"),
     ("2-better.yaml", "demo-better", 0, "canaried and promoted"),
-    ("3-worse.yaml", "demo-worse", 3, "canaried and rolled back"),
+    ("3-worse.yaml", "demo-worse", 1, "refused by the quality gate"),
 ]
 
 

@@ -101,7 +101,7 @@ manifests: $(STAMP) ## Regenerate the CRD from the API types
 	$(BIN)/recjob crd -o $(CRD)
 	@echo "wrote $(CRD)"
 
-demo: $(STAMP) prometheus ## Baseline, promoted canary and rolled-back canary, end to end locally
+demo: $(STAMP) prometheus ## Baseline, promoted canary and a broken model refused by the quality gate, end to end locally
 	$(BIN)/python examples/demo/demo.py --workdir runs/demo
 
 # The RecBole SASRec peer of the recommendation-quality benchmark (bench/peers/README.md)

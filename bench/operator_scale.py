@@ -16,7 +16,9 @@ included, sampled every 0.2 s); after a settle time, its API requests per RecJob
 over a window, from the audit log (a watch counts once, when it ends) or else its
 ``recjob_api_requests_total`` (without kopf's own watches and patches); and from the audit
 log, its requests per RecJob (watches aside) from the first create until every PyTorchJob
-existed. Refuses to start
+existed; and the CPU seconds each process used meanwhile (the cluster's components, the
+operator, the bench: bench/cpu_use.py), to tell the operator's cost from the API server's.
+Refuses to start
 while a cluster test (namespace ``t-*``) has pods. ``--operator-env`` runs are only printed
 (results/ holds the default configuration's).
 """
@@ -41,6 +43,7 @@ import httpx
 import psutil
 import yaml
 from common import free_port
+from cpu_use import CpuUse
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
@@ -64,6 +67,7 @@ PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 MANAGED = "app.kubernetes.io/managed-by=recjob-operator"
 SECONDS, RSS = "seconds_until_every_pytorchjob_exists", "operator_peak_rss_mib"
 STEADY = "requests_per_recjob_per_minute"
+CPU = "cpu_seconds_until_every_pytorchjob_exists"
 #: manifests/manager/finalizer_policy.yaml: the finalizer added as each RecJob is created
 FINALIZER_POLICY = REPO / "manifests/manager/finalizer_policy.yaml"
 FINALIZER_BINDING = "mutatingadmissionpolicybinding/recjob-finalizer"
@@ -302,7 +306,9 @@ def run(size: int, settle: float, window: float, threads: int = 8,
     kubectl("delete", FINALIZER_BINDING, "--ignore-not-found")
     if wait_finalizer_policy(objects, docs[0], bound=False):
         raise RuntimeError("the API server still adds the finalizer with no binding")
+    cpu_alone = CpuUse()
     alone = create_all(objects, docs, threads)
+    cpu_seconds_alone = cpu_alone.seconds()
     for ns in NAMESPACES:
         objects.delete_collection_namespaced_custom_object("recjob.dev", "v1alpha1", ns, "recjobs")
 
@@ -319,6 +325,7 @@ def run(size: int, settle: float, window: float, threads: int = 8,
     operator, metrics_port, health_port = start_operator(workdir, extra_env or {})
     stop, rss, jobs, result = threading.Event(), {}, {}, {"recjobs": size}
     result["create_seconds_without_operator"] = alone
+    result["cpu_seconds_creates_without_operator"] = cpu_seconds_alone
     result["finalizer_at_admission"] = policy_active
     if extra_env:
         result["operator_env"] = extra_env
@@ -330,9 +337,11 @@ def run(size: int, settle: float, window: float, threads: int = 8,
         watcher = threading.Thread(target=watch_pytorchjobs, args=(api, size, stop, jobs))
         watcher.start()
         burst_offset = AUDIT.stat().st_size if AUDIT.exists() else None
+        cpu = CpuUse({"operator": operator.pid})
         started, burst_start = time.monotonic(), datetime.now(UTC)
         result["create_seconds"] = create_all(objects, docs, threads)
         watcher.join(timeout=600)
+        result[CPU] = cpu.seconds()  # to when the watch saw the last PyTorchJob (+ < 1 s)
         if "time" not in jobs:
             raise RuntimeError(f"not every PyTorchJob exists after 600 s; see {workdir}")
         result[SECONDS] = jobs["time"] - started
@@ -374,6 +383,7 @@ def run(size: int, settle: float, window: float, threads: int = 8,
             operator.wait(60)
             sampler.join()
     result[RSS] = rss["peak"] / 2**20
+    result["cpus"] = os.cpu_count()
     # the issue's: 200 in <= 10 s; 2,000 in <= 60 s under 1 GiB; <= 1 request/RecJob/min
     result["targets"] = {SECONDS: 10.0 if size <= 200 else 60.0, RSS: 1024.0, STEADY: 1.0}
     result["pass"] = {key: result[key] <= target for key, target in result["targets"].items()}
@@ -406,6 +416,22 @@ def create_all(objects: client.CustomObjectsApi, docs: list[dict], threads: int)
     return time.monotonic() - started
 
 
+def print_cpu(result: dict) -> None:
+    """Where the cores went until every PyTorchJob existed, and what the run would take
+    with an operator that cost no CPU at all (the rest's CPU seconds over the cores)."""
+    used, cores = result[CPU], result.get("cpus") or os.cpu_count() or 1
+    capacity = cores * result[SECONDS]
+    shares = ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items() if seconds >= 0.1)
+    print(f"{'':9}CPU seconds meanwhile ({cores} cores x {result[SECONDS]:.0f} s = "
+          f"{capacity:.0f}): {shares}")  # fmt: skip
+    rest = sum(used.values()) - used.get("operator", 0.0)
+    print(
+        f"{'':9}all but the operator's own: {rest:.0f} CPU s, {rest / cores:.0f} s on {cores} "
+        "cores; the API server alone for the same creates, without operator: "
+        f"{result['cpu_seconds_creates_without_operator'].get('kube-apiserver', 0):.1f} CPU s"
+    )
+
+
 def table(results: list[dict]) -> None:
     """Values against the targets (ratio <= 1 passes), and the steady state by request."""
     print(f"{'RecJobs':>7}  {'metric':40} {'value':>9} {'target':>8} {'ratio':>6}  pass")
@@ -418,6 +444,8 @@ def table(results: list[dict]) -> None:
               f"no operator: {result['create_seconds_without_operator']:.1f} s); every "
               f"PyTorchJob existed {result['seconds_after_the_last_create']:.1f} s after the "
               "last create")  # fmt: skip
+        if CPU in result:
+            print_cpu(result)
         admission = "added at admission" if result.get("finalizer_at_admission") else "kopf's"
         print(f"{'':9}finalizer: {admission} (manifests/manager/finalizer_policy.yaml)")
         if "burst_requests_per_recjob" in result:

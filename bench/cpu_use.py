@@ -6,6 +6,7 @@ that exits before the span ends is left out."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,23 +42,18 @@ class CpuUse:
     ``"bench"``."""
 
     def __init__(self, named: dict[str, int] | None = None) -> None:
-        self.names = cluster_processes() | {os.getpid(): "bench"}
-        self.names |= {pid: name for name, pid in (named or {}).items()}
-        self.processes, self.start = {}, {}
-        for pid in self.names:
-            try:
-                self.processes[pid] = psutil.Process(pid)
-                self.start[pid] = _seconds(self.processes[pid])
-            except psutil.Error:  # gone before the span began: it used nothing in it
-                continue
+        names = cluster_processes() | {os.getpid(): "bench"}
+        names |= {pid: name for name, pid in (named or {}).items()}
+        self.start: dict[psutil.Process, tuple[str, float]] = {}  # process: (name, CPU s)
+        for pid, name in names.items():
+            with contextlib.suppress(psutil.Error):  # gone before the span: used nothing in it
+                process = psutil.Process(pid)
+                self.start[process] = (name, _seconds(process))
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per component name since construction, largest first."""
         used: dict[str, float] = {}
-        for pid, process in self.processes.items():
-            try:
-                delta = _seconds(process) - self.start[pid]
-            except psutil.Error:
-                continue
-            used[self.names[pid]] = used.get(self.names[pid], 0.0) + delta
+        for process, (name, start) in self.start.items():
+            with contextlib.suppress(psutil.Error):  # exited within the span: left out
+                used[name] = used.get(name, 0.0) + _seconds(process) - start
         return dict(sorted(used.items(), key=lambda item: -item[1]))

@@ -419,7 +419,7 @@ def create_all(objects: client.CustomObjectsApi, docs: list[dict], threads: int)
 def print_cpu(result: dict) -> None:
     """Where the cores went until every PyTorchJob existed, and what the run would take
     with an operator that cost no CPU at all (the rest's CPU seconds over the cores)."""
-    used, cores = result[CPU], result.get("cpus") or os.cpu_count() or 1
+    used, cores = result[CPU], result["cpus"]
     capacity = cores * result[SECONDS]
     shares = ", ".join(f"{name} {seconds:.1f}" for name, seconds in used.items() if seconds >= 0.1)
     print(f"{'':9}CPU seconds meanwhile ({cores} cores x {result[SECONDS]:.0f} s = "
@@ -444,8 +444,7 @@ def table(results: list[dict]) -> None:
               f"no operator: {result['create_seconds_without_operator']:.1f} s); every "
               f"PyTorchJob existed {result['seconds_after_the_last_create']:.1f} s after the "
               "last create")  # fmt: skip
-        if CPU in result:
-            print_cpu(result)
+        print_cpu(result)
         admission = "added at admission" if result.get("finalizer_at_admission") else "kopf's"
         print(f"{'':9}finalizer: {admission} (manifests/manager/finalizer_policy.yaml)")
         if "burst_requests_per_recjob" in result:

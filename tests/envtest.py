@@ -191,8 +191,9 @@ class EnvTest:
 
     def install_crds(self, *paths: Path) -> None:
         """Apply CustomResourceDefinitions and wait until they are Established and their
-        kinds are served (Established can come first: a create then gets 503 "Resource kind
-        ... not found. There can be a delay ...")."""
+        kinds are served (Established can come first). A MutatingAdmissionPolicy that
+        matches a kind can still refuse its creates with 503 for a moment after this (it
+        learns the schema from OpenAPI on a timer): see test_kopf_integration.wait_admissible."""
         jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
         for path in paths:
             self.kubectl("apply", "--server-side", "-f", str(path))

@@ -109,10 +109,30 @@ def start_env(root: Path, crds: list[Path]) -> tuple[EnvTest, Path]:
         env.namespace(NS)
         overlay = env.kubectl("kustomize", str(REPO / "manifests" / "overlays" / "namespaced"))
         env.kubectl("apply", "--server-side", "-f", "-", input=overlay.stdout)
+        wait_admissible(env)
         return env, env.service_account_kubeconfig(OPERATOR_NS, "recjob-operator")
     except BaseException:
         env.stop()
         raise
+
+
+def wait_admissible(env: EnvTest, timeout: float = 60) -> None:
+    """Wait until a RecJob create passes admission. The overlay's finalizer
+    MutatingAdmissionPolicy needs the RecJob schema from the API server's OpenAPI, which
+    it learns on a timer after the CRD is served: until then every create is refused with
+    503 "Resource kind ... not found. There can be a delay ..." (seen in CI)."""
+    deadline = time.monotonic() + timeout
+    document = copy.deepcopy(MINIMAL)
+    document["metadata"] = {"name": "admission-probe", "namespace": NS}
+    with env.http() as client:
+        while True:
+            response = client.post(RECJOBS, json=document, params={"dryRun": "All"})
+            if response.status_code != 503:
+                assert response.status_code == 201, response.text
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"RecJob creates refused for {timeout} s: {response.text}")
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from recjob_operator.api import semantics, semantics_federated
 from recjob_operator.api.v1alpha1 import RecJob
-from recjob_operator.api.v1alpha1.cel import (
+from recjob_operator.api.v1alpha1.cel_syntax import (
     MAX_STEPS,
     PLACEHOLDER_PATTERN,
     REVISION_PATTERN,
@@ -167,7 +167,7 @@ def test_cel_refuses_each_semantic_case_at_its_field(case_id, base, changes, pat
         assert failures == [], f"{case_id}: now a CEL rule; remove it from OPERATOR_ONLY"
         return
     assert failures, (
-        f"{case_id}: the API server would accept it; add a rule to api/v1alpha1/cel.py "
+        f"{case_id}: the API server would accept it; add a rule to api/v1alpha1/cel*.py "
         "(or, if CEL cannot express it, list the case in OPERATOR_ONLY)"
     )
     assert _normal(path) in {_normal(f.path) for f in failures}, (case_id, failures)

@@ -14,7 +14,8 @@ import re
 from .problems import Problem, Problems
 from .semantics_federated import federated_rules, silo_file_rules
 from .v1alpha1 import RecJob, cel, parse_duration
-from .v1alpha1.cel import PLACEHOLDER_PATTERN, RAW_NEEDS_GATEWAY
+from .v1alpha1.cel_delivery import RAW_NEEDS_GATEWAY
+from .v1alpha1.cel_syntax import PLACEHOLDER_PATTERN
 from .v1alpha1.common import BUNDLED_MODELS, QUERY_PLACEHOLDERS
 from .v1alpha1.deepspeed_overrides import override_problems
 from .v1alpha1.promql import QueryScopeError, check_template

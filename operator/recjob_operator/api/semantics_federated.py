@@ -5,7 +5,7 @@ by CEL rules of the CRD like the rest of :mod:`.semantics`."""
 from __future__ import annotations
 
 from .problems import Problem, Problems
-from .v1alpha1 import RecJob, cel
+from .v1alpha1 import RecJob, cel_federated
 from .v1alpha1.spec import RecJobSpec
 from .v1alpha1.storage import data_uris
 from .v1alpha1.uris import pvc_claim
@@ -37,58 +37,66 @@ def silo_file_rules(spec: RecJobSpec) -> list[Problem]:
 
 
 def federated_rules(spec: RecJobSpec) -> list[Problem]:
-    """spec.training.federated (messages shared with api/v1alpha1/cel.py)."""
+    """spec.training.federated (messages shared with api/v1alpha1/cel_federated.py)."""
     fed, p = spec.training.federated, "spec.training.federated"
     out = Problems()
     if fed is None:
         return out
     if spec.training.nodes != 1:
-        out.add("spec.training.nodes", f"{cel.FEDERATED_ONE_PROCESS} (got {spec.training.nodes})")
+        out.add(
+            "spec.training.nodes",
+            f"{cel_federated.FEDERATED_ONE_PROCESS} (got {spec.training.nodes})",
+        )
     if spec.training.processes_per_node != 1:
         out.add(
             "spec.training.processesPerNode",
-            f"{cel.FEDERATED_ONE_PROCESS} (got {spec.training.processes_per_node})",
+            f"{cel_federated.FEDERATED_ONE_PROCESS} (got {spec.training.processes_per_node})",
         )
     if fed.silos is None and fed.partition is None:
-        out.add(f"{p}.silos", cel.FEDERATED_SILOS_REQUIRED)
+        out.add(f"{p}.silos", cel_federated.FEDERATED_SILOS_REQUIRED)
     if fed.silos is not None and fed.partition is not None:
-        out.add(f"{p}.partition", cel.FEDERATED_SILOS_AND_PARTITION)
+        out.add(f"{p}.partition", cel_federated.FEDERATED_SILOS_AND_PARTITION)
     if fed.silos is not None:
         names = [silo.name for silo in fed.silos]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            out.add(f"{p}.silos", f"{cel.FEDERATED_DUPLICATE_SILO}: {', '.join(duplicates)}")
+            out.add(
+                f"{p}.silos", f"{cel_federated.FEDERATED_DUPLICATE_SILO}: {', '.join(duplicates)}"
+            )
     count = len(fed.silos) if fed.silos is not None else None
     if fed.partition is not None:
         count = fed.partition.count
         if fed.partition.by == "column" and fed.partition.column is None:
-            out.add(f"{p}.partition.column", cel.FEDERATED_COLUMN_REQUIRED)
+            out.add(f"{p}.partition.column", cel_federated.FEDERATED_COLUMN_REQUIRED)
         if fed.partition.by != "column" and fed.partition.column is not None:
-            out.add(f"{p}.partition.column", cel.FEDERATED_COLUMN_FORBIDDEN)
+            out.add(f"{p}.partition.column", cel_federated.FEDERATED_COLUMN_FORBIDDEN)
     for silos in (len(fed.silos) if fed.silos is not None else None, count):
         if silos is not None and fed.participation.min_silos > silos:
             out.add(
                 f"{p}.participation.minSilos",
-                f"{fed.participation.min_silos} {cel.FEDERATED_TOO_FEW_SILOS} ({silos})",
+                f"{fed.participation.min_silos} {cel_federated.FEDERATED_TOO_FEW_SILOS} ({silos})",
             )
             break
     strategy = fed.strategy
     if strategy.type == "FedProx" and strategy.mu is None:
-        out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_REQUIRED)
+        out.add(f"{p}.strategy.mu", cel_federated.FEDERATED_MU_REQUIRED)
     if strategy.type != "FedProx" and strategy.mu is not None:
-        out.add(f"{p}.strategy.mu", cel.FEDERATED_MU_FORBIDDEN)
-    if strategy.type not in cel.SERVER_OPTIMIZERS and strategy.server_learning_rate is not None:
-        out.add(f"{p}.strategy.serverLearningRate", cel.FEDERATED_SERVER_LR_FORBIDDEN)
+        out.add(f"{p}.strategy.mu", cel_federated.FEDERATED_MU_FORBIDDEN)
+    if (
+        strategy.type not in cel_federated.SERVER_OPTIMIZERS
+        and strategy.server_learning_rate is not None
+    ):
+        out.add(f"{p}.strategy.serverLearningRate", cel_federated.FEDERATED_SERVER_LR_FORBIDDEN)
     if strategy.type != "FedAvgM" and strategy.server_momentum is not None:
-        out.add(f"{p}.strategy.serverMomentum", cel.FEDERATED_SERVER_MOMENTUM_FORBIDDEN)
+        out.add(f"{p}.strategy.serverMomentum", cel_federated.FEDERATED_SERVER_MOMENTUM_FORBIDDEN)
     if fed.secure_aggregation and fed.participation.min_silos < 2:
-        out.add(f"{p}.participation.minSilos", cel.FEDERATED_SECURE_AGGREGATION_SILOS)
+        out.add(f"{p}.participation.minSilos", cel_federated.FEDERATED_SECURE_AGGREGATION_SILOS)
     if fed.exchange == "lora" and spec.model.fine_tuning.method != "lora":
-        out.add(f"{p}.exchange", cel.FEDERATED_LORA_EXCHANGE)
+        out.add(f"{p}.exchange", cel_federated.FEDERATED_LORA_EXCHANGE)
     if spec.compression is not None:
-        out.add("spec.compression", cel.FEDERATED_COMPRESSION)
+        out.add("spec.compression", cel_federated.FEDERATED_COMPRESSION)
     if spec.model.architecture == "sequential":
-        out.add("spec.model.architecture", cel.FEDERATED_SEQUENTIAL)
+        out.add("spec.model.architecture", cel_federated.FEDERATED_SEQUENTIAL)
     return out
 
 

@@ -13,98 +13,17 @@ has a maxLength / maxItems bound in the schema so the API server can estimate th
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
-from .common import BUNDLED_MODELS, PLACEHOLDER_SPACE, QUERY_PLACEHOLDERS
-
-Rules = list[dict[str, str]]
-
-#: Most canary steps (RolloutSpec.steps maxItems); the step rules index up to this.
-MAX_STEPS = 20
-
-
-def rule(expression: str, message: str, field_path: str = "", reason: str = "") -> dict[str, str]:
-    """One ``x-kubernetes-validations`` entry (``reason``: a Kubernetes FieldValue* cause)."""
-    out = {"rule": expression, "message": message}
-    if field_path:
-        out["fieldPath"] = field_path
-    if reason:
-        out["reason"] = reason
-    return out
-
-
-def schema_rules(*rules: dict[str, str]) -> dict[str, Any]:
-    """The ``json_schema_extra`` that puts ``rules`` on a model's or field's schema."""
-    return {"x-kubernetes-validations": list(rules)}
-
-
-def cel_string(text: str) -> str:
-    """``text`` as a CEL string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _one_of(expression: str, values: list[str]) -> str:
-    return f"{expression} in [{', '.join(cel_string(v) for v in values)}]"
-
-
-#: No rule uses ``FieldValueDuplicate``: the API server reports it as ``Duplicate value``
-#: without the rule's message (tests/cluster/test_api_validation.py).
-REQUIRED, FORBIDDEN = "FieldValueRequired", "FieldValueForbidden"
-
-
-# --------------------------------------------------------------------------- placeholders
-_IDENTIFIER_START = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_"
-_IDENTIFIER_REST = _IDENTIFIER_START + "0123456789"
-
-
-def _char_class(chars: str) -> str:
-    """A regex character class of ``chars`` written as ranges."""
-    codes = sorted({ord(c) for c in chars})
-    parts, start = [], 0
-    while start < len(codes):
-        end = start
-        while end + 1 < len(codes) and codes[end + 1] == codes[end] + 1:
-            end += 1
-        first, last = chr(codes[start]), chr(codes[end])
-        parts.append(first if first == last else f"{first}-{last}")
-        start = end + 1
-    return "[" + "".join(parts) + "]"
-
-
-def _not_in(words: list[str], allowed: str, at_root: bool) -> str:
-    """A regex for the identifiers (first character from ``allowed``) not in ``words``,
-    built from the words' trie: leave it at some character, stop early, or go on past it.
-    RE2 has no lookahead, so this is how CEL tells an unknown placeholder from a known one."""
-    children: dict[str, list[str]] = {}
-    for word in words:
-        if word:
-            children.setdefault(word[0], []).append(word[1:])
-    branches = []
-    if not at_root and "" not in words:
-        branches.append("")  # the identifier ends here, a proper prefix of a known name
-    others = "".join(c for c in allowed if c not in children)
-    # RE2's \w is exactly [0-9A-Za-z_], in the API server and in cel-python alike
-    if others == _IDENTIFIER_REST:
-        branches.append(r"\w+")
-    elif others:
-        branches.append(_char_class(others) + r"\w*")
-    for char in sorted(children):
-        branches.append(re.escape(char) + _not_in(children[char], _IDENTIFIER_REST, False))
-    return "(" + "|".join(branches) + ")"
-
-
-#: A ``{{name}}`` placeholder; spaces are spelled out (RE2's and Python's \s differ).
-PLACEHOLDER_PATTERN = (
-    rf"\{{\{{{PLACEHOLDER_SPACE}*([A-Za-z_][A-Za-z0-9_]*){PLACEHOLDER_SPACE}*\}}\}}"
+from .cel_federated import FEDERATED_ONE_PROCESS, FEDERATED_SPEC_RULES
+from .cel_syntax import (
+    FORBIDDEN,
+    REQUIRED,
+    Rules,
+    cel_string,
+    one_of,
+    rule,
+    schema_rules,
 )
-REVISION_PATTERN = rf"\{{\{{{PLACEHOLDER_SPACE}*revision{PLACEHOLDER_SPACE}*\}}\}}"
-UNKNOWN_PLACEHOLDER_PATTERN = (
-    rf"\{{\{{{PLACEHOLDER_SPACE}*"
-    + _not_in(list(QUERY_PLACEHOLDERS), _IDENTIFIER_START, True)
-    + rf"{PLACEHOLDER_SPACE}*\}}\}}"
-)
-_KNOWN = ", ".join("{{" + name + "}}" for name in QUERY_PLACEHOLDERS)
+from .common import BUNDLED_MODELS
 
 
 # --------------------------------------------------------------------------- metrics vs task
@@ -219,7 +138,7 @@ DATA_RULES = schema_rules(
         ".preprocessing.split.strategy",
     ),
     rule(
-        f"{_NO_STRATEGY} || !({_one_of(_STRATEGY, ['leave-one-out', 'by-time'])})"
+        f"{_NO_STRATEGY} || !({one_of(_STRATEGY, ['leave-one-out', 'by-time'])})"
         " || self.task == 'recommendation'",
         "leave-one-out and by-time split user histories; for task search-ranking use "
         "by-query or predefined",
@@ -274,116 +193,13 @@ SEQUENTIAL_RULES = schema_rules(
 
 MODEL_RULES = schema_rules(
     rule(
-        f"{_one_of('self.baseModel', list(BUNDLED_MODELS))} || self.baseModel.contains('://')"
+        f"{one_of('self.baseModel', list(BUNDLED_MODELS))} || self.baseModel.contains('://')"
         " || self.baseModel.startsWith('/') || self.baseModel.startsWith('./')"
         " || self.baseModel.startsWith('../')",
         f"unknown bundled model; expected one of {', '.join(BUNDLED_MODELS)} or a URI of a "
         "model directory",
         ".baseModel",
     )
-)
-
-
-# --------------------------------------------------------------------------- federated
-#: Messages shared with ``api/semantics.py`` (the Python side adds the values it saw).
-FEDERATED_SILOS_REQUIRED = (
-    "required: list the silos (each with its own data) or set partition (silos made from spec.data)"
-)
-FEDERATED_SILOS_AND_PARTITION = "set silos or partition, not both"
-FEDERATED_DUPLICATE_SILO = "silo names must be unique"
-FEDERATED_TOO_FEW_SILOS = "exceeds the number of silos: no round could ever complete"
-FEDERATED_MU_REQUIRED = "required by FedProx (the weight of its proximal term)"
-FEDERATED_MU_FORBIDDEN = "mu is FedProx's; set type: FedProx or remove mu"
-FEDERATED_SERVER_LR_FORBIDDEN = (
-    "serverLearningRate is a server optimizer's (FedAdam, FedAvgM); set one of those types "
-    "or remove serverLearningRate"
-)
-FEDERATED_SERVER_MOMENTUM_FORBIDDEN = (
-    "serverMomentum is FedAvgM's; set type: FedAvgM or remove serverMomentum"
-)
-#: The strategies that keep optimizer state on the server (with differential privacy the
-#: trainer puts them outside the DP wrapper: they step from the private release only).
-SERVER_OPTIMIZERS = ("FedAdam", "FedAvgM")
-_SERVER_OPTIMIZERS = "[" + ", ".join(f"'{t}'" for t in SERVER_OPTIMIZERS) + "]"
-FEDERATED_COLUMN_REQUIRED = "required when by is column"
-FEDERATED_COLUMN_FORBIDDEN = "set, but by is hash; set by: column or remove column"
-FEDERATED_SECURE_AGGREGATION_SILOS = (
-    "must be at least 2 with secureAggregation: SecAgg+ hides one silo's update only in a "
-    "sum of several, and rebuilds a dropped silo's masks from minSilos shares"
-)
-FEDERATED_ONE_PROCESS = (
-    "federated training runs one process per silo (a Flower SuperNode each); must be 1"
-)
-FEDERATED_LORA_EXCHANGE = (
-    "exchange lora sends LoRA adapters, but model.fineTuning.method is not lora; set "
-    "model.fineTuning.method lora, or exchange full"
-)
-FEDERATED_COMPRESSION = "not supported yet with training.federated; remove compression"
-FEDERATED_SEQUENTIAL = (
-    "not supported yet with training.federated: use architecture auto (cross-encoder for "
-    "search-ranking, bi-encoder for recommendation)"
-)
-
-PARTITION_RULES = schema_rules(
-    rule(
-        "self.by != 'column' || has(self.column)",
-        FEDERATED_COLUMN_REQUIRED,
-        ".column",
-        REQUIRED,
-    ),
-    rule(
-        "self.by == 'column' || !has(self.column)",
-        FEDERATED_COLUMN_FORBIDDEN,
-        ".column",
-        FORBIDDEN,
-    ),
-)
-
-STRATEGY_RULES = schema_rules(
-    rule("self.type != 'FedProx' || has(self.mu)", FEDERATED_MU_REQUIRED, ".mu", REQUIRED),
-    rule("self.type == 'FedProx' || !has(self.mu)", FEDERATED_MU_FORBIDDEN, ".mu", FORBIDDEN),
-    rule(
-        f"self.type in {_SERVER_OPTIMIZERS} || !has(self.serverLearningRate)",
-        FEDERATED_SERVER_LR_FORBIDDEN,
-        ".serverLearningRate",
-        FORBIDDEN,
-    ),
-    rule(
-        "self.type == 'FedAvgM' || !has(self.serverMomentum)",
-        FEDERATED_SERVER_MOMENTUM_FORBIDDEN,
-        ".serverMomentum",
-        FORBIDDEN,
-    ),
-)
-
-FEDERATED_RULES = schema_rules(
-    rule("has(self.silos) || has(self.partition)", FEDERATED_SILOS_REQUIRED, ".silos", REQUIRED),
-    rule(
-        "!has(self.silos) || !has(self.partition)",
-        FEDERATED_SILOS_AND_PARTITION,
-        ".partition",
-        FORBIDDEN,
-    ),
-    rule(
-        "!has(self.silos) || self.silos.all(s, self.silos.exists_one(t, t.name == s.name))",
-        FEDERATED_DUPLICATE_SILO,
-        ".silos",
-    ),
-    rule(
-        "!has(self.silos) || self.participation.minSilos <= size(self.silos)",
-        FEDERATED_TOO_FEW_SILOS,
-        ".participation.minSilos",
-    ),
-    rule(
-        "!has(self.partition) || self.participation.minSilos <= self.partition.count",
-        FEDERATED_TOO_FEW_SILOS,
-        ".participation.minSilos",
-    ),
-    rule(
-        "!self.secureAggregation || self.participation.minSilos >= 2",
-        FEDERATED_SECURE_AGGREGATION_SILOS,
-        ".participation.minSilos",
-    ),
 )
 
 
@@ -555,86 +371,6 @@ SEQUENTIAL_PRUNING = (
 )
 
 
-# --------------------------------------------------------------------------- export, serving
-QUALITY_BUDGET_RULES = schema_rules(
-    rule(
-        "!has(self.maxRelativeDropVsTeacher)"
-        " || self.maxRelativeDropVsTeacher >= self.maxRelativeDrop",
-        "cannot be tighter than maxRelativeDrop (the teacher is upstream of the unquantized "
-        "student)",
-        ".maxRelativeDropVsTeacher",
-    )
-)
-
-RAW_NEEDS_GATEWAY = (
-    "RawDeployment/Standard mode needs a Gateway: KServe splits canary traffic only in "
-    "Serverless mode, so RecJob splits it with a Gateway API HTTPRoute on this Gateway"
-)
-SERVING_RULES = schema_rules(
-    rule("self.minReplicas <= self.maxReplicas", "must not exceed maxReplicas", ".minReplicas"),
-    rule(
-        "self.deploymentMode == 'Serverless' || self.minReplicas >= 1",
-        "RawDeployment/Standard cannot scale to zero: at least 1",
-        ".minReplicas",
-    ),
-    rule(
-        "self.deploymentMode == 'Serverless' || has(self.gateway)",
-        RAW_NEEDS_GATEWAY,
-        ".gateway",
-        "FieldValueRequired",
-    ),
-)
-
-
-# --------------------------------------------------------------------------- rollout
-_INDEXES = "[" + ", ".join(str(i) for i in range(MAX_STEPS - 1)) + "]"
-
-STEPS_RULES = schema_rules(
-    rule(
-        f"{_INDEXES}.all(i, i + 1 >= size(self) || self[i] < self[i + 1])",
-        "steps must increase strictly",
-    ),
-    rule(
-        "size(self) == 0 || self[size(self) - 1] == 100",
-        "the last step must be 100 (promotion)",
-    ),
-)
-
-METRICS_RULES = schema_rules(
-    rule(
-        "self.all(m, self.exists_one(n, n.name == m.name))",
-        "metric names must be unique",
-    )
-)
-
-METRIC_CHECK_RULES = schema_rules(
-    rule(
-        "has(self.min) || has(self.max)",
-        "set min and/or max (a check without a threshold cannot fail)",
-    ),
-    rule("!has(self.min) || !has(self.max) || self.min <= self.max", "must not exceed max", ".min"),
-    rule(
-        f"self.query.matches({cel_string(REVISION_PATTERN)})",
-        "must contain {{revision}} so the canary and the stable revision are measured apart",
-        ".query",
-    ),
-    rule(
-        f"!self.query.matches({cel_string(UNKNOWN_PLACEHOLDER_PATTERN)})",
-        f"unknown placeholder; expected {_KNOWN}",
-        ".query",
-    ),
-)
-
-ROLLOUT_RULES = schema_rules(
-    rule("duration(self.interval) >= duration('1s')", "at least 1s", ".interval"),
-    rule(
-        "duration(self.noData.deadline) >= duration(self.interval)",
-        "must be at least the analysis interval",
-        ".noData.deadline",
-    ),
-)
-
-
 # --------------------------------------------------------------------------- whole spec
 SPEC_RULES = schema_rules(
     rule(
@@ -689,20 +425,5 @@ SPEC_RULES = schema_rules(
         ".export.qualityBudget.maxRelativeDropVsTeacher",
     ),
     *_teacher_rules(),
-    rule(
-        "!has(self.training.federated) || self.training.federated.exchange != 'lora'"
-        " || self.model.fineTuning.method == 'lora'",
-        FEDERATED_LORA_EXCHANGE,
-        ".training.federated.exchange",
-    ),
-    rule(
-        "!has(self.training.federated) || !has(self.compression)",
-        FEDERATED_COMPRESSION,
-        ".compression",
-    ),
-    rule(
-        "!has(self.training.federated) || self.model.architecture != 'sequential'",
-        FEDERATED_SEQUENTIAL,
-        ".model.architecture",
-    ),
+    *FEDERATED_SPEC_RULES,
 )

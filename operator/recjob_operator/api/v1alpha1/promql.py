@@ -20,7 +20,7 @@ import re
 
 import promql_parser
 
-from .cel import PLACEHOLDER_PATTERN
+from .cel_syntax import PLACEHOLDER_PATTERN
 
 #: The label every series selector must pin to the RecJob's namespace.
 NAMESPACE_LABEL = "namespace"

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from . import cel
+from . import cel_delivery, cel_syntax
 from .common import DnsLabel, Duration, StorageUri
 from .spec_base import MAX_TEXT_LENGTH, METRIC_PATTERN, ResourceSpec, SpecModel, with_rules
 
@@ -18,7 +18,7 @@ ExportTarget = Literal["onnxruntime-int8", "onnxruntime-fp32", "tensorrt-int8", 
 class QualityBudget(SpecModel):
     """How much ranking quality conversion may cost before the model is refused."""
 
-    model_config = with_rules(cel.QUALITY_BUDGET_RULES)
+    model_config = with_rules(cel_delivery.QUALITY_BUDGET_RULES)
 
     metric: str = Field(default="auto", pattern=METRIC_PATTERN, max_length=16)
     """auto: ndcg@10 (the task's main metric)."""
@@ -69,7 +69,7 @@ class GatewayRef(SpecModel):
 class ServingSpec(SpecModel):
     """The KServe InferenceService that serves the model."""
 
-    model_config = with_rules(cel.SERVING_RULES)
+    model_config = with_rules(cel_delivery.SERVING_RULES)
 
     name: DnsLabel | None = Field(default=None, max_length=45)
     """Service name; default: the RecJob's name. RecJobs naming the same service roll out
@@ -108,7 +108,7 @@ class MetricCheck(SpecModel):
     click-through rates), ``{{namespace}}``, ``{{service}}`` and ``{{interval}}`` are
     filled in too. Missing data never counts as a pass."""
 
-    model_config = with_rules(cel.METRIC_CHECK_RULES)
+    model_config = with_rules(cel_delivery.METRIC_CHECK_RULES)
 
     name: DnsLabel
     query: str = Field(min_length=1, max_length=4096)
@@ -154,13 +154,13 @@ class NoDataPolicy(SpecModel):
 class RolloutSpec(SpecModel):
     """Progressive delivery of a new model version as a canary."""
 
-    model_config = with_rules(cel.ROLLOUT_RULES)
+    model_config = with_rules(cel_delivery.ROLLOUT_RULES)
 
     steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
         default_factory=lambda: [10, 25, 50, 100],
         min_length=1,
-        max_length=cel.MAX_STEPS,
-        json_schema_extra=cel.STEPS_RULES,
+        max_length=cel_syntax.MAX_STEPS,
+        json_schema_extra=cel_delivery.STEPS_RULES,
     )
     """Canary traffic percents, strictly increasing, ending at 100."""
     interval: Duration = "1m"
@@ -170,7 +170,9 @@ class RolloutSpec(SpecModel):
     failure_limit: int = Field(default=2, ge=1, le=100)
     """Failed checks that trigger a rollback."""
     metrics: list[MetricCheck] = Field(
-        default_factory=_default_metrics, max_length=20, json_schema_extra=cel.METRICS_RULES
+        default_factory=_default_metrics,
+        max_length=20,
+        json_schema_extra=cel_delivery.METRICS_RULES,
     )
     no_data: NoDataPolicy = Field(default_factory=NoDataPolicy)
     manual_approval: bool = False

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from . import cel
+from . import cel_federated
 from .common import StorageUri
 from .spec_base import MAX_STEP_COUNT, MAX_TEXT_LENGTH, SpecModel, with_rules
 from .spec_data import DataSpec
@@ -66,7 +66,7 @@ class PartitionSpec(SpecModel):
     """For experiments: spec.data split into silos (each silo's SuperNode still reads only
     its own part)."""
 
-    model_config = with_rules(cel.PARTITION_RULES)
+    model_config = with_rules(cel_federated.PARTITION_RULES)
 
     by: Literal["hash", "column"] = "hash"
     """hash: rows go to silos by a hash of the user id (recommendation) or query (search),
@@ -93,7 +93,7 @@ class ParticipationSpec(SpecModel):
 class StrategySpec(SpecModel):
     """How the server combines the silos' updates."""
 
-    model_config = with_rules(cel.STRATEGY_RULES)
+    model_config = with_rules(cel_federated.STRATEGY_RULES)
 
     type: Literal["FedAvg", "FedProx", "FedAdam", "FedAvgM"] = "FedAvg"
     """FedAvg: average weighted by training examples; FedProx: FedAvg with a proximal term
@@ -136,7 +136,7 @@ class FederatedSpec(SpecModel):
     per silo (silos only: each silo's data on claims of its own, which only its SuperNode
     mounts; partition is local mode's)."""
 
-    model_config = with_rules(cel.FEDERATED_RULES)
+    model_config = with_rules(cel_federated.FEDERATED_RULES)
 
     silos: list[SiloSpec] | None = Field(default=None, min_length=2, max_length=MAX_SILOS)
     """The data owners, each with its own data URIs (or set partition)."""

@@ -47,7 +47,8 @@ def prepared_for(example: str, cache: Path):
     from recjob_operator.api.documents import load_documents
     from recjob_operator.api.validation import parse_recjob
     from recjob_trainer.config import config_from_recjob
-    from recjob_trainer.data.prepare import prepare, read_prepared, write_prepared
+    from recjob_trainer.data.prepare import prepare
+    from recjob_trainer.data.prepared import read_prepared, write_prepared
 
     recjob = EXAMPLES / example
     job = parse_recjob(load_documents(str(recjob))[0].content)

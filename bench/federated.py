@@ -294,7 +294,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "trainer"))
     sys.path.insert(0, str(REPO / "operator"))
-    from recjob_trainer.data.prepare import read_prepared
+    from recjob_trainer.data.prepared import read_prepared
     from recjob_trainer.evaluation import PER_UNIT
     from recjob_trainer.metrics import paired_bootstrap
 

@@ -150,7 +150,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "operator"))
     from recjob_trainer import metrics as m
     from recjob_trainer.batches import Batcher
-    from recjob_trainer.data.prepare import read_prepared
+    from recjob_trainer.data.prepared import read_prepared
     from recjob_trainer.evaluation import (
         PER_UNIT,
         draw_negatives,

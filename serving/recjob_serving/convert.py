@@ -16,7 +16,7 @@ from recjob_operator.api.v1alpha1.common import ApiModel
 from recjob_operator.api.v1alpha1.spec_delivery import ExportSpec
 from recjob_trainer.batches import Batcher
 from recjob_trainer.compression.structure import is_uniform
-from recjob_trainer.data.prepare import read_prepared
+from recjob_trainer.data.prepared import read_prepared
 from recjob_trainer.models import load_model
 from recjob_trainer.storage import local_path, write_json_atomic
 

@@ -274,7 +274,8 @@ def test_convert_publishes_or_refuses(tmp_path: Path) -> None:
 
     from recjob_operator.api.v1alpha1.spec_data import DataSpec
     from recjob_operator.api.v1alpha1.spec_training import ModelSpec
-    from recjob_trainer.data.prepare import prepare, write_prepared
+    from recjob_trainer.data.prepare import prepare
+    from recjob_trainer.data.prepared import write_prepared
 
     model_dir = saved_model(tmp_path, "cross-encoder")
     frame = pl.read_csv(HOMEDEPOT, infer_schema=False).head(1500)

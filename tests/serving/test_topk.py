@@ -25,7 +25,7 @@ from recjob_serving.convert import ConvertConfig, convert
 from recjob_serving.onnx_model import OnnxSequentialModel
 from recjob_serving.python_backend import install_utils
 from recjob_serving.server import load_repository
-from recjob_trainer.data.prepare import PreparedData, write_prepared
+from recjob_trainer.data.prepared import PreparedData, write_prepared
 from recjob_trainer.models import ModelInfo, base_model_path, load_model, save_model
 from recjob_trainer.objective import loss_fn
 from recjob_trainer.sequential import SequenceShape, SequentialRecommender

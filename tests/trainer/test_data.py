@@ -19,7 +19,8 @@ from recjob_trainer.data.cleaning import (
     near_duplicate_groups,
     normalize_text,
 )
-from recjob_trainer.data.prepare import prepare, read_prepared, write_prepared
+from recjob_trainer.data.prepare import prepare
+from recjob_trainer.data.prepared import read_prepared, write_prepared
 from recjob_trainer.data.readers import DataError, read_table
 from recjob_trainer.data.splits import (
     by_time,

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from recjob_trainer.batches import Batcher
-from recjob_trainer.data.prepare import read_prepared
+from recjob_trainer.data.prepared import read_prepared
 from recjob_trainer.evaluation import evaluate_recommendation, evaluate_search
 from recjob_trainer.models import load_model
 from recjob_trainer.progress import read_events

@@ -12,7 +12,7 @@ import torch
 
 from .batches import Batcher, Shard
 from .config import TrainerConfig
-from .data.prepare import PreparedData
+from .data.prepared import PreparedData
 from .models import ModelInfo, RankingModel
 from .progress import Progress
 

@@ -45,7 +45,7 @@ from .sequence_data import sequence_scores
 
 if TYPE_CHECKING:  # annotations only: serving's quality gate imports this module too
     from .config import TrainerConfig
-    from .data.prepare import PreparedData
+    from .data.prepared import PreparedData
 
 #: Key of the per-query / per-user NDCG@10 values in a report (for paired comparisons;
 #: removed before metrics are written).

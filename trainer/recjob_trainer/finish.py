@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .batches import Batcher
 from .config import TrainerConfig
 from .context import RunContext
-from .data.prepare import PreparedData
+from .data.prepared import PreparedData
 from .distributed import barrier
 from .evaluation import (
     PER_UNIT,

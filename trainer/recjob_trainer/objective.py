@@ -8,7 +8,7 @@ from dataclasses import asdict
 import torch
 
 from .config import TrainerConfig
-from .data.prepare import PreparedData
+from .data.prepared import PreparedData
 from .models import ModelInfo, RankingModel
 from .sequential import SequenceShape
 

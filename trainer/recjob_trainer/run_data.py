@@ -9,7 +9,8 @@ import polars as pl
 
 from .batches import Shard, shard_rows
 from .config import TrainerConfig
-from .data.prepare import SPLITS, PreparedData, ensure_prepared, read_prepared
+from .data.prepare import ensure_prepared
+from .data.prepared import SPLITS, PreparedData, read_prepared
 from .distributed import barrier, broadcast
 from .storage import atomic_directory
 

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from ..config import TrainerConfig, load_config
-from ..data.prepare import PreparedData, ensure_prepared, read_prepared
+from ..data.prepare import ensure_prepared
+from ..data.prepared import PreparedData, read_prepared
 
 if TYPE_CHECKING:  # torch, transformers and peft load only for a training round: the
     # ClientApp is a fresh process per message, and the summary query needs none of them

@@ -122,11 +122,9 @@ def wait_admissible(env: EnvTest, timeout: float = 60) -> None:
     it learns on a timer after the CRD is served: until then every create is refused with
     503 "Resource kind ... not found. There can be a delay ..." (seen in CI)."""
     deadline = time.monotonic() + timeout
-    document = copy.deepcopy(MINIMAL)
-    document["metadata"] = {"name": "admission-probe", "namespace": NS}
     with env.http() as client:
         while True:
-            response = client.post(RECJOBS, json=document, params={"dryRun": "All"})
+            response = post_dry_run(client, NS, "admission-probe")
             if response.status_code != 503:
                 assert response.status_code == 201, response.text
                 return
@@ -177,12 +175,17 @@ def create_recjob(client: httpx.Client, name: str, **spec) -> dict:
 def dry_run_create(client: httpx.Client, namespace: str, name: str) -> dict:
     """The minimal RecJob ``namespace/name`` as the API server would create it (dry run:
     admission runs, nothing is stored)."""
+    response = post_dry_run(client, namespace, name)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def post_dry_run(client: httpx.Client, namespace: str, name: str) -> httpx.Response:
+    """The API server's answer to a dry-run create of the minimal RecJob ``namespace/name``."""
     document = copy.deepcopy(MINIMAL)
     document["metadata"] = {"name": name, "namespace": namespace}
     path = f"/apis/recjob.dev/v1alpha1/namespaces/{namespace}/recjobs"
-    response = client.post(path, json=document, params={"dryRun": "All"})
-    assert response.status_code == 201, response.text
-    return response.json()
+    return client.post(path, json=document, params={"dryRun": "All"})
 
 
 def patch_status(client: httpx.Client, path: str, status: dict) -> None:

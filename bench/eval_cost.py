@@ -1,8 +1,11 @@
 """What the end-of-run test evaluation and validation cost, before and after a change to
-``recjob_trainer/evaluation.py``: the same calls on the same rows, timed for a reference
-version of the module (``--reference FILE``, e.g. ``git show COMMIT:trainer/recjob_trainer/
-evaluation.py > /tmp/old.py``) and for the current one, alternately, with their metrics
-side by side (they must agree up to float noise).
+``recjob_trainer.evaluation``: the same calls on the same rows, timed for a reference
+version of it and for the current one, alternately, with their metrics side by side (they
+must agree up to float noise). ``--reference PATH`` is the package's folder from another
+commit (``git archive COMMIT trainer/recjob_trainer/evaluation | tar -x -C /tmp/old``, then
+``/tmp/old/trainer/recjob_trainer/evaluation``) or, for a commit from before it became a
+package, its single module (``git show COMMIT:trainer/recjob_trainer/evaluation.py >
+/tmp/old.py``).
 
 - ``search`` (Home Depot, examples/recjob-search.yaml's split): the cross-encoder's test
   evaluation (MiniLM with a fresh head: the cost, not the quality, is measured) and the
@@ -35,8 +38,16 @@ EXAMPLES = ROOT / "examples"
 
 
 def load_reference(path: str):
-    """The reference evaluation module, importable beside the current one."""
-    spec = importlib.util.spec_from_file_location("recjob_trainer._reference_evaluation", path)
+    """The reference evaluation module or package (a folder), importable beside the
+    current one: its relative imports of the trainer's other modules find the current
+    ones, its imports of its own modules its own."""
+    name = "recjob_trainer._reference_evaluation"
+    if Path(path).is_dir():
+        spec = importlib.util.spec_from_file_location(
+            name, Path(path) / "__init__.py", submodule_search_locations=[path]
+        )
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -217,7 +228,9 @@ class _nothing:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["search", "recommendation", "validation"])
-    parser.add_argument("--reference", help="evaluation.py to compare against")
+    parser.add_argument(
+        "--reference", help="the evaluation package's folder (or evaluation.py) to compare with"
+    )
     parser.add_argument("--groups", type=int, default=300, help="search: test queries")
     parser.add_argument("--users", type=int, default=300, help="recommendation: test users")
     parser.add_argument("--cache", default="/tmp/recjob-eval-cost", help="prepared data")

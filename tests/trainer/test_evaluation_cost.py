@@ -15,13 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 from recjob_trainer import metrics as m
-from recjob_trainer.evaluation import (
-    PER_UNIT,
-    _batched,
-    evaluating,
-    ranking_part,
-    target_ranks,
-)
+from recjob_trainer.evaluation import PER_UNIT, evaluating, ranking_part, target_ranks
+from recjob_trainer.evaluation.encoding import _batched
 
 
 def reference_ranking_part(scores, item_ids, frame, negatives, ks, full) -> dict:

@@ -24,9 +24,9 @@ recommendation with the same micro-batch, learning rate and number of optimizer 
    clipping norm the median update norm of run 2 (so clipping bites about half of the
    updates).
 
-Each final model/ is scored here by the trainer's own evaluation code on the same first
-``--eval-users`` test users over the full catalog (4,385 items), with the zero-shot
-encoder for reference, and on the first ``--eval-users`` validation users (a learning rate is
+Each final model/ is scored here by the trainer's own evaluation code on the same test users
+(all 8,442 unless ``--eval-users`` takes the first N) over the full catalog (4,385 items),
+with the zero-shot encoder for reference, and on as many validation users (a learning rate is
 chosen on those by federated_tuned.py, across runs at several ``--learning-rate``; each test
 user's NDCG@10 is kept for its paired comparisons). Writes bench/results/federated.json (or
 ``--out``) (``iid_ratio``, ``non_iid_ratio``, ``dp_ratio``: federated / centralized
@@ -80,6 +80,7 @@ def base_config(name: str, data: Path, output: Path, args: argparse.Namespace) -
             "microBatchSize": args.micro_batch,
             "learningRate": args.learning_rate,
             "schedule": {"type": "constant", "warmupSteps": 0},
+            "precision": args.precision,
         },
         # the trainer's / silos' own final evaluation, kept cheap: the bench scores every
         # model itself on the same users
@@ -273,7 +274,8 @@ def ci(interval: dict | None) -> str:
 KEYS = ("full/ndcg@10", "full/hr@10", "full/mrr", "sampled/ndcg@10")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (every setting of a run)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/amazon-scientific")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench-federated")
@@ -286,12 +288,23 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=5)
     parser.add_argument("--strategy", choices=("FedAvg", "FedAvgM", "FedAdam"), default="FedAvg")
     parser.add_argument("--server-learning-rate", type=float, default=None)
-    parser.add_argument("--eval-users", type=int, default=1000)
+    parser.add_argument(
+        "--eval-users", type=int, default=0,
+        help="score the first N users of test and validation (default: all of them; at "
+        "192 steps the models differ by less than the first 1,000 users resolve)",
+    )  # fmt: skip
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="every run's; bf16 only where the CPU has bf16 arithmetic "
+                        "(elsewhere torch emulates it, about 10x slower per step)")  # fmt: skip
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--reuse", action="store_true", help="reuse a finished centralized run")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "federated.json")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     sys.path.insert(0, str(REPO / "trainer"))
     sys.path.insert(0, str(REPO / "operator"))
     from recjob_trainer.data.prepared import read_prepared
@@ -305,6 +318,7 @@ def main() -> None:
 
     central = centralized(data, runs, args, steps)
     prepared = read_prepared(runs / "centralized" / "data", ("validation", "test"))
+    args.eval_users = args.eval_users or prepared.splits["test"].height
 
     iid = run_federated(
         federated_config("federated-iid", data, runs, args,

@@ -88,11 +88,18 @@ def base_config(name: str, data: Path, output: Path, args: argparse.Namespace) -
     }
 
 
+def centralized_config(data: Path, runs: Path, args: argparse.Namespace, steps: int) -> dict:
+    """The centralized run's trainer config: ``steps`` optimizer steps, no evaluation on
+    the way."""
+    config = base_config("centralized", data, runs / "centralized", args)
+    config["training"].update({"maxSteps": steps, "evalIntervalSteps": steps * 10})
+    return config
+
+
 def centralized(data: Path, runs: Path, args: argparse.Namespace, steps: int) -> dict:
     """The centralized run (one process, every core); a finished run of the same config is
     reused (``--reuse``)."""
-    config = base_config("centralized", data, runs / "centralized", args)
-    config["training"].update({"maxSteps": steps, "evalIntervalSteps": steps * 10})
+    config = centralized_config(data, runs, args, steps)
     saved, run = runs / "centralized.yaml", runs / "centralized"
     reusable = args.reuse and saved.exists() and (run / "metrics.json").exists()
     if reusable and yaml.safe_load(saved.read_text()) == config:

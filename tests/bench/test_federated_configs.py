@@ -18,8 +18,7 @@ def federated(monkeypatch):
 def configs(federated, tmp_path) -> dict[str, TrainerConfig]:
     args = federated.arguments().parse_args(["--runs", str(tmp_path)])
     steps = args.rounds * args.local_steps * args.silos
-    central = federated.base_config("centralized", args.data, tmp_path / "centralized", args)
-    central["training"].update({"maxSteps": steps, "evalIntervalSteps": steps * 10})
+    central = federated.centralized_config(args.data, tmp_path, args, steps)
     iid = federated.federated_config(
         "federated-iid", args.data, tmp_path, args,
         {"partition": {"by": "hash", "count": args.silos}},
@@ -43,9 +42,8 @@ def test_runs_differ_only_in_the_federation(federated, tmp_path):
     assert iid.training.federated is not None and central.training.federated is None
     for field in ("learning_rate", "micro_batch_size", "precision"):
         assert getattr(iid.training, field) == getattr(central.training, field), field
-    assert iid.training.federated.rounds * iid.training.federated.local_steps * 4 == (
-        central.training.max_steps
-    )
+    rounds, local = iid.training.federated.rounds, iid.training.federated.local_steps
+    assert rounds * local * 4 == central.training.max_steps  # 4 silos: the same steps in all
 
 
 def test_every_user_is_scored_unless_told(federated):

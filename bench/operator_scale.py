@@ -168,17 +168,24 @@ def delete_namespaces(timeout: float = 900) -> float:
 
 
 # ----------------------------------------------------------------------------- the operator
-def start_operator(workdir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, int, int]:
-    """``kopf run`` as in the Deployment, with the operator's ServiceAccount token (and
-    ``extra_env`` on top of the Deployment's environment)."""
+def operator_kubeconfig(workdir: Path) -> Path:
+    """A kubeconfig in ``workdir`` with a token of the operator's ServiceAccount (the
+    shipped RBAC applies to what is sent with it)."""
     token = kubectl("-n", OPERATOR_NS, "create", "token", OPERATOR_SA, "--duration=2h").strip()
-    (workdir / "kubeconfig").write_text(yaml.safe_dump({
+    (path := workdir / "kubeconfig").write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "operator",
         "clusters": [{"name": "test", "cluster": {
             "server": SERVER, "certificate-authority": str(STATE / "pki" / "ca.crt")}}],
         "users": [{"name": "operator", "user": {"token": token}}],
         "contexts": [{"name": "operator", "context": {"cluster": "test", "user": "operator"}}],
     }))  # fmt: skip
+    return path
+
+
+def start_operator(workdir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, int, int]:
+    """``kopf run`` as in the Deployment, with the operator's ServiceAccount token (and
+    ``extra_env`` on top of the Deployment's environment)."""
+    kubeconfig = operator_kubeconfig(workdir)
     manifest = yaml.safe_load_all((REPO / "manifests/manager/deployment.yaml").read_text())
     pod = next(d for d in manifest if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -187,7 +194,7 @@ def start_operator(workdir: Path, extra_env: dict[str, str]) -> tuple[subprocess
     env |= {"POD_NAME": "recjob-operator-bench", "POD_NAMESPACE": OPERATOR_NS,
             "RECJOB_METRICS_PORT": str(metrics_port), "RECJOB_METRICS_ADDRESS": "127.0.0.1",
             "RECJOB_HEALTH_PORT": str(health_port), "RECJOB_HEALTH_ADDRESS": "127.0.0.1",
-            "KUBECONFIG": str(workdir / "kubeconfig"), "PATH": os.environ["PATH"],
+            "KUBECONFIG": str(kubeconfig), "PATH": os.environ["PATH"],
             "HOME": os.environ.get("HOME", "/root")} | extra_env  # fmt: skip
     command = [str(REPO / ".venv/bin" / container["command"][0]), *container["command"][1:]]
     log = (workdir / "operator.log").open("w")

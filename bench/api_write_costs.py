@@ -1,6 +1,6 @@
 """The API server's own CPU for each write a new RecJob costs (issue 12's floor).
 
-    .venv/bin/python bench/api_write_costs.py [--count 500]
+    .venv/bin/python bench/api_write_costs.py [--count 2000]   # about 4 min
 
 bench/operator_scale.py times N RecJobs until every PyTorchJob exists; on the 2-core test
 machine its cores are full all along, the API server taking most. This bench asks what
@@ -189,7 +189,9 @@ def table(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--count", type=int, default=500, help="RecJobs (default 500)")
+    parser.add_argument("--count", type=int, default=TARGET_SIZE,
+                        help=f"RecJobs (default {TARGET_SIZE}: the cost per write grows with "
+                        "the objects stored)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/api_write_costs.json")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # restore() still runs

@@ -39,15 +39,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cpu_use import CpuUse
-from kubernetes import client, config
+from kubernetes import client
 from operator_scale import (
     ADMIN,
-    BENCH_LABEL,
     FINALIZER_BINDING,
     FINALIZER_POLICY,
     NAMESPACES,
     REPO,
+    api_client,
     busy_tests,
+    create_namespaces,
     delete_namespaces,
     kubectl,
     operator_kubeconfig,
@@ -118,20 +119,11 @@ def first_pass(created: dict) -> tuple:
 
 def run(count: int) -> list[dict]:
     """Create ``count`` RecJobs, then their first pass's writes, one kind at a time."""
-    admin = client.Configuration()
-    config.load_kube_config(str(ADMIN), client_configuration=admin)
-    admin.connection_pool_maxsize = THREADS
-    objects = client.CustomObjectsApi(client.ApiClient(admin))
-    operator = client.Configuration()
+    objects = client.CustomObjectsApi(api_client(ADMIN, THREADS))
     kubeconfig = operator_kubeconfig(Path(tempfile.mkdtemp(prefix="api-write-costs-")))
-    config.load_kube_config(str(kubeconfig), client_configuration=operator)
-    operator.connection_pool_maxsize = THREADS
-    api = client.ApiClient(operator)
+    api = api_client(kubeconfig, THREADS)
     backend, core, custom = KubeBackend(api), client.CoreV1Api(api), client.CustomObjectsApi(api)
-    labels = {BENCH_LABEL: "api-write-costs"}  # delete_namespaces() finds them
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
-        for ns in NAMESPACES]}))  # fmt: skip
+    create_namespaces("api-write-costs")
     docs = [recjob(f"w{i:04d}", NAMESPACES[i % len(NAMESPACES)]) for i in range(count)]
     # no operator runs to release finalizers: the policy's binding is removed meanwhile
     kubectl("delete", FINALIZER_BINDING, "--ignore-not-found")

@@ -155,6 +155,23 @@ def restore(saved: dict) -> None:
         kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", check=False)
 
 
+def api_client(kubeconfig: Path, threads: int) -> client.ApiClient:
+    """An API client from ``kubeconfig`` with a kept-alive connection per thread."""
+    configuration = client.Configuration()
+    config.load_kube_config(str(kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = threads
+    return client.ApiClient(configuration)
+
+
+def create_namespaces(bench: str) -> None:
+    """The bench namespaces, labelled ``BENCH_LABEL=bench`` (:func:`delete_namespaces`
+    deletes them)."""
+    labels = {BENCH_LABEL: bench}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
+        for ns in NAMESPACES))  # fmt: skip
+
+
 def delete_namespaces(timeout: float = 900) -> float:
     """Delete the bench namespaces (a running operator releases the RecJobs' finalizers);
     seconds until they are gone."""
@@ -299,14 +316,8 @@ def run(size: int, settle: float, window: float, threads: int = 8,
     """One size: a fresh operator, N RecJobs, the steady-state window, cleanup (``policy``:
     with the finalizer policy bound, else kopf patches the finalizer in)."""
     workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
-    cfg = client.Configuration()
-    config.load_kube_config(str(ADMIN), client_configuration=cfg)
-    cfg.connection_pool_maxsize = threads
-    objects = client.CustomObjectsApi(api := client.ApiClient(cfg))
-    labels = {BENCH_LABEL: "operator-scale"}
-    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
-        for ns in NAMESPACES))  # fmt: skip
+    objects = client.CustomObjectsApi(api := api_client(ADMIN, threads))
+    create_namespaces("operator-scale")
     docs = [recjob(f"r{i:04d}", NAMESPACES[i % len(NAMESPACES)]) for i in range(size)]
     # the baseline: the same creates with no operator running (the API server alone), the
     # finalizer policy unbound meanwhile (no operator would release its finalizers)

@@ -4,6 +4,7 @@ and what each kind of spec edit does (retrain, reconvert, or apply in place)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -130,7 +131,39 @@ def test_pending_creates_training_once_by_deterministic_name() -> None:
     )
     seen = step(job, Observed(training=running), T0 + timedelta(seconds=10))
     assert kinds(seen) == [] and job.status.training.progress.step == 40
-    assert "step 40" in job.status.message and seen.requeue_after == 5.0
+    assert "step 40" in job.status.message
+    # it waits for the child, with no deadline: a watching backend looks again on a change
+    assert seen.wait_for_children and seen.requeue_after is None
+
+
+def test_waiting_for_conversion_or_a_first_deployment_is_waiting_for_children() -> None:
+    job = make()
+    step(job, Observed(), T0)
+    converting = step(job, Observed(training=trained()), T0)
+    assert kinds(converting) == [CreateConversion]
+    assert converting.wait_for_children and converting.requeue_after is None
+    running = step(job, Observed(training=trained(), conversion=converted(state="Running")), T0)
+    assert running.wait_for_children and running.requeue_after is None
+    first = make()
+    to_rollout(first, stable=None)  # no model yet: straight to 100%, once it is ready
+    assert first.status.phase == "RollingOut" and "first model" in first.status.message
+    deploying = step(first, Observed(training=trained(), conversion=converted()), T0)
+    assert kinds(deploying) == [DeployStable] and deploying.wait_for_children
+
+
+def test_a_canary_whose_pods_are_not_ready_is_looked_at_again_at_its_deadline() -> None:
+    """Its readiness comes from a watched child (any change wakes a watching backend), but
+    the no-data deadline passes with no change: the core asks to look again then."""
+    job = make()  # noData deadline 2m
+    observed = to_rollout(job)
+    waiting = dataclasses.replace(
+        observed, serving=dataclasses.replace(observed.serving, canary_ready=False)
+    )
+    early = step(job, waiting, T0 + timedelta(seconds=30))
+    assert "waiting for its pods" in job.status.message
+    assert early.wait_for_children and early.requeue_after == 90.0
+    late = step(job, waiting, T0 + timedelta(seconds=121))
+    assert RollBack in kinds(late) and "not ready after 121s" in job.status.message
 
 
 def test_the_pass_that_sees_its_new_training_child_writes_no_status() -> None:

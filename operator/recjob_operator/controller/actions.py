@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..api.v1alpha1.status import RecJobStatus
 
-#: How often to look again at a running child (the backend may watch instead).
+#: How often a backend that does not watch the children looks again at a running one.
 POLL_SECONDS = 5.0
 
 
@@ -165,4 +165,9 @@ class Decision:
     status: RecJobStatus
     actions: list = field(default_factory=list)
     requeue_after: float | None = None
-    """Seconds until the core wants to look again (None: only on change)."""
+    """Seconds until the core wants to look again, whatever else happens (None: no
+    deadline; only on change)."""
+    wait_for_children: bool = False
+    """The core waits for a child to change (a job to finish, a service to be ready): a
+    backend that watches the children looks again when one of them changes, one that
+    does not after :data:`POLL_SECONDS`."""

@@ -60,13 +60,17 @@ def _yaml(document: dict) -> str:
     return yaml.dump(document, Dumper=_DUMPER, sort_keys=False)
 
 
+#: The label naming the RecJob a child (and its pods) belongs to.
+RECJOB_LABEL = f"{GROUP}/recjob"
+
+
 def labels(recjob: RecJob, component: str) -> dict[str, str]:
     """Labels on every child (selectable by RecJob, generation and component)."""
     return {
         "app.kubernetes.io/name": "recjob",
         "app.kubernetes.io/managed-by": "recjob-operator",
         "app.kubernetes.io/component": component,
-        f"{GROUP}/recjob": recjob.metadata.name,
+        RECJOB_LABEL: recjob.metadata.name,
         f"{GROUP}/generation": str(recjob.generation),
     }
 

@@ -51,6 +51,7 @@ class Plan:
         self.recjob, self.status, self.now = recjob, status, now
         self.actions: list = []
         self.requeue_after: float | None = None
+        self.wait_for_children = False
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         """An Event whose message is one printable line (it often quotes a child's log or
@@ -70,7 +71,12 @@ class Plan:
     def condition(self, type_: str, value: bool | None, reason: str, message: str = "") -> None:
         set_condition(self.status, type_, value, reason, message, self.now, self.recjob.generation)
 
+    def watch_children(self) -> None:
+        """Look again when a child changes (see :attr:`.Decision.wait_for_children`)."""
+        self.wait_for_children = True
+
     def requeue(self, seconds: float) -> None:
+        """Look again after ``seconds`` at the latest (a deadline, an analysis interval)."""
         seconds = max(seconds, 0.0)
         self.requeue_after = (
             seconds if self.requeue_after is None else min(self.requeue_after, seconds)

@@ -276,7 +276,7 @@ def _pending(plan: Plan, observed: Observed) -> None:
         world_size=training.nodes * training.processes_per_node,
     )
     plan.condition("Trained", False, "TrainingStarted", f"training {name}")
-    plan.requeue(POLL_SECONDS)
+    plan.watch_children()
 
 
 def _training(plan: Plan, observed: Observed) -> None:
@@ -285,7 +285,7 @@ def _training(plan: Plan, observed: Observed) -> None:
     status.training = training
     if child is None:  # not visible yet, or deleted behind our back: (re)create by name
         plan.actions.append(CreateTraining(training_name(plan.recjob)))
-        plan.requeue(POLL_SECONDS)
+        plan.watch_children()
         return
     if child.restarts > training.restarts:
         plan.event(
@@ -312,7 +312,7 @@ def _training(plan: Plan, observed: Observed) -> None:
         plan.status.message = f"training {child.name}: {child.state.lower()}" + (
             f", step {training.progress.step}" if training.progress else ""
         )
-        plan.requeue(POLL_SECONDS)
+        plan.watch_children()
         return
     training.completion_time = plan.now
     result = child.result or {}
@@ -366,7 +366,7 @@ def _start_conversion(plan: Plan, create: bool) -> None:
         plan.actions.append(CreateConversion(name))
     plan.event("Normal", "ConversionCreated", f"created conversion {name}")
     plan.condition("Converted", False, "ConversionStarted", f"converting with {name}")
-    plan.requeue(POLL_SECONDS)
+    plan.watch_children()
 
 
 def _gate_status(report: dict) -> QualityGateStatus:
@@ -391,14 +391,14 @@ def _converting(plan: Plan, observed: Observed) -> None:
     status.conversion = conversion
     if child is None:
         plan.actions.append(CreateConversion(conversion_name(plan.recjob)))
-        plan.requeue(POLL_SECONDS)
+        plan.watch_children()
         return
     conversion.state = child.state if child.state != "Restarting" else "Running"
     report = child.result
     if report and "passed" in report:
         conversion.quality_gate = _gate_status(report)
     if child.state not in ("Succeeded", "Failed"):
-        plan.requeue(POLL_SECONDS)
+        plan.watch_children()
         return
     conversion.completion_time = plan.now
     if report and report.get("passed") is False:
@@ -476,4 +476,6 @@ def reconcile(
         _converting(plan, observed)
     elif phase == "RollingOut":
         rolling_out(plan, observed, readings)
-    return Decision(plan.printable_status(), plan.actions, plan.requeue_after)
+    return Decision(
+        plan.printable_status(), plan.actions, plan.requeue_after, plan.wait_for_children
+    )

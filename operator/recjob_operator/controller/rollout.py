@@ -73,7 +73,7 @@ def rolling_out(plan: Plan, observed: Observed, readings: list[Reading] | None) 
         else:
             plan.actions.append(DeployStable(version))
             status.message = f"deploying model version {version} (first model of {service})"
-            plan.requeue(POLL_SECONDS)
+            plan.watch_children()
         return
     # a canary: make the service match the status, then analyse when due
     desired = SetCanary(version, rollout.canary_weight)
@@ -131,7 +131,8 @@ def _await_canary(plan: Plan, rollout: RolloutStatus, version: int) -> None:
         return
     rollout.next_analysis_time = plan.now + parse_duration(spec.interval)
     plan.status.message = f"canary version {version}: waiting for its pods to be ready"
-    plan.requeue(POLL_SECONDS)
+    plan.watch_children()
+    plan.requeue(deadline - waited)  # then rolled back
 
 
 def set_step(plan: Plan, rollout: RolloutStatus, step: int) -> None:

@@ -1,8 +1,9 @@
 """What the operator reads about its children: from watch caches, not by polling.
 
-The reconcile loop looks at every in-flight RecJob every few seconds. Reading its
-PyTorchJob, Job, pods and InferenceService from the API server each time made the API load
-grow with the number of RecJobs times the polling rate. Instead, kopf watches the children
+The reconcile loop looks at an in-flight RecJob whenever one of its children changes and
+at its deadlines (:mod:`.wakeups`). Reading its PyTorchJob, Job, pods and InferenceService
+from the API server each time made the API load grow with the number of RecJobs times the
+rate of looks. Instead, kopf watches the children
 (``@kopf.index`` handlers in ``handlers.py``; server-side filtered by
 :data:`MANAGED_SELECTOR`, so only the operator's own objects travel) and keeps one small
 entry per object in memory; :class:`IndexView` answers from those entries.

@@ -12,8 +12,10 @@ kopf watches the children (``@kopf.index``, server-side filtered to the operator
 objects, see :mod:`.cache`). One daemon per RecJob loops: one pass of
 :func:`.reconciler.reconcile_pass` (observe from the caches, read the canary metrics when
 an analysis is due, reconcile, act, write the status with a resourceVersion precondition,
-recomputed on 409), then sleeps until the core wants to look again, the RecJob's spec
-changes, or (after refused child writes) its backoff ends. A RecJob that fails validation
+recomputed on 409), then sleeps until the core wants to look again, the RecJob's spec or
+annotations change, one of its children changes (:mod:`.wakeups`: a RecJob waiting for its
+PyTorchJob is not looked at every few seconds), or (after refused child writes) its
+backoff ends. A RecJob that fails validation
 gets Phase Failed with every problem in its message and is not acted on. Deleting a RecJob
 mid-rollout rolls its canary back before the finalizer is released; children go with it
 (ownerReferences). Nothing is created for a RecJob being deleted, nor in a namespace being
@@ -48,12 +50,18 @@ from .diffbase import MemoryDiffBaseStorage
 from .errors import ChildWriteError
 from .health import HealthServer
 from .leader import LeaseConfig, LeaseElector
-from .reconciler import Backoff, NotLeading, recjob_document, reconcile_pass
+from .reconciler import Backoff, NotLeading, PassResult, recjob_document, reconcile_pass
+from .wakeups import Wakeups
 
 log = logging.getLogger("recjob_operator.kube")
 
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
 MAX_SLEEP = float(os.environ.get("RECJOB_MAX_SLEEP_SECONDS", "10"))
+#: Longest sleep of a RecJob waiting for its children: their changes wake it
+#: (:mod:`.wakeups`); this look is only a safety net.
+RESYNC_SECONDS = float(os.environ.get("RECJOB_RESYNC_SECONDS", "60"))
+#: The daemons' wake-up flags, set by the watch handlers below.
+WAKEUPS = Wakeups()
 #: kopf's record of the last spec it handled, kept in memory (see :mod:`.diffbase`).
 DIFFBASES = MemoryDiffBaseStorage()
 #: Longest wait for kopf's finalizer on a new RecJob before its first pass.
@@ -238,15 +246,29 @@ DELETED_POD_MESSAGES = cache.DeletedPodMessages()
 
 
 @kopf.on.event("v1", "pods")
-async def remember_deleted_pods(event: dict, body: kopf.Body, **_) -> None:
-    """A deleted child pod's termination message (the index forgets the pod)."""
+async def pod_changed(event: dict, body: kopf.Body, **_) -> None:
+    """Wake the pod's RecJob; keep a deleted child pod's termination message (the index
+    forgets the pod)."""
     if event.get("type") == "DELETED":
         DELETED_POD_MESSAGES.remember(body)
+    WAKEUPS.child_changed(body)
+
+
+@kopf.on.event(*cache.KUBEFLOW)
+@kopf.on.event(*cache.BATCH_JOBS)
+@kopf.on.event(*cache.KSERVE)
+@kopf.on.event("v1", "configmaps")
+@kopf.on.event(*cache.HTTPROUTES)
+async def child_changed(body: kopf.Body, **_) -> None:
+    """A child (added, changed, deleted; kopf has updated its cache): wake its RecJob."""
+    WAKEUPS.child_changed(body)
 
 
 @kopf.on.event("recjob.dev", "v1alpha1", "recjobs")
-async def forget_deleted_recjobs(event: dict, body: kopf.Body, **_) -> None:
-    """A RecJob gone for good: drop kopf's in-memory diff-base of it."""
+async def recjob_changed(event: dict, body: kopf.Body, **_) -> None:
+    """A spec edit or new annotation wakes the RecJob; one gone for good: drop kopf's
+    in-memory diff-base and the wake-up flag of it."""
+    WAKEUPS.recjob_changed(event.get("type"), body)
     if event.get("type") == "DELETED":
         DIFFBASES.forget(body.get("metadata", {}).get("uid") or "")
 
@@ -264,15 +286,36 @@ def _invalid_status(body: dict, problems: list) -> RecJobStatus:
 
 
 async def _sleep(stopped: kopf.DaemonStopped, body: kopf.Body, seconds: float) -> None:
-    """Sleep ``seconds``, waking early when the RecJob's spec or annotations change."""
+    """Sleep ``seconds``, waking early when the RecJob's spec or annotations or one of its
+    children change (:data:`WAKEUPS`)."""
     meta = body.get("metadata") or {}
+    key = (meta.get("namespace") or "default", meta.get("name") or "")
     before = (meta.get("generation"), dict(meta.get("annotations") or {}))
     deadline = time.monotonic() + seconds
     while not stopped and (left := deadline - time.monotonic()) > 0:
-        await stopped.wait(min(left, MAX_SLEEP))
+        if await WAKEUPS.sleep(key, stopped, min(left, MAX_SLEEP)):
+            return
         meta = body.get("metadata") or {}
         if (meta.get("generation"), dict(meta.get("annotations") or {})) != before:
             return
+
+
+#: The custom kinds (which may be read without a watch) a RecJob waits for, by its phase;
+#: batch Jobs, pods and ConfigMaps are always watched.
+WAITED_KINDS = {"Training": {"pytorchjobs"}, "RollingOut": {"inferenceservices", "httproutes"}}
+
+
+def _next_look(result: PassResult) -> float:
+    """Seconds until the next pass after a successful one: the core's deadline, at most
+    :data:`MAX_SLEEP`; while it only waits for its children, whose changes wake it, at most
+    :data:`RESYNC_SECONDS` (:data:`MAX_SLEEP` if it waits for a kind read without a watch)."""
+    waiting = result.decision is not None and result.decision.wait_for_children
+    phase = result.recjob.status.phase if result.recjob.status else None
+    if waiting and not WAITED_KINDS.get(phase or "", set()) & Runtime.uncached:
+        limit = RESYNC_SECONDS
+    else:
+        limit = MAX_SLEEP
+    return min(result.requeue_after or limit, limit)
 
 
 async def _kopf_settled(stopped: kopf.DaemonStopped, body: kopf.Body) -> None:
@@ -294,6 +337,10 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
                            Runtime.uncached, DELETED_POD_MESSAGES)  # fmt: skip
     backoff, semantics = Backoff(), SemanticsByGeneration()
     written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
+    meta = body.get("metadata") or {}
+    # from now on a child's change is kept until the next sleep (the first pass reads the
+    # caches as they were after every change before this)
+    WAKEUPS.flag((meta.get("namespace") or "default", meta.get("name") or ""))
     await _kopf_settled(stopped, body)
     while not stopped:
         if not may_act() or (body.get("metadata") or {}).get("deletionTimestamp"):
@@ -319,6 +366,7 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             await _sleep(stopped, body, MAX_SLEEP)
             continue
         ns, name = recjob.metadata.namespace or "default", recjob.metadata.name
+        WAKEUPS.follow((ns, name), recjob.service_name)  # its service's objects wake it too
         started = time.perf_counter()
         try:
             result = await asyncio.to_thread(
@@ -349,7 +397,7 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             logger.warning(f"{result.failure}; next try in {result.requeue_after:.0f}s")
             await _sleep(stopped, body, result.requeue_after or MAX_SLEEP)
         else:
-            await _sleep(stopped, body, min(result.requeue_after or MAX_SLEEP, MAX_SLEEP))
+            await _sleep(stopped, body, _next_look(result))
 
 
 async def _write_invalid(kube: KubeBackend, body: kopf.Body, status: RecJobStatus) -> None:

@@ -51,7 +51,7 @@ from .errors import ChildWriteError
 from .health import HealthServer
 from .leader import LeaseConfig, LeaseElector
 from .reconciler import Backoff, NotLeading, PassResult, recjob_document, reconcile_pass
-from .wakeups import Wakeups
+from .wakeups import Wakeups, recjob_key
 
 log = logging.getLogger("recjob_operator.kube")
 
@@ -287,17 +287,8 @@ def _invalid_status(body: dict, problems: list) -> RecJobStatus:
 
 async def _sleep(stopped: kopf.DaemonStopped, body: kopf.Body, seconds: float) -> None:
     """Sleep ``seconds``, waking early when the RecJob's spec or annotations or one of its
-    children change (:data:`WAKEUPS`)."""
-    meta = body.get("metadata") or {}
-    key = (meta.get("namespace") or "default", meta.get("name") or "")
-    before = (meta.get("generation"), dict(meta.get("annotations") or {}))
-    deadline = time.monotonic() + seconds
-    while not stopped and (left := deadline - time.monotonic()) > 0:
-        if await WAKEUPS.sleep(key, stopped, min(left, MAX_SLEEP)):
-            return
-        meta = body.get("metadata") or {}
-        if (meta.get("generation"), dict(meta.get("annotations") or {})) != before:
-            return
+    children change (:data:`WAKEUPS`) or kopf stops the daemon."""
+    await WAKEUPS.sleep(recjob_key(body), stopped, seconds)
 
 
 #: The custom kinds (which may be read without a watch) a RecJob waits for, by its phase;
@@ -337,10 +328,9 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
                            Runtime.uncached, DELETED_POD_MESSAGES)  # fmt: skip
     backoff, semantics = Backoff(), SemanticsByGeneration()
     written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
-    meta = body.get("metadata") or {}
     # from now on a child's change is kept until the next sleep (the first pass reads the
     # caches as they were after every change before this)
-    WAKEUPS.flag((meta.get("namespace") or "default", meta.get("name") or ""))
+    WAKEUPS.flag(recjob_key(body))
     await _kopf_settled(stopped, body)
     while not stopped:
         if not may_act() or (body.get("metadata") or {}).get("deletionTimestamp"):

@@ -28,6 +28,12 @@ from ..controller.serving_objects import SERVICE_LABEL
 Key = tuple[str, str]
 
 
+def recjob_key(obj: Mapping) -> Key:
+    """(namespace, name) of a RecJob object (a kopf body or an API answer)."""
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "default", meta.get("name") or ""
+
+
 def _namespace_labels(obj: Mapping) -> tuple[str, Mapping[str, str]]:
     meta = obj.get("metadata") or {}
     return meta.get("namespace") or "default", meta.get("labels") or {}
@@ -85,8 +91,7 @@ class Wakeups:
     def recjob_changed(self, event_type: str | None, obj: Mapping) -> None:
         """A RecJob's watch event: its spec (generation) or annotations changed -> wake it;
         deleted -> forget it. Its own status writes wake nothing."""
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta.get("name") or "")
+        meta, key = obj.get("metadata") or {}, recjob_key(obj)
         if event_type == "DELETED":
             self.forget(key)
             return

@@ -50,28 +50,31 @@ class Wakeups:
 
     def flag(self, key: Key) -> asyncio.Event:
         """The RecJob's wake-up flag (created on first use)."""
-        return self._flags.setdefault(key, asyncio.Event())
+        flag = self._flags.get(key)
+        if flag is None:  # not setdefault: that builds an Event on every sleep
+            flag = self._flags[key] = asyncio.Event()
+        return flag
 
     def follow(self, key: Key, service: str) -> None:
         """The RecJob ``key`` is woken by changes of ``service``'s objects too."""
         before = self._services.get(key)
         if before == service:
             return
-        if before is not None:
-            self._followers.get((key[0], before), set()).discard(key[1])
+        self._unfollow(key, before)
         self._services[key] = service
         self._followers.setdefault((key[0], service), set()).add(key[1])
+
+    def _unfollow(self, key: Key, service: str | None) -> None:
+        followers = self._followers.get((key[0], service or ""), set())
+        followers.discard(key[1])
+        if not followers:
+            self._followers.pop((key[0], service or ""), None)
 
     def forget(self, key: Key) -> None:
         """The RecJob is gone: drop its flag and what it followed."""
         self._flags.pop(key, None)
         self._seen.pop(key, None)
-        service = self._services.pop(key, None)
-        if service is not None:
-            followers = self._followers.get((key[0], service), set())
-            followers.discard(key[1])
-            if not followers:
-                self._followers.pop((key[0], service), None)
+        self._unfollow(key, self._services.pop(key, None))
 
     def wake(self, key: Key) -> None:
         """Wake the RecJob ``key`` if its daemon sleeps (nothing happens for others)."""

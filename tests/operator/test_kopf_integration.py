@@ -701,13 +701,18 @@ def test_status_conflicts_are_retried(cluster) -> None:
     finally:
         stop.set()
         writer.join(10)
-    recjob = wait_for(client, f"{RECJOBS}/contested", phase("contested", "Training"))
-    assert recjob["status"]["observedGeneration"] == 1
-    deadline = time.time() + 30  # a pass may still be retrying a write the relabels refused
-    while (codes := [r.code for r in status_writes(env, "contested", since)])[-1] != 200:
+    wait_for(client, f"{RECJOBS}/contested", phase("contested", "Training"))
+    # a pass may still be retrying a write the last relabels refused; once the writes
+    # settle, the last one either landed (200) or met a 409 whose re-read showed the
+    # status already stored was the one the pass recomputed (nothing left to write)
+    codes, deadline = [], time.time() + 30
+    while codes != (codes := [r.code for r in status_writes(env, "contested", since)]):
         assert time.time() < deadline, codes
-        time.sleep(0.2)
-    assert 409 in codes, codes
+        time.sleep(3)
+    assert 409 in codes and 200 in codes, codes
+    recjob = client.get(f"{RECJOBS}/contested").json()
+    assert recjob["status"]["phase"] == "Training", recjob["status"]
+    assert recjob["status"]["observedGeneration"] == 1
     assert client.get(f"{PYTORCHJOBS}/contested-g1-train").status_code == 200
 
 

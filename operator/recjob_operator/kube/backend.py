@@ -375,7 +375,12 @@ class KubeBackend:
             if error.status == 409:
                 raise StatusConflict(recjob.metadata.name) from None
             raise
-        return RecJob.model_validate(stored)
+        # the RecJob as stored: the one read (the precondition held) with the status written
+        # (parsing the answer again was 3% of the operator's CPU at 1,000 new RecJobs)
+        meta = recjob.metadata.model_copy(
+            update={"resource_version": stored["metadata"]["resourceVersion"]}
+        )
+        return recjob.model_copy(update={"metadata": meta, "status": status})
 
     def write_status_body(self, namespace: str, name: str, status: dict) -> None:
         """Write a status without precondition (an invalid RecJob's Failed status)."""

@@ -39,6 +39,7 @@ from kubernetes import client, config
 
 from ..api.semantics import SemanticsByGeneration
 from ..api.semantics_federated import cluster_problems
+from ..api.v1alpha1 import RecJob
 from ..api.v1alpha1.common import FINALIZER
 from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..api.validation import validate_document
@@ -327,7 +328,11 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
     view = cache.IndexView({i: kwargs[i] for i in cache.INDEXES}, Runtime.api_view,
                            Runtime.uncached, DELETED_POD_MESSAGES)  # fmt: skip
     backoff, semantics = Backoff(), SemanticsByGeneration()
-    written = None  # (resourceVersion we read, RecJob as we wrote it): until the watch has it
+    # valid RecJobs by resourceVersion: a pass validates only a version it has not seen (the
+    # API types parse each version once; 11% of the operator's CPU was parsing versions
+    # already parsed, at 1,000 new RecJobs). The version this daemon wrote stands for both
+    # the one it read (until the watch brings the write) and itself.
+    known: dict[str, RecJob] = {}
     # from now on a child's change is kept until the next sleep (the first pass reads the
     # caches as they were after every change before this)
     WAKEUPS.flag(recjob_key(body))
@@ -338,15 +343,19 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             # then nothing is created (children being deleted would be re-created)
             await stopped.wait(MAX_SLEEP)
             continue
-        recjob, problems = validate_document(recjob_document(dict(body)), semantics)
+        recjob = known.get((body.get("metadata") or {}).get("resourceVersion", ""))
+        problems = []
+        if recjob is None:
+            recjob, problems = validate_document(recjob_document(dict(body)), semantics)
         if recjob is not None and not problems:
             problems = cluster_problems(recjob)
         if problems or recjob is None:
+            known.clear()
             await _write_invalid(kube, body, _invalid_status(dict(body), problems))
             await _sleep(stopped, body, MAX_SLEEP)
             continue
-        if written and written[0] == recjob.metadata.resource_version:
-            recjob = written[1]
+        if recjob.metadata.resource_version not in known:
+            known = {recjob.metadata.resource_version: recjob}
         status = recjob.status
         if (
             status
@@ -371,8 +380,9 @@ async def run_recjob(body: kopf.Body, stopped: kopf.DaemonStopped, logger, **kwa
             continue
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-        if result.recjob is not recjob:
-            written = (recjob.metadata.resource_version, result.recjob)
+        if result.recjob is not recjob:  # written
+            versions = (recjob.metadata.resource_version, result.recjob.metadata.resource_version)
+            known = dict.fromkeys(versions, result.recjob)
         if result.decision is not None:
             metrics.record(
                 result.recjob, result.decision.status, list(result.applied), result.analysed

@@ -1,13 +1,15 @@
 """kopf's diff-base kept in memory: the essence it builds from only the parts it keeps is
-the one kopf builds from the whole object."""
+the one kopf builds from the whole object; the progress storage clears an essence as
+kopf's does, without changing the one it is given."""
 
 from __future__ import annotations
 
 import copy
 
 import kopf
+import pytest
 
-from recjob_operator.kube.diffbase import MemoryDiffBaseStorage
+from recjob_operator.kube.diffbase import AnnotationsProgressStorage, MemoryDiffBaseStorage
 from tests.conftest import MINIMAL
 
 
@@ -55,3 +57,37 @@ def test_extra_fields_are_picked_from_the_whole_object() -> None:
     body = kopf.Body(stored_recjob())
     essence = MemoryDiffBaseStorage().build(body=body, extra_fields=["status.phase"])
     assert essence["status"] == {"phase": "Training"}
+
+
+ESSENCES = {
+    "ours and others": {
+        "spec": {"a": 1},
+        "metadata": {
+            "labels": {"team": "search"},
+            "annotations": {
+                "note": "kept",
+                "recjob.dev/handler-1": "{}",
+                "recjob.dev": "x",
+                "other.dev/recjob.dev/y": "kept",
+            },
+        },
+    },
+    "only ours": {"spec": {"a": 1}, "metadata": {"annotations": {"recjob.dev/h": "{}"}}},
+    "empty stanzas": {"spec": {}, "metadata": {"labels": {}, "annotations": {}}, "status": {}},
+    "empty metadata": {"spec": {"a": [1, {"b": 2}]}, "metadata": {}},
+    "status kept": {"spec": {"a": 1}, "status": {"phase": "Training"}},
+    "no metadata": {"spec": {"a": 1}},
+}
+
+
+@pytest.mark.parametrize("prefix", ["recjob.dev", "other.dev"])
+@pytest.mark.parametrize("name", list(ESSENCES))
+def test_clear_is_kopfs_without_changing_its_input(name: str, prefix: str) -> None:
+    essence = copy.deepcopy(ESSENCES[name])
+    ours = AnnotationsProgressStorage(prefix=prefix).clear(essence=essence)
+    kopfs = kopf.AnnotationsProgressStorage(prefix=prefix).clear(essence=copy.deepcopy(essence))
+    assert ours == kopfs
+    assert essence == ESSENCES[name]  # the essence given (kopf's stored one) is unchanged
+    if prefix == "recjob.dev" and name == "ours and others":
+        assert ours["metadata"]["annotations"] == {"note": "kept", "recjob.dev": "x",
+                                                   "other.dev/recjob.dev/y": "kept"}  # fmt: skip

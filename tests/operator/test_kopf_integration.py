@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from recjob_operator.api.v1alpha1.common import FINALIZER
+from recjob_operator.controller.children import RECJOB_LABEL
 from recjob_operator.local.backend import free_port
 from tests.conftest import MINIMAL, REPO
 from tests.envtest import INFERENCESERVICE_CRD, PYTORCHJOB_CRD, RECJOB_CRD, EnvTest
@@ -224,10 +226,14 @@ def patch_status(client: httpx.Client, path: str, status: dict) -> None:
 def finish_pod(client: httpx.Client, name: str, labels: dict, message: dict,
                exit_code: int = 0) -> None:  # fmt: skip
     """A finished pod whose container left ``message`` as its termination message (with
-    the labels its PyTorchJob / Job template gives it), as the kubelet reports it."""
+    the labels its PyTorchJob / Job template gives it, the RecJob's among them: its
+    change wakes the RecJob), as the kubelet reports it."""
     component = "training" if "training.kubeflow.org/job-name" in labels else "conversion"
+    child = labels.get("training.kubeflow.org/job-name") or labels["job-name"]
+    recjob, generation = re.fullmatch(r"(.+)-g(\d+)-(?:train|convert.*)", child).groups()
     labels = {"app.kubernetes.io/managed-by": "recjob-operator",
-              "app.kubernetes.io/component": component, **labels}  # fmt: skip
+              "app.kubernetes.io/component": component, RECJOB_LABEL: recjob,
+              "recjob.dev/generation": generation, **labels}  # fmt: skip
     spec = {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}
     created = client.post(PODS, json={"apiVersion": "v1", "kind": "Pod", "spec": spec,
                                       "metadata": {"name": name, "labels": labels}})  # fmt: skip

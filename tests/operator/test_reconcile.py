@@ -151,6 +151,26 @@ def test_waiting_for_conversion_or_a_first_deployment_is_waiting_for_children() 
     assert kinds(deploying) == [DeployStable] and deploying.wait_for_children
 
 
+def test_a_child_created_by_a_pass_that_ended_before_its_status_is_judged_now() -> None:
+    """An operator killed after a create and before the status write: the next pass sees
+    the child (which may have run, even ended, meanwhile, and will not change again to
+    wake the RecJob) and takes it as it is, in the same pass, creating nothing twice."""
+    job = make()
+    decision = step(job, Observed(training=trained()), T0)  # Pending, training ended
+    assert job.status.phase == "Converting" and kinds(decision) == [CreateConversion]
+    assert job.status.training.state == "Succeeded" and decision.wait_for_children
+    running = make()
+    decision = step(running, Observed(training=ChildObservation("minimal-g1-train", "Running")), T0)
+    assert running.status.phase == "Training" and running.status.training.state == "Running"
+    assert kinds(decision) == [] and decision.wait_for_children
+    converted_meanwhile = make()
+    step(converted_meanwhile, Observed(), T0)  # Training; then the conversion ended unseen
+    decision = step(converted_meanwhile, Observed(training=trained(), conversion=converted()), T0)
+    assert converted_meanwhile.status.phase == "RollingOut", converted_meanwhile.status.message
+    assert CreateConversion not in kinds(decision)
+    assert converted_meanwhile.status.conversion.state == "Succeeded"
+
+
 def test_a_canary_whose_pods_are_not_ready_is_looked_at_again_at_its_deadline() -> None:
     """Its readiness comes from a watched child (any change wakes a watching backend), but
     the no-data deadline passes with no change: the core asks to look again then."""

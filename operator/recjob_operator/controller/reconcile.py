@@ -276,7 +276,10 @@ def _pending(plan: Plan, observed: Observed) -> None:
         world_size=training.nodes * training.processes_per_node,
     )
     plan.condition("Trained", False, "TrainingStarted", f"training {name}")
-    plan.watch_children()
+    if observed.training is None:
+        plan.watch_children()
+    else:  # it may have run, even ended, since: no change of it would wake this RecJob
+        _training(plan, observed)
 
 
 def _training(plan: Plan, observed: Observed) -> None:
@@ -336,6 +339,8 @@ def _training(plan: Plan, observed: Observed) -> None:
     plan.condition("Trained", True, "TrainingSucceeded", f"{child.name} succeeded")
     plan.event("Normal", "TrainingSucceeded", f"{child.name} succeeded")
     _start_conversion(plan, create=observed.conversion is None)
+    if observed.conversion is not None:  # created by a pass that ended before its status:
+        _converting(plan, observed)  # it may have run, even ended, since
 
 
 def federation_status(account: dict | None) -> FederationStatus | None:
@@ -366,7 +371,8 @@ def _start_conversion(plan: Plan, create: bool) -> None:
         plan.actions.append(CreateConversion(name))
     plan.event("Normal", "ConversionCreated", f"created conversion {name}")
     plan.condition("Converted", False, "ConversionStarted", f"converting with {name}")
-    plan.watch_children()
+    if create:  # else the caller goes on to what the child is (_converting)
+        plan.watch_children()
 
 
 def _gate_status(report: dict) -> QualityGateStatus:

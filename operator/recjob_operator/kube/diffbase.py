@@ -54,3 +54,35 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     def forget(self, uid: str) -> None:
         """Drop a deleted object's essence."""
         self._essences.pop(uid, None)
+
+
+class AnnotationsProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's progress in annotations, with :meth:`clear` free of deep copies.
+
+    kopf clears both essences (the stored one and the new one) of every event of every
+    RecJob before it compares them: a deep copy of each, then the progress annotations and
+    empty stanzas removed in place (6% of the operator's CPU at 1,000 new RecJobs, py-spy).
+    Copying only the dictionaries it changes gives the same essence and leaves the one
+    passed in as it was."""
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        """``essence`` without this storage's annotations nor empty stanzas (a new
+        object; the parts it shares with ``essence`` are not changed)."""
+        cleared: dict = dict(essence)
+        meta = dict(cleared.get("metadata") or {})
+        if "annotations" in meta:  # kopf refuses an annotations storage without prefix
+            ours = f"{self.prefix}/"
+            meta["annotations"] = {
+                key: value for key, value in meta["annotations"].items()
+                if not key.startswith(ours)
+            }  # fmt: skip
+        for stanza in ("annotations", "labels"):
+            if stanza in meta and not meta[stanza]:
+                del meta[stanza]
+        if "metadata" in cleared:
+            cleared["metadata"] = meta
+            if not meta:
+                del cleared["metadata"]
+        if "status" in cleared and not cleared["status"]:
+            del cleared["status"]
+        return cleared  # type: ignore[return-value]

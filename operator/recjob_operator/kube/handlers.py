@@ -47,7 +47,7 @@ from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..prometheus import PrometheusSources
 from . import cache, metrics
 from .backend import KubeBackend
-from .diffbase import MemoryDiffBaseStorage
+from .diffbase import AnnotationsProgressStorage, MemoryDiffBaseStorage
 from .errors import ChildWriteError
 from .health import HealthServer
 from .leader import LeaseConfig, LeaseElector
@@ -145,7 +145,7 @@ def _health_state() -> dict:
 async def start(settings: kopf.OperatorSettings, **_) -> None:
     """Configure kopf; serve health and metrics; wait until this replica leads."""
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="recjob.dev")
+    settings.persistence.progress_storage = AnnotationsProgressStorage(prefix="recjob.dev")
     settings.persistence.diffbase_storage = DIFFBASES  # no annotation, no PATCH
     settings.posting.enabled = False  # our events come from the core, with reasons
     watch_crds = _flag("RECJOB_WATCH_CRDS", True)

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -285,28 +286,52 @@ def metric_counts(port: int) -> Counter:
     return counts
 
 
-def audit_counts(offset: int, start: datetime, end: datetime, watches: bool = True) -> Counter:
-    """The operator's requests in [start, end) from the audit log after ``offset``: by
+def audit_mark() -> tuple[int, int] | None:
+    """Where the audit log ends now: (inode, size) of its current file; None with no log."""
+    if not AUDIT.exists():
+        return None
+    stat = AUDIT.stat()
+    return stat.st_ino, stat.st_size
+
+
+def audit_lines(mark: tuple[int, int]) -> Iterator[str]:
+    """The audit log's lines written after ``mark``, across rotations: the API server
+    renames a full file to ``audit-<time>.log`` (same inode) and starts a new one, so the
+    file that was current at ``mark`` is found by its inode and read from the mark on, then
+    every later file in order."""
+    inode, offset = mark
+    rotated = sorted(AUDIT.parent.glob("audit-*.log"))  # timestamped names sort by time
+    files = [*rotated, AUDIT]
+    first = next((i for i, f in enumerate(files) if f.stat().st_ino == inode), None)
+    if first is None:  # the mark's file is gone (past --audit-log-maxbackup): the oldest on
+        first, offset = 0, 0
+    for i, path in enumerate(files[first:]):
+        with path.open() as log:
+            log.seek(offset if i == 0 else 0)
+            yield from log
+
+
+def audit_counts(mark: tuple[int, int], start: datetime, end: datetime,
+                 watches: bool = True) -> Counter:  # fmt: skip
+    """The operator's requests in [start, end) from the audit log after ``mark``: by
     arrival, a watch by its end (none when not ``watches``); none about other namespaces'
     objects (other RecJobs)."""
     counts: Counter = Counter()
-    with AUDIT.open() as log:
-        log.seek(offset if AUDIT.stat().st_size >= offset else 0)  # 0: rotated meanwhile
-        for line in log:
-            entry = json.loads(line)
-            ref, verb = entry.get("objectRef") or {}, entry["verb"]
-            at = entry["stageTimestamp" if verb == "watch" else "requestReceivedTimestamp"]
-            ours = ref.get("namespace", OPERATOR_NS) in (*NAMESPACES, OPERATOR_NS)
-            if entry["user"]["username"] != OPERATOR_USER or not ours:
-                continue
-            if verb == "watch" and not watches:
-                continue
-            if not start <= datetime.fromisoformat(at) < end:
-                continue
-            resource = ref.get("resource") or entry["requestURI"].split("?")[0]
-            resource += f"/{ref['subresource']}" if ref.get("subresource") else ""
-            code = entry.get("responseStatus", {}).get("code", 0)
-            counts[(verb, resource + ("" if code < 300 else f" ({code})"))] += 1
+    for line in audit_lines(mark):
+        entry = json.loads(line)
+        ref, verb = entry.get("objectRef") or {}, entry["verb"]
+        at = entry["stageTimestamp" if verb == "watch" else "requestReceivedTimestamp"]
+        ours = ref.get("namespace", OPERATOR_NS) in (*NAMESPACES, OPERATOR_NS)
+        if entry["user"]["username"] != OPERATOR_USER or not ours:
+            continue
+        if verb == "watch" and not watches:
+            continue
+        if not start <= datetime.fromisoformat(at) < end:
+            continue
+        resource = ref.get("resource") or entry["requestURI"].split("?")[0]
+        resource += f"/{ref['subresource']}" if ref.get("subresource") else ""
+        code = entry.get("responseStatus", {}).get("code", 0)
+        counts[(verb, resource + ("" if code < 300 else f" ({code})"))] += 1
     return counts
 
 
@@ -354,7 +379,7 @@ def run(size: int, settle: float, window: float, threads: int = 8,
         time.sleep(2)  # kopf starts its watches once startup (the Lease) is over
         watcher = threading.Thread(target=watch_pytorchjobs, args=(api, size, stop, jobs))
         watcher.start()
-        burst_offset = AUDIT.stat().st_size if AUDIT.exists() else None
+        burst_offset = audit_mark()
         cpu = CpuUse({"operator": operator.pid})
         started, burst_start = time.monotonic(), datetime.now(UTC)
         result["create_seconds"] = create_all(objects, docs, threads)
@@ -371,7 +396,7 @@ def run(size: int, settle: float, window: float, threads: int = 8,
             result["burst_requests_per_recjob"] = {
                 f"{v} {r}": n / size for (v, r), n in sorted(burst.items())
             }
-        offset = AUDIT.stat().st_size if AUDIT.exists() else None
+        offset = audit_mark()
         before, window_start = metric_counts(metrics_port), datetime.now(UTC)
         time.sleep(window)
         window_end = datetime.now(UTC)

@@ -45,7 +45,7 @@ from ..api.v1alpha1.status import TERMINAL_PHASES, RecJobStatus
 from ..api.validation import validate_document
 from ..controller.reconcile import ReleaseService, RollBack, set_condition
 from ..prometheus import PrometheusSources
-from . import cache, metrics
+from . import cache, gc_tuning, metrics
 from .backend import KubeBackend
 from .diffbase import AnnotationsProgressStorage, MemoryDiffBaseStorage
 from .errors import ChildWriteError
@@ -55,6 +55,7 @@ from .reconciler import Backoff, NotLeading, PassResult, recjob_document, reconc
 from .wakeups import Wakeups, recjob_key
 
 log = logging.getLogger("recjob_operator.kube")
+gc_tuning.tune_thresholds()
 
 #: Longest sleep between two looks at a RecJob (the core usually asks for less).
 MAX_SLEEP = float(os.environ.get("RECJOB_MAX_SLEEP_SECONDS", "10"))
@@ -183,6 +184,7 @@ async def start(settings: kopf.OperatorSettings, **_) -> None:
     if Runtime.uncached:
         log.warning("not cached (API group absent at startup; restart the operator once it "
                     "is installed): %s", ", ".join(sorted(Runtime.uncached)))  # fmt: skip
+    gc_tuning.freeze_startup_objects()  # everything loaded and built so far stays
     if Runtime.elector is not None:
         await Runtime.elector.acquire()
         Runtime.renewer = asyncio.create_task(Runtime.elector.keep_renewing(ON_LOST))

@@ -3,7 +3,7 @@
 CPython starts a young collection every 700 net allocations and a full one whenever the
 objects that survived grow by a quarter. The operator keeps a few hundred objects per
 RecJob (kopf's per-object state, the parsed RecJob, its children's cached bodies), so while
-2,000 RecJobs came at once the collector was 17% of its CPU, two thirds of that in full
+1,000 RecJobs came at once the collector was 17% of its CPU, two thirds of that in full
 collections walking every module, class and cached object loaded at startup again and
 again (measured with ``gc.callbacks`` during ``bench/operator_scale.py``).
 

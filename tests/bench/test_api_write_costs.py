@@ -44,9 +44,10 @@ def test_floors_add_the_creates_and_the_chosen_writes(costs):
     phases = [
         costs.per_write("create recjobs", 100, 1.0, {"kube-apiserver": 1.5, "etcd": 0.1,
                                                      "bench": 9.0}),
-        costs.per_write("create configmaps", 100, 1.0, {"kube-apiserver": 0.8}),
-        costs.per_write("create pytorchjobs", 100, 1.0, {"kube-apiserver": 2.0}),
-        costs.per_write("update recjobs/status", 100, 1.0, {"kube-apiserver": 1.0}),
+        costs.per_write("create configmaps", 100, 1.0, {"kube-apiserver": 0.8, "bench": 0.2}),
+        costs.per_write("create pytorchjobs", 100, 1.0, {"kube-apiserver": 2.0, "bench": 0.3}),
+        costs.per_write("update recjobs/status", 100, 1.0, {"kube-apiserver": 1.0,
+                                                            "bench": 0.5}),
     ]  # fmt: skip
     assert phases[0]["cluster_cpu_ms_per_write"] == pytest.approx(16.0)  # the bench's left out
     every = costs.floor(phases, 2000, 2, None)
@@ -55,3 +56,8 @@ def test_floors_add_the_creates_and_the_chosen_writes(costs):
     least = costs.floor(phases, 2000, 2, costs.INDISPENSABLE)
     assert least["phases"] == ["create recjobs", "create pytorchjobs", "update recjobs/status"]
     assert least["cluster_cpu_ms_per_recjob"] == pytest.approx(46)
+    # the clients' CPU (the bench's process) comes on top, per write of each phase used
+    assert every["client_cpu_ms_per_recjob"] == pytest.approx(90 + 2 + 3 + 5)
+    assert every["seconds_with_clients"] == pytest.approx((54 + 100) * 2000 / 1000 / 2)
+    assert least["client_cpu_ms_per_recjob"] == pytest.approx(90 + 3 + 5)
+    assert least["seconds_with_clients"] == pytest.approx((46 + 98) * 2000 / 1000 / 2)

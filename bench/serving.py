@@ -9,7 +9,8 @@ twice with ``recjob-serve convert`` (onnxruntime-fp32 and onnxruntime-int8, each
 the same held-out queries). Then:
 
 - in-process: every backend scores the same token batches (batch 1 and 32, real
-  held-out query/title pairs, and fixed-shape ids of length 32): rows/s, p50/p99 per call;
+  held-out query/title pairs, and fixed-shape ids of length 32): rows/s (median of 4
+  rounds that interleave the backends), p50/p99 per call;
 - served: ``recjob-serve serve`` on 127.0.0.1 answers ``recjob-serve bench`` (gRPC,
   tritonclient) for the fp32 and int8 token models and the int8 raw-text ensemble;
 - quality: NDCG@10 / RMSE of the PyTorch model, the fp32 and the int8 ONNX models on the
@@ -18,7 +19,8 @@ the same held-out queries). Then:
 Targets (issue 4): served int8 rows/s >= 3x in-process PyTorch eager fp32 at batch 32
 (eager is measured in-process, without any server overhead, so the ratio is conservative),
 int8 NDCG@10 within 1% relative of fp32, served p50 at batch 1 <= 1.3x the in-process
-int8 call. Writes bench/results/serving.json and prints the ratios.
+int8 call. Writes bench/results/serving.json (with the CPU model, its SIMD flags and the
+load average, `machine.py`) and prints the ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from common import convert, load_test, model_server, run_trainer
+from machine import machine
 
 HERE = Path(__file__).resolve().parent
 SEQUENCE_LENGTH = 32
@@ -72,7 +75,8 @@ def train_config(shared: Path, run: Path, steps: int) -> dict:
 
 
 def timed_calls(call, batches: list, repeats: int) -> dict:
-    """rows/s and per-call p50/p99 (ms) of ``call`` over ``batches`` x ``repeats``."""
+    """Per-call seconds and rows of ``call`` over ``batches`` x ``repeats`` (after a
+    warm-up); `summary` turns one or more of these into rows/s and p50/p99."""
     for batch in batches[:3]:  # warm-up
         call(batch)
     times, rows = [], 0
@@ -82,12 +86,19 @@ def timed_calls(call, batches: list, repeats: int) -> dict:
             call(batch)
             times.append(time.perf_counter() - started)
             rows += len(batch["input_ids"])
-    ms = np.asarray(times) * 1000
+    return {"times": times, "rows": rows}
+
+
+def summary(samples: list[dict]) -> dict:
+    """rows/s (median over the rounds) and per-call p50/p99 in ms (all rounds' calls)
+    of `timed_calls` results."""
+    ms = np.concatenate([np.asarray(s["times"]) for s in samples]) * 1000
     return {
-        "rows_per_s": rows / float(np.sum(times)),
+        "rows_per_s": float(np.median([s["rows"] / float(np.sum(s["times"])) for s in samples])),
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
-        "calls": len(times),
+        "calls": len(ms),
+        "rounds": len(samples),
     }
 
 
@@ -117,8 +128,8 @@ def fixed_batches(batch_size: int, count: int) -> list[dict]:
     ]
 
 
-def in_process(run: Path, repository: Path, pairs: list[tuple[str, str]]) -> dict:
-    """Each backend on the same batches, in this process."""
+def in_process(run: Path, repository: Path, pairs: list[tuple[str, str]], rounds: int = 4) -> dict:
+    """Each backend on the same batches, in this process, ``rounds`` interleaved rounds."""
     import torch
 
     from recjob_serving.export import session
@@ -140,17 +151,28 @@ def in_process(run: Path, repository: Path, pairs: list[tuple[str, str]]) -> dic
         "onnxruntime-fp32": ort_call(repository / "search-fp32" / "1" / "model.onnx"),
         "onnxruntime-int8": ort_call(repository / "search-int8" / "1" / "model.onnx"),
     }
-    results: dict = {}
-    for name, call in backends.items():
-        results[name] = {}
-        for batch_size, repeats in ((1, 3), (32, 2)):
-            results[name][f"real_text_batch_{batch_size}"] = timed_calls(
-                call, token_batches(tokenizer, pairs, batch_size)[:64], repeats
-            )
-            results[name][f"length_32_batch_{batch_size}"] = timed_calls(
-                call, fixed_batches(batch_size, 16), 4 if batch_size == 1 else 2
-            )
-        print(name, json.dumps(results[name], indent=None)[:300])
+    workloads = {}
+    for batch_size in (1, 32):
+        workloads[f"real_text_batch_{batch_size}"] = (
+            token_batches(tokenizer, pairs, batch_size)[:64], 3 if batch_size == 1 else 2
+        )  # fmt: skip
+        workloads[f"length_32_batch_{batch_size}"] = (
+            fixed_batches(batch_size, 16), 4 if batch_size == 1 else 2
+        )  # fmt: skip
+    # rounds interleave the backends, so a machine that slows down or speeds up during the
+    # run (other tenants, clock changes) shifts every backend alike and the ratios hold
+    samples: dict = {name: {key: [] for key in workloads} for name in backends}
+    for round_ in range(rounds):  # each round a different share of the batches
+        for name, call in backends.items():
+            for key, (batches, repeats) in workloads.items():
+                share = batches[round_::rounds]
+                samples[name][key].append(timed_calls(call, share, repeats))
+    results = {
+        name: {key: summary(values) for key, values in keyed.items()}
+        for name, keyed in samples.items()
+    }
+    for name, value in results.items():
+        print(name, json.dumps(value, indent=None)[:300])
     return results
 
 
@@ -275,6 +297,7 @@ def main() -> None:
     test = pl.read_parquet(run / "data" / "test.parquet")
     pairs = list(zip(test["query"].to_list(), test["item_text"].to_list(), strict=True))[:2048]
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    started_on = machine()
     local = in_process(run, work / "repository", pairs)
     remote = served(work / "repository", work, pairs)
     sweep = concurrency_sweep(work / "repository", work, work / "texts.jsonl")
@@ -315,7 +338,7 @@ def main() -> None:
         "onnx_int8": (work / "repository" / "search-int8" / "1" / "model.onnx").stat().st_size,
     }
     results = {
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {**started_on, "load_average_1m_at_end": machine()["load_average_1m"]},
         "training": training,
         "quality": quality,
         "in_process": local,

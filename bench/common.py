@@ -141,6 +141,7 @@ def load_test(
         "rows_per_s": report["rows_per_s"],
         "p50_ms": report["latency_ms"]["p50"],
         "p99_ms": report["latency_ms"]["p99"],
+        "mean_ms": report["latency_ms"]["mean"],
         "requests": report["succeeded"],
         "concurrency": concurrency,
     }

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -35,6 +36,8 @@ import numpy as np
 from common import load_test, served
 from machine import machine
 from prometheus_client.parser import text_string_to_metric_families
+
+from serving import fixed_batches
 
 HERE = Path(__file__).resolve().parent
 #: The server's per-request histograms (name -> what the breakdown calls it).
@@ -77,12 +80,7 @@ def in_process_session(model_path: Path):
     from recjob_serving.export import session
 
     sess = session(model_path)
-    rng = np.random.default_rng(0)
-    feed = {
-        "input_ids": rng.integers(1000, 5000, (1, 32), dtype=np.int64),
-        "attention_mask": np.ones((1, 32), dtype=np.int64),
-        "token_type_ids": np.zeros((1, 32), dtype=np.int64),
-    }
+    feed = fixed_batches(1, 1)[0]
     for _ in range(20):
         sess.run(None, feed)
     return sess, feed
@@ -133,32 +131,25 @@ def main() -> None:
     repository = args.repository.resolve()
     started_on = machine()
     sess, feed = in_process_session(repository / args.model / "1" / "model.onnx")
-    work = Path(args.out).resolve().parent / "request_path.work"
-    work.mkdir(exist_ok=True)
     local_times, client_p50s, client_means = [], [], []
-    try:
-        with served(repository, work) as (_, http, grpc):
+    with tempfile.TemporaryDirectory() as tmp, served(repository, Path(tmp)) as (_, http, grpc):
+        work = Path(tmp)
 
-            def metrics() -> dict:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics") as response:
-                    return histogram_sums(response.read().decode(), args.model)
+        def metrics() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics") as response:
+                return histogram_sums(response.read().decode(), args.model)
 
-            load_test(grpc, args.model, 1, 1, 100, work)  # warm-up
-            bare = bare_round_trip_ms(grpc, args.model, args.requests)
-            before = metrics()
-            # rounds alternate the model in process and the served model, so a machine
-            # that speeds up or slows down during the run shifts both alike
-            for _ in range(args.rounds):
-                local_times += in_process_times(sess, feed, args.requests // args.rounds)
-                report = load_test(grpc, args.model, 1, 1, args.requests // args.rounds, work)
-                client_p50s.append(report["p50_ms"])
-                report_file = work / f"load-{args.model}-b1-c1.json"
-                client_means.append(json.loads(report_file.read_text())["latency_ms"]["mean"])
-            inside = mean_ms_between(before, metrics())
-    finally:
-        for path in work.iterdir():
-            path.unlink()
-        work.rmdir()
+        load_test(grpc, args.model, 1, 1, 100, work)  # warm-up
+        bare = bare_round_trip_ms(grpc, args.model, args.requests)
+        before = metrics()
+        # rounds alternate the model in process and the served model, so a machine that
+        # speeds up or slows down during the run shifts both alike
+        for _ in range(args.rounds):
+            local_times += in_process_times(sess, feed, args.requests // args.rounds)
+            report = load_test(grpc, args.model, 1, 1, args.requests // args.rounds, work)
+            client_p50s.append(report["p50_ms"])
+            client_means.append(report["mean_ms"])
+        inside = mean_ms_between(before, metrics())
     ms = np.asarray(local_times) * 1000
     local = {"p50_ms": float(np.percentile(ms, 50)), "mean_ms": float(ms.mean())}
     served_p50, mean_ms = float(np.median(client_p50s)), float(np.mean(client_means))

@@ -144,8 +144,7 @@ def main() -> None:
     before = machine()
     products = measure(args.rounds)
     results = {
-        "machine": before,
-        "load_average_1m_after": machine()["load_average_1m"],
+        "machine": {**before, "load_average_1m_at_end": machine()["load_average_1m"]},
         "pytorch_threads": torch.get_num_threads(),
         "products": products,
         "best_int8_vs_pytorch_fp32_at_1024_rows": max(

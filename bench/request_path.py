@@ -37,7 +37,7 @@ from common import load_test, served
 from machine import machine
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import fixed_batches
+from serving import fixed_batches, timed_calls
 
 HERE = Path(__file__).resolve().parent
 #: The server's per-request histograms (name -> what the breakdown calls it).
@@ -86,16 +86,6 @@ def in_process_session(model_path: Path):
     return sess, feed
 
 
-def in_process_times(sess, feed: dict, calls: int) -> list[float]:
-    """Seconds of each of ``calls`` runs of ``sess`` on ``feed``."""
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def bare_round_trip_ms(grpc: int, model: str, calls: int) -> dict[str, float]:
     """p50 / mean ms of gRPC ModelReady calls (tritonclient asyncio, as the load generator)."""
     import tritonclient.grpc.aio as client_module
@@ -131,6 +121,10 @@ def main() -> None:
     repository = args.repository.resolve()
     started_on = machine()
     sess, feed = in_process_session(repository / args.model / "1" / "model.onnx")
+
+    def run(batch: dict) -> None:
+        sess.run(None, batch)
+
     local_times, client_p50s, client_means = [], [], []
     with tempfile.TemporaryDirectory() as tmp, served(repository, Path(tmp)) as (_, http, grpc):
         work = Path(tmp)
@@ -145,7 +139,7 @@ def main() -> None:
         # rounds alternate the model in process and the served model, so a machine that
         # speeds up or slows down during the run shifts both alike
         for _ in range(args.rounds):
-            local_times += in_process_times(sess, feed, args.requests // args.rounds)
+            local_times += timed_calls(run, [feed], args.requests // args.rounds)["times"]
             report = load_test(grpc, args.model, 1, 1, args.requests // args.rounds, work)
             client_p50s.append(report["p50_ms"])
             client_means.append(report["mean_ms"])
